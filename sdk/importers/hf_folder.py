@@ -1,0 +1,104 @@
+"""Import a Hugging Face model folder: config.json, safetensors (sharded too), tokenizer files.
+
+Pickle checkpoints (`*.bin`, `*.pt`, `*.pth`, `*.ckpt`) are never unpickled: loading one can run
+arbitrary code. Convert them to safetensors first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from infopt.errors import ModelFormatError
+from infopt.spec import ModelSpec, spec_from_hf_config
+from infopt.tokenizer import Tokenizer, tokenizer_from_hf_files
+
+if TYPE_CHECKING:
+    import torch
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# generation_config.json keys we honour, mapped to generate() argument names.
+GENERATION_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFormatError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelFormatError(f"{index}: no 'weight_map' object")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = (f"; found pickle checkpoints {pickles}, which infopt never unpickles "
+                "(convert them to safetensors)" if pickles else "")
+        raise ModelFormatError(f"{folder}: no *.safetensors weights{hint}")
+    for f in files:
+        if not f.is_file():
+            raise ModelFormatError(f"{folder}: shard {f.name!r} named in the index is missing")
+    return files
+
+
+def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update(load_file(f))
+        except (SafetensorError, OSError) as e:
+            raise ModelFormatError(f"{f}: damaged safetensors file ({e})") from e
+    return weights
+
+
+def load_tokenizer(folder: Path, spec: ModelSpec) -> Tokenizer:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ModelFormatError(f"{folder}: tokenizer.json is missing (infopt needs the fast "
+                               "tokenizer file; save it with tokenizer.save_pretrained())")
+    config_path = folder / "tokenizer_config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    template_path = folder / "chat_template.jinja"
+    template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
+    return tokenizer_from_hf_files(path.read_text(encoding="utf-8"), config, template,
+                                   spec.eos_token_ids)
+
+
+def generation_defaults(folder: Path) -> tuple[dict[str, Any], tuple[int, ...]]:
+    """(sampling defaults, eos ids) from generation_config.json, if the folder has one."""
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}, ()
+    config = read_json(path)
+    eos = config.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    if not config.get("do_sample", False):
+        return {}, eos_ids
+    return {k: config[k] for k in GENERATION_KEYS if config.get(k) is not None}, eos_ids
+
+
+def import_hf(folder: Path) -> tuple[ModelSpec, Tokenizer, Any, dict[str, Any]]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelFormatError(f"{folder}: config.json is missing; not a Hugging Face model folder")
+    spec = spec_from_hf_config(read_json(config_path))
+    defaults, eos_ids = generation_defaults(folder)
+    if eos_ids:
+        spec = replace(spec, eos_token_ids=eos_ids)
+    files = safetensors_files(folder)
+    return spec, load_tokenizer(folder, spec), lambda: read_weights(files), defaults

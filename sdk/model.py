@@ -1,0 +1,201 @@
+"""The model core: one export-friendly decoder (Llama / Mistral / Qwen2) with a preallocated KV cache.
+
+Every runtime starts from this definition. No data-dependent Python control flow: positions come in
+as a tensor, the KV cache is written with `index_copy_`, and the causal mask is computed from the
+positions, so the same graph traces for prefill (T tokens) and decode (1 token).
+Parameter names mirror Hugging Face's (minus the leading `model.`), so HF state dicts load as-is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infopt.errors import ModelFormatError
+from infopt.spec import ModelSpec
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """Inverse RoPE frequencies [head_dim/2], float32, with the config's scaling (as HF computes)."""
+    dim = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * torch.pi / inv
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [T, D] (the half-split layout HF uses)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated K/V buffers [B, H_kv, max_len, D]; positions are written in place."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        bias = spec.attention_bias
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        self.n_heads, self.n_kv, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        groups = self.n_heads // self.n_kv
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        assert self.cache is not None, "call Decoder.setup_cache() first"
+        k_all, v_all = self.cache.update(pos, k, v)
+        window = mask.shape[-1]
+        k_all, v_all = k_all[:, :, :window], v_all[:, :, :window]
+        # GQA without copying K/V: the `groups` query heads of one KV head become extra rows.
+        q = q.reshape(b, self.n_kv, groups * t, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask.repeat(groups, 1))
+        out = out.view(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Decoder-only transformer. `forward(tokens [B,T], pos [T], window)` -> logits [B, T|1, V]."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.max_len = 0
+
+    def setup_cache(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
+        """Allocate the KV cache and the RoPE tables for `max_len` positions."""
+        dtype = dtype or self.embed_tokens.weight.dtype
+        device = self.embed_tokens.weight.device
+        for layer in self.layers:
+            cache = KVCache(batch, self.spec.num_kv_heads, max_len, self.spec.head_dim, dtype)
+            layer.self_attn.cache = cache.to(device)
+        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(self.spec)
+        emb = torch.cat((freqs, freqs), dim=-1).to(device)  # [max_len, D]
+        self.register_buffer("rope_cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("rope_sin", emb.sin().to(dtype), persistent=False)
+        self.max_len = max_len
+
+    def causal_mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
+        """Bool mask [T, window]: key j is visible to query at position p iff j <= p (and in the
+        sliding window, if the model has one)."""
+        keys = torch.arange(window, device=pos.device)[None, :]
+        visible = keys <= pos[:, None]
+        if self.spec.sliding_window is not None:
+            visible = visible & (keys > pos[:, None] - self.spec.sliding_window)
+        return visible
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, window: int,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] at positions pos [T]; attends to cache slots [0, window)."""
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        mask = self.causal_mask(pos, window)
+        for layer in self.layers:
+            x = layer(x, cos, sin, pos, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def load_state_dict(model: Decoder, weights: dict[str, torch.Tensor]) -> None:
+    """Copy HF-named weights into `model`, with a typed error naming any missing/extra/misshaped
+    tensor. A leading `model.` is accepted; tied models may omit or include `lm_head.weight`."""
+    own = model.state_dict()
+    renamed = {name.removeprefix("model."): t for name, t in weights.items()}
+    if model.spec.tie_word_embeddings:
+        renamed.pop("lm_head.weight", None)
+        own.pop("lm_head.weight", None)
+    missing = sorted(set(own) - set(renamed))
+    extra = sorted(set(renamed) - set(own) - {"rotary_emb.inv_freq"})
+    if missing or extra:
+        raise ModelFormatError(f"weights do not match the config: missing {missing[:5]}, "
+                               f"unexpected {extra[:5]}")
+    for name, target in own.items():
+        source = renamed[name]
+        if tuple(source.shape) != tuple(target.shape):
+            raise ModelFormatError(f"weight {name!r} has shape {tuple(source.shape)}, the config "
+                                   f"implies {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(source.to(target.dtype))

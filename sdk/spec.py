@@ -1,0 +1,136 @@
+"""ModelSpec: the architecture of a decoder-only LLM, as plain typed data.
+
+Built from a Hugging Face `config.json` dict or from GGUF metadata; the planner needs nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from infopt.errors import ModelFormatError, UnsupportedModelError
+
+# HF `architectures` entry -> our family name. Families share one model core; they differ only in
+# the flags below (Qwen2 adds q/k/v bias).
+ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str  # one of ARCHITECTURES' values
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # HF's dict, with "rope_type" in ROPE_TYPES
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v bias (Qwen2)
+    sliding_window: int | None = None  # Mistral v0.1
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelFormatError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelFormatError(
+                f"model config: num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ModelFormatError(f"model config: head_dim={self.head_dim} must be even for RoPE")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise UnsupportedModelError(
+                f"rope_scaling type {rope_type!r} is not supported; supported: {list(ROPE_TYPES)}"
+            )
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count, from the config alone (no weights needed)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        q = self.num_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return embed + self.num_layers * per_layer + h + head
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _get(config: dict[str, Any], key: str, default: Any = None, *, required: bool = False) -> Any:
+    if key in config and config[key] is not None:
+        return config[key]
+    if required:
+        raise ModelFormatError(f"config.json: missing required key {key!r}")
+    return default
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (int(value),)
+
+
+def _normalize_rope_scaling(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    scaling = dict(raw)
+    scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
+    return None if scaling["rope_type"] == "default" and len(scaling) == 1 else scaling
+
+
+def spec_from_hf_config(config: dict[str, Any]) -> ModelSpec:
+    """ModelSpec from a parsed HF `config.json`; unsupported architectures get a typed error."""
+    names = config.get("architectures") or []
+    family = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+    if family is None:
+        shown = names or config.get("model_type")
+        raise UnsupportedModelError(
+            f"architecture {shown!r} is not supported; supported: {sorted(ARCHITECTURES)}"
+        )
+    hidden = _get(config, "hidden_size", required=True)
+    heads = _get(config, "num_attention_heads", required=True)
+    window = _get(config, "sliding_window")
+    if family == "qwen2" and not config.get("use_sliding_window", False):
+        window = None
+    rope = config.get("rope_parameters") or config.get("rope_scaling")
+    theta = _get(config, "rope_theta", None) or (rope or {}).get("rope_theta", 10000.0)
+    return ModelSpec(
+        architecture=family,
+        vocab_size=_get(config, "vocab_size", required=True),
+        hidden_size=hidden,
+        intermediate_size=_get(config, "intermediate_size", required=True),
+        num_layers=_get(config, "num_hidden_layers", required=True),
+        num_heads=heads,
+        num_kv_heads=_get(config, "num_key_value_heads", heads),
+        head_dim=_get(config, "head_dim", hidden // heads),
+        max_position_embeddings=_get(config, "max_position_embeddings", 2048),
+        rms_norm_eps=float(_get(config, "rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_scaling=_normalize_rope_scaling(
+            {k: v for k, v in (rope or {}).items() if k != "rope_theta"}
+        ),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
+        sliding_window=window,
+        bos_token_id=config.get("bos_token_id"),
+        eos_token_ids=_eos_ids(config.get("eos_token_id")),
+    )

@@ -1,0 +1,198 @@
+"""Tokenizer: the `tokenizers` library plus special tokens, chat template and streaming decode.
+
+Built from a Hugging Face `tokenizer.json`, or from the vocabulary and merges a GGUF file stores
+(pre-tokenizer chosen from `tokenizer.ggml.pre` as llama.cpp does). Chat templates render in
+Jinja's immutable sandbox, so a template shipped inside a model cannot reach Python objects.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
+
+from infopt.errors import InvalidArgumentError, ModelFormatError, UnsupportedModelError
+
+# llama.cpp's split regexes for byte-level BPE vocabularies, keyed by `tokenizer.ggml.pre`.
+_GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Each entry: the regexes applied in order (llama.cpp `llama-vocab.cpp`). SmolLM splits every
+# digit first, as its published tokenizer.json does (Digits(individual_digits=True)).
+GGUF_PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "default": (_GPT2_SPLIT,),
+    "gpt2": (_GPT2_SPLIT,),
+    "smollm": (r"\p{N}", _GPT2_SPLIT),
+    "llama-bpe": (_LLAMA3_SPLIT,),
+    "llama3": (_LLAMA3_SPLIT,),
+    "qwen2": (_QWEN2_SPLIT,),
+}
+_CONTROL = 3  # llama.cpp token type of special/control tokens
+_USER_DEFINED = 4
+
+
+@dataclass
+class Tokenizer:
+    backend: _HFTokenizer
+    chat_template: str | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    add_bos_token: bool = False
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos/eos/unk/pad -> text
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        bos = self.bos_token_id
+        if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_text(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)  # type: ignore[no-any-return]
+
+    @cached_property
+    def _template(self) -> jinja2.Template:
+        if not self.chat_template:
+            raise InvalidArgumentError(
+                "this model has no chat template; pass a plain prompt string instead of messages")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False,
+                                                                   indent=indent)
+        env.globals["raise_exception"] = _raise_template_error
+        env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+        try:
+            return env.from_string(self.chat_template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ModelFormatError(f"chat template does not parse: {e}") from e
+
+    def render_chat(self, messages: Sequence[dict[str, Any]],
+                    add_generation_prompt: bool = True) -> str:
+        """The chat template rendered for `messages` ([{"role": ..., "content": ...}, ...])."""
+        check_messages(messages)
+        return str(self._template.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=self.special_tokens.get("bos", ""),
+            eos_token=self.special_tokens.get("eos", "")))
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        # The template writes any BOS itself, as HF's apply_chat_template assumes.
+        return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def _raise_template_error(message: str) -> None:
+    raise InvalidArgumentError(f"chat template refused the messages: {message}")
+
+
+def check_messages(messages: Sequence[dict[str, Any]]) -> None:
+    if not messages:
+        raise InvalidArgumentError("messages is empty; give at least one {'role', 'content'} dict")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise InvalidArgumentError(
+                f"messages[{i}] = {m!r} is not a {{'role': str, 'content': str}} dict")
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text deltas, never emitting half a UTF-8 character
+    (the offsets trick used by vLLM and HF TextStreamer: re-decode a short tail, not everything)."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the tail we re-decode
+        self.read = 0  # ids up to here are already emitted as text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        before = decode(self.ids[self.prefix:self.read])
+        after = decode(self.ids[self.prefix:])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""  # an incomplete multi-byte character, or a token with no text
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        decode = self.tokenizer.decode
+        rest = decode(self.ids[self.prefix:])[len(decode(self.ids[self.prefix:self.read])):]
+        self.prefix = self.read = len(self.ids)
+        return rest
+
+
+def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
+    """Byte-level BPE tokenizer from a GGUF's `tokenizer.ggml.*` metadata."""
+    kind = meta.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UnsupportedModelError(
+            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
+            "load the model's Hugging Face folder, whose tokenizer.json infopt reads directly")
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise UnsupportedModelError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: "
+                                    f"{sorted(GGUF_PRE_TOKENIZERS)}")
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+    backend = _HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in GGUF_PRE_TOKENIZERS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, types) if kind == _CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
+    ids = {name: meta.get(f"tokenizer.ggml.{key}_token_id")
+           for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    eos = ids["eos"]
+    return Tokenizer(
+        backend=backend,
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_token_id=ids["bos"],
+        eos_token_ids=(eos,) if eos is not None else (),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        special_tokens={k: tokens[v] for k, v in ids.items() if v is not None and v < len(tokens)},
+    )
+
+
+def tokenizer_from_hf_files(tokenizer_json: str, tokenizer_config: dict[str, Any],
+                            chat_template: str | None,
+                            eos_token_ids: tuple[int, ...]) -> Tokenizer:
+    """Tokenizer from an HF folder's `tokenizer.json` + `tokenizer_config.json`."""
+    backend = _HFTokenizer.from_str(tokenizer_json)
+    specials: dict[str, str] = {}
+    for name in ("bos", "eos", "unk", "pad"):
+        value = tokenizer_config.get(f"{name}_token")
+        text = value.get("content") if isinstance(value, dict) else value
+        if isinstance(text, str):
+            specials[name] = text
+    bos = backend.token_to_id(specials["bos"]) if "bos" in specials else None
+    if not eos_token_ids and "eos" in specials:
+        eos = backend.token_to_id(specials["eos"])
+        eos_token_ids = (eos,) if eos is not None else ()
+    template = chat_template or tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # the named-template form: [{"name": ..., "template": ...}]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return Tokenizer(backend=backend, chat_template=template, bos_token_id=bos,
+                     eos_token_ids=eos_token_ids,
+                     add_bos_token=False,  # tokenizer.json's post-processor adds BOS itself
+                     special_tokens=specials)

@@ -1,0 +1,1 @@
+"""Tools: benchmarks and reports (run as `python -m infopt.tools.<name>`)."""
