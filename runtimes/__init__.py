@@ -17,8 +17,13 @@ import numpy as np
 from infopt.errors import RuntimeNotAvailableError
 
 # runtime module -> the pip extra that installs its package
-EXTRAS = {"pytorch": "torch", "onnxruntime": "onnx", "openvino": "openvino", "coreml": "coreml",
-          "tflite": "tflite"}
+EXTRAS = {
+    "pytorch": "torch",
+    "onnxruntime": "onnx",
+    "openvino": "openvino",
+    "coreml": "coreml",
+    "tflite": "tflite",
+}
 
 
 @runtime_checkable
@@ -53,4 +58,5 @@ def runtime_module(name: str) -> ModuleType:
     except ImportError as e:
         raise RuntimeNotAvailableError(
             f"runtime {name!r} needs a package that is not installed ({e}); "
-            f"install it with: pip install 'infopt[{EXTRAS.get(name, name)}]'") from e
+            f"install it with: pip install 'infopt[{EXTRAS.get(name, name)}]'"
+        ) from e

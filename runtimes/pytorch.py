@@ -35,8 +35,9 @@ class TorchRuntime:
         if n == 0:
             raise InvalidArgumentError("forward() needs at least one token")
         if start + n > self.max_context:
-            raise ContextLengthError(f"{start} cached + {n} new tokens exceed the context window "
-                                     f"of {self.max_context}")
+            raise ContextLengthError(
+                f"{start} cached + {n} new tokens exceed the context window of {self.max_context}"
+            )
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         pos = torch.arange(start, start + n, device=self.device)
         window = min(self.max_context, -(-(start + n) // WINDOW_STEP) * WINDOW_STEP)
@@ -62,8 +63,14 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def from_source(source: ModelSource, *, max_context: int, device: str | None = None,
-                dtype: str = "float32", threads: int | None = None) -> TorchRuntime:
+def from_source(
+    source: ModelSource,
+    *,
+    max_context: int,
+    device: str | None = None,
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> TorchRuntime:
     """Build the model core from an imported model's weights."""
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")

@@ -1,8 +1,8 @@
 """infopt: plan, compress, package and run decoder-only LLMs on edge devices and desktops.
 
-    import infopt
-    m = infopt.load()                      # the default model, SmolLM2-135M-Instruct
-    print(m.generate([{"role": "user", "content": "Hi!"}]).text)
+import infopt
+m = infopt.load()                      # the default model, SmolLM2-135M-Instruct
+print(m.generate([{"role": "user", "content": "Hi!"}]).text)
 """
 
 from infopt.api import Model, TextStream, load

@@ -7,9 +7,8 @@ stops, seed) go to `generate`/`stream`, named as in Hugging Face `generate()`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from infopt.errors import InvalidArgumentError
 from infopt.generate import GenerationResult, Response, stream_generate
@@ -41,8 +40,9 @@ class TextStream:
             self._parts.append(r.text)
             self._ids.append(r.token_id)
             if r.finish_reason is not None:
-                self.result = GenerationResult("".join(self._parts), self._ids, r.finish_reason,
-                                               r.stats)
+                self.result = GenerationResult(
+                    "".join(self._parts), self._ids, r.finish_reason, r.stats
+                )
             if r.text:
                 return r.text
         raise StopIteration
@@ -51,16 +51,24 @@ class TextStream:
 class Model:
     """A loaded model: a runtime, its tokenizer and generation defaults."""
 
-    def __init__(self, runtime: Runtime, tokenizer: Tokenizer, spec: ModelSpec,
-                 defaults: dict[str, Any] | None = None, source: str = "") -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        tokenizer: Tokenizer,
+        spec: ModelSpec,
+        defaults: dict[str, Any] | None = None,
+        source: str = "",
+    ) -> None:
         self.runtime, self.tokenizer, self.spec = runtime, tokenizer, spec
         self.defaults = dict(defaults or {})
         self.source = source
 
     def __repr__(self) -> str:
-        return (f"Model({self.source!r}, architecture={self.spec.architecture!r}, "
-                f"runtime={getattr(self.runtime, 'name', '?')!r}, "
-                f"max_context={self.runtime.max_context})")
+        return (
+            f"Model({self.source!r}, architecture={self.spec.architecture!r}, "
+            f"runtime={getattr(self.runtime, 'name', '?')!r}, "
+            f"max_context={self.runtime.max_context})"
+        )
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids for a plain prompt, or for chat messages rendered by the chat template."""
@@ -69,55 +77,97 @@ class Model:
                 raise InvalidArgumentError("the prompt is empty: give some text or messages")
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, Sequence):
-            return self.tokenizer.encode_chat(prompt)
+            return self.tokenizer.encode_chat(cast(Sequence[dict[str, Any]], prompt))
         raise InvalidArgumentError(
-            f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+            f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}"
+        )
 
-    def stream(self, prompt: Prompt, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-               temperature: float | None = None, top_k: int | None = None,
-               top_p: float | None = None, min_p: float | None = None,
-               repetition_penalty: float | None = None, stop: str | Sequence[str] | None = None,
-               stop_token_ids: Sequence[int] | None = None, seed: int | None = None
-               ) -> TextStream:
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> TextStream:
         """Text deltas as they are generated. Arguments as in `generate`."""
-        given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-                 "repetition_penalty": repetition_penalty}
-        params = replace(SamplingParams(), **self.defaults, seed=seed,
-                         **{k: v for k, v in given.items() if v is not None})
+        given = {
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "min_p": min_p,
+            "repetition_penalty": repetition_penalty,
+        }
+        chosen = {**self.defaults, **{k: v for k, v in given.items() if v is not None}}
+        params = SamplingParams(**chosen, seed=seed)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if not all(isinstance(s, str) for s in stops):
             raise InvalidArgumentError(f"stop={stop!r}: must be a string or a list of strings")
         stop_ids = self.tokenizer.eos_token_ids if stop_token_ids is None else stop_token_ids
-        responses = stream_generate(self.runtime, self.tokenizer, self.encode_prompt(prompt),
-                                    max_new_tokens=max_new_tokens, params=params, stop=stops,
-                                    stop_token_ids=list(stop_ids))
+        responses = stream_generate(
+            self.runtime,
+            self.tokenizer,
+            self.encode_prompt(prompt),
+            max_new_tokens=max_new_tokens,
+            params=params,
+            stop=stops,
+            stop_token_ids=list(stop_ids),
+        )
         return TextStream(responses)
 
-    def generate(self, prompt: Prompt, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 temperature: float | None = None, top_k: int | None = None,
-                 top_p: float | None = None, min_p: float | None = None,
-                 repetition_penalty: float | None = None, stop: str | Sequence[str] | None = None,
-                 stop_token_ids: Sequence[int] | None = None, seed: int | None = None
-                 ) -> GenerationResult:
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> GenerationResult:
         """Generate a completion for a prompt string or chat messages.
 
         temperature 0 (the default unless the model's generation_config says otherwise) is
         greedy. `stop` strings end generation and are not included in the text; EOS tokens (or
         `stop_token_ids`) end it too. Returns text, token_ids, finish_reason and stats.
         """
-        stream = self.stream(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_k=top_k, top_p=top_p, min_p=min_p,
-                             repetition_penalty=repetition_penalty, stop=stop,
-                             stop_token_ids=stop_token_ids, seed=seed)
+        stream = self.stream(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            stop=stop,
+            stop_token_ids=stop_token_ids,
+            seed=seed,
+        )
         for _ in stream:
             pass
         assert stream.result is not None
         return stream.result
 
 
-def load(model: str | Path | None = None, *, runtime: str = "pytorch",
-         threads: int | None = None, max_context: int | None = None, device: str | None = None,
-         dtype: str = "float32") -> Model:
+def load(
+    model: str | Path | None = None,
+    *,
+    runtime: str = "pytorch",
+    threads: int | None = None,
+    max_context: int | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+) -> Model:
     """Load a model for generation.
 
     model: a GGUF file or a Hugging Face folder; None loads the default model
@@ -131,10 +181,13 @@ def load(model: str | Path | None = None, *, runtime: str = "pytorch",
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
         raise InvalidArgumentError(f"max_context={max_context!r}: must be a positive integer")
     if ctx > source.spec.max_position_embeddings:
-        raise InvalidArgumentError(f"max_context={ctx} exceeds the model's trained context of "
-                                   f"{source.spec.max_position_embeddings}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                or threads < 1):
+        raise InvalidArgumentError(
+            f"max_context={ctx} exceeds the model's trained context of "
+            f"{source.spec.max_position_embeddings}"
+        )
+    if threads is not None and (
+        isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+    ):
         raise InvalidArgumentError(f"threads={threads!r}: must be a positive integer")
     module = runtime_module(runtime)
     rt = module.from_source(source, max_context=ctx, device=device, dtype=dtype, threads=threads)

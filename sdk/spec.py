@@ -41,11 +41,21 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ModelFormatError(f"model config: {name} must be a positive integer, got {value!r}")
+                raise ModelFormatError(
+                    f"model config: {name} must be a positive integer, got {value!r}"
+                )
         if self.num_heads % self.num_kv_heads:
             raise ModelFormatError(
                 f"model config: num_attention_heads={self.num_heads} is not a multiple of "
@@ -101,6 +111,8 @@ def spec_from_hf_config(config: dict[str, Any]) -> ModelSpec:
     """ModelSpec from a parsed HF `config.json`; unsupported architectures get a typed error."""
     names = config.get("architectures") or []
     family = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
+    if family is None and not names and config.get("model_type") in ARCHITECTURES.values():
+        family = config["model_type"]  # configs saved without `architectures`
     if family is None:
         shown = names or config.get("model_type")
         raise UnsupportedModelError(

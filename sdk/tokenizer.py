@@ -23,10 +23,14 @@ from infopt.errors import InvalidArgumentError, ModelFormatError, UnsupportedMod
 
 # llama.cpp's split regexes for byte-level BPE vocabularies, keyed by `tokenizer.ggml.pre`.
 _GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Each entry: the regexes applied in order (llama.cpp `llama-vocab.cpp`). SmolLM splits every
 # digit first, as its published tokenizer.json does (Digits(individual_digits=True)).
 GGUF_PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
@@ -65,17 +69,20 @@ class Tokenizer:
         return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     def token_text(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(token_id)  # type: ignore[no-any-return]
+        return self.backend.id_to_token(token_id)
 
     @cached_property
     def _template(self) -> jinja2.Template:
         if not self.chat_template:
             raise InvalidArgumentError(
-                "this model has no chat template; pass a plain prompt string instead of messages")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, ensure_ascii=False,
-                                                                   indent=indent)
+                "this model has no chat template; pass a plain prompt string instead of messages"
+            )
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = lambda v, indent=None: json.dumps(
+            v, ensure_ascii=False, indent=indent
+        )
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
@@ -83,14 +90,24 @@ class Tokenizer:
         except jinja2.TemplateSyntaxError as e:
             raise ModelFormatError(f"chat template does not parse: {e}") from e
 
-    def render_chat(self, messages: Sequence[dict[str, Any]],
-                    add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         """The chat template rendered for `messages` ([{"role": ..., "content": ...}, ...])."""
         check_messages(messages)
-        return str(self._template.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=self.special_tokens.get("bos", ""),
-            eos_token=self.special_tokens.get("eos", "")))
+        try:
+            return str(
+                self._template.render(
+                    messages=list(messages),
+                    add_generation_prompt=add_generation_prompt,
+                    bos_token=self.special_tokens.get("bos", ""),
+                    eos_token=self.special_tokens.get("eos", ""),
+                )
+            )
+        except jinja2.TemplateError as e:  # SecurityError included: the sandbox said no
+            raise ModelFormatError(
+                f"chat template failed to render: {type(e).__name__}: {e}"
+            ) from e
 
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         # The template writes any BOS itself, as HF's apply_chat_template assumes.
@@ -107,7 +124,8 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise InvalidArgumentError(
-                f"messages[{i}] = {m!r} is not a {{'role': str, 'content': str}} dict")
+                f"messages[{i}] = {m!r} is not a {{'role': str, 'content': str}} dict"
+            )
 
 
 class StreamDecoder:
@@ -123,17 +141,17 @@ class StreamDecoder:
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         decode = self.tokenizer.decode
-        before = decode(self.ids[self.prefix:self.read])
-        after = decode(self.ids[self.prefix:])
+        before = decode(self.ids[self.prefix : self.read])
+        after = decode(self.ids[self.prefix :])
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""  # an incomplete multi-byte character, or a token with no text
         self.prefix, self.read = self.read, len(self.ids)
-        return after[len(before):]
+        return after[len(before) :]
 
     def flush(self) -> str:
         """Whatever is still held back (an incomplete character at the very end)."""
         decode = self.tokenizer.decode
-        rest = decode(self.ids[self.prefix:])[len(decode(self.ids[self.prefix:self.read])):]
+        rest = decode(self.ids[self.prefix :])[len(decode(self.ids[self.prefix : self.read])) :]
         self.prefix = self.read = len(self.ids)
         return rest
 
@@ -144,25 +162,42 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
     if kind != "gpt2":
         raise UnsupportedModelError(
             f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
-            "load the model's Hugging Face folder, whose tokenizer.json infopt reads directly")
+            "load the model's Hugging Face folder, whose tokenizer.json infopt reads directly"
+        )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE_TOKENIZERS:
-        raise UnsupportedModelError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: "
-                                    f"{sorted(GGUF_PRE_TOKENIZERS)}")
+        raise UnsupportedModelError(
+            f"GGUF pre-tokenizer {pre!r} is not supported; supported: {sorted(GGUF_PRE_TOKENIZERS)}"
+        )
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     backend = _HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in GGUF_PRE_TOKENIZERS[pre]]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
     backend.decoder = decoders.ByteLevel()
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, kind in zip(tokens, types) if kind == _CONTROL])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
-    ids = {name: meta.get(f"tokenizer.ggml.{key}_token_id")
-           for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
+    if len(types) != len(tokens):
+        raise ModelFormatError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
+    backend.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(tokens, types, strict=True)
+            if kind == _CONTROL
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, types, strict=True)
+            if kind == _USER_DEFINED
+        ]
+    )
+    ids = {
+        name: meta.get(f"tokenizer.ggml.{key}_token_id")
+        for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+    }
     eos = ids["eos"]
     return Tokenizer(
         backend=backend,
@@ -174,9 +209,12 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
     )
 
 
-def tokenizer_from_hf_files(tokenizer_json: str, tokenizer_config: dict[str, Any],
-                            chat_template: str | None,
-                            eos_token_ids: tuple[int, ...]) -> Tokenizer:
+def tokenizer_from_hf_files(
+    tokenizer_json: str,
+    tokenizer_config: dict[str, Any],
+    chat_template: str | None,
+    eos_token_ids: tuple[int, ...],
+) -> Tokenizer:
     """Tokenizer from an HF folder's `tokenizer.json` + `tokenizer_config.json`."""
     backend = _HFTokenizer.from_str(tokenizer_json)
     specials: dict[str, str] = {}
@@ -192,7 +230,11 @@ def tokenizer_from_hf_files(tokenizer_json: str, tokenizer_config: dict[str, Any
     template = chat_template or tokenizer_config.get("chat_template")
     if isinstance(template, list):  # the named-template form: [{"name": ..., "template": ...}]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    return Tokenizer(backend=backend, chat_template=template, bos_token_id=bos,
-                     eos_token_ids=eos_token_ids,
-                     add_bos_token=False,  # tokenizer.json's post-processor adds BOS itself
-                     special_tokens=specials)
+    return Tokenizer(
+        backend=backend,
+        chat_template=template,
+        bos_token_id=bos,
+        eos_token_ids=eos_token_ids,
+        add_bos_token=False,  # tokenizer.json's post-processor adds BOS itself
+        special_tokens=specials,
+    )

@@ -40,8 +40,11 @@ class ModelSource:
     def content_hash(self) -> str:
         """sha256 of the GGUF file, or of config.json + weight files of a folder."""
         h = hashlib.sha256()
-        files = [self.path] if self.path.is_file() else sorted(
-            p for p in self.path.iterdir() if p.suffix in (".json", ".safetensors"))
+        files = (
+            [self.path]
+            if self.path.is_file()
+            else sorted(p for p in self.path.iterdir() if p.suffix in (".json", ".safetensors"))
+        )
         for f in files:
             with f.open("rb") as fh:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -63,10 +66,16 @@ def open_model(path: str | Path) -> ModelSource:
         spec, tok, reader, defaults = import_gguf(p)
         return ModelSource(p, "gguf", spec, tok, defaults, reader)
     if magic.startswith(_PICKLE_MAGICS) or p.suffix in PICKLE_SUFFIXES:
-        raise ModelFormatError(f"{p}: a pickle checkpoint; infopt never unpickles (it can run "
-                               "arbitrary code). Give a GGUF file or an HF folder with safetensors")
+        raise ModelFormatError(
+            f"{p}: a pickle checkpoint; infopt never unpickles (it can run "
+            "arbitrary code). Give a GGUF file or an HF folder with safetensors"
+        )
     if p.suffix == ".safetensors":
-        raise ModelFormatError(f"{p}: a bare safetensors file; give its folder (with config.json "
-                               "and tokenizer.json) instead")
-    raise ModelFormatError(f"{p}: neither a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}) "
-                           "nor a Hugging Face model folder")
+        raise ModelFormatError(
+            f"{p}: a bare safetensors file; give its folder (with config.json "
+            "and tokenizer.json) instead"
+        )
+    raise ModelFormatError(
+        f"{p}: neither a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}) "
+        "nor a Hugging Face model folder"
+    )

@@ -19,9 +19,14 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED = {"llama": "llama", "qwen2": "qwen2"}  # general.architecture -> our family
 # GGUF tensor names -> HF names (per block, then global).
 _BLOCK_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
@@ -34,12 +39,15 @@ def open_reader(path: Path) -> GGUFReader:
     with path.open("rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
-        raise ModelFormatError(f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+        raise ModelFormatError(
+            f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})"
+        )
     try:
         return GGUFReader(path)
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged files
-        raise ModelFormatError(f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})"
-                               ) from e
+        raise ModelFormatError(
+            f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})"
+        ) from e
 
 
 def read_metadata(reader: GGUFReader) -> dict[str, Any]:
@@ -57,8 +65,9 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
 def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> ModelSpec:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED:
-        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; "
-                                    f"supported: {sorted(SUPPORTED)}")
+        raise UnsupportedModelError(
+            f"{path}: GGUF architecture {arch!r} is not supported; supported: {sorted(SUPPORTED)}"
+        )
 
     def key(name: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{name}", default)
@@ -67,12 +76,15 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> 
         return value
 
     if "rope_freqs.weight" in tensor_names:
-        raise UnsupportedModelError(f"{path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 "
-                                    "scaling) in GGUF are not supported; load the HF folder")
+        raise UnsupportedModelError(
+            f"{path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 "
+            "scaling) in GGUF are not supported; load the HF folder"
+        )
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
-        raise UnsupportedModelError(f"{path}: GGUF rope scaling {scaling!r} is not supported; "
-                                    "supported: ['none', 'linear']")
+        raise UnsupportedModelError(
+            f"{path}: GGUF rope scaling {scaling!r} is not supported; supported: ['none', 'linear']"
+        )
     hidden, heads = key("embedding_length"), key("attention.head_count")
     tokens = meta.get("tokenizer.ggml.tokens") or []
     eos = meta.get("tokenizer.ggml.eos_token_id")
@@ -88,8 +100,11 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> 
         max_position_embeddings=int(key("context_length")),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         rope_theta=float(key("rope.freq_base", 10000.0)),
-        rope_scaling=({"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
-                      if scaling == "linear" else None),
+        rope_scaling=(
+            {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+            if scaling == "linear"
+            else None
+        ),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias=arch == "qwen2",
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
@@ -122,16 +137,21 @@ def read_weights(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, t
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
-            raise ModelFormatError(f"{path}: unexpected tensor {t.name!r} for a {spec.architecture}")
+            raise ModelFormatError(
+                f"{path}: unexpected tensor {t.name!r} for a {spec.architecture}"
+            )
         expected = int(np.prod([int(d) for d in t.shape]))
         try:
             array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         except Exception as e:
-            raise ModelFormatError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) cannot be "
-                                   f"dequantized: {e}") from e
+            raise ModelFormatError(
+                f"{path}: tensor {t.name!r} ({t.tensor_type.name}) cannot be dequantized: {e}"
+            ) from e
         if array.size != expected:
-            raise ModelFormatError(f"{path}: tensor {t.name!r} holds {array.size} values, its "
-                                   f"header says {expected} (truncated file?)")
+            raise ModelFormatError(
+                f"{path}: tensor {t.name!r} holds {array.size} values, its "
+                f"header says {expected} (truncated file?)"
+            )
         array = array.reshape([int(d) for d in reversed(t.shape)])
         if spec.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = spec.num_heads if "q_proj" in name else spec.num_kv_heads

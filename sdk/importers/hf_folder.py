@@ -44,8 +44,12 @@ def safetensors_files(folder: Path) -> list[Path]:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        hint = (f"; found pickle checkpoints {pickles}, which infopt never unpickles "
-                "(convert them to safetensors)" if pickles else "")
+        hint = (
+            f"; found pickle checkpoints {pickles}, which infopt never unpickles "
+            "(convert them to safetensors)"
+            if pickles
+            else ""
+        )
         raise ModelFormatError(f"{folder}: no *.safetensors weights{hint}")
     for f in files:
         if not f.is_file():
@@ -69,14 +73,17 @@ def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
 def load_tokenizer(folder: Path, spec: ModelSpec) -> Tokenizer:
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise ModelFormatError(f"{folder}: tokenizer.json is missing (infopt needs the fast "
-                               "tokenizer file; save it with tokenizer.save_pretrained())")
+        raise ModelFormatError(
+            f"{folder}: tokenizer.json is missing (infopt needs the fast "
+            "tokenizer file; save it with tokenizer.save_pretrained())"
+        )
     config_path = folder / "tokenizer_config.json"
     config = read_json(config_path) if config_path.is_file() else {}
     template_path = folder / "chat_template.jinja"
     template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
-    return tokenizer_from_hf_files(path.read_text(encoding="utf-8"), config, template,
-                                   spec.eos_token_ids)
+    return tokenizer_from_hf_files(
+        path.read_text(encoding="utf-8"), config, template, spec.eos_token_ids
+    )
 
 
 def generation_defaults(folder: Path) -> tuple[dict[str, Any], tuple[int, ...]]:

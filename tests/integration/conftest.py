@@ -32,7 +32,8 @@ def hf_model(gguf_path: Path):  # type: ignore[no-untyped-def]
 
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
     return model.eval()
 
 

@@ -22,16 +22,21 @@ NEW_TOKENS = 72
 
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:  # type: ignore[no-untyped-def]
     with torch.inference_mode():
-        out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                                attention_mask=torch.ones(1, len(ids), dtype=torch.long))
-    return [int(t) for t in out[0, len(ids):]]
+        out = hf_model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=n,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        )
+    return [int(t) for t in out[0, len(ids) :]]
 
 
 def test_chat_template_tokens_match_transformers(smol: infopt.Model, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
     for question in CHATS:
         messages = [{"role": "user", "content": question}]
-        expected = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                    tokenize=True, return_dict=False)
+        expected = hf_tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         assert smol.encode_prompt(messages) == list(expected)
 
 
@@ -46,8 +51,11 @@ def test_plain_tokens_match_transformers(smol: infopt.Model, hf_tokenizer) -> No
 def test_greedy_tokens_identical_to_transformers(smol: infopt.Model, hf_model, prompt: str) -> None:  # type: ignore[no-untyped-def]
     chat = prompt in CHATS
     ids = smol.encode_prompt([{"role": "user", "content": prompt}] if chat else prompt)
-    ours = smol.generate([{"role": "user", "content": prompt}] if chat else prompt,
-                         max_new_tokens=NEW_TOKENS, stop_token_ids=[])
+    ours = smol.generate(
+        [{"role": "user", "content": prompt}] if chat else prompt,
+        max_new_tokens=NEW_TOKENS,
+        stop_token_ids=[],
+    )
     theirs = hf_greedy(hf_model, ids, NEW_TOKENS)
     assert len(ours.token_ids) == NEW_TOKENS >= 64
     assert ours.token_ids == theirs

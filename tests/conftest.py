@@ -1,0 +1,197 @@
+"""Shared fixtures: tiny random models (HF folders and GGUF files) built with the real libraries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Hello world! Small models run on small devices; big models need big memory.",
+    "def add(a, b):\n    return a + b\n",
+    "KV caches store keys and values so that decoding does not recompute the prompt.",
+    "Numbers 0123456789 and café, naïve, 東京.",
+]
+TINY_VOCAB = 384
+TINY: dict[str, Any] = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=0,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
+def train_tokenizer() -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> Any:
+    return train_tokenizer()
+
+
+def hf_model(arch: str = "llama", **overrides: Any) -> Any:
+    """A random transformers model (the oracle) with TINY's shape plus overrides."""
+    import transformers
+
+    classes = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+    }
+    config_cls, model_cls = (getattr(transformers, n) for n in classes[arch])
+    torch.manual_seed(0)
+    config = config_cls(**{**TINY, **overrides})
+    config._attn_implementation = "eager"
+    model = model_cls(config).eval()
+    with torch.no_grad():  # random init has tiny weights; widen them so logits discriminate
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf_folder(model: Any, tokenizer: Any, folder: Path, shard: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(
+        folder, safe_serialization=True, max_shard_size="100KB" if shard else "10GB"
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE}
+        )
+    )
+    return folder
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (the inverse of our import)."""
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def write_gguf(
+    model: Any, tokenizer: Any, path: Path, arch: str = "llama", pre: str = "smollm"
+) -> Path:
+    """A GGUF file as llama.cpp's converter writes it (F32 tensors, permuted q/k for llama)."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(
+        (getattr(cfg, "rope_parameters", None) and cfg.rope_parameters["rope_theta"])
+        or cfg.rope_theta
+    )
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    vocab = tokenizer.get_vocab()
+    tokens = [""] * cfg.vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text
+    for i in range(len(vocab), cfg.vocab_size):
+        tokens[i] = f"[PAD{i}]"
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else (5 if t.startswith("[PAD") else 1) for t in tokens])
+    merges = json.loads(tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
+    block = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for name, tensor in model.state_dict().items():
+        name = name.removeprefix("model.")
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        array = tensor.float().numpy().copy()
+        parts = name.split(".")
+        if parts[0] == "layers":
+            module, kind = ".".join(parts[2:-1]), parts[-1]
+            if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
+                heads = cfg.num_attention_heads if "q_" in module else cfg.num_key_value_heads
+                array = permute_qk(array, heads)
+            gname = f"blk.{parts[1]}.{block[module]}.{kind}"
+        else:
+            gname = f"{names[parts[0]]}.{parts[1]}"
+        w.add_tensor(gname, array)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tiny_tokenizer: Any) -> Any:
+    return hf_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(
+    tmp_path_factory: pytest.TempPathFactory, tiny_hf: Any, tiny_tokenizer: Any
+) -> Path:
+    return save_hf_folder(tiny_hf, tiny_tokenizer, tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_hf: Any, tiny_tokenizer: Any) -> Path:
+    return write_gguf(tiny_hf, tiny_tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf")

@@ -1,0 +1,71 @@
+"""`infopt-pack` run / inspect on a tiny GGUF, through click's runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from infopt.cli import main
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_inspect_table_and_json(tiny_gguf: Path) -> None:
+    code, out, _ = invoke("inspect", str(tiny_gguf))
+    assert code == 0 and "architecture" in out and "llama" in out and "4 / 2 / 16" in out
+    code, out, _ = invoke("inspect", str(tiny_gguf), "--json")
+    info = json.loads(out)
+    assert (
+        info["parameters"]
+        == info["config"]["vocab_size"] * 64 * 2
+        + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64)
+        + 64
+    )
+    assert info["tokenizer"]["eos_token_ids"] == [2]
+
+
+def test_run_json_is_greedy_and_reproducible(tiny_gguf: Path) -> None:
+    args = ("run", str(tiny_gguf), "--prompt", "hello", "-n", "5", "--json", "--max-context", "64")
+    code, out, _ = invoke(*args)
+    assert code == 0, out
+    first = json.loads(out)
+    assert first["finish_reason"] in ("stop", "length") and len(first["token_ids"]) <= 5
+    second = json.loads(invoke(*args)[1])
+    assert (second["token_ids"], second["text"]) == (first["token_ids"], first["text"])
+    assert first["stats"]["prompt_tokens"] > 0
+
+
+def test_run_streams_text_and_prints_stats(tiny_gguf: Path) -> None:
+    code, _, err = invoke(
+        "run",
+        str(tiny_gguf),
+        "--raw",
+        "-p",
+        "hi",
+        "-n",
+        "3",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "1",
+        "--max-context",
+        "64",
+    )
+    assert code == 0 and "prompt tokens" in err and "tok/s" in err
+
+
+def test_errors_are_one_line_and_exit_1(tmp_path: Path, tiny_gguf: Path) -> None:
+    code, _, err = invoke("run", str(tmp_path / "missing.gguf"), "-p", "x")
+    assert code == 1 and "ModelNotFoundError" in err and "Traceback" not in err
+    code, _, err = invoke("run", str(tiny_gguf), "-p", "x", "--top-p", "2")
+    assert code == 1 and "top_p=2.0" in err
+
+
+def test_help_teaches() -> None:
+    code, out, _ = invoke("run", "--help")
+    assert code == 0 and "Examples" in out and "--max-new-tokens" in out

@@ -1,0 +1,151 @@
+"""The shared generate loop: stop strings, EOS, streaming, errors. A scripted runtime makes the
+token sequence exact; the tokenizer is a real (tiny, trained) byte-level BPE."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+
+from infopt.api import Model
+from infopt.errors import ContextLengthError, InvalidArgumentError, ModelFormatError
+from infopt.spec import ModelSpec
+from infopt.tokenizer import Tokenizer
+from tests.conftest import CHAT_TEMPLATE, TINY_VOCAB
+
+EOS = 2
+
+
+class ScriptedRuntime:
+    """Implements the runtime protocol; the k-th forward call makes script[k] the argmax."""
+
+    name = "scripted"
+
+    def __init__(self, script: Sequence[int], max_context: int = 256) -> None:
+        self.script, self.max_context, self.vocab_size = list(script), max_context, TINY_VOCAB
+        self.position, self.calls = 0, 0
+
+    def forward(self, tokens: Sequence[int], only_last: bool = False) -> np.ndarray:
+        logits = np.zeros((1 if only_last else len(tokens), self.vocab_size), np.float32)
+        logits[-1, self.script[min(self.calls, len(self.script) - 1)]] = 10.0
+        self.calls += 1
+        self.position += len(tokens)
+        return logits
+
+    def rewind(self, n: int) -> None:
+        self.position -= n
+
+    def reset(self) -> None:
+        self.position = self.calls = 0
+
+
+@pytest.fixture
+def tok(tiny_tokenizer: Any) -> Tokenizer:
+    return Tokenizer(
+        tiny_tokenizer,
+        chat_template=CHAT_TEMPLATE,
+        eos_token_ids=(EOS,),
+        special_tokens={"eos": "<|im_end|>"},
+    )
+
+
+def model_for(tok: Tokenizer, text: str, tail: Sequence[int] = (), max_context: int = 256) -> Model:
+    script = [*tok.encode(text, add_special_tokens=False), *tail]
+    spec = ModelSpec("llama", TINY_VOCAB, 8, 8, 1, 1, 1, 8, max_context)
+    return Model(ScriptedRuntime(script, max_context), tok, spec)
+
+
+def test_length_and_text(tok: Tokenizer) -> None:
+    m = model_for(tok, "Hello world! Small models run on small devices.")
+    r = m.generate("Hi", max_new_tokens=4)
+    assert r.finish_reason == "length" and len(r.token_ids) == 4
+    assert r.text == tok.decode(r.token_ids)
+    assert r.stats.prompt_tokens == len(tok.encode("Hi")) and r.stats.generated_tokens == 4
+
+
+def test_eos_stops_and_is_not_text(tok: Tokenizer) -> None:
+    m = model_for(tok, "Hello world!", tail=[EOS, 50, 51])
+    r = m.generate("Hi", max_new_tokens=50)
+    assert r.finish_reason == "stop" and r.text == "Hello world!"
+    assert r.token_ids[-1] == EOS
+    r = m.generate("Hi", max_new_tokens=50, stop_token_ids=[])  # EOS no longer stops
+    assert r.finish_reason == "length"
+
+
+def test_stop_string_across_tokens_is_cut_and_never_streamed(tok: Tokenizer) -> None:
+    text = "The quick brown fox jumps over the lazy dog."
+    m = model_for(tok, text)
+    deltas = list(m.stream("Hi", max_new_tokens=40, stop=["lazy"]))
+    assert "".join(deltas) == "The quick brown fox jumps over the "
+    assert not any("la" in d for d in deltas)
+    r = m.generate("Hi", max_new_tokens=40, stop=["lazy", "fox"])
+    assert r.text == "The quick brown " and r.finish_reason == "stop"
+
+
+def test_partial_stop_prefix_is_released_when_it_does_not_complete(tok: Tokenizer) -> None:
+    m = model_for(tok, "KV caches store keys and values", tail=[EOS])
+    r = m.generate("Hi", max_new_tokens=40, stop=["keys to"])
+    assert r.text == "KV caches store keys and values" and r.finish_reason == "stop"
+    stream = m.stream("Hi", max_new_tokens=7, stop=["valuesX"])
+    assert "".join(stream) == stream.result.text == tok.decode(stream.result.token_ids)  # type: ignore[union-attr]
+
+
+def test_stream_never_emits_half_a_character(tok: Tokenizer) -> None:
+    byte_ids = [tok.backend.token_to_id(c) for c in "æĿ±"]  # the three bytes of 東, one per token
+    assert None not in byte_ids
+    m = model_for(tok, "Tokyo ", tail=[*byte_ids, EOS])
+    deltas = list(m.stream("Hi", max_new_tokens=20))
+    assert "".join(deltas) == "Tokyo 東" and all("\ufffd" not in d for d in deltas)
+
+
+def test_stream_equals_one_shot(tok: Tokenizer) -> None:
+    m = model_for(tok, "def add(a, b):\n    return a + b\n", tail=[EOS])
+    stream = m.stream("Hi", max_new_tokens=30)
+    joined = "".join(stream)
+    assert stream.result is not None
+    assert joined == stream.result.text == m.generate("Hi", max_new_tokens=30).text
+
+
+def test_chat_messages_use_the_template(tok: Tokenizer) -> None:
+    m = model_for(tok, "Hello")
+    ids = m.encode_prompt([{"role": "user", "content": "Hi"}])
+    assert (
+        tok.decode(ids, skip_special_tokens=False)
+        == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_bad_input_is_typed(tok: Tokenizer) -> None:
+    m = model_for(tok, "Hello", max_context=16)
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        m.generate("")
+    with pytest.raises(InvalidArgumentError, match="messages is empty"):
+        m.generate([])
+    with pytest.raises(InvalidArgumentError, match="messages\\[0\\]"):
+        m.generate([{"content": "no role"}])
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
+        m.generate("Hi", max_new_tokens=0)
+    with pytest.raises(InvalidArgumentError, match="temperature"):
+        m.generate("Hi", temperature=float("nan"))
+    with pytest.raises(InvalidArgumentError, match="stop"):
+        m.generate("Hi", stop=[3])  # type: ignore[list-item]
+    with pytest.raises(ContextLengthError, match=r"\+ max_new_tokens \(20\) = 2\d exceeds"):
+        m.generate("Hi there", max_new_tokens=20)
+    with pytest.raises(TypeError, match="temprature"):
+        m.generate("Hi", temprature=0.5)  # type: ignore[call-arg]
+    with pytest.raises(InvalidArgumentError, match="prompt must be"):
+        m.generate(42)  # type: ignore[arg-type]
+
+
+def test_template_runs_sandboxed(tok: Tokenizer) -> None:
+    evil = Tokenizer(tok.backend, chat_template="{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(ModelFormatError, match="SecurityError|render"):
+        evil.render_chat([{"role": "user", "content": "x"}])
+    raising = Tokenizer(tok.backend, chat_template="{{ raise_exception('no system role') }}")
+    with pytest.raises(InvalidArgumentError, match="no system role"):
+        raising.render_chat([{"role": "user", "content": "x"}])
+    assert Tokenizer(tok.backend).chat_template is None
+    with pytest.raises(InvalidArgumentError, match="no chat template"):
+        Tokenizer(tok.backend).render_chat([{"role": "user", "content": "x"}])
