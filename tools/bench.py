@@ -124,11 +124,18 @@ def main() -> None:
         print(json.dumps(report, indent=2))
         return
     rows = [
-        (n, m["pp512"], m["tg128"], base and m["pp512"] / base["pp512"], base and m["tg128"] / base["tg128"])
+        (
+            n,
+            m["pp512"],
+            m["tg128"],
+            base and m["pp512"] / base["pp512"],
+            base and m["tg128"] / base["tg128"],
+        )
         for n, m in med.items()
     ]
     if args.markdown:
-        print(f"{report['machine']}, torch {report['torch']}, median of {args.repeat} alternating runs\n")
+        runs = f"median of {args.repeat} alternating runs"
+        print(f"{report['machine']}, torch {report['torch']}, {runs}\n")
         print("| system | pp512 tok/s | tg128 tok/s | pp512 ratio | tg128 ratio |")
         print("|---|---|---|---|---|")
         for n, pp, tg, rpp, rtg in rows:

@@ -1,0 +1,57 @@
+"""A terminal chat app that embeds infopt: multi-turn, streamed, with the model's chat template.
+
+    python samples/desktop/chat.py [MODEL] [--system TEXT]
+
+MODEL is a GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct). Type a message
+and press Enter; an empty line or Ctrl-D quits. When the conversation outgrows the context
+window, the oldest turns are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import infopt
+
+
+def trim(history: list[dict[str, str]], model: infopt.Model, reserve: int) -> list[dict[str, str]]:
+    """Drop the oldest user/assistant turns (keeping a system message) until the prompt fits."""
+    system = [m for m in history[:1] if m["role"] == "system"]
+    turns = history[len(system) :]
+    while len(turns) > 1 and len(model.encode_prompt(system + turns)) + reserve > (
+        model.runtime.max_context
+    ):
+        turns = turns[2:]
+    return system + turns
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("model", nargs="?")
+    ap.add_argument("--system", help="system message")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    args = ap.parse_args()
+
+    model = infopt.load(args.model)
+    history: list[dict[str, str]] = (
+        [{"role": "system", "content": args.system}] if args.system else []
+    )
+    while True:
+        try:
+            user = input("you> ").strip()
+        except EOFError:
+            break
+        if not user:
+            break
+        history = trim([*history, {"role": "user", "content": user}], model, args.max_new_tokens)
+        print("assistant> ", end="", flush=True)
+        stream = model.stream(history, max_new_tokens=args.max_new_tokens)
+        for delta in stream:
+            print(delta, end="", flush=True)
+        print()
+        assert stream.result is not None
+        history.append({"role": "assistant", "content": stream.result.text})
+
+
+if __name__ == "__main__":
+    main()
