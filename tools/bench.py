@@ -18,6 +18,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,9 +60,10 @@ def transformers_runner(path: Path) -> tuple[Callable[[], float], Callable[[], f
     hf = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()
-    ids = tok.apply_chat_template(
+    encoded: Any = tok.apply_chat_template(
         PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    )
+    ids = encoded["input_ids"]
     long = ids.repeat(1, 40)[:, :PREFILL]
 
     def pp() -> float:
@@ -110,7 +112,7 @@ def main() -> None:
             results[name]["tg128"].append(tg())
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
     base = med.get("transformers fp32 generate()")
-    report = {
+    report: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
         "torch": torch.__version__,
         "model": str(path),
@@ -138,13 +140,13 @@ def main() -> None:
         print(f"{report['machine']}, torch {report['torch']}, {runs}\n")
         print("| system | pp512 tok/s | tg128 tok/s | pp512 ratio | tg128 ratio |")
         print("|---|---|---|---|---|")
-        for n, pp, tg, rpp, rtg in rows:
+        for n, pp_s, tg_s, rpp, rtg in rows:
             ratio = f"{rpp:.2f}× | {rtg:.2f}×" if rpp else "— | —"
-            print(f"| {n} | {pp:.1f} | {tg:.1f} | {ratio} |")
+            print(f"| {n} | {pp_s:.1f} | {tg_s:.1f} | {ratio} |")
         return
-    for n, pp, tg, rpp, rtg in rows:
+    for n, pp_s, tg_s, rpp, rtg in rows:
         ratio = f"  ({rpp:.2f}× / {rtg:.2f}× transformers)" if rpp else ""
-        print(f"{n:<30} pp512 {pp:7.1f} tok/s   tg128 {tg:6.1f} tok/s{ratio}")
+        print(f"{n:<30} pp512 {pp_s:7.1f} tok/s   tg128 {tg_s:6.1f} tok/s{ratio}")
 
 
 if __name__ == "__main__":
