@@ -79,8 +79,5 @@ def from_source(
     target = pick_device(device)
     with torch.device("meta"):
         model = Decoder(source.spec)
-    model = model.to_empty(device=target).to(DTYPES[dtype])
-    if source.spec.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    load_state_dict(model, source.read_weights())
+    load_state_dict(model, source.read_weights(), dtype=DTYPES[dtype], device=target)
     return TorchRuntime(model, max_context)

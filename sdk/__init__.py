@@ -5,7 +5,7 @@ m = infopt.load()                      # the default model, SmolLM2-135M-Instruc
 print(m.generate([{"role": "user", "content": "Hi!"}]).text)
 """
 
-from infopt.api import Model, TextStream, load
+from infopt.api import Model, load
 from infopt.errors import (
     ContextLengthError,
     DefaultModelMissingError,
@@ -16,7 +16,7 @@ from infopt.errors import (
     RuntimeNotAvailableError,
     UnsupportedModelError,
 )
-from infopt.generate import GenerationResult, Stats
+from infopt.generate import GenerationResult, Stats, TextStream
 from infopt.importers import ModelSource, open_model
 
 __version__ = "0.1.0"

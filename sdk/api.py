@@ -6,12 +6,12 @@ stops, seed) go to `generate`/`stream`, named as in Hugging Face `generate()`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 from infopt.errors import InvalidArgumentError
-from infopt.generate import GenerationResult, Response, stream_generate
+from infopt.generate import GenerationResult, TextStream, stream_generate
 from infopt.importers import ModelSource, open_model
 from infopt.runtimes import Runtime, runtime_module
 from infopt.sampling import SamplingParams
@@ -21,31 +21,6 @@ from infopt.tokenizer import Tokenizer
 Prompt = str | Sequence[dict[str, Any]]  # plain text, or chat messages [{"role", "content"}]
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_MAX_NEW_TOKENS = 256
-
-
-class TextStream:
-    """Iterator of text deltas; `.result` holds the GenerationResult once it is exhausted."""
-
-    def __init__(self, responses: Iterator[Response]) -> None:
-        self._responses = responses
-        self._parts: list[str] = []
-        self._ids: list[int] = []
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> TextStream:
-        return self
-
-    def __next__(self) -> str:
-        for r in self._responses:
-            self._parts.append(r.text)
-            self._ids.append(r.token_id)
-            if r.finish_reason is not None:
-                self.result = GenerationResult(
-                    "".join(self._parts), self._ids, r.finish_reason, r.stats
-                )
-            if r.text:
-                return r.text
-        raise StopIteration
 
 
 class Model:
@@ -141,7 +116,7 @@ class Model:
         greedy. `stop` strings end generation and are not included in the text; EOS tokens (or
         `stop_token_ids`) end it too. Returns text, token_ids, finish_reason and stats.
         """
-        stream = self.stream(
+        return self.stream(
             prompt,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
@@ -152,11 +127,7 @@ class Model:
             stop=stop,
             stop_token_ids=stop_token_ids,
             seed=seed,
-        )
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        ).drain()
 
 
 def load(

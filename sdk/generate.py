@@ -122,8 +122,8 @@ def stream_generate(
         finish = "stop" if token in stop_ids else ("length" if n >= max_new_tokens else None)
         if token not in stop_ids:
             text += decoder.push(token)
-            if finish:
-                text += decoder.flush()
+        if finish:
+            text += decoder.flush()
         hit = min((i for i in (text.find(s, emitted) for s in stops) if i >= 0), default=-1)
         if hit >= 0:
             yield Response(text[emitted:hit], token, "stop", stats)
@@ -133,6 +133,37 @@ def stream_generate(
         emitted = end
         if finish:
             return
+
+
+class TextStream:
+    """Iterator of text deltas over `stream_generate`; `.result` holds the GenerationResult
+    once it is exhausted."""
+
+    def __init__(self, responses: Iterator[Response]) -> None:
+        self._responses = responses
+        self._parts: list[str] = []
+        self._ids: list[int] = []
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        for r in self._responses:
+            self._parts.append(r.text)
+            self._ids.append(r.token_id)
+            if r.finish_reason is not None:
+                text = "".join(self._parts)
+                self.result = GenerationResult(text, self._ids, r.finish_reason, r.stats)
+            if r.text:
+                return r.text
+        raise StopIteration
+
+    def drain(self) -> GenerationResult:
+        for _ in self:
+            pass
+        assert self.result is not None, "stream_generate always ends with a finish_reason"
+        return self.result
 
 
 def generate(
@@ -145,10 +176,8 @@ def generate(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
 ) -> GenerationResult:
-    parts: list[str] = []
-    ids: list[int] = []
-    last: Response | None = None
-    for last in stream_generate(
+    """One-shot generation: the whole text, token ids, finish reason and stats."""
+    responses = stream_generate(
         runtime,
         tokenizer,
         prompt_ids,
@@ -156,8 +185,5 @@ def generate(
         params=params,
         stop=stop,
         stop_token_ids=stop_token_ids,
-    ):
-        parts.append(last.text)
-        ids.append(last.token_id)
-    assert last is not None and last.finish_reason is not None
-    return GenerationResult("".join(parts), ids, last.finish_reason, last.stats)
+    )
+    return TextStream(responses).drain()

@@ -206,26 +206,38 @@ class Decoder(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def load_state_dict(model: Decoder, weights: dict[str, torch.Tensor]) -> None:
-    """Copy HF-named weights into `model`, with a typed error naming any missing/extra/misshaped
-    tensor. A leading `model.` is accepted; tied models may omit or include `lm_head.weight`."""
-    own = model.state_dict()
-    renamed = {name.removeprefix("model."): t for name, t in weights.items()}
+def load_state_dict(
+    model: Decoder,
+    weights: dict[str, torch.Tensor],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> None:
+    """Install HF-named weights as `model`'s parameters (which may live on the meta device).
+
+    Tensors are moved in, not copied, and popped from `weights` one by one, so peak memory stays
+    near one copy of the model. A leading `model.` is accepted; tied models may omit or include
+    `lm_head.weight`. A missing, extra or misshaped tensor is a typed error naming it."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    for name in list(weights):
+        weights[name.removeprefix("model.")] = weights.pop(name)
+    weights.pop("rotary_emb.inv_freq", None)
     if model.spec.tie_word_embeddings:
-        renamed.pop("lm_head.weight", None)
+        weights.pop("lm_head.weight", None)
         own.pop("lm_head.weight", None)
-    missing = sorted(set(own) - set(renamed))
-    extra = sorted(set(renamed) - set(own) - {"rotary_emb.inv_freq"})
+    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
     if missing or extra:
         raise ModelFormatError(
             f"weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}"
         )
     for name, target in own.items():
-        source = renamed[name]
-        if tuple(source.shape) != tuple(target.shape):
+        if tuple(weights[name].shape) != tuple(target.shape):
             raise ModelFormatError(
-                f"weight {name!r} has shape {tuple(source.shape)}, the config "
+                f"weight {name!r} has shape {tuple(weights[name].shape)}, the config "
                 f"implies {tuple(target.shape)}"
             )
-        with torch.no_grad():
-            target.copy_(source.to(target.dtype))
+    for name, target in own.items():
+        tensor = weights.pop(name).to(device=device, dtype=dtype or target.dtype)
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+    if model.spec.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight

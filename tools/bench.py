@@ -81,6 +81,16 @@ def transformers_runner(path: Path) -> tuple[Callable[[], float], Callable[[], f
     return pp, tg
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
@@ -113,7 +123,7 @@ def main() -> None:
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
     base = med.get("transformers fp32 generate()")
     report: dict[str, Any] = {
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+        "machine": f"{cpu_name()}, {args.threads} threads",
         "torch": torch.__version__,
         "model": str(path),
         "repeat": args.repeat,

