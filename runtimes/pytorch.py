@@ -79,5 +79,5 @@ def from_source(
     target = pick_device(device)
     with torch.device("meta"):
         model = Decoder(source.spec)
-    load_state_dict(model, source.read_weights(), dtype=DTYPES[dtype], device=target)
+    load_state_dict(model, source.iter_weights(), dtype=DTYPES[dtype], device=target)
     return TorchRuntime(model, max_context)

@@ -6,6 +6,9 @@ stops, seed) go to `generate`/`stream`, named as in Hugging Face `generate()`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -162,4 +165,15 @@ def load(
         raise InvalidArgumentError(f"threads={threads!r}: must be a positive integer")
     module = runtime_module(runtime)
     rt = module.from_source(source, max_context=ctx, device=device, dtype=dtype, threads=threads)
-    return Model(rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path))
+    loaded = Model(rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path))
+    del source  # the file reader and its metadata: freed before trimming the heap
+    release_free_memory()
+    return loaded
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS after loading (glibc keeps them otherwise), so the
+    process's resident memory is what the model really uses."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

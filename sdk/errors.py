@@ -33,3 +33,11 @@ class ContextLengthError(InfoptError, ValueError):
 
 class RuntimeNotAvailableError(InfoptError, ImportError):
     """The runtime named is unknown, or its package is not installed."""
+
+
+class ProfileError(InfoptError, ValueError):
+    """A device profile is unknown, or its TOML has a missing/unknown key or a wrong unit."""
+
+
+class PlanError(InfoptError, ValueError):
+    """No plan fits the device: the message states the shortfall and what would make it fit."""

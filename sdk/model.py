@@ -8,6 +8,7 @@ Parameter names mirror Hugging Face's (minus the leading `model.`), so HF state 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import cast
 
 import torch
@@ -208,36 +209,40 @@ class Decoder(nn.Module):
 
 def load_state_dict(
     model: Decoder,
-    weights: dict[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> None:
     """Install HF-named weights as `model`'s parameters (which may live on the meta device).
 
-    Tensors are moved in, not copied, and popped from `weights` one by one, so peak memory stays
-    near one copy of the model. A leading `model.` is accepted; tied models may omit or include
+    Tensors are converted and installed one at a time, so peak memory stays near one copy of the
+    model plus one tensor. A leading `model.` is accepted; tied models may omit or include
     `lm_head.weight`. A missing, extra or misshaped tensor is a typed error naming it."""
     own = dict(model.named_parameters(remove_duplicate=False))
-    for name in list(weights):
-        weights[name.removeprefix("model.")] = weights.pop(name)
-    weights.pop("rotary_emb.inv_freq", None)
-    if model.spec.tie_word_embeddings:
-        weights.pop("lm_head.weight", None)
-        own.pop("lm_head.weight", None)
-    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    tied = model.spec.tie_word_embeddings
+    if tied:
+        own.pop("lm_head.weight")
+    pairs = weights.items() if isinstance(weights, Mapping) else weights
+    seen, extra = set(), []
+    for raw_name, tensor in pairs:
+        name = raw_name.removeprefix("model.")
+        if name not in own:
+            if not (name == "rotary_emb.inv_freq" or (tied and name == "lm_head.weight")):
+                extra.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ModelFormatError(
+                f"weight {name!r} has shape {tuple(tensor.shape)}, the config "
+                f"implies {tuple(own[name].shape)}"
+            )
+        module_name, _, attr = name.rpartition(".")
+        value = tensor.to(device=device, dtype=dtype or own[name].dtype)
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+        seen.add(name)
+    missing = sorted(set(own) - seen)
     if missing or extra:
         raise ModelFormatError(
             f"weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}"
         )
-    for name, target in own.items():
-        if tuple(weights[name].shape) != tuple(target.shape):
-            raise ModelFormatError(
-                f"weight {name!r} has shape {tuple(weights[name].shape)}, the config "
-                f"implies {tuple(target.shape)}"
-            )
-    for name, target in own.items():
-        tensor = weights.pop(name).to(device=device, dtype=dtype or target.dtype)
-        module_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
-    if model.spec.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.embed_tokens.weight

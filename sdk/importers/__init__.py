@@ -7,7 +7,7 @@ from the file name.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,11 +31,15 @@ class ModelSource:
     spec: ModelSpec
     tokenizer: Tokenizer
     generation_defaults: dict[str, Any]
-    _read_weights: Callable[[], dict[str, torch.Tensor]] = field(repr=False)
+    _iter_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+
+    def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) pairs read from disk one at a time (float32 for GGUF)."""
+        return self._iter_weights()
 
     def read_weights(self) -> dict[str, torch.Tensor]:
-        """Full-precision (float32 for GGUF) weights under HF names; reads the files now."""
-        return self._read_weights()
+        """All weights at once, under HF names."""
+        return dict(self.iter_weights())
 
     def content_hash(self) -> str:
         """sha256 of the GGUF file, or of config.json + weight files of a folder."""

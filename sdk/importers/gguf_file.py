@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,12 +129,14 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_weights(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, torch.Tensor]:
-    """All tensors dequantized to float32, under HF names, q/k rows un-permuted for llama."""
+def iter_weights(
+    reader: GGUFReader, spec: ModelSpec, path: Path
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors one at a time, dequantized to float32, under HF names, q/k rows un-permuted for
+    llama (one at a time, so a caller converting them keeps one float32 copy alive at most)."""
     import torch
     from gguf.quants import dequantize
 
-    weights: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
@@ -156,8 +159,7 @@ def read_weights(reader: GGUFReader, spec: ModelSpec, path: Path) -> dict[str, t
         if spec.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = spec.num_heads if "q_proj" in name else spec.num_kv_heads
             array = unpermute_qk(array, heads)
-        weights[name] = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
-    return weights
+        yield name, torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
 
 
 def import_gguf(path: Path) -> tuple[ModelSpec, Any, Any, dict[str, Any]]:
@@ -167,4 +169,4 @@ def import_gguf(path: Path) -> tuple[ModelSpec, Any, Any, dict[str, Any]]:
     names = {t.name for t in reader.tensors}
     spec = spec_from_gguf(meta, names, path)
     tokenizer = tokenizer_from_gguf_metadata(meta)
-    return spec, tokenizer, lambda: read_weights(reader, spec, path), {}
+    return spec, tokenizer, lambda: iter_weights(reader, spec, path), {}

@@ -7,6 +7,7 @@ arbitrary code. Convert them to safetensors first.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,17 +58,17 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors one at a time, as stored (bf16 stays bf16)."""
+    from safetensors import SafetensorError, safe_open
 
-    weights: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            weights.update(load_file(f))
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    yield name, st.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ModelFormatError(f"{f}: damaged safetensors file ({e})") from e
-    return weights
 
 
 def load_tokenizer(folder: Path, spec: ModelSpec) -> Tokenizer:
@@ -108,4 +109,4 @@ def import_hf(folder: Path) -> tuple[ModelSpec, Tokenizer, Any, dict[str, Any]]:
     if eos_ids:
         spec = replace(spec, eos_token_ids=eos_ids)
     files = safetensors_files(folder)
-    return spec, load_tokenizer(folder, spec), lambda: read_weights(files), defaults
+    return spec, load_tokenizer(folder, spec), lambda: iter_weights(files), defaults
