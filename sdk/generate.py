@@ -18,6 +18,8 @@ from infopt.runtimes import Runtime
 from infopt.sampling import SamplingParams, sample
 from infopt.tokenizer import StreamDecoder, Tokenizer
 
+PREFILL_CHUNK = 512  # prompt tokens per forward call during prefill
+
 
 @dataclass
 class Stats:
@@ -53,7 +55,8 @@ def generate_step(
     rng = np.random.default_rng(params.seed)
     seen = list(prompt_ids) if params.repetition_penalty != 1.0 else []
     runtime.reset()
-    logits = runtime.forward(prompt_ids, only_last=True)[-1]
+    for start in range(0, len(prompt_ids), PREFILL_CHUNK):  # bounded activation memory
+        logits = runtime.forward(prompt_ids[start : start + PREFILL_CHUNK], only_last=True)[-1]
     while True:
         token = sample(logits, params, rng, seen)
         yield token

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from infopt.errors import ModelFormatError, ModelNotFoundError
 from infopt.importers.gguf_file import GGUF_MAGIC, import_gguf
-from infopt.importers.hf_folder import PICKLE_SUFFIXES, import_hf
-from infopt.spec import ModelSpec
+from infopt.importers.hf_folder import PICKLE_SUFFIXES, import_hf, read_json
+from infopt.spec import ModelSpec, spec_from_hf_config
 from infopt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -83,3 +83,16 @@ def open_model(path: str | Path) -> ModelSource:
         f"{p}: neither a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}) "
         "nor a Hugging Face model folder"
     )
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Just the architecture: from a `config.json` file, a folder holding one (no weights or
+    tokenizer needed), or a GGUF file. What the planner needs, e.g. for a 70B config alone."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"model path {str(p)!r} does not exist")
+    if p.is_dir() and (p / "config.json").is_file():
+        p = p / "config.json"
+    if p.is_file() and p.suffix == ".json":
+        return spec_from_hf_config(read_json(p))
+    return open_model(p).spec

@@ -1,0 +1,280 @@
+"""The planner: the least lossy compression that fits a device with headroom and meets a latency
+target, with the reasons for the choice and for every less lossy option it rejected.
+
+Needs only the model config: a 70B `config.json` plans without weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from infopt.costs import (
+    Compression,
+    Estimate,
+    compute_precision,
+    estimate,
+    group_fits,
+    matrices,
+    with_kv,
+)
+from infopt.device_profiles import DeviceProfile
+from infopt.errors import InvalidArgumentError, PlanError
+from infopt.spec import ModelSpec
+
+HEADROOM = 0.10  # of usable memory kept free: fragmentation, other allocations, OS pressure
+# The article's scenarios, as per-token decode latency targets in milliseconds.
+SCENARIOS = {"code-completion": 50.0, "chat": 200.0, "batch": None}
+GB = 1e9
+
+
+def _int4(group: int, head: str = "int8") -> dict[str, str]:
+    return {
+        "embeddings": head,
+        "lm_head": head,
+        "attention": f"int4-g{group}",
+        "mlp": f"int4-g{group}",
+    }
+
+
+def ladder(profile: DeviceProfile) -> list[Compression]:
+    """Candidate combinations, least lossy first, restricted to what the device stores."""
+    floats = [p for p in ("fp32", "bf16", "fp16") if p in profile.weight_precisions]
+    if profile.kind != "cpu":
+        floats = [p for p in floats if p != "fp32"] or floats  # accelerators: 16-bit first
+    steps = [
+        Compression(
+            f,
+            dict.fromkeys(("embeddings", "lm_head", "attention", "mlp"), f),
+            kv_dtype=f if f != "fp32" else "fp32",
+        )
+        for f in floats
+    ]
+    kv = steps[-1].kv_dtype if steps else "fp16"
+    if "int8" in profile.weight_precisions:
+        steps.append(
+            Compression(
+                "int8",
+                dict.fromkeys(("embeddings", "lm_head", "attention", "mlp"), "int8"),
+                kv_dtype=kv,
+            )
+        )
+    if "int4" in profile.weight_precisions:
+        int4 = [
+            Compression(f"int4 g{g} (embeddings/LM head int8)", _int4(g), kv_dtype=kv)
+            for g in (32, 64, 128)
+        ]
+        last = int4[-1]
+        steps += int4
+        steps += [
+            with_kv(last, "int8"),
+            Compression(
+                "int4 + kv int8 + MLP channels pruned 25%", last.weights, "int8", mlp_prune=0.25
+            ),
+            Compression("int4 + kv int8 + low-rank 60%", last.weights, "int8", low_rank=0.6),
+            Compression(
+                "int4 + kv int8 + MLP channels pruned 50% + low-rank 60%",
+                last.weights,
+                "int8",
+                mlp_prune=0.5,
+                low_rank=0.6,
+            ),
+        ]
+    return steps
+
+
+@dataclass
+class Plan:
+    model: dict[str, Any]
+    device: str
+    runtime: str
+    compute_precision: str
+    compression: dict[str, Any]
+    context: int
+    batch: int
+    latency_target_ms: float | None
+    static_shapes: bool
+    predicted: dict[str, Any]
+    usable_memory: float
+    headroom_bytes: float
+    reasons: list[str]
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _gb(x: float) -> str:
+    return f"{x / GB:.2f} GB"
+
+
+def _why_rejected(
+    spec: ModelSpec, c: Compression, est: Estimate | None, budget: float, latency_ms: float | None
+) -> str | None:
+    for group, shapes in matrices(spec).items():
+        if shapes and not group_fits(c.weights[group], shapes):
+            return (
+                f"{c.weights[group]} does not divide the {group} input sizes "
+                f"{sorted({k for _, k in shapes})}"
+            )
+    assert est is not None
+    if est.total > budget:
+        return (
+            f"needs {_gb(est.total)}, over the budget of {_gb(budget)} by {_gb(est.total - budget)}"
+        )
+    if latency_ms is not None and est.ms_per_token > latency_ms:
+        return f"{est.ms_per_token:.1f} ms/token misses the {latency_ms:g} ms target"
+    return None
+
+
+def plan(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    *,
+    context: int | None = None,
+    batch: int = 1,
+    latency_ms: float | None = None,
+) -> Plan:
+    """Choose and explain a compression plan; PlanError when nothing fits."""
+    context = context or spec.max_position_embeddings
+    if context < 1 or batch < 1 or (latency_ms is not None and latency_ms <= 0):
+        raise InvalidArgumentError(
+            f"context={context}, batch={batch}, latency_ms={latency_ms}: must all be positive"
+        )
+    if context > spec.max_position_embeddings:
+        raise InvalidArgumentError(
+            f"context={context} exceeds the model's trained context of "
+            f"{spec.max_position_embeddings}"
+        )
+    budget = profile.usable_bytes * (1 - HEADROOM)
+    runtime = pick_runtime(profile)
+    rejected: list[dict[str, str]] = []
+    tried: list[tuple[Compression, Estimate]] = []
+    for c in ladder(profile):
+        divisible = all(group_fits(c.weights[g], s) for g, s in matrices(spec).items() if s)
+        est = (
+            estimate(spec, profile, c, context=context, batch=batch, runtime=runtime[0])
+            if divisible
+            else None
+        )
+        reason = _why_rejected(spec, c, est, budget, latency_ms)
+        if reason is None and est is not None:
+            return _explain(spec, profile, c, est, context, batch, latency_ms, runtime, rejected)
+        rejected.append({"option": c.name, "reason": reason or ""})
+        if est is not None:
+            tried.append((c, est))
+    raise PlanError(_refusal(spec, profile, tried, context, batch, latency_ms, budget))
+
+
+def pick_runtime(profile: DeviceProfile) -> tuple[str, str]:
+    """(runtime, why): the device's most preferred runtime that this infopt ships."""
+    from infopt.runtimes import available
+
+    shipped = [r for r in profile.runtimes if r in available()]
+    if shipped:
+        skipped = profile.runtimes[: profile.runtimes.index(shipped[0])]
+        later = f" ({', '.join(skipped)} preferred but not in this version yet)" if skipped else ""
+        return shipped[0], f"runtime {shipped[0]}: {profile.name}'s preferred runtime{later}"
+    return profile.runtimes[0], (
+        f"runtime {profile.runtimes[0]}: the only one {profile.name} runs; not in this infopt "
+        "version yet, so the plan can be made but not yet built"
+    )
+
+
+def _explain(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    c: Compression,
+    est: Estimate,
+    context: int,
+    batch: int,
+    latency_ms: float | None,
+    runtime_choice: tuple[str, str],
+    rejected: list[dict[str, str]],
+) -> Plan:
+    runtime, runtime_reason = runtime_choice
+    reasons = [
+        f"{c.name}: the least lossy option that fits {profile.name} "
+        f"({_gb(est.total)} of {_gb(profile.usable_bytes)} usable, keeping "
+        f"{HEADROOM:.0%} headroom)" + (f" and meets {latency_ms:g} ms/token" if latency_ms else ""),
+        f"memory: weights {_gb(est.weights)} + KV cache {_gb(est.kv_cache)} ({context} tokens x "
+        f"batch {batch}, {c.kv_dtype}) + activations {_gb(est.activations)} + {runtime} overhead "
+        f"{_gb(est.overhead)}; the quick formula (params x bytes x 1.2) says "
+        f"{_gb(est.quick_formula)}",
+        f"speed: {est.decode_tok_s:.1f} tok/s decode ({est.ms_per_token:.1f} ms/token, "
+        f"{est.bound}-bound), {est.prefill_tok_s:.0f} tok/s prefill",
+        runtime_reason,
+    ]
+    if c.mlp_prune or c.low_rank:
+        reasons.append(
+            "pruning and low-rank cost quality that only distillation recovers: "
+            "measure perplexity on held-out text before shipping it"
+        )
+    if profile.static_shapes:
+        reasons.append(
+            f"{profile.name} compiles static shapes: fixed {context}-token KV window, "
+            "fixed prefill chunk and single-token decode"
+        )
+    if not rejected:
+        reasons.append("no less lossy option exists on this device")
+    return Plan(
+        model={
+            "architecture": spec.architecture,
+            "parameters": spec.num_params,
+            "layers": spec.num_layers,
+            "hidden_size": spec.hidden_size,
+        },
+        device=profile.name,
+        runtime=runtime,
+        compute_precision=compute_precision(profile),
+        compression=c.to_dict(),
+        context=context,
+        batch=batch,
+        latency_target_ms=latency_ms,
+        static_shapes=profile.static_shapes,
+        predicted=est.to_dict(),
+        usable_memory=profile.usable_bytes,
+        headroom_bytes=profile.usable_bytes - est.total,
+        reasons=reasons,
+        rejected=rejected,
+    )
+
+
+def _refusal(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    tried: list[tuple[Compression, Estimate]],
+    context: int,
+    batch: int,
+    latency_ms: float | None,
+    budget: float,
+) -> str:
+    if not tried:
+        return f"no compression option is storable on {profile.name}"
+    smallest_c, smallest = min(tried, key=lambda t: t[1].total)
+    if smallest.total <= budget:  # memory fits; latency does not
+        fastest_c, fastest = max(tried, key=lambda t: t[1].decode_tok_s)
+        return (
+            f"no plan meets {latency_ms:g} ms/token on {profile.name}: the fastest that fits "
+            f"({fastest_c.name}) predicts {fastest.ms_per_token:.1f} ms/token. Relax the "
+            "target, or choose a device with more memory bandwidth"
+        )
+    short = smallest.total - budget
+    fixed = smallest.total - smallest.kv_cache
+    per_token = smallest.kv_cache / context
+    fits_ctx = int((budget - fixed) / per_token) if budget > fixed else 0
+    hints = [f"a device with at least {_gb(smallest.total / (1 - HEADROOM))} usable memory"]
+    if fits_ctx >= 1:
+        hints.insert(0, f"--context {fits_ctx} (instead of {context})")
+    if batch > 1:
+        hints.insert(0, "--batch 1")
+    return (
+        f"{spec.num_params / 1e9:.1f}B-parameter model does not fit {profile.name}: even "
+        f"{smallest_c.name} needs {_gb(smallest.total)}, {short:,.0f} bytes ({_gb(short)}) "
+        f"more than the {_gb(budget)} budget ({_gb(profile.usable_bytes)} usable less "
+        f"{HEADROOM:.0%} headroom). It would fit with: " + "; or ".join(hints)
+    )
