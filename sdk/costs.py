@@ -39,7 +39,7 @@ def matrices(spec: ModelSpec, mlp_keep: float = 1.0) -> dict[str, list[tuple[int
     """(out_features, in_features) of every weight matrix, by tensor group.
     `mlp_keep` < 1 models structured MLP-channel pruning (a smaller intermediate size)."""
     h, hd, n = spec.hidden_size, spec.head_dim, spec.num_layers
-    inter = max(1, round(spec.intermediate_size * mlp_keep))
+    inter = pruned_width(spec.intermediate_size, mlp_keep)
     attn = [
         (spec.num_heads * hd, h),
         (spec.num_kv_heads * hd, h),
@@ -53,6 +53,15 @@ def matrices(spec: ModelSpec, mlp_keep: float = 1.0) -> dict[str, list[tuple[int
         "attention": attn * n,
         "mlp": mlp * n,
     }
+
+
+def pruned_width(width: int, keep: float) -> int:
+    """Channels kept by structured pruning, rounded down to a multiple kernels and group-wise
+    quantization like (128 for wide layers, 32 for small ones)."""
+    if keep >= 1.0:
+        return width
+    step = 128 if width >= 1024 else 32
+    return max(step, int(width * keep) // step * step)
 
 
 def scheme_bytes(scheme: str, rows: int, cols: int) -> float:

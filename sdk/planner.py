@@ -7,7 +7,7 @@ Needs only the model config: a 70B `config.json` plans without weights.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from infopt.costs import (
@@ -38,45 +38,42 @@ def _int4(group: int, head: str = "int8") -> dict[str, str]:
     }
 
 
-def ladder(profile: DeviceProfile) -> list[Compression]:
+def ladder(spec: ModelSpec, profile: DeviceProfile) -> list[Compression]:
     """Candidate combinations, least lossy first, restricted to what the device stores."""
+    every = ("embeddings", "lm_head", "attention", "mlp")
     floats = [p for p in ("fp32", "bf16", "fp16") if p in profile.weight_precisions]
     if profile.kind != "cpu":
         floats = [p for p in floats if p != "fp32"] or floats  # accelerators: 16-bit first
-    steps = [
-        Compression(
-            f,
-            dict.fromkeys(("embeddings", "lm_head", "attention", "mlp"), f),
-            kv_dtype=f if f != "fp32" else "fp32",
-        )
-        for f in floats
-    ]
+    steps = [Compression(f, dict.fromkeys(every, f), kv_dtype=f) for f in floats]
     kv = steps[-1].kv_dtype if steps else "fp16"
     if "int8" in profile.weight_precisions:
-        steps.append(
-            Compression(
-                "int8",
-                dict.fromkeys(("embeddings", "lm_head", "attention", "mlp"), "int8"),
-                kv_dtype=kv,
-            )
-        )
-    if "int4" in profile.weight_precisions:
-        int4 = [
-            Compression(f"int4 g{g} (embeddings/LM head int8)", _int4(g), kv_dtype=kv)
-            for g in (32, 64, 128)
-        ]
-        last = int4[-1]
-        steps += int4
+        steps.append(Compression("int8", dict.fromkeys(every, "int8"), kv_dtype=kv))
+    if "int4" not in profile.weight_precisions:
+        return steps
+    int4 = [
+        Compression(f"int4 g{g} (embeddings/LM head int8)", _int4(g), kv_dtype=kv)
+        for g in (32, 64, 128)
+    ]
+    steps += int4  # a group size that does not divide the model's widths is rejected by name
+    shapes = matrices(spec)
+    usable = [c for c in int4 if all(group_fits(c.weights[g], s) for g, s in shapes.items() if s)]
+    if usable:
+        base = usable[-1]  # the coarsest group that divides: the smallest int4 storage
         steps += [
-            with_kv(last, "int8"),
-            Compression(
-                "int4 + kv int8 + MLP channels pruned 25%", last.weights, "int8", mlp_prune=0.25
+            with_kv(base, "int8"),
+            replace(
+                base,
+                name=f"{base.name} + kv int8 + MLP channels pruned 25%",
+                kv_dtype="int8",
+                mlp_prune=0.25,
             ),
-            Compression("int4 + kv int8 + low-rank 60%", last.weights, "int8", low_rank=0.6),
-            Compression(
-                "int4 + kv int8 + MLP channels pruned 50% + low-rank 60%",
-                last.weights,
-                "int8",
+            replace(
+                base, name=f"{base.name} + kv int8 + low-rank 60%", kv_dtype="int8", low_rank=0.6
+            ),
+            replace(
+                base,
+                name=f"{base.name} + kv int8 + MLP channels pruned 50% + low-rank 60%",
+                kv_dtype="int8",
                 mlp_prune=0.5,
                 low_rank=0.6,
             ),
@@ -115,7 +112,7 @@ def _gb(x: float) -> str:
 def _why_rejected(
     spec: ModelSpec, c: Compression, est: Estimate | None, budget: float, latency_ms: float | None
 ) -> str | None:
-    for group, shapes in matrices(spec).items():
+    for group, shapes in matrices(spec, 1.0 - c.mlp_prune).items():
         if shapes and not group_fits(c.weights[group], shapes):
             return (
                 f"{c.weights[group]} does not divide the {group} input sizes "
@@ -154,8 +151,9 @@ def plan(
     runtime = pick_runtime(profile)
     rejected: list[dict[str, str]] = []
     tried: list[tuple[Compression, Estimate]] = []
-    for c in ladder(profile):
-        divisible = all(group_fits(c.weights[g], s) for g, s in matrices(spec).items() if s)
+    for c in ladder(spec, profile):
+        shapes = matrices(spec, 1.0 - c.mlp_prune).items()
+        divisible = all(group_fits(c.weights[g], s) for g, s in shapes if s)
         est = (
             estimate(spec, profile, c, context=context, batch=batch, runtime=runtime[0])
             if divisible

@@ -1,0 +1,212 @@
+"""Device profiles, the memory/speed models and the planner, table-driven over real configs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from infopt.cli import main
+from infopt.costs import Compression, kv_cache_bytes, scheme_bytes, weight_bytes
+from infopt.device_profiles import builtin_names, load_profile
+from infopt.errors import InvalidArgumentError, PlanError, ProfileError
+from infopt.importers import load_spec
+from infopt.model import Decoder
+from infopt.planner import HEADROOM, plan
+from infopt.spec import spec_from_hf_config
+from tests.conftest import TINY
+
+CONFIGS = Path(__file__).parents[1] / "data" / "configs"
+MODELS = ["smollm2-135m", "llama-3.2-1b", "llama-2-7b", "llama-2-13b", "llama-2-70b"]
+DEVICES = ["a100-80gb", "v100-32gb", "rtx4090-24gb", "intel-cpu", "apple-ane"]
+
+
+def test_builtin_profiles_load_and_cite_every_figure() -> None:
+    assert set(DEVICES) | {"host"} == set(builtin_names())
+    for name in DEVICES:
+        p = load_profile(name)
+        assert p.usable_bytes <= p.memory_bytes and p.bandwidth > 0
+        assert all(p.sources[k] for k in ("memory", "bandwidth", "peak_compute", "efficiency"))
+    assert "bf16" not in load_profile("v100-32gb").compute_precisions
+    assert "bf16" not in load_profile("v100-32gb").weight_precisions
+    ane = load_profile("apple-ane")
+    assert ane.static_shapes and ane.compute_precisions == ("fp16",)
+
+
+def test_host_profile_reads_this_machine() -> None:
+    host = load_profile("host")
+    assert host.kind == "cpu" and host.cores and host.cores >= 1
+    assert 0 < host.usable_bytes <= host.memory_bytes
+    assert "not measured" in host.sources["bandwidth"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"bandwidth": "2039 GB"}, r"bandwidth = '2039 GB'.*GB/s"),
+        ({"memory": "80"}, r"memory = '80'"),
+        ({"colour": "green"}, r"unknown key\(s\) \['colour'\]"),
+        ({"peak_compute": {"fp8": "1 TFLOPS"}}, r"peak_compute.fp8: unknown precision"),
+        ({"usable_memory": "90 GB"}, r"usable_memory '90 GB' exceeds memory"),
+        ({"efficiency": {"decode": 1.5, "prefill": 0.5}}, r"efficiency"),
+        ({"sources": {"memory": "x"}}, r"sources"),
+        ({"schema": 2}, r"schema = 2"),
+    ],
+)
+def test_bad_profile_files_name_file_and_key(tmp_path: Path, edit: dict, message: str) -> None:
+    import tomllib
+
+    from infopt.device_profiles import resources
+
+    text = (resources.files("infopt.device_profiles") / "a100-80gb.toml").read_text()
+    data = {**tomllib.loads(text), **edit}
+    path = tmp_path / "mine.toml"
+    path.write_text(_to_toml(data))
+    with pytest.raises(ProfileError, match=message) as err:
+        load_profile(path)
+    assert "mine.toml" in str(err.value)
+
+
+def test_missing_key_and_unknown_device(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('schema = 1\nname = "x"\n')
+    with pytest.raises(ProfileError, match=r"p.toml: missing key\(s\) \['bandwidth'"):
+        load_profile(path)
+    with pytest.raises(ProfileError, match="unknown device 'tpu-v9'"):
+        load_profile("tpu-v9")
+
+
+def _to_toml(data: dict) -> str:
+    lines, tables = [], []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            tables.append(f"[{k}]\n" + "".join(f"{a} = {json.dumps(b)}\n" for a, b in v.items()))
+        else:
+            lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n" + "\n".join(tables)
+
+
+def test_scheme_bytes_count_scales_and_zero_points() -> None:
+    assert scheme_bytes("fp16", 10, 64) == 1280
+    assert scheme_bytes("int8", 10, 64) == 640 + 20  # a fp16 scale per row
+    assert scheme_bytes("int4-g32", 10, 64) == 320 + 10 * 2 * 2.5  # fp16 scale + 4-bit zero
+    with pytest.raises(InvalidArgumentError, match="group 128 does not divide the input size 576"):
+        scheme_bytes("int4-g128", 576, 576)
+    with pytest.raises(InvalidArgumentError, match="int3"):
+        scheme_bytes("int3", 1, 1)
+
+
+def test_weight_bytes_match_the_parameter_count() -> None:
+    for name in MODELS:
+        spec = load_spec(CONFIGS / f"{name}.json")
+        fp16 = Compression(
+            "fp16", dict.fromkeys(("embeddings", "lm_head", "attention", "mlp"), "fp16")
+        )
+        groups = weight_bytes(spec, fp16)
+        other_params = groups["other"] / 4
+        assert (sum(groups.values()) - groups["other"]) / 2 + other_params == spec.num_params
+
+
+@pytest.mark.parametrize("context", [16, 100])
+def test_kv_arithmetic_equals_the_model_cores_cache_tensors(context: int) -> None:
+    spec = spec_from_hf_config({**TINY, "architectures": ["LlamaForCausalLM"]})
+    model = Decoder(spec)
+    model.setup_cache(context, batch=2, dtype=torch.float16)
+    real = sum(b.nbytes for n, b in model.named_buffers() if n.endswith((".k", ".v")))
+    assert real == kv_cache_bytes(spec, context, 2, "fp16")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_plan_fits_or_is_refused_with_the_shortfall(device: str, model: str) -> None:
+    spec = load_spec(CONFIGS / f"{model}.json")
+    profile = load_profile(device)
+    context = min(4096, spec.max_position_embeddings)
+    try:
+        p = plan(spec, profile, context=context)
+    except PlanError as e:
+        message = str(e)
+        assert "bytes" in message and "more than the" in message and "would fit with" in message
+        return
+    assert p.predicted["total"] <= profile.usable_bytes * (1 - HEADROOM)
+    assert p.headroom_bytes >= profile.usable_bytes * HEADROOM
+    used = {*p.compression["weights"].values(), p.compression["kv_dtype"], p.compute_precision}
+    if device == "v100-32gb":
+        assert "bf16" not in used
+    if device == "apple-ane":
+        assert p.compute_precision == "fp16" and p.static_shapes and "fp32" not in used
+    assert p.reasons and all(r["reason"] for r in p.rejected)
+    json.dumps(p.to_dict())  # JSON-serializable
+
+
+def test_the_article_is_wrong_about_70b_fp16_on_a100() -> None:
+    spec = load_spec(CONFIGS / "llama-2-70b.json")
+    p = plan(spec, load_profile("a100-80gb"), context=4096)
+    assert p.compression["weights"]["mlp"].startswith("int4")
+    fp16 = next(r for r in p.rejected if r["option"] == "fp16")
+    assert "over the budget" in fp16["reason"]
+    assert p.predicted["quick_formula"] < 2 * spec.num_params  # quick formula is shown too
+
+
+def test_70b_on_a_24gb_card_is_fitted_by_named_means_or_refused() -> None:
+    spec = load_spec(CONFIGS / "llama-2-70b.json")
+    p = plan(spec, load_profile("rtx4090-24gb"), context=4096)
+    assert p.compression["mlp_prune"] or p.compression["low_rank"]  # by named means
+    assert any("distillation" in r for r in p.reasons)
+    with pytest.raises(PlanError, match=r"does not fit rtx4090-24gb.*\d[\d,]+ bytes"):
+        plan(spec, load_profile("rtx4090-24gb"), context=4096, batch=64)
+
+
+def test_latency_target_picks_a_faster_option_or_refuses() -> None:
+    spec = load_spec(CONFIGS / "llama-2-7b.json")
+    relaxed = plan(spec, load_profile("rtx4090-24gb"), context=2048)
+    tight = plan(spec, load_profile("rtx4090-24gb"), context=2048, latency_ms=12)
+    assert tight.predicted["ms_per_token"] <= 12 < relaxed.predicted["ms_per_token"]
+    assert any("misses the 12 ms target" in r["reason"] for r in tight.rejected)
+    with pytest.raises(PlanError, match="no plan meets 0.5 ms/token"):
+        plan(spec, load_profile("rtx4090-24gb"), context=2048, latency_ms=0.5)
+
+
+def test_group_size_that_does_not_divide_576_is_rejected_by_name() -> None:
+    spec = load_spec(CONFIGS / "smollm2-135m.json")
+    profile = load_profile("apple-ane")
+    p = plan(spec, replace(profile, usable_bytes=0.30e9), context=512)
+    assert p.compression["weights"]["mlp"] == "int4-g32"
+    p = plan(spec, replace(profile, usable_bytes=0.28e9), context=512)
+    assert any("int4-g128 does not divide" in r["reason"] for r in p.rejected)
+    assert p.compression["weights"]["mlp"] == "int4-g64"  # the coarsest group dividing 576
+    assert p.compression["kv_dtype"] == "int8"
+
+
+def test_cli_plan_and_devices() -> None:
+    runner = CliRunner()
+    out = runner.invoke(main, ["devices"]).stdout
+    assert all(d in out for d in DEVICES) and "host" in out
+    result = runner.invoke(
+        main,
+        [
+            "plan",
+            "-m",
+            str(CONFIGS / "llama-2-70b.json"),
+            "-d",
+            "a100-80gb",
+            "--context",
+            "4096",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["compression"]["weights"]["attention"] == "int4-g32"
+    text = runner.invoke(
+        main,
+        ["plan", "-m", str(CONFIGS / "llama-2-13b.json"), "-d", "v100-32gb", "--scenario", "chat"],
+    ).stdout
+    assert "why:" in text and "rejected (less lossy)" in text and "quick formula" in text
+    refused = runner.invoke(
+        main, ["plan", "-m", str(CONFIGS / "llama-2-70b.json"), "-d", "intel-cpu"]
+    )
+    assert refused.exit_code == 1 and "PlanError" in refused.stderr
