@@ -17,7 +17,7 @@ from infopt.spec import ModelSpec
 
 GROUPS = ("embeddings", "lm_head", "attention", "mlp")
 FLOAT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
-SCHEME = re.compile(r"(fp32|fp16|bf16|int8|int4-g(\d+))")
+SCHEME = re.compile(r"(fp32|fp16|bf16|int8|int4(s?)-g(\d+))")  # int4s: symmetric, no zeros
 PREFILL_CHUNK = 512  # as infopt.generate
 # Resident memory of a runtime with no model (interpreter, libraries, tokenizer, loader residue).
 # pytorch/cpu is measured (docs/planner.md); the rest are estimates until their runtime exists.
@@ -70,24 +70,25 @@ def scheme_bytes(scheme: str, rows: int, cols: int) -> float:
     m = SCHEME.fullmatch(scheme)
     if not m:
         raise InvalidArgumentError(
-            f"weight scheme {scheme!r} is not one of fp32, fp16, bf16, int8, int4-g<group>"
+            f"weight scheme {scheme!r} is not one of fp32, fp16, bf16, int8, int4-g<group>, "
+            "int4s-g<group>"
         )
     if scheme in FLOAT_BYTES:
         return rows * cols * FLOAT_BYTES[scheme]
     if scheme == "int8":
         return rows * cols + rows * 2.0
-    group = int(m.group(2))
+    symmetric, group = m.group(2) == "s", int(m.group(3))
     if cols % group:
         raise InvalidArgumentError(
             f"{scheme}: group {group} does not divide the input size "
             f"{cols}; use a group size that does (e.g. 32 or 64)"
         )
-    return rows * cols / 2 + rows * (cols // group) * 2.5
+    return rows * cols / 2 + rows * (cols // group) * (2.0 if symmetric else 2.5)
 
 
 def group_fits(scheme: str, shapes: list[tuple[int, int]]) -> bool:
     m = SCHEME.fullmatch(scheme)
-    return not (m and m.group(2)) or all(c % int(m.group(2)) == 0 for _, c in shapes)
+    return not (m and m.group(3)) or all(c % int(m.group(3)) == 0 for _, c in shapes)
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,11 @@ def estimate(
     context: int,
     batch: int = 1,
     runtime: str | None = None,
+    decode_context: float | None = None,
 ) -> Estimate:
-    """Memory (bytes) and speed (tokens/s) of `spec` compressed as `c` on `profile`."""
+    """Memory (bytes) and speed (tokens/s) of `spec` compressed as `c` on `profile`.
+    `context` sizes the KV cache; `decode_context` is the average number of tokens in it while
+    decoding (default: half of `context`)."""
     runtime = runtime or profile.runtimes[0]
     per_group = weight_bytes(spec, c)
     weights = sum(per_group.values())
@@ -181,7 +185,8 @@ def estimate(
     # Decode reads every matrix once per step (the embedding only one row, unless tied to the
     # LM head) and each sequence's KV cache at its current length (half the window on average).
     read = weights - (per_group["embeddings"] if per_group["lm_head"] else 0.0)
-    read += kv / 2
+    filled = context / 2 if decode_context is None else decode_context
+    read += kv * filled / context
     mem_time = read / (profile.bandwidth * profile.decode_efficiency)
     matmul_params = sum(
         r * k for shapes in matrices(spec, 1 - c.mlp_prune).values() for r, k in shapes
@@ -189,7 +194,7 @@ def estimate(
     if c.low_rank is not None:
         matmul_params = int(matmul_params * c.low_rank)
     flops_token = 2 * matmul_params + 4 * spec.num_layers * spec.num_heads * spec.head_dim * (
-        context / 2
+        filled
     )
     peak = profile.peak_compute.get(
         precision,

@@ -45,7 +45,8 @@ def ladder(spec: ModelSpec, profile: DeviceProfile) -> list[Compression]:
     if profile.kind != "cpu":
         floats = [p for p in floats if p != "fp32"] or floats  # accelerators: 16-bit first
     steps = [Compression(f, dict.fromkeys(every, f), kv_dtype=f) for f in floats]
-    kv = steps[-1].kv_dtype if steps else "fp16"
+    # Quantized plans keep a 16-bit KV cache: the device's preferred 16-bit float.
+    kv = next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
     if "int8" in profile.weight_precisions:
         steps.append(Compression("int8", dict.fromkeys(every, "int8"), kv_dtype=kv))
     if "int4" not in profile.weight_precisions:

@@ -94,6 +94,7 @@ def test_scheme_bytes_count_scales_and_zero_points() -> None:
     assert scheme_bytes("fp16", 10, 64) == 1280
     assert scheme_bytes("int8", 10, 64) == 640 + 20  # a fp16 scale per row
     assert scheme_bytes("int4-g32", 10, 64) == 320 + 10 * 2 * 2.5  # fp16 scale + 4-bit zero
+    assert scheme_bytes("int4s-g32", 10, 64) == 320 + 10 * 2 * 2  # symmetric: no zero-point
     with pytest.raises(InvalidArgumentError, match="group 128 does not divide the input size 576"):
         scheme_bytes("int4-g128", 576, 576)
     with pytest.raises(InvalidArgumentError, match="int3"):
