@@ -211,3 +211,19 @@ def test_cli_plan_and_devices() -> None:
         main, ["plan", "-m", str(CONFIGS / "llama-2-70b.json"), "-d", "intel-cpu"]
     )
     assert refused.exit_code == 1 and "PlanError" in refused.stderr
+
+
+def test_user_profile_files_and_measured_bandwidth() -> None:
+    from infopt.device_profiles.host import copy_bandwidth
+
+    folder = Path(__file__).parents[2] / "tools" / "validation_profiles"
+    for path in sorted(folder.glob("*.toml")):
+        assert load_profile(path).kind == "gpu"
+    assert copy_bandwidth(size=8 << 20, repeat=2) > 1e8
+
+
+def test_config_json_alone_plans_without_weights(tmp_path: Path) -> None:
+    folder = tmp_path / "llama-70b"
+    folder.mkdir()
+    (folder / "config.json").write_text((CONFIGS / "llama-2-70b.json").read_text())
+    assert load_spec(folder).num_params == load_spec(CONFIGS / "llama-2-70b.json").num_params
