@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+import tomllib
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from infopt.errors import ProfileError
 
