@@ -44,7 +44,7 @@ LLAMA2_7B = {
     "max_position_embeddings": 4096,
 }
 # (label, device profile, compression, tokens in cache on average, measured tok/s, source)
-PUBLISHED = [
+PUBLISHED: list[tuple[str, str | Path, dict[str, str], str, int, float, str]] = [
     (
         "Llama-2-7B bf16, A100 80GB (calibration point)",
         "a100-80gb",
