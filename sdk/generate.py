@@ -104,10 +104,29 @@ def stream_generate(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
 ) -> Iterator[Response]:
-    """Responses carrying text deltas; stop strings are never emitted, even in part."""
+    """Responses carrying text deltas; stop strings are never emitted, even in part.
+    Bad requests raise here, before the first response is asked for."""
     check_request(runtime, prompt_ids, max_new_tokens)
-    stops = [s for s in stop if s]
-    stop_ids = set(stop_token_ids)
+    return _responses(
+        runtime,
+        tokenizer,
+        prompt_ids,
+        max_new_tokens,
+        params,
+        [s for s in stop if s],
+        set(stop_token_ids),
+    )
+
+
+def _responses(
+    runtime: Runtime,
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    params: SamplingParams,
+    stops: list[str],
+    stop_ids: set[int],
+) -> Iterator[Response]:
     stats = Stats(prompt_tokens=len(prompt_ids))
     decoder = StreamDecoder(tokenizer)
     text, emitted = "", 0  # all text so far; how much of it has been sent

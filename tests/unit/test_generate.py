@@ -133,6 +133,8 @@ def test_bad_input_is_typed(tok: Tokenizer) -> None:
         m.generate("Hi", stop=[3])  # type: ignore[list-item]
     with pytest.raises(ContextLengthError, match=r"\+ max_new_tokens \(20\) = 2\d exceeds"):
         m.generate("Hi there", max_new_tokens=20)
+    with pytest.raises(ContextLengthError):
+        m.stream("Hi there", max_new_tokens=20)  # raised at the call, not at the first next()
     with pytest.raises(TypeError, match="temprature"):
         m.generate("Hi", temprature=0.5)  # type: ignore[call-arg]
     with pytest.raises(InvalidArgumentError, match="prompt must be"):
