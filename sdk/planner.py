@@ -93,6 +93,8 @@ class Plan:
     batch: int
     latency_target_ms: float | None
     static_shapes: bool
+    pruning: dict[str, Any]  # {"kind": "none" | "structured-mlp-channels", "sparsity": x}
+    low_rank_ratio: float | None  # fraction of block parameters kept, None = not factorized
     predicted: dict[str, Any]
     usable_memory: float
     headroom_bytes: float
@@ -184,6 +186,41 @@ def pick_runtime(profile: DeviceProfile) -> tuple[str, str]:
     )
 
 
+def choice_reasons(c: Compression, profile: DeviceProfile) -> list[str]:
+    """One sentence per decision of the chosen option."""
+    w = c.weights
+    if w["attention"].startswith("int4"):
+        weights = (
+            f"weights: blocks {w['attention']} (4-bit, the finest group size that fits, "
+            f"for accuracy), embeddings and LM head {w['embeddings']}: they set every "
+            "logit and are a small share of the bytes"
+        )
+    elif w["attention"] == "int8":
+        weights = "weights: int8 per output channel everywhere, near-lossless at half of 16-bit"
+    else:
+        weights = f"weights: {w['attention']} everywhere, no quantization loss"
+    kv = (
+        f"KV cache {c.kv_dtype}: int8 with a scale per token and head, halving the cache"
+        if c.kv_dtype == "int8"
+        else f"KV cache {c.kv_dtype}: the device's working precision; not quantized"
+    )
+    structural = []
+    if c.mlp_prune:
+        structural.append(
+            f"MLP channels pruned {c.mlp_prune:.0%} (structured: smaller matrices, not zeros)"
+        )
+    if c.low_rank:
+        structural.append(f"blocks factorized by SVD keeping {c.low_rank:.0%} of their parameters")
+    if structural:
+        structural.append(
+            "pruning and low-rank cost quality that only distillation recovers: "
+            "measure perplexity on held-out text before shipping it"
+        )
+    else:
+        structural.append("pruning and low-rank: none, a less lossy option fits")
+    return [weights, kv, *structural]
+
+
 def _explain(
     spec: ModelSpec,
     profile: DeviceProfile,
@@ -208,11 +245,7 @@ def _explain(
         f"{est.bound}-bound), {est.prefill_tok_s:.0f} tok/s prefill",
         runtime_reason,
     ]
-    if c.mlp_prune or c.low_rank:
-        reasons.append(
-            "pruning and low-rank cost quality that only distillation recovers: "
-            "measure perplexity on held-out text before shipping it"
-        )
+    reasons += choice_reasons(c, profile)
     if profile.static_shapes:
         reasons.append(
             f"{profile.name} compiles static shapes: fixed {context}-token KV window, "
@@ -235,6 +268,11 @@ def _explain(
         batch=batch,
         latency_target_ms=latency_ms,
         static_shapes=profile.static_shapes,
+        pruning={
+            "kind": "structured-mlp-channels" if c.mlp_prune else "none",
+            "sparsity": c.mlp_prune,
+        },
+        low_rank_ratio=c.low_rank,
         predicted=est.to_dict(),
         usable_memory=profile.usable_bytes,
         headroom_bytes=profile.usable_bytes - est.total,
