@@ -24,7 +24,7 @@ class TorchRuntime:
 
     def __init__(self, model: Decoder, max_context: int) -> None:
         self.model = model.eval()
-        self.device = model.embed_tokens.weight.device
+        self.device = model.norm.weight.device
         self.max_context = max_context
         self.vocab_size = model.spec.vocab_size
         self.position = 0

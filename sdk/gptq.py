@@ -38,9 +38,15 @@ class Hessian:
         self.h += x.T @ x
 
 
-def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, *,
-                  damp: float = 0.01, block_size: int = 128, act_order: bool = False
-                  ) -> QuantizedWeight:
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: QuantScheme,
+    *,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> QuantizedWeight:
     """Quantize `w` [out, in] given the input Hessian [in, in]."""
     check_finite(w, "weight")
     out, inp = w.shape

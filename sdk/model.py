@@ -159,13 +159,18 @@ class Decoder(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        # nn.Embedding / nn.Linear, or their quantized forms after infopt.compress
+        self.embed_tokens: nn.Module = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head: nn.Module = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            self.tie_weights()
         self.max_len = 0
+
+    def tie_weights(self) -> None:
+        """The LM head reads the embedding table (one tensor, stored once)."""
+        self.lm_head.weight = self.embed_tokens.weight
 
     @property
     def blocks(self) -> list[Block]:
@@ -173,8 +178,8 @@ class Decoder(nn.Module):
 
     def setup_cache(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
         """Allocate the KV cache and the RoPE tables for `max_len` positions."""
-        dtype = dtype or self.embed_tokens.weight.dtype
-        device = self.embed_tokens.weight.device
+        dtype = dtype or self.norm.weight.dtype
+        device = self.norm.weight.device
         for layer in self.blocks:
             cache = KVCache(batch, self.spec.num_kv_heads, max_len, self.spec.head_dim, dtype)
             layer.self_attn.cache = cache.to(device)
@@ -221,7 +226,7 @@ def load_state_dict(
     own = dict(model.named_parameters(remove_duplicate=False))
     tied = model.spec.tie_word_embeddings
     if tied:
-        own.pop("lm_head.weight")
+        own.pop("lm_head.weight", None)
     pairs = weights.items() if isinstance(weights, Mapping) else weights
     seen, extra = set(), []
     for raw_name, tensor in pairs:
@@ -244,5 +249,9 @@ def load_state_dict(
         raise ModelFormatError(
             f"weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}"
         )
-    if tied:
-        model.lm_head.weight = model.embed_tokens.weight
+    if (
+        tied
+        and isinstance(model.lm_head, nn.Linear)
+        and isinstance(model.embed_tokens, nn.Embedding)
+    ):
+        model.tie_weights()

@@ -42,7 +42,9 @@ class QuantScheme:
 
     @property
     def name(self) -> str:
-        return "int8" if self.bits == 8 else f"int4{'s' if self.symmetric else ''}-g{self.group_size}"
+        return (
+            "int8" if self.bits == 8 else f"int4{'s' if self.symmetric else ''}-g{self.group_size}"
+        )
 
     @property
     def qmax(self) -> int:
@@ -83,8 +85,9 @@ def group_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, to
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                   scheme: QuantScheme) -> torch.Tensor:
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme
+) -> torch.Tensor:
     lo = -127 if scheme.bits == 8 else 0
     hi = 127 if scheme.bits == 8 else 15
     return torch.clamp(torch.round(w / scale) + zero, lo, hi)
@@ -126,8 +129,9 @@ class QuantizedWeight:
         return w.view(out, inp).to(dtype)
 
 
-def from_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-               scheme: QuantScheme) -> QuantizedWeight:
+def from_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme
+) -> QuantizedWeight:
     """Pack integer codes [out, in] and per-group scale/zero [out, groups] into storage."""
     out, inp = codes.shape
     if scheme.bits == 8:
@@ -158,8 +162,9 @@ def quantize_rtn(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
 def check_finite(t: torch.Tensor, what: str) -> None:
     if not torch.isfinite(t).all():
         bad = (~torch.isfinite(t)).nonzero()[0].tolist()
-        raise ModelFormatError(f"{what} contains NaN/Inf (first at index {bad}); "
-                               "refusing to quantize it")
+        raise ModelFormatError(
+            f"{what} contains NaN/Inf (first at index {bad}); refusing to quantize it"
+        )
 
 
 class QuantLinear(nn.Module):
@@ -176,12 +181,54 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def quantized(self) -> QuantizedWeight:
-        zeros = self._buffers.get("zeros")
-        return QuantizedWeight(self.scheme, self._buffers["qweight"], self._buffers["scales"],
-                               zeros, (self.out_features, self.in_features))
+        qweight, scales = self._buffers["qweight"], self._buffers["scales"]
+        assert qweight is not None and scales is not None
+        return QuantizedWeight(
+            self.scheme,
+            qweight,
+            scales,
+            self._buffers.get("zeros"),
+            (self.out_features, self.in_features),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized().dequantize(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, scheme={self.scheme.name}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table stored quantized per row (token); rows dequantized on lookup.
+    Tied models share these buffers with their `QuantLinear` LM head."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        super().__init__()
+        self.scheme = qw.scheme
+        self.num_embeddings, self.embedding_dim = qw.shape
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scales", qw.scales)
+        if qw.zeros is not None:
+            self.register_buffer("zeros", qw.zeros)
+
+    def quantized(self) -> QuantizedWeight:
+        qweight, scales = self._buffers["qweight"], self._buffers["scales"]
+        assert qweight is not None and scales is not None
+        return QuantizedWeight(
+            self.scheme,
+            qweight,
+            scales,
+            self._buffers.get("zeros"),
+            (self.num_embeddings, self.embedding_dim),
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        qw = self.quantized()
+        rows = QuantizedWeight(
+            qw.scheme,
+            qw.qweight[ids.flatten()],
+            qw.scales[ids.flatten()],
+            qw.zeros[ids.flatten()] if qw.zeros is not None else None,
+            (ids.numel(), self.embedding_dim),
+        )
+        return rows.dequantize().view(*ids.shape, self.embedding_dim)

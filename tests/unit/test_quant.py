@@ -13,7 +13,9 @@ SCHEMES = ["int8", "int4-g32", "int4s-g32", "int4-g64", "int4s-g16"]
 
 
 def test_int4_packing_round_trips_bit_exactly() -> None:
-    codes = torch.randint(0, 16, (7, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(
+        0, 16, (7, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     packed = pack_int4(codes)
     assert packed.shape == (7, 32) and packed.dtype == torch.uint8
     assert torch.equal(unpack_int4(packed), codes)
@@ -39,7 +41,9 @@ def test_safetensors_round_trip_is_bit_exact(tmp_path, name: str) -> None:  # ty
 
     qw = quantize_rtn(torch.randn(16, 64), QuantScheme.parse(name))
     layer = QuantLinear(qw)
-    save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "l.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in layer.state_dict().items()}, tmp_path / "l.safetensors"
+    )
     loaded = load_file(tmp_path / "l.safetensors")
     for key, value in layer.state_dict().items():
         assert torch.equal(loaded[key], value) and loaded[key].dtype == value.dtype

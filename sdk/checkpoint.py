@@ -1,0 +1,116 @@
+"""infopt weight files: one safetensors file holding a model core as it is, quantized or not.
+
+The header metadata names the format and version, the ModelSpec and the quantization scheme of
+every quantized module, so `load_model` rebuilds the same modules without guessing from names.
+A tied embedding/LM-head table is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from infopt.errors import ModelFormatError
+from infopt.model import Decoder
+from infopt.quant import QuantEmbedding, QuantizedWeight, QuantLinear, QuantScheme
+from infopt.spec import ModelSpec
+
+FORMAT, VERSION = "infopt-weights", "1"
+
+
+def spec_from_dict(data: dict[str, object]) -> ModelSpec:
+    known = {f.name for f in fields(ModelSpec)}
+    values = {k: v for k, v in data.items() if k in known}
+    values["eos_token_ids"] = tuple(values.get("eos_token_ids") or ())  # type: ignore[arg-type]
+    return ModelSpec(**values)  # type: ignore[arg-type]
+
+
+def save_model(model: Decoder, path: str | Path) -> int:
+    """Write `model` to `path` atomically (a temporary file renamed at the end); returns bytes."""
+    from safetensors.torch import save_file
+
+    schemes = {
+        name: m.scheme.name
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear | QuantEmbedding)
+    }
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.spec.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": json.dumps(model.spec.to_dict()),
+        "schemes": json.dumps(schemes),
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
+    """Rebuild the model core saved by `save_model`, quantized modules included."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ModelFormatError(
+            f"{path}: format {meta.get('format')!r} version "
+            f"{meta.get('version')!r}; this infopt reads {FORMAT} {VERSION}"
+        )
+    spec = spec_from_dict(json.loads(meta["spec"]))
+    with torch.device("meta"):
+        model = Decoder(spec)
+    for name, scheme_name in json.loads(meta["schemes"]).items():
+        if name == "lm_head" and spec.tie_word_embeddings:
+            continue  # rebuilt from the embedding table below
+        module = model.get_submodule(name)
+        qw = _stored(tensors, name, QuantScheme.parse(scheme_name), module)
+        quantized: nn.Module = (
+            QuantEmbedding(qw)
+            if isinstance(module, nn.Embedding)
+            else QuantLinear(qw, tensors.pop(f"{name}.bias", None))
+        )
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, quantized)
+    if spec.tie_word_embeddings and isinstance(model.embed_tokens, QuantEmbedding):
+        model.lm_head = QuantLinear(model.embed_tokens.quantized())
+    from infopt.model import load_state_dict
+
+    load_state_dict(model, tensors, device=device)
+    return model.eval()
+
+
+def _stored(
+    tensors: dict[str, torch.Tensor], name: str, scheme: QuantScheme, module: nn.Module
+) -> QuantizedWeight:
+    shape = (
+        (module.num_embeddings, module.embedding_dim)
+        if isinstance(module, nn.Embedding)
+        else (module.out_features, module.in_features)
+    )
+    try:
+        return QuantizedWeight(
+            scheme,
+            tensors.pop(f"{name}.qweight"),
+            tensors.pop(f"{name}.scales"),
+            tensors.pop(f"{name}.zeros", None),
+            shape,
+        )
+    except KeyError as e:
+        raise ModelFormatError(f"quantized module {name!r} is missing tensor {e}") from e

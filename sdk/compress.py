@@ -1,0 +1,192 @@
+"""Compress a loaded model core in place: weight quantization by tensor group, RTN or GPTQ.
+
+GPTQ runs block by block: calibration activations enter block l through the already-quantized
+blocks before it, the Hessians of block l's linear inputs are accumulated, its linears are
+quantized, and its (quantized) outputs feed block l+1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from infopt.errors import InvalidArgumentError
+from infopt.gptq import Hessian, gptq_quantize
+from infopt.model import Block, Decoder
+from infopt.quant import QuantEmbedding, QuantLinear, QuantScheme, quantize_rtn
+
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+METHODS = ("rtn", "gptq")
+Progress = Callable[[str], None]
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _quantize_linear(
+    linear: nn.Linear, scheme: QuantScheme, hessian: torch.Tensor | None, act_order: bool
+) -> QuantLinear:
+    w = linear.weight.detach().float()
+    qw = (
+        gptq_quantize(w, hessian, scheme, act_order=act_order)
+        if hessian is not None
+        else quantize_rtn(w, scheme)
+    )
+    bias = linear.bias.detach() if linear.bias is not None else None
+    return QuantLinear(qw, bias)
+
+
+def block_schemes(weights: dict[str, str]) -> dict[str, QuantScheme]:
+    """Linear name inside a block -> scheme, for the groups that are quantized."""
+    out = {}
+    for group, names in (("attention", ATTENTION), ("mlp", MLP)):
+        if weights.get(group, "fp32") not in ("fp32", "fp16", "bf16"):
+            out.update(dict.fromkeys(names, QuantScheme.parse(weights[group])))
+    return out
+
+
+def calibration_batches(ids: Sequence[int], seq_len: int, max_sequences: int) -> torch.Tensor:
+    """Non-overlapping [n, seq_len] windows of the calibration token ids."""
+    n = min(len(ids) // seq_len, max_sequences)
+    if n < 1:
+        raise InvalidArgumentError(
+            f"calibration text is too short: {len(ids)} tokens, need at "
+            f"least one window of {seq_len}"
+        )
+    return torch.tensor(list(ids[: n * seq_len]), dtype=torch.long).view(n, seq_len)
+
+
+def quantize_model(
+    model: Decoder,
+    weights: dict[str, str],
+    *,
+    method: str = "rtn",
+    calibration: torch.Tensor | None = None,
+    act_order: bool = True,
+    progress: Progress | None = None,
+) -> None:
+    """Quantize the blocks' linears (attention / mlp groups) and the LM head, in place.
+
+    weights maps tensor groups to schemes (`int8`, `int4-g32`, `int4s-g64`, or a float name to
+    leave the group as is). GPTQ needs `calibration` token ids [n, seq_len]."""
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method {method!r}: expected one of {list(METHODS)}")
+    if method == "gptq" and calibration is None:
+        raise InvalidArgumentError("GPTQ needs calibration text")
+    schemes = block_schemes(weights)
+    for name, scheme in schemes.items():  # refuse bad group sizes before changing anything
+        sample = model.blocks[0].get_submodule(name)
+        assert isinstance(sample, nn.Linear)
+        scheme.check_shape(sample.out_features, sample.in_features)
+    if method == "gptq":
+        assert calibration is not None
+        _gptq_blocks(model, schemes, calibration, act_order, progress)
+    else:
+        for i, block in enumerate(model.blocks):
+            for name, scheme in schemes.items():
+                linear = block.get_submodule(name)
+                assert isinstance(linear, nn.Linear)
+                _replace(block, name, _quantize_linear(linear, scheme, None, act_order))
+            if progress:
+                progress(f"block {i + 1}/{len(model.blocks)}")
+    _quantize_embeddings(model, weights)
+
+
+def _quantize_embeddings(model: Decoder, weights: dict[str, str]) -> None:
+    """Embeddings and LM head by RTN (per row); a tied pair stays one shared table."""
+    floats = ("fp32", "fp16", "bf16")
+    embed, head = weights.get("embeddings", "fp32"), weights.get("lm_head", "fp32")
+    tied = model.spec.tie_word_embeddings
+    if tied and embed != head:
+        raise InvalidArgumentError(
+            f"tied embeddings share one table: embeddings={embed!r} and "
+            f"lm_head={head!r} must be the same scheme"
+        )
+    table = (
+        model.embed_tokens.weight.detach().float()
+        if isinstance(model.embed_tokens, nn.Embedding)
+        else None
+    )
+    if embed not in floats and table is not None:
+        qw = quantize_rtn(table, QuantScheme.parse(embed))
+        model.embed_tokens = QuantEmbedding(qw)
+        if tied:
+            model.lm_head = QuantLinear(qw)  # the same tensors: stored once
+    if head not in floats and not tied and isinstance(model.lm_head, nn.Linear):
+        model.lm_head = _quantize_linear(model.lm_head, QuantScheme.parse(head), None, False)
+
+
+@torch.no_grad()
+def _gptq_blocks(
+    model: Decoder,
+    schemes: dict[str, QuantScheme],
+    calibration: torch.Tensor,
+    act_order: bool,
+    progress: Progress | None,
+) -> None:
+    n, seq_len = calibration.shape
+    if model.max_len < seq_len:
+        model.setup_cache(seq_len)
+    pos = torch.arange(seq_len)
+    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+    mask = model.causal_mask(pos, seq_len)
+    hidden = [model.embed_tokens(calibration[i : i + 1]).float() for i in range(n)]
+    for index, block in enumerate(model.blocks):
+        hessians = _collect_hessians(block, schemes, hidden, cos, sin, pos, mask)
+        for name, scheme in schemes.items():
+            linear = block.get_submodule(name)
+            assert isinstance(linear, nn.Linear)
+            h = hessians[name].h
+            _replace(block, name, _quantize_linear(linear, scheme, h, act_order))
+        hidden = [block(x, cos, sin, pos, mask) for x in hidden]
+        if progress:
+            progress(f"GPTQ block {index + 1}/{len(model.blocks)}")
+
+
+# Linears that read the same input share one Hessian.
+INPUT_OF = {
+    "self_attn.q_proj": "attn_in",
+    "self_attn.k_proj": "attn_in",
+    "self_attn.v_proj": "attn_in",
+    "self_attn.o_proj": "attn_out",
+    "mlp.gate_proj": "mlp_in",
+    "mlp.up_proj": "mlp_in",
+    "mlp.down_proj": "mlp_mid",
+}
+
+
+def _collect_hessians(
+    block: Block,
+    schemes: dict[str, QuantScheme],
+    hidden: list[torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    mask: torch.Tensor,
+) -> dict[str, Hessian]:
+    """Run the calibration activations through `block`, accumulating the input Hessian of each
+    quantized linear (one per distinct input)."""
+    by_input: dict[str, Hessian] = {}
+    handles = []
+    for name in schemes:
+        key = INPUT_OF[name]
+        if key in by_input:
+            continue
+        linear = block.get_submodule(name)
+        assert isinstance(linear, nn.Linear)
+        acc = by_input[key] = Hessian(linear.in_features)
+        handles.append(
+            linear.register_forward_hook(lambda _m, args, _out, acc=acc: acc.add(args[0]))
+        )
+    try:
+        for x in hidden:
+            block(x, cos, sin, pos, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: by_input[INPUT_OF[name]] for name in schemes}

@@ -1,0 +1,110 @@
+"""Model-level quantization (RTN, GPTQ), evaluation, and the infopt weight file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import infopt
+from infopt.checkpoint import load_model, save_model
+from infopt.compress import calibration_batches, quantize_model
+from infopt.errors import InvalidArgumentError, ModelFormatError
+from infopt.evaluate import evaluate, windows
+from infopt.quant import QuantEmbedding, QuantLinear
+from tests.conftest import hf_model, write_gguf
+
+W4 = {"embeddings": "int8", "lm_head": "int8", "attention": "int4-g32", "mlp": "int4-g32"}
+IDS = list(range(3, 250, 2)) * 2
+
+
+@pytest.fixture
+def tied_gguf(tmp_path: Path, tiny_tokenizer) -> Path:  # type: ignore[no-untyped-def]
+    return write_gguf(
+        hf_model("llama", tie_word_embeddings=True), tiny_tokenizer, tmp_path / "tied.gguf"
+    )
+
+
+def logits(model: infopt.Model, ids: list[int]) -> np.ndarray:
+    model.runtime.reset()
+    return model.runtime.forward(ids)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_quantized_model_saves_and_loads_bit_exactly(
+    tmp_path: Path, tied_gguf: Path, method: str
+) -> None:
+    m = infopt.load(tied_gguf, max_context=256)
+    fp = logits(m, IDS[:40])
+    cal = calibration_batches(IDS, 64, 4) if method == "gptq" else None
+    quantize_model(m.runtime.model, W4, method=method, calibration=cal)
+    m.runtime.model.setup_cache(256)
+    q = logits(m, IDS[:40])
+    assert isinstance(m.runtime.model.embed_tokens, QuantEmbedding)
+    assert isinstance(m.runtime.model.lm_head, QuantLinear)
+    assert np.abs(q - fp).max() > 0  # it really changed
+    assert (q.argmax(-1) == fp.argmax(-1)).mean() > 0.5
+    size = save_model(m.runtime.model, tmp_path / "w.safetensors")
+    loaded = load_model(tmp_path / "w.safetensors")
+    loaded.setup_cache(256)
+    with torch.inference_mode():
+        again = loaded(torch.tensor([IDS[:40]]), torch.arange(40), 256)[0].numpy()
+    np.testing.assert_array_equal(again, q)
+    fp_size = save_model(
+        infopt.load(tied_gguf, max_context=256).runtime.model, tmp_path / "fp.safetensors"
+    )
+    assert size < 0.45 * fp_size
+
+
+def test_bad_compression_requests(tied_gguf: Path) -> None:
+    m = infopt.load(tied_gguf, max_context=256)
+    with pytest.raises(InvalidArgumentError, match="group size 128 does not divide"):
+        quantize_model(m.runtime.model, {"attention": "int4-g128", "mlp": "int4-g32"})
+    assert not any(isinstance(x, QuantLinear) for x in m.runtime.model.modules())  # untouched
+    with pytest.raises(InvalidArgumentError, match="GPTQ needs calibration"):
+        quantize_model(m.runtime.model, W4, method="gptq")
+    with pytest.raises(InvalidArgumentError, match="too short: 10 tokens"):
+        calibration_batches(list(range(10)), 64, 4)
+    with pytest.raises(InvalidArgumentError, match="tied embeddings"):
+        quantize_model(m.runtime.model, {**W4, "lm_head": "int4-g32"})
+    with pytest.raises(InvalidArgumentError, match="method 'awq'"):
+        quantize_model(m.runtime.model, W4, method="awq")
+
+
+def test_weight_file_format_is_checked(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelFormatError, match="format None"):
+        load_model(tmp_path / "other.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelFormatError, match="not a readable safetensors"):
+        load_model(tmp_path / "junk.safetensors")
+
+
+def test_windows_score_every_position_once() -> None:
+    for n, window, stride in [(10, 4, 2), (100, 32, 32), (7, 16, 8), (50, 8, 3)]:
+        scored = [p for _, end, first in windows(n, window, stride) for p in range(first, end)]
+        assert scored == list(range(1, n))
+        assert all(end - start <= window for start, end, _ in windows(n, window, stride))
+    with pytest.raises(InvalidArgumentError, match="stride"):
+        list(windows(10, 4, 5))
+
+
+def test_evaluate_against_itself_and_a_quantized_copy(tied_gguf: Path) -> None:
+    ref = infopt.load(tied_gguf, max_context=64)
+    same = evaluate(ref.runtime, IDS[:150], ref.runtime, window=64, stride=32)
+    assert same.kl == pytest.approx(0, abs=1e-9) and same.top1 == 1.0
+    assert same.perplexity == pytest.approx(same.reference_perplexity)
+    # perplexity from the definition, one window (every position once)
+    lp = torch.log_softmax(torch.tensor(logits(ref, IDS[:40]), dtype=torch.float64), -1)
+    nll = -lp[torch.arange(39), torch.tensor(IDS[1:40])].mean()
+    assert evaluate(ref.runtime, IDS[:40], window=64).perplexity == pytest.approx(
+        float(torch.exp(nll)), rel=1e-6
+    )
+    q = infopt.load(tied_gguf, max_context=64)
+    quantize_model(q.runtime.model, {**W4, "attention": "int4-g16", "mlp": "int4-g16"})
+    worse = evaluate(q.runtime, IDS[:150], ref.runtime, window=64, stride=32)
+    assert worse.kl > 0 and worse.top1 < 1.0
