@@ -99,11 +99,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
 def _stored(
     tensors: dict[str, torch.Tensor], name: str, scheme: QuantScheme, module: nn.Module
 ) -> QuantizedWeight:
-    shape = (
-        (module.num_embeddings, module.embedding_dim)
-        if isinstance(module, nn.Embedding)
-        else (module.out_features, module.in_features)
-    )
+    if isinstance(module, nn.Embedding):
+        shape = (module.num_embeddings, module.embedding_dim)
+    elif isinstance(module, nn.Linear):
+        shape = (module.out_features, module.in_features)
+    else:
+        raise ModelFormatError(f"{name!r} is marked quantized but is a {type(module).__name__}")
     try:
         return QuantizedWeight(
             scheme,
