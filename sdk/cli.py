@@ -212,6 +212,107 @@ def inspect(model: str | None, as_json: bool) -> None:
         click.echo(f"{key:<{width}}  {value}")
 
 
+@main.command(name="eval")
+@click.argument("model", required=False)
+@click.option(
+    "--text",
+    "text_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A UTF-8 text file to score (keep it apart from any calibration text).",
+)
+@click.option(
+    "--quantize",
+    help="Also quantize the blocks (int8, int4-g32, int4s-g64, ...; "
+    "embeddings and LM head int8) and compare with the unquantized model.",
+)
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True)
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Calibration text for GPTQ (default: the text shipped with infopt).",
+)
+@click.option("--window", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option("--stride", type=int, help="Window step (default: half a window).")
+@click.option("--max-tokens", type=int, help="Score only the first N tokens of the text.")
+@click.option("--threads", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def evaluate_cmd(
+    model: str | None,
+    text_file: str,
+    quantize: str | None,
+    method: str,
+    calibration: str | None,
+    window: int,
+    stride: int | None,
+    max_tokens: int | None,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """Perplexity of MODEL on a text; with --quantize, also KL divergence and top-1 agreement
+    of the quantized model against the original, on the same positions.
+
+    \b
+    Examples:
+      infopt-pack eval --text held_out.txt
+      infopt-pack eval --text held_out.txt --quantize int4-g32 --method gptq --json
+    """
+    import time
+    from pathlib import Path
+
+    import infopt
+    from infopt.compress import calibration_batches, default_calibration_text, quantize_model
+    from infopt.errors import InvalidArgumentError
+    from infopt.evaluate import evaluate
+
+    text = Path(text_file).read_text(encoding="utf-8")
+    if not text.strip():
+        raise InvalidArgumentError(f"{text_file} is empty")
+    reference = infopt.load(model, threads=threads, max_context=window)
+    ids = reference.tokenizer.encode(text)[:max_tokens]
+    result: dict[str, Any] = {"model": reference.source, "text": text_file, "tokens": len(ids)}
+    if quantize is None:
+        result.update(evaluate(reference.runtime, ids, window=window, stride=stride).to_dict())
+    else:
+        target = infopt.load(model, threads=threads, max_context=window)
+        cal_text = (
+            Path(calibration).read_text(encoding="utf-8")
+            if calibration
+            else default_calibration_text()
+        )
+        cal = (
+            calibration_batches(target.tokenizer.encode(cal_text), 256, 128)
+            if method == "gptq"
+            else None
+        )
+        start = time.perf_counter()
+        core = target.runtime.model  # type: ignore[attr-defined]
+        layers = len(core.layers)
+        with click.progressbar(length=layers, label=f"{method} {quantize}", file=sys.stderr) as bar:
+            quantize_model(
+                core,
+                {"embeddings": "int8", "lm_head": "int8", "attention": quantize, "mlp": quantize},
+                method=method,
+                calibration=cal,
+                progress=lambda _msg: bar.update(1),
+            )
+        core.setup_cache(window)
+        result["quantize_seconds"] = round(time.perf_counter() - start, 1)
+        result["scheme"], result["method"] = quantize, method
+        result.update(
+            evaluate(target.runtime, ids, reference.runtime, window=window, stride=stride).to_dict()
+        )
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        if value is not None:
+            click.echo(
+                f"{key:<20} {value:.4f}" if isinstance(value, float) else f"{key:<20} {value}"
+            )
+
+
 def _fmt_bytes(x: float) -> str:
     return f"{x / 1e9:.2f} GB"
 

@@ -50,6 +50,13 @@ def block_schemes(weights: dict[str, str]) -> dict[str, QuantScheme]:
     return out
 
 
+def default_calibration_text() -> str:
+    """The calibration text shipped with infopt (original prose, Apache-2.0 like the code)."""
+    from importlib import resources
+
+    return (resources.files("infopt") / "data" / "calibration.txt").read_text(encoding="utf-8")
+
+
 def calibration_batches(ids: Sequence[int], seq_len: int, max_sequences: int) -> torch.Tensor:
     """Non-overlapping [n, seq_len] windows of the calibration token ids."""
     n = min(len(ids) // seq_len, max_sequences)

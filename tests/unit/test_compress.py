@@ -108,3 +108,46 @@ def test_evaluate_against_itself_and_a_quantized_copy(tied_gguf: Path) -> None:
     quantize_model(q.runtime.model, {**W4, "attention": "int4-g16", "mlp": "int4-g16"})
     worse = evaluate(q.runtime, IDS[:150], ref.runtime, window=64, stride=32)
     assert worse.kl > 0 and worse.top1 < 1.0
+
+
+def test_cli_eval_plain_and_quantized(tmp_path: Path, tied_gguf: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from infopt.cli import main
+    from tests.conftest import CORPUS
+
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(CORPUS) * 3)
+    cal = tmp_path / "cal.txt"
+    cal.write_text(" ".join(reversed(CORPUS)) * 20)
+    runner = CliRunner()
+    plain = runner.invoke(
+        main, ["eval", str(tied_gguf), "--text", str(text), "--window", "64", "--json"]
+    )
+    assert plain.exit_code == 0, plain.output
+    assert json.loads(plain.stdout)["perplexity"] > 1
+    quant = runner.invoke(
+        main,
+        [
+            "eval",
+            str(tied_gguf),
+            "--text",
+            str(text),
+            "--window",
+            "64",
+            "--quantize",
+            "int4-g32",
+            "--calibration",
+            str(cal),
+            "--json",
+        ],
+    )
+    assert quant.exit_code == 0, quant.output
+    result = json.loads(quant.stdout)
+    assert result["kl"] > 0 and 0 < result["top1"] < 1 and result["method"] == "gptq"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    bad = runner.invoke(main, ["eval", str(tied_gguf), "--text", str(empty)])
+    assert bad.exit_code == 1 and "empty" in bad.stderr
