@@ -6,7 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
@@ -265,6 +265,7 @@ def evaluate_cmd(
     from infopt.compress import calibration_batches, default_calibration_text, quantize_model
     from infopt.errors import InvalidArgumentError
     from infopt.evaluate import evaluate
+    from infopt.runtimes.pytorch import TorchRuntime
 
     text = Path(text_file).read_text(encoding="utf-8")
     if not text.strip():
@@ -287,7 +288,7 @@ def evaluate_cmd(
             else None
         )
         start = time.perf_counter()
-        core = target.runtime.model  # type: ignore[attr-defined]
+        core = cast(TorchRuntime, target.runtime).model
         layers = len(core.layers)
         with click.progressbar(length=layers, label=f"{method} {quantize}", file=sys.stderr) as bar:
             quantize_model(
