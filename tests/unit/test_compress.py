@@ -151,3 +151,33 @@ def test_cli_eval_plain_and_quantized(tmp_path: Path, tied_gguf: Path) -> None:
     empty.write_text("  \n")
     bad = runner.invoke(main, ["eval", str(tied_gguf), "--text", str(empty)])
     assert bad.exit_code == 1 and "empty" in bad.stderr
+
+
+@pytest.mark.parametrize("with_calibration", [False, True])
+def test_structured_mlp_pruning_really_shrinks_the_model(
+    tmp_path: Path, tied_gguf: Path, with_calibration: bool
+) -> None:
+    from infopt.compress import prune_mlp_channels
+
+    m = infopt.load(tied_gguf, max_context=256)
+    core = m.runtime.model
+    before = sum(p.numel() for p in core.parameters())
+    cal = calibration_batches(IDS, 64, 4) if with_calibration else None
+    keep = prune_mlp_channels(core, 0.5, cal)
+    assert keep == 64 and core.spec.intermediate_size == 64  # 128 -> 64 channels
+    after = sum(p.numel() for p in core.parameters())
+    assert before - after == 2 * 3 * 64 * 64  # 2 blocks x (gate, up, down) x 64 x hidden 64
+    assert after == core.spec.num_params
+    core.setup_cache(256)
+    out = logits(m, IDS[:20])
+    assert out.shape == (20, 384) and np.isfinite(out).all()
+    save_model(core, tmp_path / "p.safetensors")
+    loaded = load_model(tmp_path / "p.safetensors")  # shapes come back from the saved spec
+    assert loaded.spec.intermediate_size == 64
+    loaded.setup_cache(256)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(
+            loaded(torch.tensor([IDS[:20]]), torch.arange(20), 256)[0].numpy(), out
+        )
+    with pytest.raises(InvalidArgumentError, match="fraction=1.5"):
+        prune_mlp_channels(core, 1.5)
