@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from infopt.errors import ModelFormatError
-from infopt.model import Decoder
-from infopt.quant import QuantEmbedding, QuantizedWeight, QuantLinear, QuantScheme
+from infopt.model import Decoder, load_state_dict
+from infopt.quant import QuantEmbedding, QuantizedWeight, QuantLinear, QuantScheme, QuantStorage
 from infopt.spec import ModelSpec
 
 FORMAT, VERSION = "infopt-weights", "1"
@@ -35,9 +35,7 @@ def save_model(model: Decoder, path: str | Path) -> int:
     from safetensors.torch import save_file
 
     schemes = {
-        name: m.scheme.name
-        for name, m in model.named_modules()
-        if isinstance(m, QuantLinear | QuantEmbedding)
+        name: m.scheme.name for name, m in model.named_modules() if isinstance(m, QuantStorage)
     }
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.spec.tie_word_embeddings:
@@ -90,8 +88,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
         setattr(model.get_submodule(parent) if parent else model, attr, quantized)
     if spec.tie_word_embeddings and isinstance(model.embed_tokens, QuantEmbedding):
         model.lm_head = QuantLinear(model.embed_tokens.quantized())
-    from infopt.model import load_state_dict
-
     load_state_dict(model, tensors, device=device)
     return model.eval()
 

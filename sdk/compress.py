@@ -8,10 +8,12 @@ quantized, and its (quantized) outputs feed block l+1.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from infopt.costs import pruned_width
 from infopt.errors import InvalidArgumentError
 from infopt.gptq import Hessian, gptq_quantize
 from infopt.model import Block, Decoder
@@ -211,10 +213,6 @@ def prune_mlp_channels(
     calibration. Returns the new intermediate size."""
     if not 0 < fraction < 1:
         raise InvalidArgumentError(f"fraction={fraction}: must be in (0, 1)")
-    from dataclasses import replace
-
-    from infopt.costs import pruned_width
-
     width = model.spec.intermediate_size
     keep = pruned_width(width, 1 - fraction)
     if keep >= width:

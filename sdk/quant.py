@@ -167,29 +167,31 @@ def check_finite(t: torch.Tensor, what: str) -> None:
         )
 
 
-class QuantLinear(nn.Module):
-    """A Linear whose weight is stored quantized; dequantized on the fly in forward."""
+class QuantStorage(nn.Module):
+    """Holds one quantized [rows, cols] matrix as buffers (saved and moved with the module)."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, qw: QuantizedWeight) -> None:
         super().__init__()
         self.scheme = qw.scheme
-        self.out_features, self.in_features = qw.shape
+        self.shape = qw.shape
         self.register_buffer("qweight", qw.qweight)
         self.register_buffer("scales", qw.scales)
         if qw.zeros is not None:
             self.register_buffer("zeros", qw.zeros)
-        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def quantized(self) -> QuantizedWeight:
         qweight, scales = self._buffers["qweight"], self._buffers["scales"]
         assert qweight is not None and scales is not None
-        return QuantizedWeight(
-            self.scheme,
-            qweight,
-            scales,
-            self._buffers.get("zeros"),
-            (self.out_features, self.in_features),
-        )
+        return QuantizedWeight(self.scheme, qweight, scales, self._buffers.get("zeros"), self.shape)
+
+
+class QuantLinear(QuantStorage):
+    """A Linear whose weight is stored quantized; dequantized on the fly in forward."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__(qw)
+        self.out_features, self.in_features = qw.shape
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized().dequantize(x.dtype), self.bias)
@@ -198,37 +200,18 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, scheme={self.scheme.name}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(QuantStorage):
     """An embedding table stored quantized per row (token); rows dequantized on lookup.
     Tied models share these buffers with their `QuantLinear` LM head."""
 
     def __init__(self, qw: QuantizedWeight) -> None:
-        super().__init__()
-        self.scheme = qw.scheme
+        super().__init__(qw)
         self.num_embeddings, self.embedding_dim = qw.shape
-        self.register_buffer("qweight", qw.qweight)
-        self.register_buffer("scales", qw.scales)
-        if qw.zeros is not None:
-            self.register_buffer("zeros", qw.zeros)
-
-    def quantized(self) -> QuantizedWeight:
-        qweight, scales = self._buffers["qweight"], self._buffers["scales"]
-        assert qweight is not None and scales is not None
-        return QuantizedWeight(
-            self.scheme,
-            qweight,
-            scales,
-            self._buffers.get("zeros"),
-            (self.num_embeddings, self.embedding_dim),
-        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        qw = self.quantized()
+        qw, flat = self.quantized(), ids.flatten()
+        zeros = qw.zeros[flat] if qw.zeros is not None else None
         rows = QuantizedWeight(
-            qw.scheme,
-            qw.qweight[ids.flatten()],
-            qw.scales[ids.flatten()],
-            qw.zeros[ids.flatten()] if qw.zeros is not None else None,
-            (ids.numel(), self.embedding_dim),
+            qw.scheme, qw.qweight[flat], qw.scales[flat], zeros, (flat.numel(), self.embedding_dim)
         )
         return rows.dequantize().view(*ids.shape, self.embedding_dim)
