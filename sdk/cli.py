@@ -99,7 +99,7 @@ def run(
     Examples:
       infopt-pack run --prompt "Write a haiku about the sea."
       infopt-pack run ./SmolLM2-360M-Instruct --prompt "Hi" --temperature 0.7 --seed 1
-      infopt-pack run model.gguf --raw --prompt "def fib(n):" --stop "\\n\\n" --json
+      infopt-pack run model.gguf --raw --prompt "def fib(n):" --stop $'\\n\\n' --json
     """
     import infopt
 
