@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from infopt.compress import replace_module
 from infopt.errors import ModelFormatError
 from infopt.model import Decoder, load_state_dict
 from infopt.quant import QuantEmbedding, QuantizedWeight, QuantLinear, QuantScheme, QuantStorage
+from infopt.sparsity import LowRankLinear
 from infopt.spec import ModelSpec
 
 FORMAT, VERSION = "infopt-weights", "1"
@@ -37,6 +39,7 @@ def save_model(model: Decoder, path: str | Path) -> int:
     schemes = {
         name: m.scheme.name for name, m in model.named_modules() if isinstance(m, QuantStorage)
     }
+    low_rank = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.spec.tie_word_embeddings:
         state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
@@ -45,6 +48,7 @@ def save_model(model: Decoder, path: str | Path) -> int:
         "version": VERSION,
         "spec": json.dumps(model.spec.to_dict()),
         "schemes": json.dumps(schemes),
+        "low_rank": json.dumps(low_rank),
     }
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -86,6 +90,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
         )
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, quantized)
+    for name in json.loads(meta.get("low_rank", "{}")):
+        try:  # shapes only: load_state_dict below installs the tensors themselves
+            u, v = (tensors[f"{name}.{k}"].to("meta") for k in ("u", "v"))
+        except KeyError as e:
+            raise ModelFormatError(f"low-rank module {name!r} is missing tensor {e}") from e
+        bias = tensors.get(f"{name}.bias")
+        replace_module(model, name, LowRankLinear(u, v, None if bias is None else bias.to("meta")))
     if spec.tie_word_embeddings and isinstance(model.embed_tokens, QuantEmbedding):
         model.lm_head = QuantLinear(model.embed_tokens.quantized())
     load_state_dict(model, tensors, device=device)

@@ -25,7 +25,8 @@ METHODS = ("rtn", "gptq")
 Progress = Callable[[str], None]
 
 
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at dotted `name` under `root`."""
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
@@ -100,7 +101,7 @@ def quantize_model(
             for name, scheme in schemes.items():
                 linear = block.get_submodule(name)
                 assert isinstance(linear, nn.Linear)
-                _replace(block, name, _quantize_linear(linear, scheme, None, act_order))
+                replace_module(block, name, _quantize_linear(linear, scheme, None, act_order))
             if progress:
                 progress(f"block {i + 1}/{len(model.blocks)}")
     _quantize_embeddings(model, weights)
@@ -138,6 +139,27 @@ def _gptq_blocks(
     act_order: bool,
     progress: Progress | None,
 ) -> None:
+    def quantize(name: str, linear: nn.Linear, h: torch.Tensor | None) -> nn.Module:
+        return _quantize_linear(linear, schemes[name], h, act_order)
+
+    per_block(model, list(schemes), calibration, quantize, progress, "GPTQ")
+
+
+Rewrite = Callable[[str, nn.Linear, torch.Tensor | None], nn.Module]
+
+
+@torch.no_grad()
+def per_block(
+    model: Decoder,
+    names: list[str],
+    calibration: torch.Tensor,
+    rewrite: Rewrite,
+    progress: Progress | None = None,
+    label: str = "",
+) -> None:
+    """Calibration-driven rewriting, block by block: the activations entering block l come
+    through the already rewritten blocks before it; `rewrite(name, linear, input_hessian)`
+    returns the replacement of each named linear of block l."""
     n, seq_len = calibration.shape
     if model.max_len < seq_len:
         model.setup_cache(seq_len)
@@ -146,15 +168,14 @@ def _gptq_blocks(
     mask = model.causal_mask(pos, seq_len)
     hidden = [model.embed_tokens(calibration[i : i + 1]).float() for i in range(n)]
     for index, block in enumerate(model.blocks):
-        hessians = _collect_hessians(block, schemes, hidden, cos, sin, pos, mask)
-        for name, scheme in schemes.items():
+        hessians = _collect_hessians(block, names, hidden, cos, sin, pos, mask)
+        for name in names:
             linear = block.get_submodule(name)
             assert isinstance(linear, nn.Linear)
-            h = hessians[name].h
-            _replace(block, name, _quantize_linear(linear, scheme, h, act_order))
+            replace_module(block, name, rewrite(name, linear, hessians[name].h))
         hidden = [block(x, cos, sin, pos, mask) for x in hidden]
         if progress:
-            progress(f"GPTQ block {index + 1}/{len(model.blocks)}")
+            progress(f"{label} block {index + 1}/{len(model.blocks)}")
 
 
 # Linears that read the same input share one Hessian.
@@ -171,7 +192,7 @@ INPUT_OF = {
 
 def _collect_hessians(
     block: Block,
-    schemes: dict[str, QuantScheme],
+    names: list[str],
     hidden: list[torch.Tensor],
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -179,10 +200,10 @@ def _collect_hessians(
     mask: torch.Tensor,
 ) -> dict[str, Hessian]:
     """Run the calibration activations through `block`, accumulating the input Hessian of each
-    quantized linear (one per distinct input)."""
+    named linear (one per distinct input)."""
     by_input: dict[str, Hessian] = {}
     handles = []
-    for name in schemes:
+    for name in names:
         key = INPUT_OF[name]
         if key in by_input:
             continue
@@ -198,7 +219,7 @@ def _collect_hessians(
     finally:
         for handle in handles:
             handle.remove()
-    return {name: by_input[INPUT_OF[name]] for name in schemes}
+    return {name: by_input[INPUT_OF[name]] for name in names}
 
 
 @torch.no_grad()

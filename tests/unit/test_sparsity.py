@@ -1,0 +1,139 @@
+"""Pruning masks and low-rank factorization, layer by layer and on a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import infopt
+from infopt.checkpoint import load_model, save_model
+from infopt.compress import calibration_batches
+from infopt.errors import InvalidArgumentError
+from infopt.sparsity import (
+    LowRankLinear,
+    low_rank,
+    low_rank_model,
+    prune_model,
+    prune_scores,
+    rank_for,
+    rank_for_energy,
+    semi_structured_mask,
+    unstructured_mask,
+)
+from tests.unit.test_quant import layer_data
+
+IDS = list(range(3, 250, 2)) * 2
+
+
+def test_unstructured_mask_drops_the_lowest_scores_per_row() -> None:
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.1, 0.4, 0.3, 0.2]])
+    assert unstructured_mask(scores, 0.5).tolist() == [
+        [True, False, True, False],
+        [False, True, True, False],
+    ]
+    assert unstructured_mask(scores, 0.0).all()
+
+
+def test_wanda_keeps_weights_on_loud_inputs() -> None:
+    w = torch.tensor([[1.0, 2.0]])
+    assert unstructured_mask(prune_scores(w), 0.5).tolist() == [[False, True]]
+    rms = torch.tensor([10.0, 1.0])  # the first input channel is 10x louder
+    assert unstructured_mask(prune_scores(w, rms), 0.5).tolist() == [[True, False]]
+
+
+def test_two_of_four() -> None:
+    scores = torch.rand(8, 32, generator=torch.Generator().manual_seed(0))
+    mask = semi_structured_mask(scores)
+    assert (mask.reshape(8, 8, 4).sum(-1) == 2).all()
+    kept = scores.reshape(8, 8, 4)[mask.reshape(8, 8, 4)].reshape(8, 8, 2)
+    dropped = scores.reshape(8, 8, 4)[~mask.reshape(8, 8, 4)].reshape(8, 8, 2)
+    assert (kept.min(-1).values >= dropped.max(-1).values).all()
+    with pytest.raises(InvalidArgumentError, match="divisible by 4"):
+        semi_structured_mask(torch.rand(2, 6))
+
+
+@pytest.mark.parametrize("whitened", [False, True])
+def test_svd_at_full_rank_reproduces_the_layer(whitened: bool) -> None:
+    w, x = layer_data()
+    h = 2 * x.double().T @ x.double() / len(x) if whitened else None
+    u, v = low_rank(w, min(w.shape), h)
+    torch.testing.assert_close(u @ v, w, atol=1e-4, rtol=1e-4)
+    layer = LowRankLinear(u, v)
+    torch.testing.assert_close(layer(x[:4]), x[:4] @ w.T, atol=1e-3, rtol=1e-3)
+
+
+def test_whitened_svd_beats_plain_svd_on_the_outputs() -> None:
+    w, x = layer_data()
+    h = 2 * x.double().T @ x.double() / len(x)
+    for rank in (8, 24, 40):
+        plain = low_rank(w, rank)
+        white = low_rank(w, rank, h)
+        err = lambda uv: ((x @ (uv[0] @ uv[1] - w).T) ** 2).mean().item()  # noqa: E731
+        assert err(white) < 0.7 * err(plain)
+
+
+def test_ranks_and_bad_values() -> None:
+    assert rank_for(100, 100, 0.5) == 25  # 25 * (100 + 100) = half of 100 * 100
+    assert rank_for_energy(torch.tensor([3.0, 2.0, 1.0, 0.1]), 0.9) == 2
+    with pytest.raises(InvalidArgumentError, match="rank=0"):
+        low_rank(torch.randn(4, 4), 0)
+    with pytest.raises(InvalidArgumentError, match="rank=9"):
+        low_rank(torch.randn(8, 16), 9)
+    with pytest.raises(InvalidArgumentError, match="keep_params=1.5"):
+        rank_for(4, 4, 1.5)
+    with pytest.raises(InvalidArgumentError, match="energy=0"):
+        rank_for_energy(torch.ones(3), 0)
+
+
+def block_linears(model: nn.Module) -> list[nn.Linear]:
+    return [
+        m for n, m in model.named_modules() if n.startswith("layers.") and isinstance(m, nn.Linear)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["magnitude", "wanda", "2:4"])
+def test_prune_model(tiny_gguf: Path, kind: str) -> None:
+    m = infopt.load(tiny_gguf, max_context=128)
+    core = m.runtime.model
+    cal = calibration_batches(IDS, 64, 4) if kind != "magnitude" else None
+    prune_model(core, kind, 0.5, cal)
+    for linear in block_linears(core):
+        zero = (linear.weight == 0).float()
+        assert zero.mean().item() == pytest.approx(0.5, abs=0.01)
+        if kind == "2:4":
+            assert (zero.reshape(linear.out_features, -1, 4).sum(-1) == 2).all()
+    core.setup_cache(128)
+    m.runtime.reset()
+    assert np.isfinite(m.runtime.forward(IDS[:10])).all()
+    with pytest.raises(InvalidArgumentError, match="sparsity=1.5"):
+        prune_model(core, "magnitude", 1.5)
+    with pytest.raises(InvalidArgumentError, match="Wanda pruning needs calibration"):
+        prune_model(core, "wanda", 0.5)
+    with pytest.raises(InvalidArgumentError, match="pruning kind 'random'"):
+        prune_model(core, "random", 0.5)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_low_rank_model_stores_fewer_parameters_and_round_trips(
+    tmp_path: Path, tiny_gguf: Path, calibrated: bool
+) -> None:
+    m = infopt.load(tiny_gguf, max_context=128)
+    core = m.runtime.model
+    before = sum(p.numel() for p in core.parameters())
+    low_rank_model(core, 0.5, calibration_batches(IDS, 64, 4) if calibrated else None)
+    after = sum(p.numel() for p in core.parameters())
+    assert after < before and not block_linears(core)
+    core.setup_cache(128)
+    m.runtime.reset()
+    out = m.runtime.forward(IDS[:10])
+    save_model(core, tmp_path / "lr.safetensors")
+    loaded = load_model(tmp_path / "lr.safetensors")
+    loaded.setup_cache(128)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(
+            loaded(torch.tensor([IDS[:10]]), torch.arange(10), 128)[0].numpy(), out
+        )
