@@ -57,10 +57,10 @@ def matrices(spec: ModelSpec, mlp_keep: float = 1.0) -> dict[str, list[tuple[int
 
 def pruned_width(width: int, keep: float) -> int:
     """Channels kept by structured pruning, rounded down to a multiple kernels and group-wise
-    quantization like (128 for wide layers, 32 for small ones)."""
+    quantization like (128 for wide layers, 64 or 32 for smaller ones)."""
     if keep >= 1.0:
         return width
-    step = 128 if width >= 1024 else 32
+    step = 128 if width >= 4096 else (64 if width >= 1024 else 32)
     return max(step, int(width * keep) // step * step)
 
 

@@ -26,9 +26,15 @@ import torch
 
 import infopt
 from infopt.checkpoint import save_model
-from infopt.compress import calibration_batches, default_calibration_text, quantize_model
+from infopt.compress import (
+    calibration_batches,
+    default_calibration_text,
+    prune_mlp_channels,
+    quantize_model,
+)
 from infopt.evaluate import evaluate
 from infopt.runtimes.pytorch import TorchRuntime
+from infopt.sparsity import low_rank_model, prune_model
 
 STDLIB = [
     "collections",
@@ -63,6 +69,8 @@ STDLIB = [
     "doctest",
 ]
 HEAD = {"embeddings": "int8", "lm_head": "int8"}
+# (label, quantization by tensor group or None, method, calibration) — method is rtn | gptq for
+# quantization, or one of the structural edits below.
 VARIANTS: list[tuple[str, dict[str, str] | None, str, str]] = [
     ("fp32 (reference)", None, "rtn", ""),
     ("INT8 RTN", {**HEAD, "attention": "int8", "mlp": "int8"}, "rtn", ""),
@@ -76,6 +84,14 @@ VARIANTS: list[tuple[str, dict[str, str] | None, str, str]] = [
     ),
     ("INT4 RTN g64", {**HEAD, "attention": "int4-g64", "mlp": "int4-g64"}, "rtn", ""),
     ("INT4 GPTQ g64", {**HEAD, "attention": "int4-g64", "mlp": "int4-g64"}, "gptq", "stdlib"),
+    ("50% unstructured, Wanda", None, "wanda-0.5", "stdlib"),
+    ("2:4 semi-structured, Wanda scores", None, "2:4", "stdlib"),
+    ("structured: MLP channels -12.5%", None, "mlp-0.1", "stdlib"),
+    ("structured: MLP channels -20.8%", None, "mlp-0.2", "stdlib"),
+    ("low-rank 10% (plain SVD)", None, "svd-0.9", ""),
+    ("low-rank 10% (whitened SVD)", None, "svd-0.9", "stdlib"),
+    ("low-rank 20% (plain SVD)", None, "svd-0.8", ""),
+    ("low-rank 20% (whitened SVD)", None, "svd-0.8", "stdlib"),
 ]
 
 
@@ -120,9 +136,18 @@ def run(tokens: int, window: int, cal_windows: int) -> list[dict[str, Any]]:
             model = infopt.load(threads=2, max_context=window)
             core = cast(TorchRuntime, model.runtime).model
             start = time.perf_counter()
+            cal_ids = calibration.get(cal)
             if weights is not None:
-                quantize_model(core, weights, method=method, calibration=calibration.get(cal))
-                core.setup_cache(window)
+                quantize_model(core, weights, method=method, calibration=cal_ids)
+            elif method.startswith("wanda-"):
+                prune_model(core, "wanda", float(method[6:]), cal_ids)
+            elif method == "2:4":
+                prune_model(core, "2:4", calibration=cal_ids)
+            elif method.startswith("mlp-"):
+                prune_mlp_channels(core, float(method[4:]), cal_ids)
+            elif method.startswith("svd-"):
+                low_rank_model(core, float(method[4:]), cal_ids)
+            core.setup_cache(window)
             seconds = time.perf_counter() - start
             size = save_model(core, Path(tmp) / "w.safetensors")
             q = evaluate(model.runtime, ids, reference.runtime, window=window)
@@ -131,7 +156,7 @@ def run(tokens: int, window: int, cal_windows: int) -> list[dict[str, Any]]:
                     "variant": label,
                     "method": method,
                     "calibration_tokens": calibration[cal].numel() if cal else 0,
-                    "quantize_s": seconds,
+                    "compress_s": seconds,
                     "size_bytes": size,
                     **q.to_dict(),
                     "decode_tok_s": decode_speed(model),
@@ -147,7 +172,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     out = [
         f"{rows[0]['tokens']} tokens scored, fp32 perplexity {ref:.3f}\n",
         "| variant | perplexity | Δ vs fp32 | KL (nats/token) | top-1 | size on disk | "
-        "decode tok/s | GPTQ gap recovered | quantize time |",
+        "decode tok/s | GPTQ gap recovered | compression time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -161,7 +186,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         out.append(
             f"| {r['variant']}{cal} | {r['perplexity']:.3f} | {r['perplexity'] / ref - 1:+.2%} | "
             f"{r['kl']:.4f} | {r['top1']:.3f} | {r['size_bytes'] / 1e6:.1f} MB | "
-            f"{r['decode_tok_s']:.1f} | {recovered} | {r['quantize_s']:.0f} s |"
+            f"{r['decode_tok_s']:.1f} | {recovered} | {r['compress_s']:.0f} s |"
         )
     return "\n".join(out)
 
