@@ -1,4 +1,5 @@
-"""Compress a loaded model core in place: weight quantization by tensor group, RTN or GPTQ.
+"""Compress a loaded model core in place: weight quantization by tensor group (RTN or GPTQ)
+and structured MLP-channel pruning; `per_block` drives every calibration-based rewrite.
 
 GPTQ runs block by block: calibration activations enter block l through the already-quantized
 blocks before it, the Hessians of block l's linear inputs are accumulated, its linears are
@@ -89,10 +90,7 @@ def quantize_model(
     if method == "gptq" and calibration is None:
         raise InvalidArgumentError("GPTQ needs calibration text")
     schemes = block_schemes(weights)
-    for name, scheme in schemes.items():  # refuse bad group sizes before changing anything
-        sample = model.blocks[0].get_submodule(name)
-        assert isinstance(sample, nn.Linear)
-        scheme.check_shape(sample.out_features, sample.in_features)
+    _check_request(model, schemes, weights)  # every refusal before anything changes
     if method == "gptq":
         assert calibration is not None
         _gptq_blocks(model, schemes, calibration, act_order, progress)
@@ -107,27 +105,41 @@ def quantize_model(
     _quantize_embeddings(model, weights)
 
 
-def _quantize_embeddings(model: Decoder, weights: dict[str, str]) -> None:
-    """Embeddings and LM head by RTN (per row); a tied pair stays one shared table."""
-    floats = ("fp32", "fp16", "bf16")
+FLOATS = ("fp32", "fp16", "bf16")
+
+
+def _check_request(
+    model: Decoder, schemes: dict[str, QuantScheme], weights: dict[str, str]
+) -> None:
+    for name, scheme in schemes.items():
+        sample = model.blocks[0].get_submodule(name)
+        assert isinstance(sample, nn.Linear)
+        scheme.check_shape(sample.out_features, sample.in_features)
     embed, head = weights.get("embeddings", "fp32"), weights.get("lm_head", "fp32")
-    tied = model.spec.tie_word_embeddings
-    if tied and embed != head:
+    if model.spec.tie_word_embeddings and embed != head:
         raise InvalidArgumentError(
             f"tied embeddings share one table: embeddings={embed!r} and "
             f"lm_head={head!r} must be the same scheme"
         )
+    for table_scheme in {embed, head} - set(FLOATS):
+        QuantScheme.parse(table_scheme).check_shape(model.spec.vocab_size, model.spec.hidden_size)
+
+
+def _quantize_embeddings(model: Decoder, weights: dict[str, str]) -> None:
+    """Embeddings and LM head by RTN (per row); a tied pair stays one shared table."""
+    embed, head = weights.get("embeddings", "fp32"), weights.get("lm_head", "fp32")
+    tied = model.spec.tie_word_embeddings
     table = (
         model.embed_tokens.weight.detach().float()
         if isinstance(model.embed_tokens, nn.Embedding)
         else None
     )
-    if embed not in floats and table is not None:
+    if embed not in FLOATS and table is not None:
         qw = quantize_rtn(table, QuantScheme.parse(embed))
         model.embed_tokens = QuantEmbedding(qw)
         if tied:
             model.lm_head = QuantLinear(qw)  # the same tensors: stored once
-    if head not in floats and not tied and isinstance(model.lm_head, nn.Linear):
+    if head not in FLOATS and not tied and isinstance(model.lm_head, nn.Linear):
         model.lm_head = _quantize_linear(model.lm_head, QuantScheme.parse(head), None, False)
 
 

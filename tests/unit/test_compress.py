@@ -69,6 +69,9 @@ def test_bad_compression_requests(tied_gguf: Path) -> None:
         calibration_batches(list(range(10)), 64, 4)
     with pytest.raises(InvalidArgumentError, match="tied embeddings"):
         quantize_model(m.runtime.model, {**W4, "lm_head": "int4-g32"})
+    with pytest.raises(InvalidArgumentError, match="group size 128 does not divide .* 64"):
+        quantize_model(m.runtime.model, {**W4, "embeddings": "int4-g128", "lm_head": "int4-g128"})
+    assert not any(isinstance(x, QuantLinear | QuantEmbedding) for x in m.runtime.model.modules())
     with pytest.raises(InvalidArgumentError, match="method 'awq'"):
         quantize_model(m.runtime.model, W4, method="awq")
 
