@@ -146,6 +146,11 @@ def prune_model(
     if kind == "wanda" and calibration is None:
         raise InvalidArgumentError("Wanda pruning needs calibration text")
     names = _names(groups)
+    if kind == "2:4":  # refuse before anything changes
+        for name in names:
+            linear = model.blocks[0].get_submodule(name)
+            assert isinstance(linear, nn.Linear)
+            semi_structured_mask(torch.ones(1, linear.in_features))
 
     def masked(_name: str, linear: nn.Linear, h: torch.Tensor | None) -> nn.Module:
         rms = (h.diagonal() / 2).clamp(min=0).sqrt() if h is not None else None
