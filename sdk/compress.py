@@ -1,5 +1,6 @@
 """Compress a loaded model core in place: weight quantization by tensor group (RTN or GPTQ)
-and structured MLP-channel pruning; `per_block` drives every calibration-based rewrite.
+and structured pruning (MLP channels, attention heads and KV groups); `per_block` drives every
+calibration-based rewrite.
 
 GPTQ runs block by block: calibration activations enter block l through the already-quantized
 blocks before it, the Hessians of block l's linear inputs are accumulated, its linears are
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import cast
 
 import torch
 from torch import nn
@@ -253,9 +255,10 @@ def prune_mlp_channels(
             f"fraction={fraction} removes no channel of {width} once "
             "rounded to a multiple kernels like; use a larger fraction"
         )
+    _require_dense(model, MLP)
     scores = [blk.mlp.down_proj.weight.float().norm(dim=0) for blk in model.blocks]
     if calibration is not None:
-        rms = _mlp_activation_rms(model, calibration)
+        rms = _input_rms(model, "mlp.down_proj", calibration)
         scores = [s * a for s, a in zip(scores, rms, strict=True)]
     for blk, score in zip(model.blocks, scores, strict=True):
         idx = torch.topk(score, keep).indices.sort().values
@@ -272,9 +275,87 @@ def prune_mlp_channels(
     return keep
 
 
-def _mlp_activation_rms(model: Decoder, calibration: torch.Tensor) -> list[torch.Tensor]:
-    """RMS over calibration tokens of each block's down_proj input channels."""
-    sums = [torch.zeros(model.spec.intermediate_size) for _ in model.blocks]
+@torch.no_grad()
+def prune_attention_heads(
+    model: Decoder,
+    kv_heads: int | None = None,
+    heads_per_group: int | None = None,
+    calibration: torch.Tensor | None = None,
+) -> tuple[int, int]:
+    """Structured pruning of attention: keep `kv_heads` KV groups per block (each with its query
+    heads) and/or `heads_per_group` query heads in each kept group. q/k/v rows and o_proj columns
+    are cut out, so the saved model has fewer heads (and a smaller KV cache when KV groups go).
+
+    A query head's importance is the norm of its o_proj columns weighted by the RMS of its
+    attention output on calibration text (Wanda's |W|·||x||, per head), or the column norm alone
+    without calibration; a KV group's is the sum of its query heads'. Every block keeps the same
+    counts, so the config stays uniform. Returns (num_heads, num_kv_heads)."""
+    spec = model.spec
+    groups = spec.num_heads // spec.num_kv_heads
+    keep_kv = spec.num_kv_heads if kv_heads is None else kv_heads
+    keep_q = groups if heads_per_group is None else heads_per_group
+    if not 1 <= keep_kv <= spec.num_kv_heads:
+        raise InvalidArgumentError(
+            f"kv_heads={kv_heads}: must be in [1, {spec.num_kv_heads}] for this model"
+        )
+    if not 1 <= keep_q <= groups:
+        raise InvalidArgumentError(
+            f"heads_per_group={heads_per_group}: must be in [1, {groups}] for this model "
+            f"({spec.num_heads} query heads over {spec.num_kv_heads} KV heads)"
+        )
+    if (keep_kv, keep_q) == (spec.num_kv_heads, groups):
+        raise InvalidArgumentError("prune_attention_heads: nothing to remove; lower a count")
+    _require_dense(model, ATTENTION)
+    d = spec.head_dim
+    rms = _input_rms(model, "self_attn.o_proj", calibration) if calibration is not None else None
+    for i, blk in enumerate(model.blocks):
+        attn = blk.self_attn
+        channel = attn.o_proj.weight.float().norm(dim=0)
+        if rms is not None:
+            channel = channel * rms[i]
+        score = channel.pow(2).view(spec.num_kv_heads, groups, d).sum(-1).sqrt()  # [kv, q]
+        kept_kv = torch.topk(score.sum(1), keep_kv).indices.sort().values
+        kept_q = torch.topk(score[kept_kv], keep_q, dim=1).indices.sort(dim=1).values
+        q_heads = (kept_kv[:, None] * groups + kept_q).flatten()
+        q_rows = (q_heads[:, None] * d + torch.arange(d)).flatten()
+        kv_rows = (kept_kv[:, None] * d + torch.arange(d)).flatten()
+        attn.q_proj = _rows(attn.q_proj, q_rows)
+        attn.k_proj = _rows(attn.k_proj, kv_rows)
+        attn.v_proj = _rows(attn.v_proj, kv_rows)
+        o = nn.Linear(len(q_rows), spec.hidden_size, bias=False)
+        o.weight = nn.Parameter(attn.o_proj.weight[:, q_rows].clone(), requires_grad=False)
+        attn.o_proj = o
+        attn.n_heads, attn.n_kv = keep_kv * keep_q, keep_kv
+    model.spec = replace(spec, num_heads=keep_kv * keep_q, num_kv_heads=keep_kv)
+    if model.max_len:
+        model.setup_cache(model.max_len)  # the cache holds fewer KV heads now
+    return model.spec.num_heads, model.spec.num_kv_heads
+
+
+def _require_dense(model: Decoder, names: Sequence[str]) -> None:
+    for i, blk in enumerate(model.blocks):
+        for name in names:
+            kind = type(blk.get_submodule(name)).__name__
+            if kind != "Linear":
+                raise InvalidArgumentError(
+                    f"structured pruning needs dense linears; layers.{i}.{name} is a {kind}: "
+                    "prune first, then quantize or factorize"
+                )
+
+
+def _rows(linear: nn.Module, rows: torch.Tensor) -> nn.Linear:
+    assert isinstance(linear, nn.Linear)
+    new = nn.Linear(linear.in_features, len(rows), bias=linear.bias is not None)
+    new.weight = nn.Parameter(linear.weight[rows].clone(), requires_grad=False)
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias[rows].clone(), requires_grad=False)
+    return new
+
+
+def _input_rms(model: Decoder, name: str, calibration: torch.Tensor) -> list[torch.Tensor]:
+    """RMS over calibration tokens of each input channel of every block's linear `name`."""
+    linears = [blk.get_submodule(name) for blk in model.blocks]
+    sums = [torch.zeros(cast(nn.Linear, m).in_features) for m in linears]
 
     def hook(index: int) -> Callable[..., None]:
         def accumulate(_m: nn.Module, args: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
@@ -282,9 +363,7 @@ def _mlp_activation_rms(model: Decoder, calibration: torch.Tensor) -> list[torch
 
         return accumulate
 
-    handles = [
-        blk.mlp.down_proj.register_forward_hook(hook(i)) for i, blk in enumerate(model.blocks)
-    ]
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(linears)]
     seq_len = calibration.shape[1]
     try:
         if model.max_len < seq_len:

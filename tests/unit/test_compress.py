@@ -184,3 +184,55 @@ def test_structured_mlp_pruning_really_shrinks_the_model(
         )
     with pytest.raises(InvalidArgumentError, match="fraction=1.5"):
         prune_mlp_channels(core, 1.5)
+
+
+def test_structured_head_pruning_rewires_exactly(tmp_path: Path, tied_gguf: Path) -> None:
+    """Heads whose o_proj columns are zero contribute nothing: removing them (a whole KV group,
+    then one query head per group) must leave the logits unchanged, and the model smaller."""
+    from infopt.compress import prune_attention_heads
+
+    m = infopt.load(tied_gguf, max_context=256)
+    core = m.runtime.model
+    d = core.spec.head_dim  # tiny: 4 query heads over 2 KV heads, head_dim 16
+    with torch.no_grad():
+        for blk in core.blocks:  # KV group 0 (query heads 0, 1) and query head 3 are dead
+            blk.self_attn.o_proj.weight[:, 0 : 2 * d] = 0
+            blk.self_attn.o_proj.weight[:, 3 * d : 4 * d] = 0
+    ref = logits(m, IDS[:30])
+    before = sum(p.numel() for p in core.parameters())
+    cal = calibration_batches(IDS, 64, 4)
+    assert prune_attention_heads(core, kv_heads=1, calibration=cal) == (2, 1)
+    np.testing.assert_allclose(logits(m, IDS[:30]), ref, atol=1e-4)
+    assert prune_attention_heads(core, heads_per_group=1) == (1, 1)
+    out = logits(m, IDS[:30])
+    np.testing.assert_allclose(out, ref, atol=1e-4)
+    after = sum(p.numel() for p in core.parameters())
+    assert after == core.spec.num_params
+    assert before - after == 2 * (2 * 3 * 64 * d + 2 * 64 * d)  # per block: q+o of 3 heads, k+v
+    assert core.blocks[0].self_attn.cache.k.shape[1] == 1  # the KV cache shrank too
+    save_model(core, tmp_path / "h.safetensors")
+    loaded = load_model(tmp_path / "h.safetensors")
+    assert (loaded.spec.num_heads, loaded.spec.num_kv_heads) == (1, 1)
+    loaded.setup_cache(256)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(
+            loaded(torch.tensor([IDS[:30]]), torch.arange(30), 256)[0].numpy(), out
+        )
+
+
+def test_structured_pruning_refusals(tied_gguf: Path) -> None:
+    from infopt.compress import prune_attention_heads, prune_mlp_channels
+
+    core = infopt.load(tied_gguf, max_context=256).runtime.model
+    with pytest.raises(InvalidArgumentError, match="kv_heads=3"):
+        prune_attention_heads(core, kv_heads=3)
+    with pytest.raises(InvalidArgumentError, match="heads_per_group=0"):
+        prune_attention_heads(core, heads_per_group=0)
+    with pytest.raises(InvalidArgumentError, match="nothing to remove"):
+        prune_attention_heads(core, kv_heads=2)
+    quantize_model(core, W4)
+    with pytest.raises(InvalidArgumentError, match="prune first"):
+        prune_attention_heads(core, kv_heads=1)
+    with pytest.raises(InvalidArgumentError, match="prune first"):
+        prune_mlp_channels(core, 0.5)
+    assert core.spec.num_heads == 4  # nothing changed
