@@ -226,13 +226,20 @@ def inspect(model: str | None, as_json: bool) -> None:
     help="Also quantize the blocks (int8, int4-g32, int4s-g64, ...; "
     "embeddings and LM head int8) and compare with the unquantized model.",
 )
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False),
+    help="An infopt weight file made from MODEL (pruned, distilled, ...): compare it with MODEL.",
+)
 @click.option("--method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True)
 @click.option(
     "--calibration",
     type=click.Path(exists=True, dir_okay=False),
     help="Calibration text for GPTQ (default: the text shipped with infopt).",
 )
-@click.option("--window", type=int, default=512, show_default=True, help="Tokens per window.")
+@click.option(
+    "--window", type=int, help="Tokens per window (default: 512, or the model's context if less)."
+)
 @click.option("--stride", type=int, help="Window step (default: half a window).")
 @click.option("--max-tokens", type=int, help="Score only the first N tokens of the text.")
 @click.option("--threads", type=int)
@@ -242,21 +249,23 @@ def evaluate_cmd(
     model: str | None,
     text_file: str,
     quantize: str | None,
+    weights: str | None,
     method: str,
     calibration: str | None,
-    window: int,
+    window: int | None,
     stride: int | None,
     max_tokens: int | None,
     threads: int | None,
     as_json: bool,
 ) -> None:
-    """Perplexity of MODEL on a text; with --quantize, also KL divergence and top-1 agreement
-    of the quantized model against the original, on the same positions.
+    """Perplexity of MODEL on a text; with --quantize or --weights, also KL divergence and
+    top-1 agreement of the compressed model against MODEL, on the same positions.
 
     \b
     Examples:
       infopt-pack eval --text held_out.txt
       infopt-pack eval --text held_out.txt --quantize int4-g32 --method gptq --json
+      infopt-pack eval --text held_out.txt --weights draft.safetensors
     """
     import time
     from pathlib import Path
@@ -270,10 +279,33 @@ def evaluate_cmd(
     text = Path(text_file).read_text(encoding="utf-8")
     if not text.strip():
         raise InvalidArgumentError(f"{text_file} is empty")
+    if window is None:
+        from infopt.default_model import default_model_path
+        from infopt.importers import load_spec
+
+        spec = load_spec(model if model is not None else default_model_path())
+        window = min(512, spec.max_position_embeddings)
     reference = infopt.load(model, threads=threads, max_context=window)
     ids = reference.tokenizer.encode(text)[:max_tokens]
     result: dict[str, Any] = {"model": reference.source, "text": text_file, "tokens": len(ids)}
-    if quantize is None:
+    if quantize is not None and weights is not None:
+        raise InvalidArgumentError("give --quantize or --weights, not both")
+    if weights is not None:
+        from infopt.checkpoint import load_model
+
+        core = load_model(weights)
+        if core.spec.vocab_size != reference.spec.vocab_size:
+            raise InvalidArgumentError(
+                f"{weights} has a vocabulary of {core.spec.vocab_size}, "
+                f"MODEL has {reference.spec.vocab_size}: it was not made from MODEL"
+            )
+        result["weights"] = weights
+        result.update(
+            evaluate(
+                TorchRuntime(core, window), ids, reference.runtime, window=window, stride=stride
+            ).to_dict()
+        )
+    elif quantize is None:
         result.update(evaluate(reference.runtime, ids, window=window, stride=stride).to_dict())
     else:
         target = infopt.load(model, threads=threads, max_context=window)
@@ -434,6 +466,156 @@ def plan(
         click.echo("rejected (less lossy):")
         for r in p.rejected:
             click.echo(f"  - {r['option']}: {r['reason']}")
+
+
+@main.command()
+@click.argument("teacher", required=False)
+@click.option(
+    "-o", "--out", required=True, type=click.Path(dir_okay=False), help="Student weight file."
+)
+@click.option(
+    "--student",
+    type=click.Path(exists=True, dir_okay=False),
+    help="An infopt weight file to recover (e.g. a pruned or low-rank TEACHER).",
+)
+@click.option(
+    "--layers", type=int, help="Or: a draft model of N of TEACHER's layers (evenly spread)."
+)
+@click.option(
+    "--text",
+    "text_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Training text (default: text TEACHER samples itself, see --generate).",
+)
+@click.option(
+    "--generate",
+    "generate_n",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Without --text: how many sequences TEACHER samples to train on.",
+)
+@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
+@click.option("--steps", type=int, default=200, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak AdamW rate.")
+@click.option("--temperature", type=float, default=2.0, show_default=True)
+@click.option(
+    "--alpha", type=float, default=0.9, show_default=True, help="Weight of the KL term vs labels."
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False),
+    help="Resumable state file (default: OUT.state). An existing one is resumed.",
+)
+@click.option("--threads", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@friendly_errors
+def distill(
+    teacher: str | None,
+    out: str,
+    student: str | None,
+    layers: int | None,
+    text_file: str | None,
+    generate_n: int,
+    seq_len: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    temperature: float,
+    alpha: float,
+    seed: int,
+    state: str | None,
+    threads: int | None,
+    as_json: bool,
+) -> None:
+    """Train a student to imitate TEACHER (default: the default model) on the CPU: recover a
+    pruned/low-rank model (--student) or make a draft model for speculative decoding
+    (--layers). Interrupt it any time; the same command resumes from the state file.
+
+    \b
+    Examples:
+      infopt-pack distill --layers 8 --steps 300 -o draft.safetensors
+      infopt-pack distill --student pruned.safetensors --text corpus.txt -o healed.safetensors
+      infopt-pack eval --text held_out.txt --weights healed.safetensors
+    """
+    from pathlib import Path
+
+    import infopt
+    from infopt.checkpoint import load_model, save_model
+    from infopt.compress import calibration_batches
+    from infopt.default_model import default_model_path
+    from infopt.distill import DistillConfig, student_from_layers, teacher_corpus
+    from infopt.distill import distill as run_distill
+    from infopt.errors import InvalidArgumentError
+    from infopt.importers import load_spec
+    from infopt.runtimes.pytorch import TorchRuntime
+
+    if (student is None) == (layers is None):
+        raise InvalidArgumentError("give exactly one of --student FILE or --layers N")
+    if seq_len < 2:
+        raise InvalidArgumentError(f"--seq-len {seq_len}: must be at least 2")
+    config = DistillConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        temperature=temperature,
+        alpha=alpha,
+        seed=seed,
+        warmup=min(10, steps // 10),
+    )
+    config.check()
+    context = load_spec(teacher if teacher is not None else default_model_path())
+    if seq_len > context.max_position_embeddings:
+        raise InvalidArgumentError(
+            f"--seq-len {seq_len} exceeds TEACHER's context of {context.max_position_embeddings}"
+        )
+    ref = infopt.load(teacher, threads=threads, max_context=seq_len)
+    core = cast(TorchRuntime, ref.runtime).model
+    if student is not None:
+        pupil = load_model(student)
+    else:
+        assert layers is not None
+        pupil = student_from_layers(core, layers)
+    if text_file is not None:
+        ids = ref.tokenizer.encode(Path(text_file).read_text(encoding="utf-8"))
+        data = calibration_batches(ids, seq_len, 1_000_000)
+    else:
+        if generate_n < 1:
+            raise InvalidArgumentError(f"--generate {generate_n}: must be at least 1")
+        bos = ref.tokenizer.bos_token_id
+        if bos is None:
+            raise InvalidArgumentError("TEACHER has no BOS token to sample from: give --text")
+        with click.progressbar(length=generate_n, label="teacher writes", file=sys.stderr) as bar:
+            data = teacher_corpus(
+                core, [[bos]] * generate_n, seq_len, seed=seed, progress=bar.update
+            )
+    state_path = Path(state) if state else Path(f"{out}.state")
+    with click.progressbar(length=steps, label="distill", file=sys.stderr) as bar:
+        done = [0]
+
+        def progress(step: int, loss: float) -> None:
+            bar.label = f"distill (loss {loss:.3f})"
+            bar.update(step - done[0])
+            done[0] = step
+
+        report = run_distill(pupil, core, data, config, state_path, progress)
+    size = save_model(pupil, out)
+    summary = {
+        "out": out,
+        "bytes": size,
+        "parameters": sum(p.numel() for p in pupil.parameters()),
+        "layers": pupil.spec.num_layers,
+        "sequences": int(data.shape[0]),
+        "state": str(state_path),
+        **vars(report),
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    for key, value in summary.items():
+        click.echo(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
 
 
 if __name__ == "__main__":

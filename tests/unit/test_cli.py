@@ -69,3 +69,38 @@ def test_errors_are_one_line_and_exit_1(tmp_path: Path, tiny_gguf: Path) -> None
 def test_help_teaches() -> None:
     code, out, _ = invoke("run", "--help")
     assert code == 0 and "Examples" in out and "--max-new-tokens" in out
+
+
+def test_distill_a_draft_resume_and_evaluate_it(tmp_path: Path, tiny_gguf: Path) -> None:
+    out = tmp_path / "draft.safetensors"
+    args = ["distill", str(tiny_gguf), "--layers", "1", "--steps", "4", "--generate", "8"]
+    args += ["--seq-len", "16", "--batch-size", "2", "-o", str(out), "--json"]
+    code, stdout, stderr = invoke(*args)
+    assert code == 0, stderr
+    first = json.loads(stdout)
+    assert first["layers"] == 1 and first["resumed_from"] == 0 and first["sequences"] == 8
+    assert out.exists() and Path(first["state"]).exists()
+    assert first["tokens"] == 4 * 2 * 15  # 16-token windows: 15 predictions each
+    code, stdout, _ = invoke(*args)  # same command again: the finished state is picked up
+    assert code == 0 and json.loads(stdout)["resumed_from"] == 4
+    text = tmp_path / "held_out.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    code, stdout, stderr = invoke(
+        "eval", str(tiny_gguf), "--text", str(text), "--weights", str(out), "--json"
+    )
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["kl"] > 0 and 0 <= result["top1"] <= 1 and result["weights"] == str(out)
+
+
+def test_distill_refuses_unclear_requests(tmp_path: Path, tiny_gguf: Path) -> None:
+    out = tmp_path / "x.safetensors"
+    code, _, stderr = invoke("distill", str(tiny_gguf), "-o", str(out))
+    assert code == 1 and "exactly one of --student" in stderr
+    code, _, stderr = invoke("distill", str(tiny_gguf), "--layers", "2", "-o", str(out))
+    assert code == 1 and "num_layers=2" in stderr
+    code, _, stderr = invoke(
+        "distill", str(tiny_gguf), "--layers", "1", "--lr", "0", "-o", str(out)
+    )
+    assert code == 1 and "lr=0" in stderr
+    assert not out.exists()
