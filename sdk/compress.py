@@ -153,13 +153,14 @@ def _gptq_blocks(
     act_order: bool,
     progress: Progress | None,
 ) -> None:
-    def quantize(name: str, linear: nn.Linear, h: torch.Tensor | None) -> nn.Module:
+    def quantize(_index: int, name: str, linear: nn.Linear, h: torch.Tensor | None) -> nn.Module:
         return _quantize_linear(linear, schemes[name], h, act_order)
 
     per_block(model, list(schemes), calibration, quantize, progress, "GPTQ")
 
 
-Rewrite = Callable[[str, nn.Linear, torch.Tensor | None], nn.Module]
+# rewrite(block index, linear name, linear, its input Hessian) -> the replacement module
+Rewrite = Callable[[int, str, nn.Linear, torch.Tensor | None], nn.Module]
 
 
 @torch.no_grad()
@@ -172,7 +173,7 @@ def per_block(
     label: str = "",
 ) -> None:
     """Calibration-driven rewriting, block by block: the activations entering block l come
-    through the already rewritten blocks before it; `rewrite(name, linear, input_hessian)`
+    through the already rewritten blocks before it; `rewrite(l, name, linear, input_hessian)`
     returns the replacement of each named linear of block l."""
     n, seq_len = calibration.shape
     if model.max_len < seq_len:
@@ -186,7 +187,7 @@ def per_block(
         for name in names:
             linear = block.get_submodule(name)
             assert isinstance(linear, nn.Linear)
-            replace_module(block, name, rewrite(name, linear, hessians[name].h))
+            replace_module(block, name, rewrite(index, name, linear, hessians[name].h))
         hidden = [block(x, cos, sin, pos, mask) for x in hidden]
         if progress:
             progress(f"{label} block {index + 1}/{len(model.blocks)}")

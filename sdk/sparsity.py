@@ -13,11 +13,13 @@ runtime; low-rank really stores fewer parameters.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infopt.compress import per_block, replace_module
+from infopt.compress import Rewrite, per_block, replace_module
 from infopt.errors import InvalidArgumentError
 from infopt.model import Decoder
 from infopt.quant import check_finite
@@ -91,6 +93,23 @@ def rank_for_energy(singular: torch.Tensor, energy: float) -> int:
     return int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype)).item()) + 1
 
 
+def _svd(
+    w: torch.Tensor, hessian: torch.Tensor | None, damp: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, s, V) with W = U diag(s) V. With the input Hessian H = S S^T (Cholesky), the SVD of
+    W S, mapped back by S^-1: truncating it minimizes the error on the layer's outputs."""
+    W = w.double()
+    if hessian is None:
+        return torch.linalg.svd(W, full_matrices=False)
+    inp = W.shape[1]
+    H = hessian.double() + damp * hessian.diagonal().mean().double() * torch.eye(
+        inp, dtype=torch.double
+    )
+    S = torch.linalg.cholesky(H)
+    u, s, vh = torch.linalg.svd(W @ S, full_matrices=False)
+    return u, s, torch.linalg.solve_triangular(S, vh, upper=False, left=False)  # vh S^-1
+
+
 def low_rank(
     w: torch.Tensor, rank: int, hessian: torch.Tensor | None = None, damp: float = 0.01
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,17 +121,46 @@ def low_rank(
         raise InvalidArgumentError(
             f"rank={rank}: must be in [1, {min(out, inp)}] for a {out}x{inp} layer"
         )
-    W = w.double()
-    if hessian is None:
-        u, s, vh = torch.linalg.svd(W, full_matrices=False)
-        return (u[:, :rank] * s[:rank]).float(), vh[:rank].float()
-    H = hessian.double() + damp * hessian.diagonal().mean().double() * torch.eye(
-        inp, dtype=torch.double
-    )
-    S = torch.linalg.cholesky(H)  # H = S S^T
-    u, s, vh = torch.linalg.svd(W @ S, full_matrices=False)
-    v = torch.linalg.solve_triangular(S, vh[:rank], upper=False, left=False)  # vh S^-1
-    return (u[:, :rank] * s[:rank]).float(), v.float()
+    u, s, v = _svd(w, hessian, damp)
+    return (u[:, :rank] * s[:rank]).float(), v[:rank].float()
+
+
+def allocate_ranks(
+    spectra: dict[str, tuple[torch.Tensor, int, int]], keep_params: float
+) -> dict[str, int | None]:
+    """Ranks for many layers under one parameter budget (`keep_params` of their dense total).
+
+    Each singular value is worth its share of its layer's (whitened) energy, and costs the
+    out + in parameters of one rank; the best value per parameter wins, greedily, which is
+    optimal for these concave per-layer gains. A layer whose rank would cost as much as the dense
+    matrix stays dense (None) and the budget is re-spread over the others."""
+    rank_for(2, 2, keep_params)  # validates the ratio
+    dense: set[str] = set()
+    while True:
+        keys = [k for k in spectra if k not in dense]
+        budget = keep_params * sum(m * n for _, m, n in spectra.values())
+        budget -= sum(spectra[k][1] * spectra[k][2] for k in dense)
+        gains, costs, owners = [], [], []
+        for i, key in enumerate(keys):
+            s, m, n = spectra[key]
+            energy = s.double() ** 2
+            gains.append(energy / energy.sum().clamp(min=1e-30) / (m + n))
+            costs.append(torch.full_like(energy, float(m + n)))
+            owners.append(torch.full((len(s),), i, dtype=torch.long))
+        order = torch.cat(gains).argsort(descending=True, stable=True)
+        taken = order[torch.cumsum(torch.cat(costs)[order], 0) <= budget]
+        counts = torch.bincount(torch.cat(owners)[taken], minlength=len(keys))
+        ranks: dict[str, int | None] = {
+            k: max(1, int(c)) for k, c in zip(keys, counts, strict=True)
+        }
+        grown = {
+            k
+            for k in keys
+            if cast(int, ranks[k]) * sum(spectra[k][1:]) >= spectra[k][1] * spectra[k][2]
+        }
+        if not grown:
+            return {**ranks, **dict.fromkeys(dense)}
+        dense |= grown
 
 
 BLOCK_LINEARS = {
@@ -152,7 +200,7 @@ def prune_model(
             assert isinstance(linear, nn.Linear)
             semi_structured_mask(torch.ones(1, linear.in_features))
 
-    def masked(_name: str, linear: nn.Linear, h: torch.Tensor | None) -> nn.Module:
+    def masked(_index: int, _name: str, linear: nn.Linear, h: torch.Tensor | None) -> nn.Module:
         rms = (h.diagonal() / 2).clamp(min=0).sqrt() if h is not None else None
         scores = prune_scores(linear.weight.detach(), rms)
         keep = (
@@ -161,38 +209,99 @@ def prune_model(
         linear.weight.data.mul_(keep)
         return linear
 
-    if calibration is not None and kind != "magnitude":
-        per_block(model, names, calibration, masked)
-        return
-    for block in model.blocks:
-        for name in names:
-            linear = block.get_submodule(name)
-            assert isinstance(linear, nn.Linear)
-            masked(name, linear, None)
+    _each_linear(model, names, calibration if kind != "magnitude" else None, masked)
+
+
+LOW_RANK_ALLOCATIONS = ("uniform", "global")
 
 
 def low_rank_model(
     model: Decoder,
-    keep_params: float,
+    keep_params: float | None = None,
     calibration: torch.Tensor | None = None,
     groups: tuple[str, ...] = ("attention", "mlp"),
-) -> None:
-    """Factorize the blocks' linears, each keeping `keep_params` of its parameters: whitened
-    (activation-aware) SVD with calibration, plain SVD without."""
+    *,
+    energy: float | None = None,
+    allocation: str = "uniform",
+) -> dict[str, int | None]:
+    """Factorize the blocks' linears: whitened (activation-aware) SVD with calibration, plain SVD
+    without. The rank of each layer comes from exactly one of:
+
+    - `keep_params`, allocation `uniform`: every layer keeps that share of its parameters;
+    - `keep_params`, allocation `global`: the same total, spread by `allocate_ranks` over all
+      layers by their (whitened) spectra — layers that compress well give more;
+    - `energy`: each layer's smallest rank retaining that share of its (whitened) energy.
+
+    A layer whose rank would not save parameters stays dense. Returns the rank of every layer by
+    name (None: left dense)."""
     names = _names(groups)
+    if (keep_params is None) == (energy is None):
+        raise InvalidArgumentError("give exactly one of keep_params or energy")
+    if allocation not in LOW_RANK_ALLOCATIONS:
+        raise InvalidArgumentError(
+            f"allocation {allocation!r}: expected one of {list(LOW_RANK_ALLOCATIONS)}"
+        )
+    if energy is not None:
+        if allocation != "uniform":
+            raise InvalidArgumentError("energy ranks are per layer; allocation must be 'uniform'")
+        rank_for_energy(torch.ones(1), energy)  # validate before changing anything
+    else:
+        rank_for(2, 2, cast(float, keep_params))
+    planned: dict[str, int | None] = {}
+    if allocation == "global":
+        planned = allocate_ranks(_spectra(model, names, calibration), cast(float, keep_params))
+    chosen: dict[str, int | None] = {}
 
-    def factor(_name: str, linear: nn.Linear, h: torch.Tensor | None) -> nn.Module:
-        rank = rank_for(linear.out_features, linear.in_features, keep_params)
-        u, v = low_rank(linear.weight.detach().float(), rank, h)
+    def factor(index: int, name: str, linear: nn.Linear, h: torch.Tensor | None) -> nn.Module:
+        key = f"layers.{index}.{name}"
+        out, inp = linear.out_features, linear.in_features
+        check_finite(linear.weight, key)
+        u, s, v = _svd(linear.weight.detach(), h, 0.01)
+        if allocation == "global":
+            rank = planned[key]
+        elif energy is not None:
+            rank = rank_for_energy(s, energy)
+        else:
+            rank = rank_for(out, inp, cast(float, keep_params))
+        if rank is None or rank * (out + inp) >= out * inp:
+            chosen[key] = None
+            return linear
+        chosen[key] = rank
         bias = linear.bias.detach() if linear.bias is not None else None
-        return LowRankLinear(u.to(linear.weight.dtype), v.to(linear.weight.dtype), bias)
+        dtype = linear.weight.dtype
+        return LowRankLinear((u[:, :rank] * s[:rank]).to(dtype), v[:rank].to(dtype), bias)
 
-    rank_for(2, 2, keep_params)  # validate before changing anything
+    _each_linear(model, names, calibration, factor)
+    return chosen
+
+
+def _each_linear(
+    model: Decoder, names: list[str], calibration: torch.Tensor | None, rewrite: Rewrite
+) -> None:
+    """Apply `rewrite` to every named linear of every block: block by block through calibration
+    activations (with input Hessians) when given, else directly (no Hessian)."""
     if calibration is not None:
-        per_block(model, names, calibration, factor)
+        per_block(model, names, calibration, rewrite)
         return
-    for block in model.blocks:
+    for index, block in enumerate(model.blocks):
         for name in names:
             linear = block.get_submodule(name)
-            assert isinstance(linear, nn.Linear)
-            replace_module(block, name, factor(name, linear, None))
+            if not isinstance(linear, nn.Linear):
+                raise InvalidArgumentError(f"layers.{index}.{name} is not a dense linear")
+            replace_module(block, name, rewrite(index, name, linear, None))
+
+
+def _spectra(
+    model: Decoder, names: list[str], calibration: torch.Tensor | None
+) -> dict[str, tuple[torch.Tensor, int, int]]:
+    """Singular values of every named linear (whitened by its input Hessian when calibrated),
+    from the model as it is; nothing is changed."""
+    spectra = {}
+
+    def record(index: int, name: str, linear: nn.Linear, h: torch.Tensor | None) -> nn.Module:
+        s = _svd(linear.weight.detach(), h, 0.01)[1]
+        spectra[f"layers.{index}.{name}"] = (s, linear.out_features, linear.in_features)
+        return linear
+
+    _each_linear(model, names, calibration, record)
+    return spectra

@@ -15,6 +15,7 @@ from infopt.compress import calibration_batches
 from infopt.errors import InvalidArgumentError
 from infopt.sparsity import (
     LowRankLinear,
+    allocate_ranks,
     low_rank,
     low_rank_model,
     prune_model,
@@ -137,3 +138,67 @@ def test_low_rank_model_stores_fewer_parameters_and_round_trips(
         np.testing.assert_array_equal(
             loaded(torch.tensor([IDS[:10]]), torch.arange(10), 128)[0].numpy(), out
         )
+
+
+def test_global_allocation_gives_rank_where_energy_is_spread() -> None:
+    steep = torch.tensor([10.0, 1.0] + [0.01] * 62)  # nearly rank 1
+    flat = torch.ones(64)
+    spectra = {"steep": (steep, 64, 64), "flat": (flat, 64, 64), "tiny": (flat[:8], 8, 8)}
+    ranks = allocate_ranks(spectra, 0.5)
+    assert ranks["tiny"] is None  # any rank of an 8x8 layer costs as much as the dense one
+    assert ranks["steep"] is not None and ranks["flat"] is not None
+    assert ranks["steep"] < 4 < ranks["flat"]
+    used = 64 + sum(r * 128 for r in (ranks["steep"], ranks["flat"]))
+    assert used <= 0.5 * (64 * 64 * 2 + 64) < used + 128  # the budget, spent to the last rank
+    with pytest.raises(InvalidArgumentError, match="keep_params=0"):
+        allocate_ranks(spectra, 0)
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_low_rank_by_energy_and_by_global_budget(tiny_gguf: Path, calibrated: bool) -> None:
+    from infopt.sparsity import _spectra
+
+    cal = calibration_batches(IDS, 64, 4) if calibrated else None
+    core = infopt.load(tiny_gguf, max_context=128).runtime.model
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    spectra = _spectra(core, names, cal)
+    ranks = low_rank_model(core, energy=0.8, calibration=cal)
+    for key, (s, m, n) in spectra.items():
+        if calibrated and not key.startswith("layers.0."):
+            continue  # later blocks see inputs through the factorized blocks before them
+        want = rank_for_energy(s, 0.8)
+        assert ranks[key] == (want if want * (m + n) < m * n else None), key
+        module = core.get_submodule(key)
+        assert isinstance(module, LowRankLinear if ranks[key] else nn.Linear)
+
+    core = infopt.load(tiny_gguf, max_context=128).runtime.model
+    dense = sum(m * n for _, m, n in spectra.values())
+    ranks = low_rank_model(core, 0.6, cal, allocation="global")
+    kept = sum(
+        m * n if ranks[k] is None else cast_rank(ranks[k]) * (m + n)
+        for k, (_, m, n) in spectra.items()
+    )
+    assert kept <= 0.6 * dense and len(set(ranks.values())) > 2  # not one rank for all
+    core.setup_cache(128)
+    assert torch.isfinite(core(torch.tensor([IDS[:8]]), torch.arange(8), 128)).all()
+
+
+def cast_rank(rank: int | None) -> int:
+    assert rank is not None
+    return rank
+
+
+def test_low_rank_model_refusals(tiny_gguf: Path) -> None:
+    core = infopt.load(tiny_gguf, max_context=128).runtime.model
+    with pytest.raises(InvalidArgumentError, match="exactly one of keep_params or energy"):
+        low_rank_model(core)
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        low_rank_model(core, 0.5, energy=0.9)
+    with pytest.raises(InvalidArgumentError, match="allocation must be 'uniform'"):
+        low_rank_model(core, energy=0.9, allocation="global")
+    with pytest.raises(InvalidArgumentError, match="allocation 'best'"):
+        low_rank_model(core, 0.5, allocation="best")
+    with pytest.raises(InvalidArgumentError, match="energy=1.5"):
+        low_rank_model(core, energy=1.5)
+    assert not any(isinstance(m, LowRankLinear) for m in core.modules())  # nothing changed
