@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -80,4 +81,22 @@ def from_source(
     with torch.device("meta"):
         model = Decoder(source.spec)
     load_state_dict(model, source.iter_weights(), dtype=DTYPES[dtype], device=target)
+    return TorchRuntime(model, max_context)
+
+
+def from_bundle(
+    root: Path,
+    manifest: dict[str, Any],
+    *,
+    max_context: int,
+    device: str | None = None,
+    threads: int | None = None,
+) -> TorchRuntime:
+    """The model core from a verified bundle's infopt weight file."""
+    from infopt.checkpoint import load_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    files = manifest["artifacts"]["pytorch"]["files"]
+    model = load_model(root / files[0], device=pick_device(device))
     return TorchRuntime(model, max_context)

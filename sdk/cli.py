@@ -180,7 +180,13 @@ def describe(model: str | None) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @friendly_errors
 def inspect(model: str | None, as_json: bool) -> None:
-    """Show MODEL's architecture, parameter count, context and tokenizer facts (no weights read)."""
+    """Show MODEL's architecture, parameter count, context and tokenizer facts (no weights read).
+    For a bundle: its manifest (plan, runtime, KV cache, files), checked but not verified."""
+    from infopt.bundle import is_bundle
+
+    if model is not None and is_bundle(model):
+        _inspect_bundle(model, as_json)
+        return
     info = describe(model)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -210,6 +216,41 @@ def inspect(model: str | None, as_json: bool) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
+
+
+def _inspect_bundle(path: str, as_json: bool) -> None:
+    from infopt.bundle import read_manifest
+
+    m = read_manifest(path)
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    spec, kv, plan = m["model"]["config"], m["kv_cache"], m.get("plan") or {}
+    rows = [
+        (
+            "bundle",
+            f"{path} (format {m['format']} {m['version']}, infopt {m.get('infopt_version')})",
+        ),
+        ("model", f"{m['model']['source']['name']} ({m['model']['architecture']})"),
+        ("parameters", f"{m['model']['parameters']:,}"),
+        (
+            "layers / hidden / mlp",
+            f"{spec['num_layers']} / {spec['hidden_size']} / {spec['intermediate_size']}",
+        ),
+        ("plan", f"{plan.get('compression', {}).get('name')} for {plan.get('device')}"),
+        ("runtime", f"{m['runtime']['name']} (needs {m['runtime'].get('requires')})"),
+        ("artifacts", ", ".join(sorted(m["artifacts"]))),
+        ("KV cache", f"{kv['max_context']} tokens x batch {kv['batch']}, {kv['dtype']}"),
+        ("chat template", "yes" if m["tokenizer"].get("chat_template") else "no"),
+        ("draft model", "yes" if m.get("draft") else "no"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+    for f in m["files"]:
+        click.echo(f"  {f['path']:<24} {f['size']:>12,} bytes  sha256 {f['sha256'][:16]}")
+    for reason in plan.get("reasons", []):
+        click.echo(f"  why: {reason}")
 
 
 @main.command(name="eval")
@@ -616,6 +657,115 @@ def distill(
         return
     for key, value in summary.items():
         click.echo(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {value}")
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("-d", "--device", help="Plan for this device (see `infopt-pack devices`).")
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Or: build from a plan saved by `infopt-pack plan --json` (edit it as you like).",
+)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle dir.")
+@click.option("--runtime", help="Override the plan's runtime (only pytorch artifacts for now).")
+@click.option("--context", type=int, help="Tokens the KV cache must hold.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--latency-ms", type=float, help="Per-token decode latency target.")
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Calibration text: quantize with GPTQ (without it: round-to-nearest).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@friendly_errors
+def build(
+    model: str | None,
+    device: str | None,
+    plan_file: str | None,
+    out: str,
+    runtime: str | None,
+    context: int | None,
+    batch: int,
+    latency_ms: float | None,
+    calibration: str | None,
+    as_json: bool,
+) -> None:
+    """Plan, compress and package MODEL into a self-contained, checksummed bundle directory.
+
+    The bundle is written beside OUT and swapped in at the end: a failed or interrupted build
+    leaves OUT as it was.
+
+    \b
+    Examples:
+      infopt-pack build --device host -o smollm2-host
+      infopt-pack plan --device rtx4090-24gb --json > plan.json   # edit, then:
+      infopt-pack build --plan plan.json -o smollm2-4090
+      infopt-pack run smollm2-host --prompt "Hi"
+    """
+    from infopt.build import build as run_build
+
+    bars: dict[str, Any] = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if as_json:
+            return
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = click.progressbar(length=total, label=stage, file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+        if bar.pos >= total:
+            bar.__exit__(None, None, None)
+
+    summary = run_build(
+        model,
+        out,
+        device=device,
+        plan_file=plan_file,
+        runtime=runtime,
+        context=context,
+        batch=batch,
+        latency_ms=latency_ms,
+        calibration=calibration,
+        progress=progress,
+    )
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    est = summary["predicted"]
+    click.echo(f"bundle   {summary['bundle']} ({summary['bytes'] / 1e6:.1f} MB)")
+    click.echo(f"plan     {summary['plan']}, runtime {summary['runtime']}")
+    click.echo(
+        f"predicted {_fmt_bytes(est['total'])} memory, {est['decode_tok_s']:.1f} tok/s decode"
+    )
+    for f in summary["files"]:
+        click.echo(f"  {f['path']:<24} {f['size'] / 1e6:>9.1f} MB  sha256 {f['sha256'][:16]}")
+    if summary["runtime"] not in summary["artifacts"]:
+        click.echo(
+            f"note: the {summary['runtime']} artifact is not built yet by this version; "
+            f"load with runtime one of {summary['artifacts']}",
+            err=True,
+        )
+    click.echo(f"built in {summary['seconds']:.1f} s")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def verify(bundle: str, as_json: bool) -> None:
+    """Check every file of BUNDLE against its manifest (sizes, sha256, nothing extra or missing,
+    no links, no path outside). Exit code 1 names the first file that fails."""
+    from infopt.bundle import verify_bundle
+
+    manifest = verify_bundle(bundle)
+    files = manifest["files"]
+    if as_json:
+        click.echo(json.dumps({"bundle": bundle, "ok": True, "files": files}, indent=2))
+        return
+    click.echo(f"{bundle}: ok, {len(files)} files verified")
 
 
 if __name__ == "__main__":

@@ -41,3 +41,7 @@ class ProfileError(InfoptError, ValueError):
 
 class PlanError(InfoptError, ValueError):
     """No plan fits the device: the message states the shortfall and what would make it fit."""
+
+
+class BundleError(InfoptError, ValueError):
+    """A bundle is incomplete, changed, unsafe (links, paths leaving it) or of unknown version."""

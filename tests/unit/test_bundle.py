@@ -1,0 +1,209 @@
+"""Bundles: build from a plan, load anywhere, refuse every changed byte, write atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import infopt
+from infopt.build import build
+from infopt.bundle import MANIFEST, verify_bundle, write_bundle
+from infopt.cli import main
+from infopt.errors import BundleError, InvalidArgumentError
+
+PROMPT = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture(scope="module")
+def host_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "host"
+    build(tiny_gguf, out, device="host")
+    return out
+
+
+def copy(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_a_bundle_generates_what_its_source_generates(host_bundle: Path, tiny_gguf: Path) -> None:
+    manifest = verify_bundle(host_bundle)
+    assert manifest["runtime"]["name"] == "pytorch" and manifest["plan"]["device"] == "host"
+    assert {f["path"] for f in manifest["files"]} == {"model.safetensors", "tokenizer.json"}
+    assert manifest["model"]["source"]["name"] == "tiny.gguf"
+    assert manifest["tokenizer"]["eos_token_ids"] == [2] and manifest["tokenizer"]["chat_template"]
+    bundled = infopt.load(host_bundle, max_context=128)
+    source = infopt.load(tiny_gguf, max_context=128)
+    a = bundled.generate(PROMPT, max_new_tokens=12, stop_token_ids=[])
+    b = source.generate(PROMPT, max_new_tokens=12, stop_token_ids=[])
+    assert a.token_ids == b.token_ids and a.text == b.text
+    assert bundled.runtime.max_context == 128
+    assert infopt.load(host_bundle).runtime.max_context == manifest["kv_cache"]["max_context"]
+
+
+def test_build_from_an_edited_plan_quantizes(tmp_path: Path, tiny_gguf: Path) -> None:
+    runner = CliRunner()
+    planned = runner.invoke(main, ["plan", "-m", str(tiny_gguf), "-d", "host", "--json"])
+    plan = json.loads(planned.stdout)
+    plan["compression"]["weights"] = {
+        "embeddings": "int8",
+        "lm_head": "int8",
+        "attention": "int4-g32",
+        "mlp": "int4-g32",
+    }
+    plan["pruning"] = {"kind": "structured-mlp-channels", "sparsity": 0.5}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "int4"
+    result = runner.invoke(
+        main, ["build", str(tiny_gguf), "--plan", str(tmp_path / "plan.json"), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.stderr
+    m = verify_bundle(out)
+    assert (
+        m["compression"]["quantization"] == "rtn"
+        and m["model"]["config"]["intermediate_size"] == 64
+    )
+    model = infopt.load(out, max_context=64)
+    r = model.generate(PROMPT, max_new_tokens=5, stop_token_ids=[])
+    assert len(r.token_ids) == 5
+    shown = runner.invoke(main, ["inspect", str(out)])
+    assert (
+        shown.exit_code == 0 and "for host" in shown.stdout and "model.safetensors" in shown.stdout
+    )
+    ok = runner.invoke(main, ["verify", str(out), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["ok"]
+    run = runner.invoke(main, ["run", str(out), "--prompt", "hi", "-n", "3", "--json"])
+    assert run.exit_code == 0, run.stderr
+
+
+def test_bad_builds_are_refused_and_write_nothing(tmp_path: Path, tiny_gguf: Path) -> None:
+    out = tmp_path / "never"
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        build(tiny_gguf, out)
+    with pytest.raises(InvalidArgumentError, match="runtime 'tensorrt'"):
+        build(tiny_gguf, out, device="host", runtime="tensorrt")
+    (tmp_path / "junk.json").write_text('{"device": "host"}')
+    with pytest.raises(InvalidArgumentError, match="not a plan"):
+        build(tiny_gguf, out, plan_file=tmp_path / "junk.json")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial dirs
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "flip-weights",
+        "flip-tokenizer",
+        "truncate",
+        "add",
+        "delete",
+        "rename",
+        "symlink",
+        "manifest-version",
+        "manifest-traversal",
+        "manifest-absolute",
+        "manifest-garbage",
+        "no-manifest",
+    ],
+)
+def test_every_tampering_is_refused(host_bundle: Path, tmp_path: Path, tamper: str) -> None:
+    b = copy(host_bundle, tmp_path)
+    manifest = json.loads((b / MANIFEST).read_text())
+    weights, tok = b / "model.safetensors", b / "tokenizer.json"
+    if tamper == "flip-weights":
+        _flip(weights)
+    elif tamper == "flip-tokenizer":
+        _flip(tok)
+    elif tamper == "truncate":
+        os.truncate(weights, weights.stat().st_size - 1)
+    elif tamper == "add":
+        (b / "extra.bin").write_bytes(b"x")
+    elif tamper == "delete":
+        tok.unlink()
+    elif tamper == "rename":
+        tok.rename(b / "tokenizer2.json")
+    elif tamper == "symlink":
+        tok.unlink()
+        tok.symlink_to(host_bundle / "tokenizer.json")
+    elif tamper.startswith("manifest-"):
+        if tamper == "manifest-version":
+            manifest["version"] = 99
+        elif tamper == "manifest-traversal":
+            manifest["files"][0]["path"] = "../outside.bin"
+        elif tamper == "manifest-absolute":
+            manifest["files"][0]["path"] = "/etc/passwd"
+        (b / MANIFEST).write_text(json.dumps(manifest) if tamper != "manifest-garbage" else "{")
+    elif tamper == "no-manifest":
+        (b / MANIFEST).unlink()
+        (b / MANIFEST).mkdir()
+    with pytest.raises(BundleError):
+        verify_bundle(b)
+    with pytest.raises(BundleError):
+        infopt.load(b)
+    code = CliRunner().invoke(main, ["verify", str(b)]).exit_code
+    assert code == 1
+
+
+def test_a_failed_write_leaves_the_previous_bundle(host_bundle: Path, tmp_path: Path) -> None:
+    b = copy(host_bundle, tmp_path)
+    before = {p.name: p.read_bytes() for p in b.iterdir()}
+
+    def broken(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_bundle(
+            b,
+            {"model": {}, "runtime": {}, "kv_cache": {}, "tokenizer": {}, "artifacts": {}},
+            {"a.bin": broken},
+        )
+    assert {p.name: p.read_bytes() for p in b.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no partial directory left
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="not a bundle"):
+        write_bundle(tmp_path / "notes", {}, {})
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+def test_replacing_a_bundle_swaps_it_whole(host_bundle: Path, tmp_path: Path) -> None:
+    b = copy(host_bundle, tmp_path)
+    manifest = {
+        "model": {},
+        "runtime": {"name": "x"},
+        "kv_cache": {},
+        "tokenizer": {},
+        "artifacts": {},
+    }
+    write_bundle(b, manifest, {"only.bin": lambda p: p.write_bytes(b"new")})
+    assert sorted(p.name for p in b.iterdir()) == [MANIFEST, "only.bin"]
+    assert verify_bundle(b)["runtime"] == {"name": "x"}
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]
+
+
+def test_a_bundle_without_the_planned_runtime_artifact(tmp_path: Path, tiny_gguf: Path) -> None:
+    out = tmp_path / "ane"
+    summary = build(tiny_gguf, out, device="apple-ane")
+    m = verify_bundle(out)
+    assert m["runtime"]["name"] == "coreml" and not m["runtime"]["artifact_built"]
+    assert m["plan"]["static_shapes"] and summary["artifacts"] == ["pytorch"]
+    with pytest.raises(BundleError, match="no 'coreml' artifact"):
+        infopt.load(out)
+    assert (
+        infopt.load(out, runtime="pytorch", max_context=64)
+        .generate("hi", max_new_tokens=2, stop_token_ids=[])
+        .token_ids
+    )
