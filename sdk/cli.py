@@ -73,6 +73,9 @@ def main() -> None:
     "--max-context", type=int, help="KV-cache size in tokens (default: min(model, 4096))."
 )
 @click.option("--device", help="cpu, cuda, cuda:N (default: CUDA when present).")
+@click.option(
+    "--runtime", help="For a bundle: which of its artifacts to run (default: the manifest's)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @friendly_errors
 def run(
@@ -91,9 +94,11 @@ def run(
     threads: int | None,
     max_context: int | None,
     device: str | None,
+    runtime: str | None,
     as_json: bool,
 ) -> None:
-    """Generate from MODEL, streaming the answer to the terminal.
+    """Generate from MODEL (a bundle, a GGUF file or a Hugging Face folder), streaming the
+    answer to the terminal.
 
     \b
     Examples:
@@ -103,7 +108,7 @@ def run(
     """
     import infopt
 
-    m = infopt.load(model, threads=threads, max_context=max_context, device=device)
+    m = infopt.load(model, threads=threads, max_context=max_context, device=device, runtime=runtime)
     messages: Any = prompt
     if not raw and m.tokenizer.chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -678,6 +683,11 @@ def distill(
     type=click.Path(exists=True, dir_okay=False),
     help="Calibration text: quantize with GPTQ (without it: round-to-nearest).",
 )
+@click.option(
+    "--archive",
+    type=click.Choice(["tar", "zip"]),
+    help="Also write the bundle as one file, OUT.tar or OUT.zip (see `infopt-pack unpack`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @friendly_errors
 def build(
@@ -690,6 +700,7 @@ def build(
     batch: int,
     latency_ms: float | None,
     calibration: str | None,
+    archive: str | None,
     as_json: bool,
 ) -> None:
     """Plan, compress and package MODEL into a self-contained, checksummed bundle directory.
@@ -731,6 +742,11 @@ def build(
         calibration=calibration,
         progress=progress,
     )
+    if archive:
+        from infopt.bundle import write_archive
+
+        packed = write_archive(out, archive)
+        summary["archive"] = {"path": str(packed), "bytes": packed.stat().st_size}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -749,6 +765,22 @@ def build(
             err=True,
         )
     click.echo(f"built in {summary['seconds']:.1f} s")
+    if archive:
+        click.echo(f"archive  {summary['archive']['path']}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle dir.")
+@friendly_errors
+def unpack(archive: str, out: str) -> None:
+    """Extract a bundle archive (.tar or .zip from `build --archive`) into OUT and verify it.
+    Links, devices, absolute or `..` paths and oversized archives are refused before anything
+    is written; OUT is replaced only by a verified bundle."""
+    from infopt.bundle import extract_archive
+
+    manifest = extract_archive(archive, out)
+    click.echo(f"{out}: ok, {len(manifest['files'])} files verified")
 
 
 @main.command()

@@ -207,3 +207,84 @@ def test_a_bundle_without_the_planned_runtime_artifact(tmp_path: Path, tiny_gguf
         .generate("hi", max_new_tokens=2, stop_token_ids=[])
         .token_ids
     )
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_archives_round_trip(host_bundle: Path, tmp_path: Path, kind: str) -> None:
+    from infopt.bundle import extract_archive, write_archive
+
+    b = copy(host_bundle, tmp_path)
+    packed = write_archive(b, kind)
+    assert packed == tmp_path / f"copy.{kind}"
+    result = CliRunner().invoke(main, ["unpack", str(packed), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.stderr
+    assert verify_bundle(tmp_path / "out")["files"] == verify_bundle(b)["files"]
+    assert extract_archive(packed, tmp_path / "out")  # over an existing bundle: replaced
+
+
+def _tar(path: Path, members: list[tuple[str, str, bytes]]) -> Path:
+    """A tar with (name, kind, data) members: kind file | symlink | hardlink | chardev."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, kind, data in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            info.type = {
+                "symlink": tarfile.SYMTYPE,
+                "hardlink": tarfile.LNKTYPE,
+                "chardev": tarfile.CHRTYPE,
+            }[kind]
+            info.linkname = data.decode()
+            tar.addfile(info)
+    return path
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [("b/manifest.json", "file", b"{}"), ("b/../../escape.txt", "file", b"x")],
+        [("b/manifest.json", "file", b"{}"), ("/tmp/abs-escape.txt", "file", b"x")],
+        [("b/manifest.json", "file", b"{}"), ("b/link", "symlink", b"/etc/passwd")],
+        [("b/manifest.json", "file", b"{}"), ("b/hard", "hardlink", b"/etc/passwd")],
+        [("b/manifest.json", "file", b"{}"), ("b/dev", "chardev", b"")],
+        [(f"b/f{i}", "file", b"") for i in range(1001)],
+        [("b/manifest.json", "file", b"{}"), ("c/other.bin", "file", b"x")],
+    ],
+    ids=["dotdot", "absolute", "symlink", "hardlink", "device", "too-many", "two-roots"],
+)
+def test_malicious_archives_write_nothing(
+    tmp_path: Path, members: list[tuple[str, str, bytes]]
+) -> None:
+    from infopt.bundle import extract_archive
+
+    archive = _tar(tmp_path / "evil.tar", members)
+    work = tmp_path / "work"
+    work.mkdir()
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(BundleError):
+        extract_archive(archive, work / "out")
+    assert set(tmp_path.rglob("*")) == before  # nothing written, inside or outside
+    assert not Path("/tmp/abs-escape.txt").exists()
+    assert CliRunner().invoke(main, ["unpack", str(archive), "-o", str(work / "o")]).exit_code == 1
+
+
+def test_a_zip_with_a_symlink_or_traversal_is_refused(tmp_path: Path) -> None:
+    import zipfile
+
+    from infopt.bundle import extract_archive
+
+    for name, mode in (("b/link", 0o120777), ("b/../x", 0o100644)):
+        path = tmp_path / "evil.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("b/manifest.json", "{}")
+            info = zipfile.ZipInfo(name)
+            info.external_attr = mode << 16
+            zf.writestr(info, "/etc/passwd")
+        with pytest.raises(BundleError):
+            extract_archive(path, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
