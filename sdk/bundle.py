@@ -158,9 +158,7 @@ def write_bundle(
         raise BundleError(f"{out}: exists and is not a bundle directory; not replacing it")
     if out.exists() and any(out.iterdir()) and not is_bundle(out):
         raise BundleError(f"{out}: a non-empty directory that is not a bundle; not replacing it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = _partial_dir(out)
     try:
         files = []
         for rel in sorted(writers):
@@ -181,6 +179,30 @@ def write_bundle(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return full
+
+
+def _partial_dir(out: Path) -> Path:
+    """A fresh work directory beside `out`, named after this process; those left by killed
+    processes (their pid gone) are removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.partial-"
+    for stale in out.parent.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_tree(root: Path) -> None:
@@ -355,11 +377,9 @@ def extract_archive(archive: str | Path, out: str | Path) -> dict[str, Any]:
     if total > MAX_ARCHIVE_BYTES:
         raise BundleError(f"{archive}: {total} bytes unpacked exceeds {MAX_ARCHIVE_BYTES}")
     (top,) = tops
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.is_symlink() or (out.exists() and any(out.iterdir()) and not is_bundle(out)):
         raise BundleError(f"{out}: exists and is not a bundle; not replacing it")
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = _partial_dir(out)
     try:
         for name, size in members:
             rel = PurePosixPath(name).relative_to(top)

@@ -43,13 +43,16 @@ def save_model(model: Decoder, path: str | Path) -> int:
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.spec.tie_word_embeddings:
         state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
-    meta = {
+    header = {
         "format": FORMAT,
         "version": VERSION,
-        "spec": json.dumps(model.spec.to_dict()),
-        "schemes": json.dumps(schemes),
-        "low_rank": json.dumps(low_rank),
+        "spec": model.spec.to_dict(),
+        "schemes": schemes,
+        "low_rank": low_rank,
     }
+    # One metadata key: safetensors writes several in a per-process random order, and the same
+    # model must give the same bytes (bundles are checksummed, builds reproducible).
+    meta = {"infopt": json.dumps(header, sort_keys=True)}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -70,15 +73,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
         raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        meta = json.loads(meta["infopt"]) if "infopt" in meta else {}
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{path}: unreadable infopt header ({e})") from e
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ModelFormatError(
             f"{path}: format {meta.get('format')!r} version "
             f"{meta.get('version')!r}; this infopt reads {FORMAT} {VERSION}"
         )
-    spec = spec_from_dict(json.loads(meta["spec"]))
+    spec = spec_from_dict(meta["spec"])
     with torch.device("meta"):
         model = Decoder(spec)
-    for name, scheme_name in json.loads(meta["schemes"]).items():
+    for name, scheme_name in meta["schemes"].items():
         if name == "lm_head" and spec.tie_word_embeddings:
             continue  # rebuilt from the embedding table below
         module = model.get_submodule(name)
@@ -90,7 +97,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
         )
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, quantized)
-    for name in json.loads(meta.get("low_rank", "{}")):
+    for name in meta.get("low_rank", {}):
         try:  # shapes only: load_state_dict below installs the tensors themselves
             u, v = (tensors[f"{name}.{k}"].to("meta") for k in ("u", "v"))
         except KeyError as e:
