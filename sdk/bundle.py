@@ -92,9 +92,21 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"{manifest_path}: format version {manifest.get('version')!r}; this infopt reads "
             f"version {VERSION} (upgrade infopt, or rebuild the bundle)"
         )
-    for key in ("model", "runtime", "kv_cache", "tokenizer", "files", "artifacts"):
-        if key not in manifest:
-            raise BundleError(f"{manifest_path}: missing {key!r}")
+    for key in ("model", "runtime", "kv_cache", "tokenizer", "artifacts"):
+        if not isinstance(manifest.get(key), dict):
+            raise BundleError(f"{manifest_path}: {key!r} is missing or not an object")
+    if not isinstance(manifest["model"].get("config"), dict):
+        raise BundleError(f"{manifest_path}: model.config is missing")
+    if not isinstance(manifest["runtime"].get("name"), str):
+        raise BundleError(f"{manifest_path}: runtime.name is missing")
+    context = manifest["kv_cache"].get("max_context")
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise BundleError(f"{manifest_path}: kv_cache.max_context {context!r} is not a count")
+    for name, artifact in manifest["artifacts"].items():
+        if not isinstance(artifact, dict) or not all(
+            isinstance(f, str) for f in artifact.get("files", [None])
+        ):
+            raise BundleError(f"{manifest_path}: artifact {name!r} must list its files")
     files = manifest["files"]
     if not isinstance(files, list) or not all(
         isinstance(f, dict)

@@ -17,6 +17,13 @@ from infopt.cli import main
 from infopt.errors import BundleError, InvalidArgumentError
 
 PROMPT = [{"role": "user", "content": "hello there"}]
+MINIMAL = {
+    "model": {"config": {}},
+    "runtime": {"name": "x"},
+    "kv_cache": {"max_context": 8},
+    "tokenizer": {},
+    "artifacts": {"x": {"files": ["only.bin"]}},
+}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +122,7 @@ def _flip(path: Path) -> None:
         "manifest-traversal",
         "manifest-absolute",
         "manifest-garbage",
+        "manifest-types",
         "no-manifest",
     ],
 )
@@ -144,6 +152,8 @@ def test_every_tampering_is_refused(host_bundle: Path, tmp_path: Path, tamper: s
             manifest["files"][0]["path"] = "../outside.bin"
         elif tamper == "manifest-absolute":
             manifest["files"][0]["path"] = "/etc/passwd"
+        elif tamper == "manifest-types":
+            manifest["kv_cache"]["max_context"] = "lots"
         (b / MANIFEST).write_text(json.dumps(manifest) if tamper != "manifest-garbage" else "{")
     elif tamper == "no-manifest":
         (b / MANIFEST).unlink()
@@ -165,11 +175,7 @@ def test_a_failed_write_leaves_the_previous_bundle(host_bundle: Path, tmp_path: 
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        write_bundle(
-            b,
-            {"model": {}, "runtime": {}, "kv_cache": {}, "tokenizer": {}, "artifacts": {}},
-            {"a.bin": broken},
-        )
+        write_bundle(b, MINIMAL, {"a.bin": broken})
     assert {p.name: p.read_bytes() for p in b.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no partial directory left
     (tmp_path / "notes").mkdir()
@@ -181,14 +187,7 @@ def test_a_failed_write_leaves_the_previous_bundle(host_bundle: Path, tmp_path: 
 
 def test_replacing_a_bundle_swaps_it_whole(host_bundle: Path, tmp_path: Path) -> None:
     b = copy(host_bundle, tmp_path)
-    manifest = {
-        "model": {},
-        "runtime": {"name": "x"},
-        "kv_cache": {},
-        "tokenizer": {},
-        "artifacts": {},
-    }
-    write_bundle(b, manifest, {"only.bin": lambda p: p.write_bytes(b"new")})
+    write_bundle(b, MINIMAL, {"only.bin": lambda p: p.write_bytes(b"new")})
     assert sorted(p.name for p in b.iterdir()) == [MANIFEST, "only.bin"]
     assert verify_bundle(b)["runtime"] == {"name": "x"}
     assert [p.name for p in tmp_path.iterdir()] == ["copy"]

@@ -1,0 +1,92 @@
+"""Bundles of the default model: built for three devices, loaded, generating; and a bundle run in
+a fresh virtual environment holding only what its manifest asks for (no transformers)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import infopt
+from infopt.build import build
+from infopt.bundle import verify_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    for device in ("host", "apple-ane", "rtx4090-24gb"):
+        out[device] = root / device
+        build(gguf_path, out[device], device=device)
+    return out
+
+
+def test_default_model_bundles_plan_load_and_answer(
+    bundles: dict[str, Path], smol: infopt.Model
+) -> None:
+    expected = smol.generate(QUESTION, max_new_tokens=24)
+    plans = {}
+    for device, path in bundles.items():
+        m = verify_bundle(path)
+        plans[device] = (m["plan"]["compression"]["name"], m["runtime"]["name"])
+        model = infopt.load(path, runtime="pytorch", max_context=256, threads=2)
+        answer = model.generate(QUESTION, max_new_tokens=24)
+        assert "Paris" in answer.text, (device, answer.text)
+        if device == "host":  # fp32, like the reference: the very same tokens
+            assert answer.token_ids == expected.token_ids
+    assert plans["host"] == ("fp32", "pytorch")
+    assert plans["apple-ane"] == ("fp16", "coreml")  # its artifact comes with the Core ML runtime
+    assert plans["rtx4090-24gb"][1] == "pytorch"
+    ane = verify_bundle(bundles["apple-ane"])
+    assert ane["plan"]["static_shapes"] and ane["kv_cache"]["dtype"] == "fp16"
+    assert (
+        ane["model"]["source"]["sha256"]
+        == verify_bundle(bundles["host"])["model"]["source"]["sha256"]
+    )
+
+
+def test_a_bundle_runs_in_a_fresh_env_without_transformers(
+    bundles: dict[str, Path], tmp_path: Path, smol: infopt.Model
+) -> None:
+    import torch
+
+    manifest = verify_bundle(bundles["host"])
+    requires = manifest["runtime"]["requires"]
+    assert requires["package"] == "torch"
+    src = tmp_path / "src"  # the project's sources only: no venv, no build tree
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("sdk", "runtimes", "device_profiles", "tools"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"  # the local CPU wheel, satisfies >=
+    subprocess.run([*pip, torch_pin, str(src)], check=True, timeout=900)
+    script = (
+        "import importlib.util, json, sys, infopt\n"
+        "assert importlib.util.find_spec('transformers') is None\n"
+        "m = infopt.load(sys.argv[1], max_context=256, threads=2)\n"
+        "r = m.generate([{'role': 'user', 'content': 'What is the capital of France?'}],"
+        " max_new_tokens=24)\n"
+        "print(json.dumps({'ids': r.token_ids, 'text': r.text}))\n"
+    )
+    run = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", script, str(bundles["host"])],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,  # not the repository: the installed infopt is the one imported
+    )
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["ids"] == smol.generate(QUESTION, max_new_tokens=24).token_ids
