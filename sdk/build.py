@@ -69,14 +69,20 @@ def compress(
     progress: Stage | None = None,
 ) -> dict[str, Any]:
     """Apply the plan's compression to `core` in place; returns what was done."""
-    from infopt.compress import prune_mlp_channels, quantize_model
+    from infopt.compress import check_quantization, prune_mlp_channels, quantize_model
     from infopt.sparsity import low_rank_model
 
     done: dict[str, Any] = {}
     weights = dict(p.compression["weights"])
     sparsity = float(p.pruning.get("sparsity") or 0.0)
+    # a bad (hand-edited) plan fails here, before any work
     if p.pruning.get("kind", "none") not in ("none", "structured-mlp-channels"):
         raise InvalidArgumentError(f"plan pruning kind {p.pruning.get('kind')!r} is not buildable")
+    if not 0 <= sparsity < 1:
+        raise InvalidArgumentError(f"plan pruning sparsity {sparsity}: must be in [0, 1)")
+    if p.low_rank_ratio is not None and not 0 < p.low_rank_ratio <= 1:
+        raise InvalidArgumentError(f"plan low_rank_ratio {p.low_rank_ratio}: must be in (0, 1]")
+    check_quantization(core, weights)
     if sparsity:
         done["mlp_intermediate_size"] = prune_mlp_channels(core, sparsity, calibration)
     if p.low_rank_ratio is not None:

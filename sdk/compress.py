@@ -110,6 +110,11 @@ def quantize_model(
 FLOATS = ("fp32", "fp16", "bf16")
 
 
+def check_quantization(model: Decoder, weights: dict[str, str]) -> None:
+    """Every refusal `quantize_model` would raise for these schemes, without quantizing."""
+    _check_request(model, block_schemes(weights), weights)
+
+
 def _check_request(
     model: Decoder, schemes: dict[str, QuantScheme], weights: dict[str, str]
 ) -> None:

@@ -98,6 +98,12 @@ def test_bad_builds_are_refused_and_write_nothing(tmp_path: Path, tiny_gguf: Pat
     (tmp_path / "junk.json").write_text('{"device": "host"}')
     with pytest.raises(InvalidArgumentError, match="not a plan"):
         build(tiny_gguf, out, plan_file=tmp_path / "junk.json")
+    planned = CliRunner().invoke(main, ["plan", "-m", str(tiny_gguf), "-d", "host", "--json"])
+    plan = json.loads(planned.stdout)
+    plan["compression"]["weights"]["mlp"] = "int4-g128"  # 64 inputs: g128 cannot divide them
+    (tmp_path / "bad-plan.json").write_text(json.dumps(plan))
+    with pytest.raises(InvalidArgumentError, match="128"):
+        build(tiny_gguf, out, plan_file=tmp_path / "bad-plan.json")
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial dirs
 
