@@ -199,7 +199,8 @@ def distill(
 
     With `state_path`, an existing state file resumes the run (it must come from the same data,
     config and student shapes) and the state is saved every `config.save_every` steps, on Ctrl-C
-    and at the end."""
+    and at the end. While it trains, both models' KV caches are sized for training batches
+    (they are given back as they were at the end): do not generate with them from `progress`."""
     config = config or DistillConfig()
     config.check()
     if data.dim() != 2 or data.shape[0] < 1 or data.shape[1] < 2:
