@@ -16,7 +16,7 @@ from typing import Any, cast
 from infopt.errors import InvalidArgumentError
 from infopt.generate import GenerationResult, TextStream, stream_generate
 from infopt.importers import ModelSource, open_model
-from infopt.runtimes import Runtime, runtime_module
+from infopt.runtimes import Runtime, check_requirement, runtime_module
 from infopt.sampling import SamplingParams
 from infopt.spec import ModelSpec
 from infopt.tokenizer import Tokenizer
@@ -199,7 +199,7 @@ def load_bundle(
     """Load a bundle: verified first (every file against the manifest), then its tokenizer and
     the runtime artifact the manifest (or `runtime`) names."""
     from infopt.bundle import bundle_tokenizer, choose_runtime, verify_bundle
-    from infopt.checkpoint import spec_from_dict
+    from infopt.spec import spec_from_dict
 
     root = Path(path)
     manifest = verify_bundle(root)
@@ -209,10 +209,16 @@ def load_bundle(
     ctx = _check_load_args(
         max_context or planned, spec.max_position_embeddings, threads, max_context
     )
-    tokenizer = bundle_tokenizer(root, manifest)
-    rt = runtime_module(name).from_bundle(
-        root, manifest, max_context=ctx, device=device, threads=threads
+    module = runtime_module(name)  # a missing package: the pip extra to install
+    artifact = manifest["artifacts"][name]
+    main = manifest["runtime"]
+    check_requirement(
+        str(root),
+        name,
+        artifact.get("requires") or (main.get("requires") if main["name"] == name else None),
     )
+    tokenizer = bundle_tokenizer(root, manifest)
+    rt = module.from_bundle(root, manifest, max_context=ctx, device=device, threads=threads)
     loaded = Model(rt, tokenizer, spec, manifest.get("generation_defaults") or {}, str(root))
     release_free_memory()
     return loaded

@@ -26,7 +26,11 @@ from infopt.planner import Plan
 
 Stage = Callable[[str, int, int], None]  # (stage, done, total)
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-BUILDABLE_RUNTIMES = ("pytorch",)  # the others arrive with their runtime modules
+BUILDABLE_RUNTIMES = (
+    "pytorch",
+    "onnxruntime",
+    "openvino",
+)  # the others arrive with their runtime modules
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -133,7 +137,6 @@ def build(
 ) -> dict[str, Any]:
     """Build a bundle of `model` for `device` (or from `plan_file`) at `out`. Returns a summary."""
     from infopt import __version__
-    from infopt.checkpoint import save_model
     from infopt.compress import calibration_batches, default_calibration_text
     from infopt.default_model import default_model_path
     from infopt.runtimes import available
@@ -141,8 +144,10 @@ def build(
 
     if (device is None) == (plan_file is None):
         raise InvalidArgumentError("give a device to plan for, or a plan file, not both")
-    if runtime is not None and runtime not in available():
-        raise InvalidArgumentError(f"runtime {runtime!r}: expected one of {available()}")
+    requested = [r.strip() for r in runtime.split(",")] if runtime else []
+    for name in requested:
+        if name not in available():
+            raise InvalidArgumentError(f"runtime {name!r}: expected one of {available()}")
     started = time.perf_counter()
     source = open_model(model if model is not None else default_model_path())
     step = progress or (lambda *_: None)
@@ -158,7 +163,9 @@ def build(
             f"{source.path} has {source.spec.num_layers}"
         )
     step("plan", 1, 1)
-    chosen_runtime = runtime or p.runtime
+    chosen_runtime = requested[0] if requested else p.runtime
+    built = [r for r in dict.fromkeys(requested or [p.runtime]) if r in BUILDABLE_RUNTIMES]
+    built = built or ["pytorch"]  # the plan's runtime is not buildable yet: a PyTorch artifact
     cal_text = (
         Path(calibration).read_text(encoding="utf-8") if calibration else default_calibration_text()
     )
@@ -169,9 +176,8 @@ def build(
     done = compress(core, p, cal_ids, gptq=calibration is not None, progress=progress)
     done["stored_dtype"] = str(core.norm.weight.dtype).removeprefix("torch.")
     timings = {"compress_s": round(time.perf_counter() - started, 1)}
-    artifacts: dict[str, Any] = {
-        "pytorch": {"files": ["model.safetensors"], "format": "infopt-weights 1"}
-    }
+    max_context = min(p.context, core.spec.max_position_embeddings)
+    artifacts, writers = _artifacts(core, built, max_context)
     tokenizer = source.tokenizer
     manifest = {
         "infopt_version": __version__,
@@ -194,7 +200,7 @@ def build(
         },
         "artifacts": artifacts,
         "kv_cache": {
-            "max_context": min(p.context, core.spec.max_position_embeddings),
+            "max_context": max_context,
             "batch": p.batch,
             "dtype": p.compression.get("kv_dtype"),
             "layout": "per layer: K and V [batch, kv_heads, max_context, head_dim]",
@@ -206,10 +212,7 @@ def build(
         "generation_defaults": source.generation_defaults,
         "draft": None,
     }
-    writers = {
-        "model.safetensors": lambda path: save_model(core, path),
-        TOKENIZER: lambda path: path.write_text(tokenizer.backend.to_str(), encoding="utf-8"),
-    }
+    writers[TOKENIZER] = lambda path: path.write_text(tokenizer.backend.to_str(), encoding="utf-8")
     step("package", 0, 1)
     full = write_bundle(out, manifest, writers)
     step("package", 1, 1)
@@ -225,6 +228,47 @@ def build(
         "seconds": round(time.perf_counter() - started, 1),
         **timings,
     }
+
+
+def _artifacts(
+    core: Decoder, runtimes: list[str], max_context: int
+) -> tuple[dict[str, Any], dict[str, Callable[[Path], object]]]:
+    """The manifest entry and the file writers of each runtime's artifact."""
+    from infopt.checkpoint import save_model
+
+    artifacts: dict[str, Any] = {}
+    writers: dict[str, Callable[[Path], object]] = {}
+    if "pytorch" in runtimes:
+        artifacts["pytorch"] = {
+            "files": ["model.safetensors"],
+            "format": "infopt-weights 1",
+            "requires": _runtime_requirement("pytorch"),
+        }
+        writers["model.safetensors"] = lambda path: save_model(core, path)
+    if "onnxruntime" in runtimes:
+        from infopt.onnx_export import DATA_FILE, export_onnx, onnx_io
+
+        artifacts["onnxruntime"] = {
+            "files": ["model.onnx", DATA_FILE],
+            "format": "onnx",
+            "max_context": max_context,
+            "requires": _runtime_requirement("onnxruntime"),
+            **onnx_io(core),
+        }
+        writers["model.onnx"] = lambda path: export_onnx(core, path, max_context)
+    if "openvino" in runtimes:
+        from infopt.openvino_export import BIN, XML, export_openvino
+
+        artifacts["openvino"] = {
+            "files": [XML, BIN],
+            "format": "openvino-ir",
+            "max_context": max_context,
+            "requires": _runtime_requirement("openvino"),
+            "states": "past_key_values.%d.key / past_key_values.%d.value",
+            "inputs": ["input_ids", "attention_mask", "position_ids", "beam_idx", "logits_to_keep"],
+        }
+        writers[XML] = lambda path: export_openvino(core, path, max_context)
+    return artifacts, writers
 
 
 def _runtime_requirement(name: str) -> dict[str, str]:

@@ -163,7 +163,8 @@ def write_bundle(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Write a bundle atomically. `writers` maps each relative file path to a function writing
-    that file; `manifest` gets format, version and the files' sizes and hashes. OUT is replaced
+    that file (and any siblings it needs); `manifest` gets format, version and the sizes and
+    hashes of every file written. OUT is replaced
     only when everything is written and verified; on any failure it is left as it was."""
     out = Path(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
@@ -172,16 +173,21 @@ def write_bundle(
         raise BundleError(f"{out}: a non-empty directory that is not a bundle; not replacing it")
     tmp = _partial_dir(out)
     try:
-        files = []
         for rel in sorted(writers):
             target = _safe_relative(tmp, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
             if progress:
                 progress(f"writing {rel}")
             writers[rel](target)
-            files.append(
-                {"path": rel, "size": target.stat().st_size, "sha256": sha256_file(target)}
-            )
+        files = [  # what the writers wrote (a writer may add siblings: ONNX external data)
+            {
+                "path": p.relative_to(tmp).as_posix(),
+                "size": p.stat().st_size,
+                "sha256": sha256_file(p),
+            }
+            for p in sorted(_walk(tmp))
+            if p.is_file()
+        ]
         full = {"format": FORMAT, "version": VERSION, **manifest, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
         _fsync_tree(tmp)

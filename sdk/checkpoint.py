@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -20,16 +19,9 @@ from infopt.errors import ModelFormatError
 from infopt.model import Decoder, load_state_dict
 from infopt.quant import QuantEmbedding, QuantizedWeight, QuantLinear, QuantScheme, QuantStorage
 from infopt.sparsity import LowRankLinear
-from infopt.spec import ModelSpec
+from infopt.spec import spec_from_dict
 
 FORMAT, VERSION = "infopt-weights", "1"
-
-
-def spec_from_dict(data: dict[str, object]) -> ModelSpec:
-    known = {f.name for f in fields(ModelSpec)}
-    values = {k: v for k, v in data.items() if k in known}
-    values["eos_token_ids"] = tuple(values.get("eos_token_ids") or ())  # type: ignore[arg-type]
-    return ModelSpec(**values)  # type: ignore[arg-type]
 
 
 def save_model(model: Decoder, path: str | Path) -> int:

@@ -674,7 +674,11 @@ def distill(
     help="Or: build from a plan saved by `infopt-pack plan --json` (edit it as you like).",
 )
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle dir.")
-@click.option("--runtime", help="Override the plan's runtime (only pytorch artifacts for now).")
+@click.option(
+    "--runtime",
+    help="Override the plan's runtime: pytorch, onnxruntime, openvino; a comma-separated list "
+    "puts several artifacts in the bundle (the first is the default).",
+)
 @click.option("--context", type=int, help="Tokens the KV cache must hold.")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--latency-ms", type=float, help="Per-token decode latency target.")
@@ -713,6 +717,7 @@ def build(
       infopt-pack build --device host -o smollm2-host
       infopt-pack plan --device rtx4090-24gb --json > plan.json   # edit, then:
       infopt-pack build --plan plan.json -o smollm2-4090
+      infopt-pack build --device host --runtime onnxruntime,pytorch -o smollm2-ort
       infopt-pack run smollm2-host --prompt "Hi"
     """
     from infopt.build import build as run_build

@@ -5,7 +5,7 @@ Built from a Hugging Face `config.json` dict or from GGUF metadata; the planner 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from infopt.errors import ModelFormatError, UnsupportedModelError
@@ -146,3 +146,11 @@ def spec_from_hf_config(config: dict[str, Any]) -> ModelSpec:
         bos_token_id=config.get("bos_token_id"),
         eos_token_ids=_eos_ids(config.get("eos_token_id")),
     )
+
+
+def spec_from_dict(data: dict[str, object]) -> ModelSpec:
+    """ModelSpec from `ModelSpec.to_dict()` output (a bundle manifest, a weight file header)."""
+    known = {f.name for f in fields(ModelSpec)}
+    values = {k: v for k, v in data.items() if k in known}
+    values["eos_token_ids"] = tuple(values.get("eos_token_ids") or ())  # type: ignore[arg-type]
+    return ModelSpec(**values)  # type: ignore[arg-type]

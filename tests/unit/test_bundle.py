@@ -29,7 +29,7 @@ MINIMAL = {
 @pytest.fixture(scope="module")
 def host_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "host"
-    build(tiny_gguf, out, device="host")
+    build(tiny_gguf, out, device="host", runtime="pytorch")
     return out
 
 
@@ -65,6 +65,7 @@ def test_build_from_an_edited_plan_quantizes(tmp_path: Path, tiny_gguf: Path) ->
         "mlp": "int4-g32",
     }
     plan["pruning"] = {"kind": "structured-mlp-channels", "sparsity": 0.5}
+    plan["runtime"] = "onnxruntime"
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     out = tmp_path / "int4"
     result = runner.invoke(
@@ -77,12 +78,11 @@ def test_build_from_an_edited_plan_quantizes(tmp_path: Path, tiny_gguf: Path) ->
         and m["model"]["config"]["intermediate_size"] == 64
     )
     model = infopt.load(out, max_context=64)
+    assert model.runtime.name == "onnxruntime"
     r = model.generate(PROMPT, max_new_tokens=5, stop_token_ids=[])
     assert len(r.token_ids) == 5
     shown = runner.invoke(main, ["inspect", str(out)])
-    assert (
-        shown.exit_code == 0 and "for host" in shown.stdout and "model.safetensors" in shown.stdout
-    )
+    assert shown.exit_code == 0 and "for host" in shown.stdout and "model.onnx.data" in shown.stdout
     ok = runner.invoke(main, ["verify", str(out), "--json"])
     assert ok.exit_code == 0 and json.loads(ok.stdout)["ok"]
     run = runner.invoke(main, ["run", str(out), "--prompt", "hi", "-n", "3", "--json"])

@@ -1,4 +1,6 @@
-"""The runtime protocol's semantics, run over every installed runtime (the PyTorch one for now)."""
+"""The runtime protocol's semantics, run over every installed runtime: the same tiny model
+(exported on the fly for the non-PyTorch runtimes) through each, and through the shared generate
+loop on top (streaming, stop strings, the context limit)."""
 
 from __future__ import annotations
 
@@ -8,16 +10,35 @@ import numpy as np
 import pytest
 
 import infopt
-from infopt.errors import ContextLengthError, InvalidArgumentError
-from infopt.runtimes import Runtime, available
+from infopt.errors import ContextLengthError, InvalidArgumentError, RuntimeNotAvailableError
+from infopt.runtimes import Runtime, available, runtime_module
 
-RUNTIMES = [name for name in available() if name == "pytorch"]
+
+def installed(name: str) -> bool:
+    try:
+        runtime_module(name)
+    except RuntimeNotAvailableError:
+        return False
+    return hasattr(runtime_module(name), "from_source")
+
+
+RUNTIMES = [name for name in available() if installed(name)]
 TOKENS = [5, 17, 42, 99, 3, 250, 77, 8, 120, 64]
+PROMPT = [{"role": "user", "content": "hello there"}]
+
+
+def test_the_desktop_runtimes_are_installed_here() -> None:
+    assert {"pytorch", "onnxruntime", "openvino"} <= set(RUNTIMES)  # CI must not skip them silently
 
 
 @pytest.fixture(params=RUNTIMES)
-def rt(request: pytest.FixtureRequest, tiny_gguf: Path) -> Runtime:
-    return infopt.load(tiny_gguf, runtime=request.param, max_context=32).runtime
+def model(request: pytest.FixtureRequest, tiny_gguf: Path) -> infopt.Model:
+    return infopt.load(tiny_gguf, runtime=request.param, max_context=32)
+
+
+@pytest.fixture
+def rt(model: infopt.Model) -> Runtime:
+    return model.runtime
 
 
 def test_satisfies_protocol(rt: Runtime) -> None:
@@ -77,3 +98,39 @@ def test_bad_rewind_and_empty_forward(rt: Runtime) -> None:
         rt.rewind(-1)
     with pytest.raises(InvalidArgumentError):
         rt.forward([])
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_gguf: Path) -> infopt.Model:
+    return infopt.load(tiny_gguf, runtime="pytorch", max_context=32)
+
+
+def test_same_logits_as_the_pytorch_runtime(rt: Runtime, reference: infopt.Model) -> None:
+    reference.runtime.reset()
+    expected = reference.runtime.forward(TOKENS)
+    np.testing.assert_allclose(rt.forward(TOKENS), expected, atol=2e-5)
+
+
+def test_streaming_equals_one_shot(model: infopt.Model, reference: infopt.Model) -> None:
+    stream = model.stream(PROMPT, max_new_tokens=8, stop_token_ids=[])
+    text = "".join(stream)
+    one_shot = model.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
+    assert stream.result is not None and text == one_shot.text == stream.result.text
+    assert (
+        one_shot.token_ids
+        == reference.generate(PROMPT, max_new_tokens=8, stop_token_ids=[]).token_ids
+    )
+
+
+def test_stop_string_ends_generation(model: infopt.Model) -> None:
+    free = model.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
+    stop = free.text[3:6]
+    assert stop.strip(), free.text
+    stopped = model.generate(PROMPT, max_new_tokens=8, stop_token_ids=[], stop=stop)
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[: free.text.index(stop)]
+
+
+def test_prompt_beyond_the_context_is_refused(model: infopt.Model) -> None:
+    with pytest.raises(ContextLengthError):
+        model.generate("hello " * 40, max_new_tokens=4)
+    assert model.generate(PROMPT, max_new_tokens=3, stop_token_ids=[]).finish_reason == "length"

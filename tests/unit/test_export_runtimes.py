@@ -1,0 +1,238 @@
+"""ONNX Runtime and OpenVINO artifacts on tiny models: the exported graphs compute what the model
+core computes (fp32 to rounding; quantized weights carried over bit-exactly), across the
+architectures and compressions the core supports, and bundles holding them load without torch
+being touched, refuse tampering and refuse the wrong package version."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import infopt
+from infopt.build import build
+from infopt.bundle import MANIFEST, verify_bundle
+from infopt.compress import prune_attention_heads, prune_mlp_channels, quantize_model
+from infopt.errors import BundleError, InvalidArgumentError, RuntimeNotAvailableError
+from infopt.quant import QuantScheme, quantize_rtn
+from infopt.runtimes import onnxruntime as ort_rt
+from infopt.runtimes import openvino as ov_rt
+from infopt.runtimes import satisfies
+from infopt.runtimes.pytorch import TorchRuntime
+from infopt.sparsity import low_rank_model
+from tests.conftest import hf_model, save_hf_folder
+
+TOKENS = [5, 17, 42, 99, 3, 250, 77, 8, 120, 64, 11, 12, 13, 14, 15, 16, 17, 18]
+EXPORTERS = {"onnxruntime": ort_rt.from_model, "openvino": ov_rt.from_model}
+PROMPT = [{"role": "user", "content": "hello there"}]
+
+
+def core_of(folder: Path) -> Any:
+    return infopt.load(folder, runtime="pytorch", max_context=64).runtime.model
+
+
+def run_script(rt: Any) -> list[np.ndarray]:
+    """Prefill, a multi-token chunk after it, single tokens, a rewind and a re-decode."""
+    out = [rt.forward(TOKENS[:7]), rt.forward(TOKENS[7:12])]
+    out += [rt.forward([t]) for t in TOKENS[12:]]
+    rt.rewind(4)
+    out.append(rt.forward(TOKENS[3:6], only_last=True))
+    return out
+
+
+def assert_same(core: Any, runtime: str, atol: float) -> None:
+    expected = run_script(TorchRuntime(core, 64))
+    got = run_script(EXPORTERS[runtime](core, max_context=64, threads=2))
+    for a, b in zip(expected, got, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("arch")
+    variants = {
+        "llama": ("llama", {}),
+        "llama-tied": ("llama", {"tie_word_embeddings": True}),
+        "qwen2-bias": ("qwen2", {}),
+        "mistral-window": ("mistral", {"sliding_window": 8}),
+        "llama3-rope-mqa": (
+            "llama",
+            {
+                "num_key_value_heads": 1,
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                },
+            },
+        ),
+    }
+    return {
+        name: save_hf_folder(hf_model(arch, **kw), tiny_tokenizer, root / name)
+        for name, (arch, kw) in variants.items()
+    }
+
+
+@pytest.mark.parametrize("runtime", list(EXPORTERS))
+@pytest.mark.parametrize(
+    "arch", ["llama", "llama-tied", "qwen2-bias", "mistral-window", "llama3-rope-mqa"]
+)
+def test_fp32_graphs_match_the_model_core(
+    folders: dict[str, Path], arch: str, runtime: str
+) -> None:
+    assert_same(core_of(folders[arch]), runtime, atol=2e-5)
+
+
+SCHEMES = {
+    "int4 asym g32, int8 embeddings": {
+        "attention": "int4-g32",
+        "mlp": "int4-g32",
+        "embeddings": "int8",
+        "lm_head": "int8",
+    },
+    "int4 sym g64 attention, int8 mlp": {
+        "attention": "int4s-g64",
+        "mlp": "int8",
+        "embeddings": "int4-g32",
+        "lm_head": "int4-g32",
+    },
+}
+
+
+@pytest.mark.parametrize("runtime", list(EXPORTERS))
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("arch", ["llama", "llama-tied"])
+def test_quantized_weights_are_carried_over_exactly(
+    folders: dict[str, Path], arch: str, scheme: str, runtime: str, monkeypatch: Any
+) -> None:
+    # onnxruntime's int8 activations (accuracy level 4) are a speed choice; level 0 computes in
+    # fp32, so any difference left would be in the weights themselves
+    monkeypatch.setattr("infopt.onnx_export.ACCURACY_LEVEL", 0)
+    core = core_of(folders[arch])
+    quantize_model(core, SCHEMES[scheme])
+    assert_same(core, runtime, atol=5e-5)
+
+
+@pytest.mark.parametrize("runtime", list(EXPORTERS))
+def test_pruned_and_low_rank_models_export(folders: dict[str, Path], runtime: str) -> None:
+    core = core_of(folders["llama"])
+    prune_mlp_channels(core, 0.5)
+    prune_attention_heads(core, kv_heads=1)
+    low_rank_model(core, 0.5, groups=("mlp",))
+    assert_same(core, runtime, atol=2e-5)
+
+
+def test_onnxruntime_int8_activations_stay_close(folders: dict[str, Path]) -> None:
+    """The shipped setting (accuracy level 4): logits close, the same argmax nearly always."""
+    core = core_of(folders["llama"])
+    quantize_model(core, SCHEMES["int4 asym g32, int8 embeddings"])
+    expected = np.concatenate(run_script(TorchRuntime(core, 64)))
+    got = np.concatenate(run_script(ort_rt.from_model(core, max_context=64)))
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() < 0.02 * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_group_sizes_below_16_are_refused_for_onnx(folders: dict[str, Path]) -> None:
+    core = core_of(folders["llama"])
+    quantize_model(core, {"attention": "int4-g8", "mlp": "int4-g32"})
+    with pytest.raises(InvalidArgumentError, match="at least 16"):
+        ort_rt.from_model(core, max_context=64)
+
+
+def test_quantized_embedding_storage_is_shared_with_the_lm_head(folders: dict[str, Path]) -> None:
+    import onnx
+
+    from infopt.onnx_export import build_graph
+
+    core = core_of(folders["llama-tied"])
+    quantize_model(core, SCHEMES["int4 asym g32, int8 embeddings"])
+    graph = build_graph(core, 64).graph
+    tables = [t for t in graph.initializer if t.dims[:1] == [core.spec.vocab_size]]
+    assert len([t for t in tables if t.data_type == onnx.TensorProto.UINT8]) == 1
+
+
+@pytest.fixture(scope="module")
+def multi_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
+    out = tmp_path_factory.mktemp("multi") / "b"
+    build(tiny_gguf, out, device="host", runtime="onnxruntime,openvino,pytorch", context=128)
+    return out
+
+
+def test_a_bundle_with_three_artifacts_generates_the_same_tokens(multi_bundle: Path) -> None:
+    manifest = verify_bundle(multi_bundle)
+    assert manifest["runtime"]["name"] == "onnxruntime"
+    assert sorted(manifest["artifacts"]) == ["onnxruntime", "openvino", "pytorch"]
+    paths = {f["path"] for f in manifest["files"]}
+    assert {"model.onnx", "model.onnx.data", "openvino_model.xml", "openvino_model.bin"} <= paths
+    results = {
+        name: infopt.load(multi_bundle, runtime=name, max_context=64).generate(
+            PROMPT, max_new_tokens=16, stop_token_ids=[]
+        )
+        for name in manifest["artifacts"]
+    }
+    assert infopt.load(multi_bundle).runtime.name == "onnxruntime"
+    ids = {name: r.token_ids for name, r in results.items()}
+    assert ids["onnxruntime"] == ids["openvino"] == ids["pytorch"], ids
+
+
+@pytest.mark.parametrize(
+    "name", ["model.onnx", "model.onnx.data", "openvino_model.xml", "openvino_model.bin"]
+)
+def test_every_artifact_file_is_checked(multi_bundle: Path, tmp_path: Path, name: str) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(multi_bundle, b)
+    data = bytearray((b / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (b / name).write_bytes(bytes(data))
+    for runtime in ("onnxruntime", "openvino"):
+        with pytest.raises(BundleError, match=name):
+            infopt.load(b, runtime=runtime)
+
+
+def test_the_wrong_package_version_or_a_missing_package_is_refused(
+    multi_bundle: Path, tmp_path: Path
+) -> None:
+    b = tmp_path / "b"
+    shutil.copytree(multi_bundle, b)
+    manifest = json.loads((b / MANIFEST).read_text())
+    manifest["artifacts"]["onnxruntime"]["requires"]["version"] = ">=99.0"
+    manifest["artifacts"]["openvino"]["requires"]["package"] = "openvino-from-the-future"
+    (b / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"built for onnxruntime>=99\.0.*this environment has"):
+        infopt.load(b)
+    with pytest.raises(RuntimeNotAvailableError, match=r"pip install 'infopt\[openvino\]'"):
+        infopt.load(b, runtime="openvino")
+
+
+def test_version_ranges() -> None:
+    assert satisfies("1.32.0", ">=1.32") and satisfies("2026.4.1", ">=2026.4,<2027")
+    assert not satisfies("1.31.9", ">=1.32") and not satisfies("2.0", ">=1.2,<2")
+    assert satisfies("2.13.0+cpu", ">=2.13") and satisfies("anything", "")
+
+
+def test_a_larger_context_than_exported_is_refused(multi_bundle: Path) -> None:
+    planned = verify_bundle(multi_bundle)["kv_cache"]["max_context"]
+    for runtime in ("onnxruntime", "openvino"):
+        with pytest.raises(InvalidArgumentError, match="exported for"):
+            infopt.load(multi_bundle, runtime=runtime, max_context=planned + 1)
+
+
+def test_rtn_int8_rows_map_to_exact_blocks() -> None:
+    """INT8 per-channel as 8-bit MatMulNBits blocks: same codes (+128), scale repeated."""
+    import torch
+
+    from infopt.onnx_export import _nbits_weights
+
+    qw = quantize_rtn(torch.randn(8, 96), QuantScheme.parse("int8"))
+    b, scales, zeros, block = _nbits_weights(qw)
+    assert block == 32 and zeros is None and b.shape == (8, 3, 32)
+    deq = (b.reshape(8, 96).astype(np.float32) - 128) * np.repeat(scales, 32, axis=1)
+    np.testing.assert_array_equal(deq, qw.dequantize().numpy())
