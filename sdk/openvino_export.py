@@ -102,21 +102,21 @@ def _rms_norm(x: Any, weight: torch.Tensor, eps: float) -> Any:
 def _heads(x: Any, heads: int, dim: int) -> Any:
     """[1, S, heads*dim] -> [1, heads, S, dim]."""
     _, ops = _ov()
-    x = ops.reshape(x, ops.constant(np.array([1, -1, heads, dim], np.int64)), False)
-    return ops.transpose(x, ops.constant(np.array([0, 2, 1, 3], np.int64)))
+    x = ops.reshape(x, ops.constant(np.array([0, 0, heads, dim], np.int64)), True)
+    return ops.transpose(x, ops.constant(np.array([0, 2, 1, 3], np.int32)))
+
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, np.int64)
 
 
 def _rope(x: Any, cos: Any, sin: Any, dim: int) -> Any:
+    """x * cos + rotate_half(x) * sin, in the shape of transformers' graph (the plugin fuses it)."""
     _, ops = _ov()
-    half = dim // 2
-    axis = np.array([3], np.int64)
-    x1 = ops.slice(
-        x, np.array([0], np.int64), np.array([half], np.int64), np.array([1], np.int64), axis
-    )
-    x2 = ops.slice(
-        x, np.array([half], np.int64), np.array([dim], np.int64), np.array([1], np.int64), axis
-    )
-    rotated = ops.concat([ops.negative(x2), x1], 3)
+    half, end = dim // 2, int(np.iinfo(np.int64).max)
+    x1 = ops.slice(x, _i64(0), _i64(half), _i64(1), _i64(3))
+    x2 = ops.slice(x, _i64(half), _i64(end), _i64(1), _i64(3))
+    rotated = ops.concat([ops.multiply(x2, np.float32(-1)), x1], -1)
     return ops.add(ops.multiply(x, cos), ops.multiply(rotated, sin))
 
 
@@ -126,7 +126,7 @@ def _kv_state(new: Any, kv: int, dim: int, name: str, beam_idx: Any, sinks: list
     from openvino.op.util import Variable, VariableInfo
 
     info = VariableInfo()
-    info.data_shape = ov.PartialShape([1, kv, -1, dim])
+    info.data_shape = ov.PartialShape([-1, kv, -1, dim])
     info.data_type = ov.Type.f32
     info.variable_id = name
     var = Variable(info)
@@ -138,23 +138,14 @@ def _kv_state(new: Any, kv: int, dim: int, name: str, beam_idx: Any, sinks: list
 
 
 def _expand(kv_all: Any, kv: int, groups: int, dim: int) -> Any:
-    """[1, kv, T, D] -> [1, kv*groups, T, D], each KV head repeated for its query heads."""
+    """[1, kv, T, D] -> [1, kv*groups, T, D], each KV head repeated for its query heads
+    (Unsqueeze -> bidirectional Broadcast -> Reshape: the plugin folds it into its KV cache)."""
     _, ops = _ov()
     if groups == 1:
         return kv_all
-    x = ops.unsqueeze(kv_all, np.int64(2))
-    shape = ops.shape_of(x)
-    target = ops.concat(
-        [
-            ops.constant(np.array([1, kv, groups], np.int64)),
-            ops.slice(
-                shape, np.array([3], np.int64), np.array([5], np.int64), np.array([1], np.int64)
-            ),
-        ],
-        0,
-    )
-    x = ops.broadcast(x, target)
-    return ops.reshape(x, ops.constant(np.array([1, kv * groups, -1, dim], np.int64)), False)
+    x = ops.unsqueeze(kv_all, np.int64(2))  # [1, kv, 1, T, D]
+    x = ops.broadcast(x, _i64(1, 1, groups, 1, 1), broadcast_spec="BIDIRECTIONAL")
+    return ops.reshape(x, _i64(0, kv * groups, -1, dim), True)
 
 
 def _attention(x: Any, block: Block, i: int, ctx: dict[str, Any], sinks: list[Any]) -> Any:
@@ -226,10 +217,10 @@ def build_model(model: Decoder, max_context: int) -> Any:
     ov, ops = _ov()
     spec = model.spec
     params = {
-        "input_ids": ops.parameter([1, -1], ov.Type.i64, name="input_ids"),
-        "attention_mask": ops.parameter([1, -1], ov.Type.i64, name="attention_mask"),
-        "position_ids": ops.parameter([1, -1], ov.Type.i64, name="position_ids"),
-        "beam_idx": ops.parameter([1], ov.Type.i32, name="beam_idx"),
+        "input_ids": ops.parameter([-1, -1], ov.Type.i64, name="input_ids"),
+        "attention_mask": ops.parameter([-1, -1], ov.Type.i64, name="attention_mask"),
+        "position_ids": ops.parameter([-1, -1], ov.Type.i64, name="position_ids"),
+        "beam_idx": ops.parameter([-1], ov.Type.i32, name="beam_idx"),
         "logits_to_keep": ops.parameter([1], ov.Type.i64, name="logits_to_keep"),
     }
     freqs = torch.arange(max_context, dtype=torch.float32)[:, None] * rope_inv_freq(spec)

@@ -109,13 +109,7 @@ VARIANTS = [
     Variant("low-rank 20% (plain SVD)", "svd-0.8"),
     Variant("low-rank 20% (whitened SVD)", "svd-0.8", calibration="stdlib"),
     Variant("low-rank 20% (whitened SVD, global ranks)", "svd-global-0.8", None, "stdlib"),
-    Variant(
-        "low-rank 20% (whitened SVD, global ranks) + distillation",
-        "svd-global-0.8",
-        None,
-        "stdlib",
-        heal=True,
-    ),
+    Variant("low-rank 20% (whitened SVD) + distillation", "svd-0.8", None, "stdlib", heal=True),
     Variant("structured: MLP channels -20.8% + distillation", "mlp-0.2", None, "stdlib", True),
     Variant("structured: attention heads 9 -> 6 + distillation", "heads-2", None, "stdlib", True),
 ]

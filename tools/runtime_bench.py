@@ -1,0 +1,313 @@
+"""Runtime benchmark: bundles on their runtimes, beside the peers, in one session.
+
+    python -m infopt.tools.runtime_bench BUNDLE [BUNDLE ...] [--runtime R] [--threads 2]
+        [--repeat 3] [--compare] [--peers /tmp/infopt-peers] [--json | --markdown]
+    python -m infopt.tools.runtime_bench --matrix DIR [--compare] --markdown   # the docs table
+
+Each measurement runs in a fresh process (so its memory is its own): load the bundle, then
+- TTFT: a 32-token prompt, call start to the first sampled token (`Stats.ttft_s`);
+- pp512: one prefill of 512 tokens (`forward(only_last=True)`), tokens/s;
+- tg128: 128 greedy tokens after the chat prompt of the anchors' scripts, tokens/s over the
+  steps after the first, with the p50/p95/p99 latency of those steps;
+- peak RSS while generating (the counter is reset after loading; Linux), and at load.
+Runs alternate over the systems `--repeat` times and medians are reported, so the machine's
+drift hits every system alike. `--compare` also runs the peers of `../shared/anchors/` (llama.cpp,
+ONNX Runtime GenAI, OpenVINO GenAI, transformers) from the virtual environment that
+`setup_peers.sh` made (`--peers`), and prints ratios against the best peer. `--matrix DIR`
+builds (once) fp32, INT8 and INT4 bundles of the default model with all three CPU artifacts
+under DIR and benchmarks every runtime of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+PREFILL, DECODE, TTFT_TOKENS = 512, 128, 32
+ANCHORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "anchors"
+RUNTIMES = ("onnxruntime", "openvino", "pytorch")
+HEAD8 = {"embeddings": "int8", "lm_head": "int8"}
+MATRIX = {  # bundle name -> weights of every tensor group
+    "fp32": {"embeddings": "fp32", "lm_head": "fp32", "attention": "fp32", "mlp": "fp32"},
+    "int8": {**HEAD8, "attention": "int8", "mlp": "int8"},
+    "int4": {**HEAD8, "attention": "int4-g32", "mlp": "int4-g32"},
+}
+
+
+def _status_kb(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def measure(bundle: str, runtime: str | None, threads: int) -> dict[str, Any]:
+    """One fresh-process measurement of a bundle (called in the child)."""
+    import numpy as np
+
+    import infopt
+    from infopt.bundle import verify_bundle
+    from infopt.generate import stream_generate
+    from infopt.runtimes import runtime_module
+    from infopt.sampling import SamplingParams
+
+    manifest = verify_bundle(bundle)
+    name = runtime or manifest["runtime"]["name"]
+    runtime_module(name)  # the runtime's package imported: what a process needs before a model
+    baseline = _status_kb("VmRSS") * 1024
+    model = infopt.load(bundle, runtime=runtime, threads=threads)
+    load_peak = _status_kb("VmHWM") * 1024
+    files = set(manifest["artifacts"][name]["files"])
+    weights = sum(f["size"] for f in manifest["files"] if f["path"] in files)
+    cfg = manifest["model"]["config"]
+    kv = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * 4
+    kv_bytes = kv * model.runtime.max_context
+    ids = model.encode_prompt(PROMPT)
+    long = (ids * 40)[:PREFILL]
+    short = (ids * 4)[:TTFT_TOKENS]
+    params = SamplingParams()
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak: measure generation alone
+        f.write("5")
+    model.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])  # warm-up
+    ttft = []
+    for _ in range(3):
+        first = next(
+            iter(
+                stream_generate(
+                    model.runtime, model.tokenizer, short, max_new_tokens=1, params=params
+                )
+            )
+        )
+        ttft.append(first.stats.ttft_s)
+    model.runtime.reset()
+    t = time.perf_counter()
+    model.runtime.forward(long, only_last=True)
+    pp = PREFILL / (time.perf_counter() - t)
+    steps, last = [], time.perf_counter()
+    for n, _r in enumerate(
+        stream_generate(model.runtime, model.tokenizer, ids, max_new_tokens=DECODE, params=params)
+    ):
+        now = time.perf_counter()
+        if n:
+            steps.append(now - last)
+        last = now
+    lat = np.array(steps) * 1000
+    return {
+        "runtime": name,
+        "ttft_ms": 1000 * min(ttft),
+        "prompt_tokens_ttft": TTFT_TOKENS,
+        "pp512": pp,
+        "tg128": len(steps) / sum(steps),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "p99_ms": float(np.percentile(lat, 99)),
+        "peak_rss": _status_kb("VmHWM") * 1024,
+        "load_peak_rss": load_peak,
+        "baseline_rss": baseline,
+        "weights_bytes": weights,
+        "kv_bytes": kv_bytes,
+        "max_context": model.runtime.max_context,
+    }
+
+
+def run_child(bundle: str, runtime: str | None, threads: int) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "infopt.tools.runtime_bench",
+        "--child",
+        bundle,
+        "--threads",
+        str(threads),
+    ] + (["--runtime", runtime] if runtime else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+PEER_SCRIPTS = {  # peer -> (script, argument under the peers dir or None)
+    "llama.cpp Q4_1": ("llamacpp_bench.py", None),
+    "ONNX Runtime GenAI int4": ("ortgenai_bench.py", "ortgenai-int4"),
+    "OpenVINO GenAI int4": ("ovgenai_bench.py", "ov-int4"),
+    "transformers fp32": ("hf_bench.py", None),
+}
+
+
+def run_peer(name: str, peers: Path, threads: int) -> dict[str, Any] | None:
+    script, arg = PEER_SCRIPTS[name]
+    path = ANCHORS / script
+    python = peers / "venv" / "bin" / "python"
+    if not path.exists() or not python.exists():
+        return None
+    cmd = [str(python), str(path)] + ([str(peers / arg)] if arg else [])
+    env = {**os.environ, "THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else ""
+    found = {k: float(v) for k, v in re.findall(r"(pp512|tg128|ttft)=([\d.]+)", line)}
+    if not found:
+        return None
+    result: dict[str, Any] = {"runtime": name}
+    result.update({k: found[k] for k in ("pp512", "tg128") if k in found})
+    if "ttft" in found:
+        result["ttft_ms"] = found["ttft"]
+    return result
+
+
+def build_matrix(folder: Path) -> list[tuple[str, str]]:
+    """(label, bundle) of the fp32 / INT8 / INT4 bundles, built with the three CPU artifacts."""
+    from infopt.build import build
+    from infopt.bundle import is_bundle
+    from infopt.cli import main  # noqa: F401  (the CLI's plan JSON is what users edit)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for label, weights in MATRIX.items():
+        bundle = folder / label
+        if not is_bundle(bundle):
+            plan = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "infopt.cli",
+                    "plan",
+                    "--device",
+                    "host",
+                    "--context",
+                    "1024",
+                    "--json",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            data = json.loads(plan)
+            data["compression"]["weights"] = weights
+            data["compression"]["name"] = f"{label} (edited host plan)"
+            data["pruning"], data["low_rank_ratio"] = {"kind": "none", "sparsity": 0.0}, None
+            plan_file = folder / f"{label}.plan.json"
+            plan_file.write_text(json.dumps(data))
+            build(None, bundle, plan_file=plan_file, runtime=",".join(RUNTIMES))
+        out.append((label, str(bundle)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("bundles", nargs="*")
+    ap.add_argument("--runtime", help="only this runtime (default: every artifact of a bundle)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--matrix", type=Path, help="build and bench fp32/INT8/INT4 bundles here")
+    ap.add_argument("--compare", action="store_true", help="run the peers too")
+    ap.add_argument("--peers", type=Path, default=Path("/tmp/infopt-peers"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(measure(args.child, args.runtime, args.threads)))
+        return
+    rows = bench(args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(table(rows, args.threads, args.markdown))
+
+
+def systems(args: argparse.Namespace) -> list[tuple[str, str | None, str | None]]:
+    """(label, bundle or None for a peer, runtime or peer name)."""
+    from infopt.bundle import verify_bundle
+
+    pairs = build_matrix(args.matrix) if args.matrix else [(Path(b).name, b) for b in args.bundles]
+    out: list[tuple[str, str | None, str | None]] = []
+    for label, bundle in pairs:
+        artifacts = verify_bundle(bundle)["artifacts"]
+        for rt in [args.runtime] if args.runtime else [r for r in RUNTIMES if r in artifacts]:
+            out.append((f"infopt {rt} {label}", bundle, rt))
+    if args.compare:
+        out += [(name, None, name) for name in PEER_SCRIPTS]
+    return out
+
+
+def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
+    todo = systems(args)
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in todo}
+    for _ in range(args.repeat):
+        for label, bundle, rt in todo:
+            if bundle is None:
+                r = run_peer(str(rt), args.peers, args.threads)
+                if r is None:
+                    continue
+            else:
+                r = run_child(bundle, rt, args.threads)
+            runs[label].append(r)
+            print(f"{label}: {json.dumps(r)}", file=sys.stderr, flush=True)
+    rows = []
+    for label, results in runs.items():
+        if not results:
+            continue
+        row: dict[str, Any] = {"system": label, "peer": not label.startswith("infopt ")}
+        for key in results[0]:
+            values = [r[key] for r in results if isinstance(r.get(key), int | float)]
+            row[key] = statistics.median(values) if values else results[0][key]
+        rows.append(row)
+    return rows
+
+
+def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
+    peers = [r for r in rows if r["peer"]]
+    best_tg = max((r["tg128"] for r in peers if "tg128" in r), default=None)
+    best_pp = max((r["pp512"] for r in peers if "pp512" in r), default=None)
+    head = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} "
+        f"threads, medians of alternating runs"
+    )
+    cols = [
+        "system",
+        "TTFT ms (32 tok)",
+        "pp512 tok/s",
+        "tg128 tok/s",
+        "p50 / p95 / p99 ms",
+        "peak RSS MB (before loading)",
+        "weights + KV MB",
+        "tg128 vs best peer",
+        "pp512 vs best peer",
+    ]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def fmt(r: dict[str, Any], key: str, spec: str) -> str:
+        return format(r[key], spec) if key in r else ""
+
+    for r in rows:
+        lat = f"{r['p50_ms']:.1f} / {r['p95_ms']:.1f} / {r['p99_ms']:.1f}" if "p50_ms" in r else ""
+        mem = (
+            f"{r['peak_rss'] / 1e6:.0f} ({r['baseline_rss'] / 1e6:.0f})" if "peak_rss" in r else ""
+        )
+        wkv = f"{(r['weights_bytes'] + r['kv_bytes']) / 1e6:.0f}" if "kv_bytes" in r else ""
+        tg_ratio = f"{r['tg128'] / best_tg:.2f}×" if best_tg and "tg128" in r else ""
+        pp_ratio = f"{r['pp512'] / best_pp:.2f}×" if best_pp and "pp512" in r else ""
+        cells = [
+            r["system"],
+            fmt(r, "ttft_ms", ".1f"),
+            fmt(r, "pp512", ".0f"),
+            fmt(r, "tg128", ".1f"),
+            lat,
+            mem,
+            wkv,
+            tg_ratio,
+            pp_ratio,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) if markdown else "\n".join(lines).replace("|", " ")
+
+
+if __name__ == "__main__":
+    main()
