@@ -77,6 +77,15 @@ def copy_bandwidth(size: int = 256 << 20, repeat: int = 5) -> float:
     return 2 * size / best
 
 
+def host_runtimes(cpu_name: str) -> tuple[str, ...]:
+    """OpenVINO first on Intel CPUs (its CPU plugin's home ground), ONNX Runtime first elsewhere:
+    on this project's AMD EPYC CI machines ONNX Runtime decodes INT4 faster
+    (docs/benchmarks.md, same run)."""
+    if "intel" in cpu_name.lower():
+        return ("openvino", "onnxruntime", "pytorch")
+    return ("onnxruntime", "openvino", "pytorch")
+
+
 def host_profile(measure_bandwidth: bool = False) -> DeviceProfile:
     mem = meminfo()
     name, flags, hz = cpu_info()
@@ -100,7 +109,7 @@ def host_profile(measure_bandwidth: bool = False) -> DeviceProfile:
         peak_compute=peak,
         weight_precisions=("fp32", "fp16", "bf16", "int8", "int4"),
         compute_precisions=tuple(compute),
-        runtimes=("openvino", "onnxruntime", "pytorch"),
+        runtimes=host_runtimes(name),
         static_shapes=False,
         decode_efficiency=DECODE_EFFICIENCY,
         prefill_efficiency=PREFILL_EFFICIENCY,
@@ -112,6 +121,8 @@ def host_profile(measure_bandwidth: bool = False) -> DeviceProfile:
             else "not measured: 25 GB/s assumed (pass --measure-bandwidth to measure)",
             "peak_compute": f"estimated: {cores} cores x {hz / 1e9:.2f} GHz x {lanes * 4} "
             "FP32 FLOP/cycle; bf16 2x, int8 4x where the ISA has them",
+            "runtimes": "OpenVINO first on Intel CPUs, ONNX Runtime first on others "
+            "(measured faster on AMD EPYC, docs/benchmarks.md)",
             "efficiency": "decode 0.44 / prefill 0.35, as intel-cpu.toml (measured on this "
             "project's CI machine kind)",
         },

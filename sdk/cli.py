@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import click
@@ -786,6 +787,57 @@ def unpack(archive: str, out: str) -> None:
 
     manifest = extract_archive(archive, out)
     click.echo(f"{out}: ok, {len(manifest['files'])} files verified")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--runtime", help="Only this artifact (default: every runtime the bundle carries).")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True, help="Alternating rounds.")
+@click.option("--compare", is_flag=True, help="Also run the peers (llama.cpp, ORT GenAI, ...).")
+@click.option(
+    "--peers",
+    type=click.Path(file_okay=False),
+    default="/tmp/infopt-peers",
+    show_default=True,
+    help="Where ../shared/anchors/setup_peers.sh set the peers up.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly_errors
+def bench(
+    bundle: str,
+    runtime: str | None,
+    threads: int,
+    repeat: int,
+    compare: bool,
+    peers: str,
+    as_json: bool,
+) -> None:
+    """Measure BUNDLE: TTFT (32-token prompt), prefill (512 tokens) and decode (128 greedy
+    tokens) speed, per-token latency p50/p95/p99 and peak RSS, each run in a fresh process,
+    rounds alternating; medians. --compare runs the peers in the same session and prints
+    ratios against the best one.
+
+    \b
+    Examples:
+      infopt-pack bench smollm2-host
+      infopt-pack bench smollm2-int4 --runtime onnxruntime --compare
+    """
+    from infopt.bundle import verify_bundle
+    from infopt.tools.runtime_bench import bench as run_bench
+    from infopt.tools.runtime_bench import table
+
+    verify_bundle(bundle)
+    rows = run_bench(
+        [(Path(bundle).name, bundle)],
+        runtime=runtime,
+        threads=threads,
+        repeat=repeat,
+        compare=compare,
+        peers=Path(peers),
+        log=None if as_json else lambda line: click.echo(line, err=True),
+    )
+    click.echo(json.dumps(rows, indent=2) if as_json else table(rows, threads, markdown=False))
 
 
 @main.command()

@@ -307,6 +307,20 @@ def _lm_head(g: _Graph, h: str, model: Decoder, shared: Any) -> str:
     )
 
 
+def _skip_norm(
+    g: _Graph, residual: str, x: str, weight: torch.Tensor, name: str, spec: Any
+) -> tuple[str, str]:
+    """(RMSNorm(residual + x), residual + x) in one fused op."""
+    h, _, _, total = g.op(
+        "SkipSimplifiedLayerNormalization",
+        [residual, x, g.const(name, _f32(weight))],
+        4,
+        domain=MS,
+        epsilon=spec.rms_norm_eps,
+    )
+    return h, total
+
+
 def build_graph(model: Decoder, max_context: int) -> Any:
     """The ONNX ModelProto of `model` with a KV cache of `max_context` positions."""
     from onnx import TensorProto, helper
@@ -328,31 +342,14 @@ def build_graph(model: Decoder, max_context: int) -> Any:
     residual = x
     for i, block in enumerate(blocks):
         attn = _attention(g, h, block, i, rope, window)
-        h, _, _, residual = g.op(
-            "SkipSimplifiedLayerNormalization",
-            [
-                residual,
-                attn,
-                g.const(f"layers.{i}.post_norm", _f32(block.post_attention_layernorm.weight)),
-            ],
-            4,
-            domain=MS,
-            epsilon=spec.rms_norm_eps,
-        )
+        post = block.post_attention_layernorm.weight
+        h, residual = _skip_norm(g, residual, attn, post, f"layers.{i}.post_norm", spec)
         mlp = _mlp(g, h, block, i)
-        last = i + 1 == len(blocks)
-        norm = model.norm.weight if last else blocks[i + 1].input_layernorm.weight
-        h, _, _, residual = g.op(
-            "SkipSimplifiedLayerNormalization",
-            [
-                residual,
-                mlp,
-                g.const(f"layers.{i + 1}.input_norm" if not last else "final_norm", _f32(norm)),
-            ],
-            4,
-            domain=MS,
-            epsilon=spec.rms_norm_eps,
-        )
+        if i + 1 < len(blocks):
+            norm, name = blocks[i + 1].input_layernorm.weight, f"layers.{i + 1}.input_norm"
+        else:
+            norm, name = model.norm.weight, "final_norm"
+        h, residual = _skip_norm(g, residual, mlp, norm, name, spec)
     # only the last `logits_to_keep` positions reach the LM head (prefill needs one)
     start = g.one("Neg", ["logits_to_keep"])
     h = g.one(
@@ -386,8 +383,8 @@ def build_graph(model: Decoder, max_context: int) -> Any:
 
 
 def export_onnx(model: Decoder, path: str | Path, max_context: int) -> list[str]:
-    """Write `model` as ONNX to `path` (graph) and `path`'s sibling DATA_FILE (weights);
-    returns both file names. The weights file is laid out in graph order, 64-byte aligned."""
+    """Write `model` as ONNX to `path` (graph) and `path`'s sibling DATA_FILE (weights, which
+    onnxruntime maps into memory); returns both file names."""
     import onnx
 
     path = Path(path)

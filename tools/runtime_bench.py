@@ -34,8 +34,11 @@ from typing import Any
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 PREFILL, DECODE, TTFT_TOKENS = 512, 128, 32
-ANCHORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "anchors"
+# The peers' bench scripts: $INFOPT_ANCHORS, or ../shared/anchors beside the working directory
+# (a checkout of this repository); only this optional comparison ever looks there.
+ANCHORS = Path(os.environ.get("INFOPT_ANCHORS", Path.cwd().parent / "shared" / "anchors"))
 RUNTIMES = ("onnxruntime", "openvino", "pytorch")
+DEFAULT_PEERS = Path("/tmp/infopt-peers")
 HEAD8 = {"embeddings": "int8", "lm_head": "int8"}
 MATRIX = {  # bundle name -> weights of every tensor group
     "fp32": {"embeddings": "fp32", "lm_head": "fp32", "attention": "fp32", "mlp": "fp32"},
@@ -165,7 +168,6 @@ def build_matrix(folder: Path) -> list[tuple[str, str]]:
     """(label, bundle) of the fp32 / INT8 / INT4 bundles, built with the three CPU artifacts."""
     from infopt.build import build
     from infopt.bundle import is_bundle
-    from infopt.cli import main  # noqa: F401  (the CLI's plan JSON is what users edit)
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -207,7 +209,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--matrix", type=Path, help="build and bench fp32/INT8/INT4 bundles here")
     ap.add_argument("--compare", action="store_true", help="run the peers too")
-    ap.add_argument("--peers", type=Path, default=Path("/tmp/infopt-peers"))
+    ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", action="store_true")
@@ -215,41 +217,65 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, args.runtime, args.threads)))
         return
-    rows = bench(args)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(table(rows, args.threads, args.markdown))
+    pairs = build_matrix(args.matrix) if args.matrix else [(Path(b).name, b) for b in args.bundles]
+    rows = bench(
+        pairs,
+        runtime=args.runtime,
+        threads=args.threads,
+        repeat=args.repeat,
+        compare=args.compare,
+        peers=args.peers,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(json.dumps(rows, indent=2) if args.json else table(rows, args.threads, args.markdown))
 
 
-def systems(args: argparse.Namespace) -> list[tuple[str, str | None, str | None]]:
-    """(label, bundle or None for a peer, runtime or peer name)."""
+def systems(
+    bundles: list[tuple[str, str]], runtime: str | None, compare: bool
+) -> list[tuple[str, str | None, str | None]]:
+    """(label, bundle or None for a peer, runtime or peer name) of everything to measure."""
     from infopt.bundle import verify_bundle
 
-    pairs = build_matrix(args.matrix) if args.matrix else [(Path(b).name, b) for b in args.bundles]
     out: list[tuple[str, str | None, str | None]] = []
-    for label, bundle in pairs:
+    for label, bundle in bundles:
         artifacts = verify_bundle(bundle)["artifacts"]
-        for rt in [args.runtime] if args.runtime else [r for r in RUNTIMES if r in artifacts]:
+        for rt in [runtime] if runtime else [r for r in RUNTIMES if r in artifacts]:
             out.append((f"infopt {rt} {label}", bundle, rt))
-    if args.compare:
+    if compare:
         out += [(name, None, name) for name in PEER_SCRIPTS]
     return out
 
 
-def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
-    todo = systems(args)
+def bench(
+    bundles: list[tuple[str, str]],
+    *,
+    runtime: str | None = None,
+    threads: int = 2,
+    repeat: int = 3,
+    compare: bool = False,
+    peers: Path = DEFAULT_PEERS,
+    log: Any = None,
+) -> list[dict[str, Any]]:
+    """Median figures per system over `repeat` alternating rounds."""
+    todo = systems(bundles, runtime, compare)
+    if compare and not (ANCHORS.is_dir() and (peers / "venv" / "bin" / "python").exists()):
+        raise SystemExit(
+            f"--compare needs the peers' scripts in {ANCHORS} (set INFOPT_ANCHORS) and the "
+            f"environment setup_peers.sh makes in {peers} (--peers)"
+        )
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in todo}
-    for _ in range(args.repeat):
+    for _ in range(repeat):
         for label, bundle, rt in todo:
-            if bundle is None:
-                r = run_peer(str(rt), args.peers, args.threads)
-                if r is None:
-                    continue
-            else:
-                r = run_child(bundle, rt, args.threads)
+            r = (
+                run_peer(str(rt), peers, threads)
+                if bundle is None
+                else run_child(bundle, rt, threads)
+            )
+            if r is None:
+                continue
             runs[label].append(r)
-            print(f"{label}: {json.dumps(r)}", file=sys.stderr, flush=True)
+            if log:
+                log(f"{label}: {json.dumps(r)}")
     rows = []
     for label, results in runs.items():
         if not results:

@@ -1,5 +1,6 @@
-"""Bundles of the default model: built for three devices, loaded, generating; and a bundle run in
-a fresh virtual environment holding only what its manifest asks for (no transformers)."""
+"""Bundles of the default model: built for three devices, loaded, generating; and the host bundle
+(ONNX Runtime or OpenVINO) run in a fresh virtual environment holding only infopt and the package
+its manifest asks for: no torch, no transformers."""
 
 from __future__ import annotations
 
@@ -14,9 +15,14 @@ import pytest
 import infopt
 from infopt.build import build
 from infopt.bundle import verify_bundle
+from infopt.device_profiles.host import cpu_info, host_runtimes
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def platform_name() -> str:
+    return cpu_info()[0]
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +43,13 @@ def test_default_model_bundles_plan_load_and_answer(
     for device, path in bundles.items():
         m = verify_bundle(path)
         plans[device] = (m["plan"]["compression"]["name"], m["runtime"]["name"])
-        model = infopt.load(path, runtime="pytorch", max_context=256, threads=2)
+        runtime = None if m["runtime"]["artifact_built"] else "pytorch"
+        model = infopt.load(path, runtime=runtime, max_context=256, threads=2)
         answer = model.generate(QUESTION, max_new_tokens=24)
         assert "Paris" in answer.text, (device, answer.text)
         if device == "host":  # fp32, like the reference: the very same tokens
             assert answer.token_ids == expected.token_ids
-    assert plans["host"] == ("fp32", "pytorch")
+    assert plans["host"] == ("fp32", host_runtimes(platform_name())[0])
     assert plans["apple-ane"] == ("fp16", "coreml")  # its artifact comes with the Core ML runtime
     assert plans["rtx4090-24gb"][1] == "pytorch"
     ane = verify_bundle(bundles["apple-ane"])
@@ -53,14 +60,14 @@ def test_default_model_bundles_plan_load_and_answer(
     )
 
 
-def test_a_bundle_runs_in_a_fresh_env_without_transformers(
+def test_the_host_bundle_runs_in_a_fresh_env_without_torch(
     bundles: dict[str, Path], tmp_path: Path, smol: infopt.Model
 ) -> None:
-    import torch
+    from importlib.metadata import version
 
     manifest = verify_bundle(bundles["host"])
     requires = manifest["runtime"]["requires"]
-    assert requires["package"] == "torch"
+    assert requires["package"] in ("onnxruntime", "openvino")
     src = tmp_path / "src"  # the project's sources only: no venv, no build tree
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -70,11 +77,12 @@ def test_a_bundle_runs_in_a_fresh_env_without_transformers(
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    torch_pin = f"torch=={torch.__version__.split('+')[0]}"  # the local CPU wheel, satisfies >=
-    subprocess.run([*pip, torch_pin, str(src)], check=True, timeout=900)
+    pin = f"{requires['package']}=={version(requires['package'])}"  # within the manifest's range
+    subprocess.run([*pip, pin, str(src)], check=True, timeout=900)
     script = (
         "import importlib.util, json, sys, infopt\n"
         "assert importlib.util.find_spec('transformers') is None\n"
+        "assert importlib.util.find_spec('torch') is None\n"
         "m = infopt.load(sys.argv[1], max_context=256, threads=2)\n"
         "r = m.generate([{'role': 'user', 'content': 'What is the capital of France?'}],"
         " max_new_tokens=24)\n"
