@@ -103,6 +103,7 @@ def main() -> None:
     args = ap.parse_args()
     peers = args.peers if args.peers and (args.peers / "venv").exists() else None
     times: dict[str, list[float]] = {}
+    size = 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         plan = int4_plan(work)
@@ -114,7 +115,9 @@ def main() -> None:
                         shutil.rmtree(leftover, ignore_errors=True)
                 times.setdefault(name, []).append(timed(cmd))
                 print(json.dumps({"system": name, "seconds": times[name][-1]}), flush=True)
-        size = sum(f.stat().st_size for f in (work / "infopt").rglob("*") if f.is_file())
+                if (work / "infopt").exists():  # measured before the next command cleans up
+                    files = [f for f in (work / "infopt").rglob("*") if f.is_file()]
+                    size = sum(f.stat().st_size for f in files)
     ours = statistics.median(times["infopt-pack build (INT4 RTN g32)"])
     if args.markdown:
         print(f"\nbundle size {size / 1e6:.1f} MB; median of {args.repeat} runs\n")

@@ -14,8 +14,8 @@ Runs alternate over the systems `--repeat` times and medians are reported, so th
 drift hits every system alike. `--compare` also runs the peers of `../shared/anchors/` (llama.cpp,
 ONNX Runtime GenAI, OpenVINO GenAI, transformers) from the virtual environment that
 `setup_peers.sh` made (`--peers`), and prints ratios against the best peer. `--matrix DIR`
-builds (once) fp32, INT8 and INT4 bundles of the default model with all three CPU artifacts
-under DIR and benchmarks every runtime of each.
+builds (once) fp32, INT8, INT4 and all-INT4 bundles of the default model, each with all three
+CPU artifacts, under DIR and benchmarks every runtime of each.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ MATRIX = {  # bundle name -> weights of every tensor group
     "fp32": {"embeddings": "fp32", "lm_head": "fp32", "attention": "fp32", "mlp": "fp32"},
     "int8": {**HEAD8, "attention": "int8", "mlp": "int8"},
     "int4": {**HEAD8, "attention": "int4-g32", "mlp": "int4-g32"},
+    # every group INT4, LM head included, as ONNX Runtime GenAI's builder makes it
+    "int4-all": {g: "int4-g32" for g in ("embeddings", "lm_head", "attention", "mlp")},
 }
 
 

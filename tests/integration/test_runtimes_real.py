@@ -31,7 +31,7 @@ def test_quantized_bundles_stay_close_to_the_same_weights_in_pytorch(
     for r in compare(matrix[label], tokens=256):
         # OpenVINO computes the stored weights in fp32: as close as fp32 itself; onnxruntime
         # quantizes activations to int8 inside MatMulNBits (accuracy level 4): close, not equal
-        limit = (0.95, 0.1) if r["runtime"] == "onnxruntime" else (0.995, 1e-3)
+        limit = (0.93, 0.1) if r["runtime"] == "onnxruntime" else (0.995, 1e-3)
         assert r["top1"] >= limit[0] and r["max_rel"] < limit[1], r
 
 
