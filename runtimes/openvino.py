@@ -94,8 +94,11 @@ class OpenVINORuntime:
             self.request.reset_state()
             return
         for state in self.request.query_state():  # [1, kv_heads, T, D]: keep [0, position)
-            kept = np.ascontiguousarray(state.state.data[:, :, : self.position])
-            state.state = ov.Tensor(kept)
+            whole = state.state
+            end = list(whole.shape)
+            end[2] = self.position
+            # a region of the state's own tensor, no copy (as OpenVINO GenAI trims its cache)
+            state.state = ov.Tensor(whole, ov.Coordinate([0] * len(end)), ov.Coordinate(end))
 
     def reset(self) -> None:
         self.request.reset_state()

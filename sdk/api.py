@@ -19,9 +19,17 @@ from infopt.importers import ModelSource, open_model
 from infopt.runtimes import Runtime, check_requirement, runtime_module
 from infopt.sampling import SamplingParams
 from infopt.spec import ModelSpec
+from infopt.speculative import (
+    Drafter,
+    DraftMismatchError,
+    ModelDrafter,
+    NgramDrafter,
+    check_draft_tokens,
+)
 from infopt.tokenizer import Tokenizer
 
 Prompt = str | Sequence[dict[str, Any]]  # plain text, or chat messages [{"role", "content"}]
+Speculative = bool | str | None  # None: the model's drafter if it has one; "ngram": prompt lookup
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -36,16 +44,39 @@ class Model:
         spec: ModelSpec,
         defaults: dict[str, Any] | None = None,
         source: str = "",
+        drafter: Drafter | None = None,
     ) -> None:
         self.runtime, self.tokenizer, self.spec = runtime, tokenizer, spec
         self.defaults = dict(defaults or {})
         self.source = source
+        self.drafter = drafter  # speculative decoding's draft, used unless speculative=False
 
     def __repr__(self) -> str:
         return (
             f"Model({self.source!r}, architecture={self.spec.architecture!r}, "
             f"runtime={getattr(self.runtime, 'name', '?')!r}, "
-            f"max_context={self.runtime.max_context})"
+            f"max_context={self.runtime.max_context}"
+            + (f", draft={type(self.drafter).__name__}" if self.drafter else "")
+            + ")"
+        )
+
+    def _drafter(self, speculative: Speculative) -> Drafter | None:
+        if speculative is None:
+            return self.drafter
+        if speculative is False:
+            return None
+        if speculative is True:
+            if self.drafter is None:
+                raise InvalidArgumentError(
+                    "speculative=True: this model has no draft; load it with draft=... "
+                    "(a draft model, or 'ngram'), build the bundle with --speculative, "
+                    "or pass speculative='ngram' for prompt lookup"
+                )
+            return self.drafter
+        if speculative == "ngram":
+            return NgramDrafter(self.runtime.vocab_size)
+        raise InvalidArgumentError(
+            f"speculative={speculative!r}: expected None, True, False or 'ngram'"
         )
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -73,6 +104,8 @@ class Model:
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         seed: int | None = None,
+        speculative: Speculative = None,
+        num_draft_tokens: int | None = None,
     ) -> TextStream:
         """Text deltas as they are generated. Arguments as in `generate`."""
         given = {
@@ -88,6 +121,9 @@ class Model:
         if not all(isinstance(s, str) for s in stops):
             raise InvalidArgumentError(f"stop={stop!r}: must be a string or a list of strings")
         stop_ids = self.tokenizer.eos_token_ids if stop_token_ids is None else stop_token_ids
+        drafter = self._drafter(speculative)
+        if num_draft_tokens is not None:
+            check_draft_tokens(num_draft_tokens)
         responses = stream_generate(
             self.runtime,
             self.tokenizer,
@@ -96,6 +132,12 @@ class Model:
             params=params,
             stop=stops,
             stop_token_ids=list(stop_ids),
+            drafter=drafter,
+            num_draft_tokens=(
+                num_draft_tokens
+                if num_draft_tokens is not None
+                else (drafter.default_tokens if drafter else 1)
+            ),
         )
         return TextStream(responses)
 
@@ -112,12 +154,20 @@ class Model:
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         seed: int | None = None,
+        speculative: Speculative = None,
+        num_draft_tokens: int | None = None,
     ) -> GenerationResult:
         """Generate a completion for a prompt string or chat messages.
 
         temperature 0 (the default unless the model's generation_config says otherwise) is
         greedy. `stop` strings end generation and are not included in the text; EOS tokens (or
         `stop_token_ids`) end it too. Returns text, token_ids, finish_reason and stats.
+
+        speculative: None uses the model's draft when it has one (`load(draft=...)`, or a
+        bundle built with --speculative); False turns it off for this call; "ngram" drafts by
+        prompt lookup. Greedy output is token for token the same as without it, sampled output
+        has the same distribution. num_draft_tokens: the draft length to start from (1-16; it
+        adapts). Speculation statistics are in `result.stats.speculative`.
         """
         return self.stream(
             prompt,
@@ -130,6 +180,8 @@ class Model:
             stop=stop,
             stop_token_ids=stop_token_ids,
             seed=seed,
+            speculative=speculative,
+            num_draft_tokens=num_draft_tokens,
         ).drain()
 
 
@@ -141,6 +193,8 @@ def load(
     max_context: int | None = None,
     device: str | None = None,
     dtype: str = "float32",
+    draft: str | Path | Model | bool | None = None,
+    draft_runtime: str | None = None,
 ) -> Model:
     """Load a model for generation.
 
@@ -149,29 +203,82 @@ def load(
     bundle, the manifest's unless given; otherwise "pytorch". max_context defaults to min(the
     model's, 4096) (a bundle's: the context it was planned for). device: "cpu", "cuda", or None
     for CUDA when present.
+
+    draft (speculative decoding): None takes a bundle's own draft, if it was built with one
+    (True: and requires it); False loads none; "ngram" drafts by prompt lookup; a path or a
+    loaded `Model` is a draft model sharing the target's tokenizer, loaded on `draft_runtime`
+    (default: the target's).
     """
     from infopt.bundle import is_bundle
     from infopt.default_model import default_model_path
 
     if model is not None and is_bundle(model):
-        return load_bundle(
-            model, runtime=runtime, threads=threads, max_context=max_context, device=device
+        loaded = load_bundle(
+            model,
+            runtime=runtime,
+            threads=threads,
+            max_context=max_context,
+            device=device,
+            draft=draft is not False and not isinstance(draft, (str, Path, Model)),
+            draft_runtime=draft_runtime,
         )
-    if runtime is None:
-        runtime = "pytorch"
-    source: ModelSource = open_model(model if model is not None else default_model_path())
-    ctx = _check_load_args(
-        max_context or min(source.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT),
-        source.spec.max_position_embeddings,
-        threads,
-        max_context,
-    )
-    module = runtime_module(runtime)
-    rt = module.from_source(source, max_context=ctx, device=device, dtype=dtype, threads=threads)
-    loaded = Model(rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path))
-    del source  # the file reader and its metadata: freed before trimming the heap
+    else:
+        if runtime is None:
+            runtime = "pytorch"
+        source: ModelSource = open_model(model if model is not None else default_model_path())
+        ctx = _check_load_args(
+            max_context or min(source.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT),
+            source.spec.max_position_embeddings,
+            threads,
+            max_context,
+        )
+        module = runtime_module(runtime)
+        rt = module.from_source(
+            source, max_context=ctx, device=device, dtype=dtype, threads=threads
+        )
+        loaded = Model(
+            rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path)
+        )
+        del source  # the file reader and its metadata: freed before trimming the heap
+    if draft is not None and draft is not False and draft is not True:
+        loaded.drafter = _load_draft(loaded, draft, draft_runtime, threads, device)
+    if draft is True and loaded.drafter is None:
+        raise InvalidArgumentError(
+            f"draft=True: {loaded.source} carries no draft (build it with --speculative), "
+            "or give a draft model path, a loaded Model or 'ngram'"
+        )
     release_free_memory()
     return loaded
+
+
+def _load_draft(
+    target: Model,
+    draft: str | Path | Model,
+    draft_runtime: str | None,
+    threads: int | None,
+    device: str | None,
+) -> Drafter:
+    if isinstance(draft, str) and draft == "ngram":
+        return NgramDrafter(target.runtime.vocab_size)
+    if isinstance(draft, (str, Path)):
+        draft = load(
+            draft,
+            runtime=draft_runtime or getattr(target.runtime, "name", None),
+            threads=threads,
+            max_context=target.runtime.max_context,
+            device=device,
+            draft=False,
+        )
+    if not isinstance(draft, Model):
+        raise InvalidArgumentError(
+            f"draft={draft!r}: expected a model path, a loaded Model, 'ngram', False or None"
+        )
+    if draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab():
+        raise DraftMismatchError(
+            f"draft {draft.source}: its tokenizer ({draft.runtime.vocab_size} ids) differs from "
+            f"the target's ({target.runtime.vocab_size} ids); a draft must share the tokenizer"
+        )
+    return ModelDrafter(draft.runtime)
 
 
 def _check_load_args(ctx: object, limit: int, threads: object, max_context: object) -> int:
@@ -195,9 +302,12 @@ def load_bundle(
     threads: int | None = None,
     max_context: int | None = None,
     device: str | None = None,
+    draft: bool = True,
+    draft_runtime: str | None = None,
 ) -> Model:
     """Load a bundle: verified first (every file against the manifest), then its tokenizer and
-    the runtime artifact the manifest (or `runtime`) names."""
+    the runtime artifact the manifest (or `runtime`) names, and (with `draft`) the draft the
+    bundle carries for speculative decoding."""
     from infopt.bundle import bundle_tokenizer, choose_runtime, verify_bundle
     from infopt.spec import spec_from_dict
 
@@ -219,9 +329,49 @@ def load_bundle(
     )
     tokenizer = bundle_tokenizer(root, manifest)
     rt = module.from_bundle(root, manifest, max_context=ctx, device=device, threads=threads)
-    loaded = Model(rt, tokenizer, spec, manifest.get("generation_defaults") or {}, str(root))
+    drafter = (
+        bundle_drafter(root, manifest, name, draft_runtime, ctx, device, threads) if draft else None
+    )
+    loaded = Model(
+        rt, tokenizer, spec, manifest.get("generation_defaults") or {}, str(root), drafter
+    )
     release_free_memory()
     return loaded
+
+
+def bundle_drafter(
+    root: Path,
+    manifest: dict[str, Any],
+    target_runtime: str,
+    runtime: str | None,
+    max_context: int,
+    device: str | None,
+    threads: int | None,
+) -> Drafter | None:
+    """The drafter a bundle's manifest describes: prompt lookup, or a draft model whose
+    artifacts sit under draft/ (on `runtime`, else the target's runtime when the draft has an
+    artifact for it)."""
+    from infopt.bundle import choose_runtime
+
+    section = manifest.get("draft")
+    if not section:
+        return None
+    vocab = int(manifest["model"]["config"]["vocab_size"])
+    if section["kind"] == "ngram":
+        return NgramDrafter(vocab, max_ngram=int(section.get("max_ngram", 3)))
+    sub = {
+        "model": {"config": section["config"]},
+        "kv_cache": manifest["kv_cache"],
+        "artifacts": section["artifacts"],
+        "runtime": {"name": target_runtime if target_runtime in section["artifacts"] else ""},
+    }
+    if not sub["runtime"]["name"]:
+        sub["runtime"]["name"] = sorted(section["artifacts"])[0]
+    name = choose_runtime(root, sub, runtime)
+    module = runtime_module(name)
+    check_requirement(f"{root} (draft)", name, section["artifacts"][name].get("requires"))
+    rt = module.from_bundle(root, sub, max_context=max_context, device=device, threads=threads)
+    return ModelDrafter(rt)
 
 
 def release_free_memory() -> None:

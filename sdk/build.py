@@ -26,6 +26,8 @@ from infopt.planner import Plan
 
 Stage = Callable[[str, int, int], None]  # (stage, done, total)
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DRAFT_DIR = "draft/"
+SPECULATIVE = ("none", "auto", "self", "ngram")
 BUILDABLE_RUNTIMES = (
     "pytorch",
     "onnxruntime",
@@ -42,7 +44,8 @@ def load_plan(path: str | Path) -> Plan:
     names = {f.name for f in fields(Plan)}
     if not isinstance(data, dict):
         raise InvalidArgumentError(f"{path}: a plan is a JSON object")
-    unknown, missing = set(data) - names, {n for n in names if n != "rejected"} - set(data)
+    optional = {"rejected", "speculative"}  # older plan files lack the speculative choice
+    unknown, missing = set(data) - names, names - optional - set(data)
     if unknown or missing:
         raise InvalidArgumentError(
             f"{path}: not a plan (unknown keys {sorted(unknown)}, missing {sorted(missing)})"
@@ -56,12 +59,18 @@ def make_plan(
     context: int | None,
     batch: int,
     latency_ms: float | None,
+    speculative: str = "none",
 ) -> Plan:
     from infopt.device_profiles import load_profile
     from infopt.planner import plan
 
     return plan(
-        source.spec, load_profile(device), context=context, batch=batch, latency_ms=latency_ms
+        source.spec,
+        load_profile(device),
+        context=context,
+        batch=batch,
+        latency_ms=latency_ms,
+        speculative=speculative,
     )
 
 
@@ -135,9 +144,14 @@ def build(
     batch: int = 1,
     latency_ms: float | None = None,
     calibration: str | Path | None = None,
+    speculative: str | None = None,
     progress: Stage | None = None,
 ) -> dict[str, Any]:
-    """Build a bundle of `model` for `device` (or from `plan_file`) at `out`. Returns a summary."""
+    """Build a bundle of `model` for `device` (or from `plan_file`) at `out`. Returns a summary.
+
+    speculative: "none", "ngram", "self" (an INT4 self-draft in the bundle), "auto" (the
+    planner's choice between those) or the path of a draft model (GGUF, Hugging Face folder or
+    an infopt weight file such as `infopt-pack distill` writes) sharing the tokenizer."""
     from infopt import __version__
     from infopt.compress import calibration_batches, default_calibration_text
     from infopt.default_model import default_model_path
@@ -150,15 +164,23 @@ def build(
     for name in requested:
         if name not in available():
             raise InvalidArgumentError(f"runtime {name!r}: expected one of {available()}")
+    draft_kind = speculative or "none"
+    if draft_kind not in SPECULATIVE and not Path(draft_kind).exists():
+        raise InvalidArgumentError(
+            f"--speculative {draft_kind!r}: expected one of {SPECULATIVE} or a draft model path"
+        )
     started = time.perf_counter()
     source = open_model(model if model is not None else default_model_path())
     step = progress or (lambda *_: None)
     step("plan", 0, 1)
+    planned = draft_kind if draft_kind in SPECULATIVE else "none"
     p = (
         load_plan(plan_file)
         if plan_file
-        else make_plan(source, str(device), context, batch, latency_ms)
+        else make_plan(source, str(device), context, batch, latency_ms, planned)
     )
+    if draft_kind in ("auto", "self", "ngram"):
+        draft_kind = _resolve_draft_kind(p, draft_kind)
     if p.model.get("layers") not in (None, source.spec.num_layers):
         raise InvalidArgumentError(
             f"the plan is for a model of {p.model.get('layers')} layers; "
@@ -180,6 +202,8 @@ def build(
     timings = {"compress_s": round(time.perf_counter() - started, 1)}
     max_context = min(p.context, core.spec.max_position_embeddings)
     artifacts, writers = _artifacts(core, built, max_context)
+    draft, draft_writers = _draft(draft_kind, source, p, core, built, max_context, cal_ids, step)
+    writers.update(draft_writers)
     tokenizer = source.tokenizer
     manifest = {
         "infopt_version": __version__,
@@ -212,7 +236,7 @@ def build(
         },
         "tokenizer": tokenizer_section(tokenizer),
         "generation_defaults": source.generation_defaults,
-        "draft": None,
+        "draft": draft,
     }
     writers[TOKENIZER] = lambda path: path.write_text(tokenizer.backend.to_str(), encoding="utf-8")
     step("package", 0, 1)
@@ -227,43 +251,135 @@ def build(
         "files": full["files"],
         "predicted": p.predicted,
         "compression": done,
+        "draft": None if draft is None else draft.get("source", draft["kind"]),
         "seconds": round(time.perf_counter() - started, 1),
         **timings,
     }
 
 
+def _resolve_draft_kind(p: Plan, kind: str) -> str:
+    """none / ngram / self: "auto" follows the plan's choice (a plan file may predate it)."""
+    from infopt.costs import Compression, self_draft
+
+    if kind == "ngram":
+        return kind
+    planned = str((p.speculative or {}).get("kind", "none"))
+    if kind == "auto" and planned != "none":
+        return planned
+    weights = p.compression["weights"]
+    can_self = self_draft(Compression("target", weights)) is not None
+    if kind == "self" and not can_self:
+        raise InvalidArgumentError(
+            f"--speculative self: the plan's weights are INT4 already ({weights}); the "
+            "self-draft would be the target itself. Use ngram, or a smaller draft model"
+        )
+    return "self" if can_self else "ngram"
+
+
+def _draft(
+    kind: str,
+    source: ModelSource,
+    p: Plan,
+    target: Decoder,
+    runtimes: list[str],
+    max_context: int,
+    calibration: torch.Tensor,
+    step: Stage,
+) -> tuple[dict[str, Any] | None, dict[str, Callable[[Path], object]]]:
+    """The manifest's draft section and the writers of the draft's artifacts (under draft/)."""
+    from dataclasses import replace
+
+    from infopt.costs import Compression, self_draft
+    from infopt.runtimes.pytorch import from_source
+
+    if kind == "none":
+        return None, {}
+    if kind == "ngram":
+        return {"kind": "ngram", "max_ngram": 3, "num_draft_tokens": 8}, {}
+    step("draft", 0, 1)
+    if kind == "self":
+        scheme = self_draft(Compression("target", dict(p.compression["weights"])))
+        assert scheme is not None, "_resolve_draft_kind refuses INT4 targets"
+        weights = dict((p.speculative or {}).get("weights") or scheme.weights)
+        core = from_source(source, max_context=256).model
+        draft_plan = replace(p, compression={**p.compression, "weights": weights})
+        compress(core, draft_plan, calibration, gptq=False)
+        label = "self-int4"
+    else:
+        core, weights, label = _draft_model(Path(kind), source, target)
+    step("draft", 1, 1)
+    artifacts, writers = _artifacts(core, runtimes, max_context, prefix=DRAFT_DIR)
+    section = {
+        "kind": "model",
+        "source": label,
+        "config": core.spec.to_dict(),
+        "parameters": sum(t.numel() for t in core.state_dict().values()),
+        "weights": weights,
+        "num_draft_tokens": 4,
+        "artifacts": artifacts,
+    }
+    return section, writers
+
+
+def _draft_model(
+    path: Path, source: ModelSource, target: Decoder
+) -> tuple[Decoder, dict[str, str], str]:
+    """A user's draft model (GGUF, HF folder, or an infopt weight file), checked against the
+    target's vocabulary and tokenizer."""
+    from infopt.checkpoint import load_model
+    from infopt.runtimes.pytorch import from_source
+    from infopt.speculative import DraftMismatchError
+
+    if path.is_file() and path.suffix == ".safetensors":
+        core = load_model(path)
+    else:
+        draft_source = open_model(path)
+        if draft_source.tokenizer.backend.get_vocab() != source.tokenizer.backend.get_vocab():
+            raise DraftMismatchError(
+                f"draft {path}: its tokenizer differs from the target's; a draft must share it"
+            )
+        core = from_source(draft_source, max_context=256).model
+    if core.spec.vocab_size != target.spec.vocab_size:
+        raise DraftMismatchError(
+            f"draft {path}: a vocabulary of {core.spec.vocab_size} tokens, the target's has "
+            f"{target.spec.vocab_size}; a draft must share the target's tokenizer"
+        )
+    return core, {"model": "as given"}, path.name
+
+
 def _artifacts(
-    core: Decoder, runtimes: list[str], max_context: int
+    core: Decoder, runtimes: list[str], max_context: int, prefix: str = ""
 ) -> tuple[dict[str, Any], dict[str, Callable[[Path], object]]]:
-    """The manifest entry and the file writers of each runtime's artifact."""
+    """The manifest entry and the file writers of each runtime's artifact (file paths under
+    `prefix`: "" for the model, "draft/" for its draft)."""
     from infopt.checkpoint import save_model
 
     artifacts: dict[str, Any] = {}
     writers: dict[str, Callable[[Path], object]] = {}
     if "pytorch" in runtimes:
         artifacts["pytorch"] = {
-            "files": ["model.safetensors"],
+            "files": [f"{prefix}model.safetensors"],
             "format": "infopt-weights 1",
             "requires": _runtime_requirement("pytorch"),
         }
-        writers["model.safetensors"] = lambda path: save_model(core, path)
+        writers[f"{prefix}model.safetensors"] = lambda path: save_model(core, path)
     if "onnxruntime" in runtimes:
         from infopt.onnx_export import DATA_FILE, export_onnx, onnx_io
 
         artifacts["onnxruntime"] = {
-            "files": ["model.onnx", DATA_FILE],
+            "files": [f"{prefix}model.onnx", f"{prefix}{DATA_FILE}"],
             "format": "onnx",
             "max_context": max_context,
             "kv_dtype": "fp32",  # GroupQueryAttention's cache here is float32 whatever the plan
             "requires": _runtime_requirement("onnxruntime"),
             **onnx_io(core),
         }
-        writers["model.onnx"] = lambda path: export_onnx(core, path, max_context)
+        writers[f"{prefix}model.onnx"] = lambda path: export_onnx(core, path, max_context)
     if "openvino" in runtimes:
         from infopt.openvino_export import BIN, XML, export_openvino
 
         artifacts["openvino"] = {
-            "files": [XML, BIN],
+            "files": [f"{prefix}{XML}", f"{prefix}{BIN}"],
             "format": "openvino-ir",
             "max_context": max_context,
             "kv_dtype": "the plan's (kv_cache.dtype), set when the CPU plugin compiles it",
@@ -271,7 +387,7 @@ def _artifacts(
             "states": "past_key_values.%d.key / past_key_values.%d.value",
             "inputs": ["input_ids", "attention_mask", "position_ids", "beam_idx", "logits_to_keep"],
         }
-        writers[XML] = lambda path: export_openvino(core, path, max_context)
+        writers[f"{prefix}{XML}"] = lambda path: export_openvino(core, path, max_context)
     return artifacts, writers
 
 

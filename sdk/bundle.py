@@ -107,6 +107,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             isinstance(f, str) for f in artifact.get("files", [None])
         ):
             raise BundleError(f"{manifest_path}: artifact {name!r} must list its files")
+    _check_draft_section(manifest_path, manifest.get("draft"))
     files = manifest["files"]
     if not isinstance(files, list) or not all(
         isinstance(f, dict)
@@ -117,6 +118,23 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     ):
         raise BundleError(f"{manifest_path}: 'files' must list {{path, sha256, size}} entries")
     return manifest
+
+
+def _check_draft_section(manifest_path: Path, draft: object) -> None:
+    """`draft`: null, {"kind": "ngram", ...} or {"kind": "model", "config", "artifacts"}."""
+    if draft is None:
+        return
+    if not isinstance(draft, dict) or (kind := draft.get("kind")) not in ("ngram", "model"):
+        raise BundleError(f"{manifest_path}: draft must be null or have kind 'ngram' or 'model'")
+    if kind == "model" and not (
+        isinstance(draft.get("config"), dict)
+        and isinstance(draft.get("artifacts"), dict)
+        and all(
+            isinstance(a, dict) and all(isinstance(f, str) for f in a.get("files", [None]))
+            for a in draft["artifacts"].values()
+        )
+    ):
+        raise BundleError(f"{manifest_path}: a draft model needs its config and artifacts' files")
 
 
 def verify_bundle(path: str | Path) -> dict[str, Any]:
@@ -149,10 +167,12 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
         if sha256_file(target) != entry["sha256"]:
             raise BundleError(f"{target}: sha256 does not match the manifest (changed)")
     names = {str(PurePosixPath(e["path"])) for e in manifest["files"]}
-    for runtime, artifact in manifest["artifacts"].items():
-        for f in artifact.get("files", []):
-            if f not in names:
-                raise BundleError(f"{root}: artifact {runtime!r} names unlisted file {f!r}")
+    drafts = (manifest.get("draft") or {}).get("artifacts") or {}
+    for label, arts in (("artifact", manifest["artifacts"]), ("draft artifact", drafts)):
+        for runtime, artifact in arts.items():
+            for f in artifact.get("files", []):
+                if f not in names:
+                    raise BundleError(f"{root}: {label} {runtime!r} names unlisted file {f!r}")
     return manifest
 
 

@@ -77,6 +77,16 @@ def main() -> None:
 @click.option(
     "--runtime", help="For a bundle: which of its artifacts to run (default: the manifest's)."
 )
+@click.option(
+    "--draft",
+    help="Speculative decoding: a draft model (bundle, GGUF, HF folder) sharing the tokenizer, "
+    "or 'ngram' for prompt lookup. A bundle built with --speculative uses its own draft.",
+)
+@click.option("--draft-runtime", help="Runtime of the draft model (default: the target's).")
+@click.option(
+    "--no-speculative", is_flag=True, help="Decode without the bundle's draft (plain decoding)."
+)
+@click.option("--num-draft-tokens", type=int, help="Draft length to start from, 1-16 (it adapts).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @friendly_errors
 def run(
@@ -96,20 +106,34 @@ def run(
     max_context: int | None,
     device: str | None,
     runtime: str | None,
+    draft: str | None,
+    draft_runtime: str | None,
+    no_speculative: bool,
+    num_draft_tokens: int | None,
     as_json: bool,
 ) -> None:
     """Generate from MODEL (a bundle, a GGUF file or a Hugging Face folder), streaming the
-    answer to the terminal.
+    answer to the terminal. With a draft (--draft, or a bundle built with --speculative) it
+    decodes speculatively: the same greedy text, several tokens per pass of the model.
 
     \b
     Examples:
       infopt-pack run --prompt "Write a haiku about the sea."
       infopt-pack run ./SmolLM2-360M-Instruct --prompt "Hi" --temperature 0.7 --seed 1
       infopt-pack run model.gguf --raw --prompt "def fib(n):" --stop $'\\n\\n' --json
+      infopt-pack run --draft ngram --prompt "Fix the typos: $(cat notes.txt)"
     """
     import infopt
 
-    m = infopt.load(model, threads=threads, max_context=max_context, device=device, runtime=runtime)
+    m = infopt.load(
+        model,
+        threads=threads,
+        max_context=max_context,
+        device=device,
+        runtime=runtime,
+        draft=False if no_speculative else draft,
+        draft_runtime=draft_runtime,
+    )
     messages: Any = prompt
     if not raw and m.tokenizer.chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -125,6 +149,7 @@ def run(
         repetition_penalty=repetition_penalty,
         stop=list(stop),
         seed=seed,
+        num_draft_tokens=num_draft_tokens,
     )
     if not as_json:
         for delta in stream:
@@ -143,17 +168,35 @@ def run(
                     "text": result.text,
                     "token_ids": result.token_ids,
                     "finish_reason": result.finish_reason,
-                    "stats": vars(s),
+                    "stats": {
+                        **vars(s),
+                        "speculative": s.speculative.to_dict() if s.speculative else None,
+                    },
                 }
             )
         )
     else:
+        spec = s.speculative
         click.echo(
             f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, "
             f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tok/s decode, "
-            f"finish: {result.finish_reason}]",
+            f"finish: {result.finish_reason}"
+            + (
+                f"; speculative: {spec.accepted}/{spec.drafted} drafts accepted "
+                f"({spec.acceptance_rate:.0%}), ~{spec.speedup:.2f}x the model alone"
+                if spec
+                else ""
+            )
+            + "]",
             err=True,
         )
+
+
+def _speculative_row(choice: dict[str, Any]) -> str:
+    kind = choice.get("kind", "none")
+    if kind == "self":
+        return f"INT4 self-draft ({choice['draft']}), {_fmt_bytes(choice['bytes'])} in the total"
+    return "prompt lookup (n-gram), no draft memory" if kind == "ngram" else "none"
 
 
 def describe(model: str | None) -> dict[str, Any]:
@@ -442,6 +485,14 @@ def devices(measure_bandwidth: bool, as_json: bool) -> None:
     help="A named latency target: code-completion 50 ms, chat 200 ms, batch none.",
 )
 @click.option("--measure-bandwidth", is_flag=True, help="For --device host: measure bandwidth.")
+@click.option(
+    "--speculative",
+    type=click.Choice(["none", "auto", "self", "ngram"]),
+    default="none",
+    show_default=True,
+    help="Plan room for a speculative draft: self = an INT4 copy of the model beside it; "
+    "ngram = prompt lookup (no memory); auto = self when it fits and the model is above INT4.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @friendly_errors
 def plan(
@@ -452,6 +503,7 @@ def plan(
     latency_ms: float | None,
     scenario: str | None,
     measure_bandwidth: bool,
+    speculative: str,
     as_json: bool,
 ) -> None:
     """Choose quantization, pruning and low-rank for MODEL on DEVICE, and explain why.
@@ -471,7 +523,9 @@ def plan(
     spec = load_spec(model if model is not None else default_model_path())
     profile = load_profile(device, measure_bandwidth=measure_bandwidth)
     target = latency_ms if latency_ms is not None else SCENARIOS.get(scenario or "")
-    p = make_plan(spec, profile, context=context, batch=batch, latency_ms=target)
+    p = make_plan(
+        spec, profile, context=context, batch=batch, latency_ms=target, speculative=speculative
+    )
     if as_json:
         click.echo(p.to_json())
         return
@@ -487,11 +541,13 @@ def plan(
         ("KV cache", f"{c['kv_dtype']}, {p.context} tokens x batch {p.batch}"),
         ("pruning", f"MLP channels {c['mlp_prune']:.0%}" if c["mlp_prune"] else "none"),
         ("low-rank", f"{c['low_rank']:.0%} of block parameters" if c["low_rank"] else "none"),
+        ("speculative", _speculative_row(p.speculative)),
         (
             "memory",
             f"{_fmt_bytes(est['total'])} = weights {_fmt_bytes(est['weights'])} + KV "
             f"{_fmt_bytes(est['kv_cache'])} + activations "
-            f"{_fmt_bytes(est['activations'])} + overhead {_fmt_bytes(est['overhead'])}",
+            f"{_fmt_bytes(est['activations'])} + overhead {_fmt_bytes(est['overhead'])}"
+            + (f" + draft {_fmt_bytes(est['draft'])}" if est.get("draft") else ""),
         ),
         ("quick formula", f"{_fmt_bytes(est['quick_formula'])} (params x bytes x 1.2)"),
         ("headroom", f"{_fmt_bytes(p.headroom_bytes)} of {_fmt_bytes(p.usable_memory)} usable"),
@@ -689,6 +745,14 @@ def distill(
     help="Calibration text: quantize with GPTQ (without it: round-to-nearest).",
 )
 @click.option(
+    "--speculative",
+    metavar="auto|self|ngram|DRAFT",
+    help="Put a draft for speculative decoding in the bundle: self = the model quantized to "
+    "INT4 (the model's own output at near-INT4 speed); ngram = prompt lookup, no draft model; "
+    "auto = the planner's pick; DRAFT = a draft model path (GGUF, HF folder, or a student from "
+    "`infopt-pack distill`) sharing the tokenizer. Default: none.",
+)
+@click.option(
     "--archive",
     type=click.Choice(["tar", "zip"]),
     help="Also write the bundle as one file, OUT.tar or OUT.zip (see `infopt-pack unpack`).",
@@ -705,6 +769,7 @@ def build(
     batch: int,
     latency_ms: float | None,
     calibration: str | None,
+    speculative: str | None,
     archive: str | None,
     as_json: bool,
 ) -> None:
@@ -719,6 +784,7 @@ def build(
       infopt-pack plan --device rtx4090-24gb --json > plan.json   # edit, then:
       infopt-pack build --plan plan.json -o smollm2-4090
       infopt-pack build --device host --runtime onnxruntime,pytorch -o smollm2-ort
+      infopt-pack build --device host --speculative self -o smollm2-spec
       infopt-pack run smollm2-host --prompt "Hi"
     """
     from infopt.build import build as run_build
@@ -746,6 +812,7 @@ def build(
         batch=batch,
         latency_ms=latency_ms,
         calibration=calibration,
+        speculative=speculative,
         progress=progress,
     )
     if archive:
@@ -759,6 +826,8 @@ def build(
     est = summary["predicted"]
     click.echo(f"bundle   {summary['bundle']} ({summary['bytes'] / 1e6:.1f} MB)")
     click.echo(f"plan     {summary['plan']}, runtime {summary['runtime']}")
+    if summary["draft"]:
+        click.echo(f"draft    {summary['draft']} (speculative decoding)")
     click.echo(
         f"predicted {_fmt_bytes(est['total'])} memory, {est['decode_tok_s']:.1f} tok/s decode"
     )

@@ -147,6 +147,7 @@ class Estimate:
     ms_per_token: float
     prefill_tok_s: float
     bound: str  # "memory" or "compute" for decode
+    draft: float = 0.0  # a speculative draft model's weights + KV cache, included in total
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -171,6 +172,7 @@ def estimate(
     batch: int = 1,
     runtime: str | None = None,
     decode_context: float | None = None,
+    draft: float = 0.0,
 ) -> Estimate:
     """Memory (bytes) and speed (tokens/s) of `spec` compressed as `c` on `profile`.
     `context` sizes the KV cache; `decode_context` is the average number of tokens in it while
@@ -210,12 +212,35 @@ def estimate(
         kv_cache=kv,
         activations=act,
         overhead=overhead,
-        total=weights + kv + act + overhead,
+        total=weights + kv + act + overhead + draft,
         quick_formula=weights * (1 + QUICK_KV_COEFFICIENT),
         decode_tok_s=batch / step,
         ms_per_token=step * 1000,
         prefill_tok_s=achieved / flops_token,
         bound="memory" if mem_time >= compute_time else "compute",
+        draft=draft,
+    )
+
+
+def self_draft(c: Compression, group: int = 32) -> Compression | None:
+    """The INT4 self-draft of plan `c` (speculative decoding): its blocks INT4 g`group`, its
+    embeddings/LM head INT8, its pruning and low rank; None when `c` is INT4 already (the draft
+    would be the target itself)."""
+    if any(c.weights[g].startswith("int4") for g in ("attention", "mlp")):
+        return None
+    weights = {
+        "embeddings": "int8",
+        "lm_head": "int8",
+        "attention": f"int4-g{group}",
+        "mlp": f"int4-g{group}",
+    }
+    return replace(c, name=f"self-draft int4 g{group}", weights=weights)
+
+
+def draft_bytes(spec: ModelSpec, draft: Compression, context: int, batch: int) -> float:
+    """A draft model's memory: its weights and its own KV cache over the same window."""
+    return sum(weight_bytes(spec, draft).values()) + kv_cache_bytes(
+        spec, context, batch, draft.kv_dtype
     )
 
 

@@ -16,6 +16,13 @@ import numpy as np
 from infopt.errors import ContextLengthError, InvalidArgumentError
 from infopt.runtimes import Runtime
 from infopt.sampling import SamplingParams, sample
+from infopt.speculative import (
+    Drafter,
+    SpeculativeStats,
+    check_draft_tokens,
+    check_drafter,
+    speculative_step,
+)
 from infopt.tokenizer import StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward call during prefill
@@ -29,6 +36,7 @@ class Stats:
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0  # tokens after the first, over the time after the first
     total_s: float = 0.0
+    speculative: SpeculativeStats | None = None  # drafted, accepted, acceptance rate, speedup
 
 
 @dataclass
@@ -77,6 +85,7 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 
 def check_request(runtime: Runtime, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+    """Bad requests fail before any work: the token budget and the context window."""
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, int)
@@ -103,41 +112,62 @@ def stream_generate(
     params: SamplingParams,
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
+    drafter: Drafter | None = None,
+    num_draft_tokens: int = 4,
 ) -> Iterator[Response]:
-    """Responses carrying text deltas; stop strings are never emitted, even in part.
-    Bad requests raise here, before the first response is asked for."""
+    """Responses carrying text deltas; stop strings are never emitted, even in part. With a
+    drafter, tokens come from speculative decoding (the same text greedily; the same
+    distribution when sampling). Bad requests raise here, before the first response is asked
+    for."""
     check_request(runtime, prompt_ids, max_new_tokens)
+    if drafter is None:
+        steps = generate_step(runtime, prompt_ids, params)
+        spec = None
+    else:
+        check_drafter(runtime, drafter)
+        spec = SpeculativeStats(
+            drafter=type(drafter).__name__, draft_tokens=check_draft_tokens(num_draft_tokens)
+        )
+        steps = speculative_step(
+            runtime,
+            drafter,
+            prompt_ids,
+            params,
+            num_draft_tokens=num_draft_tokens,
+            stats=spec,
+            max_new_tokens=max_new_tokens,
+        )
     return _responses(
-        runtime,
+        steps,
         tokenizer,
-        prompt_ids,
+        len(prompt_ids),
         max_new_tokens,
-        params,
         [s for s in stop if s],
         set(stop_token_ids),
+        spec,
     )
 
 
 def _responses(
-    runtime: Runtime,
+    steps: Iterator[int],
     tokenizer: Tokenizer,
-    prompt_ids: Sequence[int],
+    prompt_len: int,
     max_new_tokens: int,
-    params: SamplingParams,
     stops: list[str],
     stop_ids: set[int],
+    spec: SpeculativeStats | None,
 ) -> Iterator[Response]:
-    stats = Stats(prompt_tokens=len(prompt_ids))
+    stats = Stats(prompt_tokens=prompt_len, speculative=spec)
     decoder = StreamDecoder(tokenizer)
     text, emitted = "", 0  # all text so far; how much of it has been sent
     start = time.perf_counter()
     first = start
-    for n, token in enumerate(generate_step(runtime, prompt_ids, params), start=1):
+    for n, token in enumerate(steps, start=1):
         now = time.perf_counter()
         if n == 1:
             first = now
             stats.ttft_s = now - start
-            stats.prefill_tokens_per_s = len(prompt_ids) / max(stats.ttft_s, 1e-9)
+            stats.prefill_tokens_per_s = prompt_len / max(stats.ttft_s, 1e-9)
         elif now > first:
             stats.decode_tokens_per_s = (n - 1) / (now - first)
         stats.generated_tokens, stats.total_s = n, now - start
@@ -197,6 +227,8 @@ def generate(
     params: SamplingParams,
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
+    drafter: Drafter | None = None,
+    num_draft_tokens: int = 4,
 ) -> GenerationResult:
     """One-shot generation: the whole text, token ids, finish reason and stats."""
     responses = stream_generate(
@@ -207,5 +239,7 @@ def generate(
         params=params,
         stop=stop,
         stop_token_ids=stop_token_ids,
+        drafter=drafter,
+        num_draft_tokens=num_draft_tokens,
     )
     return TextStream(responses).drain()

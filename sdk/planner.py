@@ -14,9 +14,11 @@ from infopt.costs import (
     Compression,
     Estimate,
     compute_precision,
+    draft_bytes,
     estimate,
     group_fits,
     matrices,
+    self_draft,
     with_kv,
 )
 from infopt.device_profiles import DeviceProfile
@@ -26,6 +28,7 @@ from infopt.spec import ModelSpec
 HEADROOM = 0.10  # of usable memory kept free: fragmentation, other allocations, OS pressure
 # The article's scenarios, as per-token decode latency targets in milliseconds.
 SCENARIOS = {"code-completion": 50.0, "chat": 200.0, "batch": None}
+SPECULATIVE = ("none", "auto", "self", "ngram")
 GB = 1e9
 
 
@@ -100,6 +103,8 @@ class Plan:
     headroom_bytes: float
     reasons: list[str]
     rejected: list[dict[str, str]] = field(default_factory=list)
+    # speculative decoding: {"kind": none|ngram|self, "draft": scheme name, "bytes", "reason"}
+    speculative: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,8 +143,15 @@ def plan(
     context: int | None = None,
     batch: int = 1,
     latency_ms: float | None = None,
+    speculative: str = "none",
 ) -> Plan:
-    """Choose and explain a compression plan; PlanError when nothing fits."""
+    """Choose and explain a compression plan; PlanError when nothing fits.
+
+    speculative: "none", "ngram" (no memory), "self" (an INT4 self-draft whose weights and KV
+    cache must fit beside the target's) or "auto" (the self-draft where the target is above
+    INT4 and both fit, else prompt lookup)."""
+    if speculative not in SPECULATIVE:
+        raise InvalidArgumentError(f"speculative={speculative!r}: expected one of {SPECULATIVE}")
     context = context or spec.max_position_embeddings
     if context < 1 or batch < 1 or (latency_ms is not None and latency_ms <= 0):
         raise InvalidArgumentError(
@@ -163,12 +175,67 @@ def plan(
             else None
         )
         reason = _why_rejected(spec, c, est, budget, latency_ms)
+        spec_choice: dict[str, Any] = {"kind": "none"}
+        if reason is None and est is not None and speculative != "none":
+            spec_choice, est, reason = _draft_choice(
+                spec, c, est, speculative, budget, context, batch
+            )
         if reason is None and est is not None:
-            return _explain(spec, profile, c, est, context, batch, latency_ms, runtime, rejected)
+            chosen = _explain(spec, profile, c, est, context, batch, latency_ms, runtime, rejected)
+            chosen.speculative = spec_choice
+            if spec_choice.get("reason"):
+                chosen.reasons.append(spec_choice["reason"])
+            return chosen
         rejected.append({"option": c.name, "reason": reason or ""})
         if est is not None:
             tried.append((c, est))
     raise PlanError(_refusal(spec, profile, tried, context, batch, latency_ms, budget))
+
+
+def _draft_choice(
+    spec: ModelSpec,
+    c: Compression,
+    est: Estimate,
+    speculative: str,
+    budget: float,
+    context: int,
+    batch: int,
+) -> tuple[dict[str, Any], Estimate, str | None]:
+    """(the speculative choice, the estimate with the draft's memory, why `c` is rejected)."""
+    ngram: dict[str, Any] = {
+        "kind": "ngram",
+        "bytes": 0,
+        "reason": "speculative: prompt lookup (n-gram) drafts, no draft model in memory",
+    }
+    draft = self_draft(c)
+    if speculative == "ngram":
+        return ngram, est, None
+    if draft is None:
+        if speculative == "auto":
+            ngram["reason"] += f" ({c.name} is INT4 already: a self-draft would be the target)"
+            return ngram, est, None
+        return {"kind": "none"}, est, f"{c.name} is INT4 already: no smaller self-draft exists"
+    need = draft_bytes(spec, draft, context, batch)
+    with_draft = replace(est, total=est.total + need, draft=need)
+    if with_draft.total > budget:
+        if speculative == "auto":
+            ngram["reason"] += f" (an INT4 self-draft, {_gb(need)}, does not fit beside it)"
+            return ngram, est, None
+        return (
+            {"kind": "none"},
+            est,
+            f"with its INT4 self-draft ({_gb(need)}) needs {_gb(with_draft.total)}, over the "
+            f"budget of {_gb(budget)}",
+        )
+    chosen = {
+        "kind": "self",
+        "draft": draft.name,
+        "weights": draft.weights,
+        "bytes": need,
+        "reason": f"speculative: an INT4 self-draft ({draft.name}, {_gb(need)} with its KV "
+        "cache) drafts for the target; output stays the target's",
+    }
+    return chosen, with_draft, None
 
 
 def pick_runtime(profile: DeviceProfile) -> tuple[str, str]:
@@ -239,7 +306,9 @@ def _explain(
         f"{HEADROOM:.0%} headroom)" + (f" and meets {latency_ms:g} ms/token" if latency_ms else ""),
         f"memory: weights {_gb(est.weights)} + KV cache {_gb(est.kv_cache)} ({context} tokens x "
         f"batch {batch}, {c.kv_dtype}) + activations {_gb(est.activations)} + {runtime} overhead "
-        f"{_gb(est.overhead)}; the quick formula (params x bytes x 1.2) says "
+        f"{_gb(est.overhead)}"
+        + (f" + speculative draft {_gb(est.draft)}" if est.draft else "")
+        + "; the quick formula (params x bytes x 1.2) says "
         f"{_gb(est.quick_formula)}",
         f"speed: {est.decode_tok_s:.1f} tok/s decode ({est.ms_per_token:.1f} ms/token, "
         f"{est.bound}-bound), {est.prefill_tok_s:.0f} tok/s prefill",

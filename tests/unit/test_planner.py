@@ -227,3 +227,33 @@ def test_config_json_alone_plans_without_weights(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / "config.json").write_text((CONFIGS / "llama-2-70b.json").read_text())
     assert load_spec(folder).num_params == load_spec(CONFIGS / "llama-2-70b.json").num_params
+
+
+def test_the_planner_accounts_for_a_self_drafts_memory() -> None:
+    spec = load_spec(CONFIGS / "smollm2-135m.json")
+    profile = load_profile("intel-cpu")
+    alone = plan(spec, profile, context=2048)
+    assert alone.speculative == {"kind": "none"}
+    with_self = plan(spec, profile, context=2048, speculative="self")
+    s = with_self.speculative
+    assert s["kind"] == "self" and s["weights"]["attention"] == "int4-g32"
+    draft = Compression("d", s["weights"], kv_dtype=with_self.compression["kv_dtype"])
+    expected = sum(weight_bytes(spec, draft).values()) + kv_cache_bytes(
+        spec, 2048, 1, draft.kv_dtype
+    )
+    assert s["bytes"] == pytest.approx(expected)
+    assert with_self.predicted["total"] == pytest.approx(alone.predicted["total"] + expected)
+    # a device where the target fits but not beside its draft: auto falls back to prompt
+    # lookup, an explicit self-draft takes a smaller target
+    tight = replace(
+        profile, usable_bytes=(alone.predicted["total"] + expected / 2) / (1 - HEADROOM)
+    )
+    auto = plan(spec, tight, context=2048, speculative="auto")
+    assert auto.speculative["kind"] == "ngram" and "does not fit" in auto.speculative["reason"]
+    assert auto.compression == alone.compression
+    forced = plan(spec, tight, context=2048, speculative="self")
+    assert forced.compression["name"] != alone.compression["name"]
+    assert forced.predicted["total"] <= tight.usable_bytes * (1 - HEADROOM)
+    assert any("self-draft" in r["reason"] for r in forced.rejected)
+    with pytest.raises(InvalidArgumentError, match="speculative"):
+        plan(spec, profile, speculative="fast")

@@ -1,0 +1,337 @@
+"""Speculative decoding: a drafter proposes k tokens, the target scores them in one forward pass.
+
+Another step generator beside `generate_step` (as in mlx-lm), over any runtime through the
+protocol's `forward` (k+1 tokens at once) and `rewind`. Acceptance follows Leviathan et al. /
+Chen et al.: greedy keeps the drafts that equal the target's argmax (lossless); sampling accepts
+a draft token x with probability min(1, p(x)/q(x)) and on rejection samples from
+normalize(max(0, p - q)), so the output is distributed exactly as the target's own sampling.
+A deterministic drafter (prompt lookup) is the case q = one-hot.
+
+Drafters: `ModelDrafter` (a second runtime: an INT4 self-draft, a distilled student, any model
+with the same vocabulary) and `NgramDrafter` (prompt lookup: copy what followed the last
+n-gram's previous occurrence). The draft length adapts to acceptance, and speculation switches
+itself off when it measures no gain over the target alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from infopt.errors import InvalidArgumentError
+from infopt.runtimes import Runtime
+from infopt.sampling import SamplingParams, apply_repetition_penalty, probabilities, sample
+
+MAX_DRAFT = 16  # adaptive draft length ceiling
+PROBE_STEPS = 3  # plain decode steps timed to know the target's own speed
+MIN_TRIAL = 8  # verify passes before speculation may switch itself off
+RETRY_AFTER = 64  # plain tokens before a switched-off speculation is tried again
+
+
+class DraftMismatchError(InvalidArgumentError):
+    """A draft model that cannot draft for this target (another vocabulary)."""
+
+
+class Drafter(Protocol):
+    vocab_size: int
+    default_tokens: int  # the draft length to start from
+
+    def reset(self) -> None: ...
+
+    def prefill(self, context: Sequence[int]) -> None:
+        """Take in the prompt before decoding starts (a draft model fills its cache)."""
+        ...
+
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        params: SamplingParams,
+        rng: np.random.Generator,
+    ) -> tuple[list[int], np.ndarray | None]:
+        """Up to k tokens to follow `context`, and the distributions they were drawn from
+        ([n, vocab]; None for a deterministic drafter)."""
+        ...
+
+
+class ModelDrafter:
+    """A draft model on any runtime, its KV cache kept in step with the accepted text by
+    rewinding to the longest common prefix."""
+
+    default_tokens = 4
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.vocab_size = runtime.vocab_size
+        self._cached: list[int] = []
+
+    def reset(self) -> None:
+        self.runtime.reset()
+        self._cached = []
+
+    def prefill(self, context: Sequence[int]) -> None:
+        self.reset()
+        for start in range(0, len(context) - 1, 512):
+            self.runtime.forward(context[start : min(start + 512, len(context) - 1)], True)
+        self._cached = list(context[:-1])
+
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        params: SamplingParams,
+        rng: np.random.Generator,
+    ) -> tuple[list[int], np.ndarray | None]:
+        rt = self.runtime
+        k = min(k, rt.max_context - len(context) + 1)
+        if k < 1:
+            return [], None
+        same = _common_prefix(self._cached, context)
+        same = min(same, len(context) - 1)  # at least one token goes in, for its logits
+        rt.rewind(rt.position - same)
+        logits = rt.forward(context[same:], only_last=True)[-1]
+        tokens: list[int] = []
+        dists: list[np.ndarray] = []
+        penalty = params.repetition_penalty
+        for i in range(k):
+            seen = [*context, *tokens] if penalty != 1 else []
+            z = apply_repetition_penalty(logits, seen, penalty)
+            if params.greedy:
+                tokens.append(int(np.argmax(z)))
+            else:
+                q = probabilities(z, params)
+                dists.append(q)
+                tokens.append(_draw(q, rng))
+            if i < k - 1:
+                logits = rt.forward(tokens[-1:])[-1]
+        self._cached = [*context, *tokens[:-1]]
+        return tokens, (np.stack(dists) if dists else None)
+
+
+class NgramDrafter:
+    """Prompt lookup (as `prompt_lookup_num_tokens` in transformers): find the latest earlier
+    occurrence of the context's last n tokens (n from `max_ngram` down to `min_ngram`) and
+    propose the tokens that followed it. No model; gains where the output copies the input."""
+
+    default_tokens = 8
+
+    def __init__(self, vocab_size: int, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise InvalidArgumentError(
+                f"ngram sizes {min_ngram}..{max_ngram}: need 1 <= min_ngram <= max_ngram"
+            )
+        self.vocab_size = vocab_size
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def reset(self) -> None:
+        pass
+
+    def prefill(self, context: Sequence[int]) -> None:
+        pass
+
+    def propose(
+        self,
+        context: Sequence[int],
+        k: int,
+        params: SamplingParams,
+        rng: np.random.Generator,
+    ) -> tuple[list[int], np.ndarray | None]:
+        ids = np.asarray(context, dtype=np.int64)
+        for n in range(min(self.max_ngram, len(ids) - 1), self.min_ngram - 1, -1):
+            windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)
+            hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
+            if hits.size:
+                start = int(hits[-1]) + n  # the latest occurrence: most like what comes next
+                return ids[start : start + k].tolist(), None
+        return [], None
+
+
+def check_drafter(target: Runtime, drafter: Drafter) -> None:
+    if drafter.vocab_size != target.vocab_size:
+        raise DraftMismatchError(
+            f"the draft's vocabulary has {drafter.vocab_size} tokens and the target's "
+            f"{target.vocab_size}: a draft must share the target's tokenizer"
+        )
+
+
+def check_draft_tokens(k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_DRAFT:
+        raise InvalidArgumentError(
+            f"num_draft_tokens={k!r}: must be an integer from 1 to {MAX_DRAFT}"
+        )
+    return k
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def _draw(p: np.ndarray, rng: np.random.Generator) -> int:
+    return min(int(np.searchsorted(np.cumsum(p), rng.random(), side="right")), p.size - 1)
+
+
+def verify(
+    drafts: Sequence[int],
+    draft_probs: np.ndarray | None,
+    target_logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    seen: Sequence[int] = (),
+) -> tuple[int, int]:
+    """(how many drafts are accepted, the token that follows them). target_logits is
+    [len(drafts) + 1, vocab]: row i scores the position of drafts[i], the last row the bonus."""
+    for i, d in enumerate(drafts):
+        z = apply_repetition_penalty(
+            target_logits[i], [*seen, *drafts[:i]] if seen else (), params.repetition_penalty
+        )
+        if params.greedy:
+            best = int(np.argmax(z))
+            if best != d:
+                return i, best
+            continue
+        p = probabilities(z, params)
+        q_d = 1.0 if draft_probs is None else float(draft_probs[i][d])
+        if rng.random() * q_d < p[d]:  # accept with probability min(1, p/q)
+            continue
+        residual = p.copy()
+        if draft_probs is None:
+            residual[d] = 0.0
+        else:
+            residual = np.maximum(residual - draft_probs[i], 0.0)
+        total = residual.sum()
+        return i, _draw(residual / total, rng) if total > 0 else _draw(p, rng)
+    z = apply_repetition_penalty(
+        target_logits[len(drafts)], [*seen, *drafts] if seen else (), params.repetition_penalty
+    )
+    return len(drafts), int(np.argmax(z)) if params.greedy else _draw(probabilities(z, params), rng)
+
+
+@dataclass
+class SpeculativeStats:
+    drafter: str = ""
+    drafted: int = 0  # draft tokens the target scored
+    accepted: int = 0
+    verify_steps: int = 0  # target forward passes over drafts
+    plain_steps: int = 0  # target forward passes of one token (probes, switched off)
+    draft_tokens: int = 0  # the draft length in use at the end
+    switched_off: int = 0  # times speculation measured no gain and stopped
+    target_tokens_per_s: float = 0.0  # the target alone, measured in this call
+    speculative_tokens_per_s: float = 0.0  # tokens per second of the speculative passes
+    _spec_time: float = 0.0
+    _spec_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def speedup(self) -> float:
+        """Estimated: speculative passes' tokens/s over the target's own tokens/s."""
+        if not self.target_tokens_per_s or not self.speculative_tokens_per_s:
+            return 0.0
+        return self.speculative_tokens_per_s / self.target_tokens_per_s
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {
+            "drafter": self.drafter,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "verify_steps": self.verify_steps,
+            "plain_steps": self.plain_steps,
+            "draft_tokens": self.draft_tokens,
+            "switched_off": self.switched_off,
+            "target_tokens_per_s": round(self.target_tokens_per_s, 2),
+            "speculative_tokens_per_s": round(self.speculative_tokens_per_s, 2),
+            "speedup": round(self.speedup, 3),
+        }
+
+
+def speculative_step(
+    target: Runtime,
+    drafter: Drafter,
+    prompt_ids: Sequence[int],
+    params: SamplingParams,
+    *,
+    num_draft_tokens: int,
+    stats: SpeculativeStats,
+    max_new_tokens: int | None = None,
+    adaptive: bool = True,
+) -> Iterator[int]:
+    """Token ids, forever (as `generate_step`), several per target pass when drafts are kept.
+
+    The target's cache holds every token but the newest (`pending`), which goes into the next
+    pass together with the drafts that follow it: one forward of k+1 tokens scores k drafts
+    and yields the bonus token. Rejected drafts are rewound."""
+    check_drafter(target, drafter)
+    k = check_draft_tokens(num_draft_tokens)
+    rng = np.random.default_rng(params.seed)
+    penalize = params.repetition_penalty != 1.0
+    context = list(prompt_ids)
+    target.reset()
+    drafter.reset()
+    for start in range(0, len(context), 512):
+        logits = target.forward(context[start : start + 512], only_last=True)[-1]
+    first = sample(logits, params, rng, context if penalize else ())
+    context.append(first)
+    yield first
+    drafter.prefill(context)  # not in the timed passes: a one-off, as the target's prefill
+    produced, plain_time, plain_n, off_until = 1, 0.0, 0, 0
+    trial_steps, trial_time, trial_tokens = 0, 0.0, 0  # since speculation was last (re)started
+    while True:
+        budget = target.max_context - target.position - 1
+        if max_new_tokens is not None:
+            budget = min(budget, max_new_tokens - produced - 1)
+        if (adaptive and plain_n < PROBE_STEPS) or produced < off_until or budget < 1:
+            t0 = time.perf_counter()
+            logits = target.forward(context[-1:])[-1]
+            dt = time.perf_counter() - t0
+            if plain_n < PROBE_STEPS:  # the target's own speed: the mean of a few steps
+                plain_n += 1
+                plain_time = dt if plain_n == 1 else plain_time + dt
+                stats.target_tokens_per_s = plain_n / max(plain_time, 1e-9)
+            stats.plain_steps += 1
+            token = sample(logits, params, rng, context if penalize else ())
+            context.append(token)
+            produced += 1
+            yield token
+            continue
+        t0 = time.perf_counter()
+        drafts, q = drafter.propose(context, min(k, budget), params, rng)
+        logits = target.forward([context[-1], *drafts])
+        j, token = verify(drafts, q, logits, params, rng, context if penalize else ())
+        target.rewind(len(drafts) - j)
+        dt = time.perf_counter() - t0
+        stats.verify_steps += 1
+        stats.drafted += len(drafts)
+        stats.accepted += j
+        stats._spec_time += dt
+        stats._spec_tokens += j + 1
+        stats.speculative_tokens_per_s = stats._spec_tokens / max(stats._spec_time, 1e-9)
+        trial_steps += 1
+        trial_time += dt
+        trial_tokens += j + 1
+        if adaptive and drafts:  # longer drafts while all are kept, shorter after a rejection
+            k = min(k + 2, MAX_DRAFT) if j == len(drafts) else max(1, k - 1)
+        stats.draft_tokens = k
+        if (
+            adaptive
+            and trial_steps >= MIN_TRIAL
+            and trial_tokens / max(trial_time, 1e-9) < stats.target_tokens_per_s
+        ):  # no gain measured: plain decoding for a while, then a fresh probe and trial
+            stats.switched_off += 1
+            off_until, plain_n = produced + RETRY_AFTER, 0
+            trial_steps, trial_time, trial_tokens = 0, 0.0, 0
+            k = num_draft_tokens
+        for t in [*drafts[:j], token]:
+            context.append(t)
+            produced += 1
+            yield t
