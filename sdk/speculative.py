@@ -29,7 +29,7 @@ from infopt.sampling import SamplingParams, apply_repetition_penalty, probabilit
 MAX_DRAFT = 16  # adaptive draft length ceiling
 PROBE_STEPS = 3  # plain decode steps timed to know the target's own speed
 MIN_TRIAL = 8  # verify passes before speculation may switch itself off
-RETRY_AFTER = 64  # plain tokens before a switched-off speculation is tried again
+RETRY_AFTER = 64  # plain tokens before a switched-off speculation is first tried again
 
 
 class DraftMismatchError(InvalidArgumentError):
@@ -327,8 +327,8 @@ def speculative_step(
             and trial_steps >= MIN_TRIAL
             and trial_tokens / max(trial_time, 1e-9) < stats.target_tokens_per_s
         ):  # no gain measured: plain decoding for a while, then a fresh probe and trial
-            stats.switched_off += 1
-            off_until, plain_n = produced + RETRY_AFTER, 0
+            stats.switched_off += 1  # each failed trial waits twice as long as the last
+            off_until, plain_n = produced + RETRY_AFTER * 2 ** (stats.switched_off - 1), 0
             trial_steps, trial_time, trial_tokens = 0, 0.0, 0
             k = num_draft_tokens
         for t in [*drafts[:j], token]:

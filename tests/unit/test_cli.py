@@ -104,3 +104,32 @@ def test_distill_refuses_unclear_requests(tmp_path: Path, tiny_gguf: Path) -> No
     )
     assert code == 1 and "lr=0" in stderr
     assert not out.exists()
+
+
+def test_a_distilled_draft_in_a_bundle_and_prompt_lookup(tmp_path: Path, tiny_gguf: Path) -> None:
+    draft = tmp_path / "draft.safetensors"
+    args = ["distill", str(tiny_gguf), "--layers", "1", "--steps", "2", "--generate", "4"]
+    code, _, stderr = invoke(*args, "--seq-len", "16", "--batch-size", "2", "-o", str(draft))
+    assert code == 0, stderr
+    bundle = tmp_path / "b"
+    code, stdout, stderr = invoke(
+        "build", str(tiny_gguf), "-d", "host", "--runtime", "onnxruntime", "--context", "128",
+        "--speculative", str(draft), "-o", str(bundle), "--json",
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert json.loads(stdout)["draft"] == "draft.safetensors"
+    run = ["run", str(bundle), "--raw", "-p", "hello hello hello", "-n", "12", "--json"]
+    with_draft = json.loads(invoke(*run)[1])
+    spec = with_draft["stats"]["speculative"]
+    assert spec["drafter"] == "ModelDrafter" and spec["drafted"] > 0
+    plain = json.loads(invoke(*run, "--no-speculative")[1])
+    assert plain["stats"]["speculative"] is None
+    assert plain["token_ids"] == with_draft["token_ids"]
+    code, stdout, _ = invoke(*run, "--no-speculative", "--draft", "ngram")
+    assert code == 0 and json.loads(stdout)["stats"]["speculative"] is None
+    code, stdout, _ = invoke(*run, "--draft", "ngram", "--num-draft-tokens", "3")
+    assert json.loads(stdout)["stats"]["speculative"]["drafter"] == "NgramDrafter"
+    code, _, stderr = invoke(*run, "--draft", "ngram", "--num-draft-tokens", "0")
+    assert code == 1 and "num_draft_tokens=0" in stderr
+    code, stdout, _ = invoke("plan", "-d", "host", "-m", str(tiny_gguf), "--speculative", "self")
+    assert code == 0 and "INT4 self-draft" in stdout and "+ draft" in stdout

@@ -1,0 +1,269 @@
+"""Speculative decoding benchmark: targets alone against the same targets with a draft, in one
+session, beside the peers' plain decode.
+
+    python -m infopt.tools.spec_bench [--dir /tmp/spec-bench] [--threads 2] [--repeat 2]
+        [--compare] [--peers /tmp/infopt-peers] [--json | --markdown]
+
+Builds (once, under --dir) bundles of the default model with ONNX Runtime and OpenVINO
+artifacts: fp32 and INT8 targets, each with its INT4 self-draft (`--speculative self`), and the
+all-INT4 target of the runtime table (prompt lookup needs no draft). Each configuration runs in
+a fresh process: load the bundle (and its draft), then for every prompt of its set alternate a
+plain greedy generation (`speculative=False`) and a speculative one, 128 new tokens each,
+`--repeat` times. Decode speed is `Stats.decode_tokens_per_s` (tokens after the first over the
+time after the first: the draft's own prefill, the probes and the verify passes included);
+tokens/s per configuration are summed tokens over summed time. "identical" says whether every
+speculative output equalled the plain one token for token. Open prompts (chat) go to the
+self-draft, input-grounded prompts (summarize, rewrite, edit code) to prompt lookup.
+`--compare` runs the peers' plain decode (ONNX Runtime GenAI, llama.cpp) in the same session
+via `infopt.tools.runtime_bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+NEW_TOKENS = 128
+TEXT = (
+    "Solar panels turn sunlight into electricity using cells made of silicon. When light hits "
+    "a cell, it frees electrons, and the flow of those electrons is an electric current. Most "
+    "home systems connect to the grid through an inverter, which changes the panels' direct "
+    "current into the alternating current that houses use. Panels work best facing the sun "
+    "without shade, and they lose a little efficiency each year, usually less than one percent."
+)
+CODE = (
+    "def average(values):\n    total = 0\n    for v in values:\n        total = total + v\n"
+    "    return total / len(values)\n"
+)
+OPEN = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a CPU cache works and why it matters for performance.",
+    "What are the main causes of inflation? Answer in a few paragraphs.",
+]
+GROUNDED = [
+    f"Summarize this text in three sentences:\n{TEXT}",
+    f"Rewrite this text in simpler words, keeping every fact:\n{TEXT}",
+    f"Add a docstring and type hints to this function, and return the whole function:\n{CODE}",
+]
+BUNDLES = {  # name -> (weights of every tensor group, speculative)
+    "fp32+self": ({g: "fp32" for g in ("embeddings", "lm_head", "attention", "mlp")}, "self"),
+    "int8+self": ({g: "int8" for g in ("embeddings", "lm_head", "attention", "mlp")}, "self"),
+    "int4-all": ({g: "int4-g32" for g in ("embeddings", "lm_head", "attention", "mlp")}, "none"),
+}
+CONFIGS = [  # (bundle, runtime, drafter, prompts)
+    ("fp32+self", "onnxruntime", "self-draft", "open"),
+    ("fp32+self", "openvino", "self-draft", "open"),
+    ("fp32+self", "onnxruntime", "ngram", "grounded"),
+    ("fp32+self", "openvino", "ngram", "grounded"),
+    ("int8+self", "onnxruntime", "self-draft", "open"),
+    ("int8+self", "openvino", "self-draft", "open"),
+    ("int8+self", "onnxruntime", "ngram", "grounded"),
+    ("int4-all", "onnxruntime", "ngram", "grounded"),
+    ("int4-all", "openvino", "ngram", "grounded"),
+    ("int4-all", "onnxruntime", "none", "open"),
+]
+
+
+def measure(
+    bundle: str, runtime: str, drafter: str, prompts: str, threads: int, repeat: int
+) -> dict[str, Any]:
+    """One configuration, in this (fresh) process."""
+    import infopt
+
+    m = infopt.load(bundle, runtime=runtime, threads=threads)
+    speculative: Any = {"self-draft": None, "ngram": "ngram", "none": False}[drafter]
+    texts = OPEN if prompts == "open" else GROUNDED
+    m.generate(texts[0], max_new_tokens=8, speculative=False)  # warm-up
+    plain_t = spec_t = 0.0
+    plain_n = spec_n = drafted = accepted = 0
+    identical = True
+    for _ in range(repeat):
+        for text in texts:
+            msgs = [{"role": "user", "content": text}]
+            a = m.generate(msgs, max_new_tokens=NEW_TOKENS, speculative=False)
+            b = m.generate(msgs, max_new_tokens=NEW_TOKENS, speculative=speculative)
+            for r, is_spec in ((a, False), (b, True)):
+                n, t = r.stats.generated_tokens - 1, r.stats.total_s - r.stats.ttft_s
+                if is_spec:
+                    spec_n, spec_t = spec_n + n, spec_t + t
+                else:
+                    plain_n, plain_t = plain_n + n, plain_t + t
+            identical &= a.token_ids == b.token_ids
+            if b.stats.speculative:
+                drafted += b.stats.speculative.drafted
+                accepted += b.stats.speculative.accepted
+    plain, spec = plain_n / plain_t, spec_n / spec_t
+    return {
+        "plain_tok_s": round(plain, 1),
+        "spec_tok_s": round(spec, 1),
+        "speedup": round(spec / plain, 2),
+        "acceptance": round(accepted / drafted, 3) if drafted else None,
+        "drafted": drafted,
+        "identical": identical,
+    }
+
+
+def build_bundles(folder: Path) -> dict[str, str]:
+    from infopt.build import build
+    from infopt.bundle import is_bundle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, (weights, speculative) in BUNDLES.items():
+        bundle = folder / name.replace("+", "-")
+        if not is_bundle(bundle):
+            plan = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "infopt.cli",
+                    "plan",
+                    "-d",
+                    "host",
+                    "--context",
+                    "1024",
+                    "--json",
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            data = json.loads(plan)
+            data["compression"]["weights"] = weights
+            data["compression"]["name"] = f"{name} (edited host plan)"
+            plan_file = folder / f"{bundle.name}.plan.json"
+            plan_file.write_text(json.dumps(data))
+            build(
+                None,
+                bundle,
+                plan_file=plan_file,
+                runtime="onnxruntime,openvino",
+                speculative=speculative,
+            )
+        out[name] = str(bundle)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--dir", default="/tmp/spec-bench")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--compare", action="store_true")
+    ap.add_argument("--peers", default="/tmp/infopt-peers")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--child", nargs=4, metavar=("BUNDLE", "RUNTIME", "DRAFTER", "PROMPTS"))
+    args = ap.parse_args()
+    if args.child:
+        bundle, runtime, drafter, prompts = args.child
+        print(json.dumps(measure(bundle, runtime, drafter, prompts, args.threads, args.repeat)))
+        return
+    bundles = build_bundles(Path(args.dir))
+    rows = []
+    for name, runtime, drafter, prompts in CONFIGS:
+        cmd = [
+            sys.executable,
+            "-m",
+            "infopt.tools.spec_bench",
+            "--child",
+            bundles[name],
+            runtime,
+            drafter,
+            prompts,
+            "--threads",
+            str(args.threads),
+            "--repeat",
+            str(args.repeat),
+        ]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800)
+        row = {
+            "target": name.split("+")[0],
+            "runtime": runtime,
+            "drafter": drafter,
+            "prompts": prompts,
+            **json.loads(out.stdout.strip().splitlines()[-1]),
+        }
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    peers = []
+    if args.compare:
+        from infopt.tools.runtime_bench import run_peer
+
+        for peer in ("ONNX Runtime GenAI int4", "llama.cpp Q4_1"):
+            result = run_peer(peer, Path(args.peers), args.threads)
+            if result:
+                peers.append(result)
+    if args.json:
+        print(json.dumps({"rows": rows, "peers": peers}, indent=2))
+        return
+    print(table(rows, peers, args.threads, args.markdown))
+
+
+def table(
+    rows: list[dict[str, Any]], peers: list[dict[str, Any]], threads: int, markdown: bool
+) -> str:
+    best = max((p["tg128"] for p in peers if "tg128" in p), default=None)
+    head = [
+        "target",
+        "runtime",
+        "draft",
+        "prompts",
+        "alone tok/s",
+        "with draft tok/s",
+        "speedup",
+        "acceptance",
+        "identical",
+        "vs best peer",
+    ]
+    lines = [f"{platform.machine()}, {threads} threads, {NEW_TOKENS} new tokens per prompt"]
+    body = []
+    for r in rows:
+        vs = f"{r['spec_tok_s'] / best:.2f}x" if best else ""
+        body.append(
+            [
+                r["target"],
+                r["runtime"],
+                r["drafter"],
+                r["prompts"],
+                f"{r['plain_tok_s']:.1f}",
+                f"{r['spec_tok_s']:.1f}",
+                f"{r['speedup']:.2f}x",
+                "" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
+                "yes" if r["identical"] else "NO",
+                vs,
+            ]
+        )
+    for p in peers:
+        body.append(
+            [
+                p["runtime"],
+                "",
+                "",
+                "its chat prompt",
+                f"{p.get('tg128', 0):.1f}",
+                "",
+                "",
+                "",
+                "",
+                f"{p.get('tg128', 0) / best:.2f}x" if best else "",
+            ]
+        )
+    if markdown:
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+    else:
+        lines += ["  ".join(f"{h:>12}" for h in head)]
+        lines += ["  ".join(f"{c:>12}" for c in row) for row in body]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
