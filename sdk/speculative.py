@@ -215,6 +215,42 @@ def verify(
 
 
 @dataclass
+class DraftLength:
+    """The draft length with the most expected tokens per second, under the standard model
+    (each draft token kept with probability a, independently): a pass of k drafts yields
+    E(k) = (1 - a^(k+1)) / (1 - a) tokens and costs k*c (drafting, in units of one target
+    step) + 1 + b*k (scoring k+1 tokens). a, c and b are measured, recent passes weighing most."""
+
+    decay: float = 0.9
+    kept: float = 1.2  # decayed counts; the prior says a = 0.6
+    lost: float = 0.8
+    draft_s: float = 0.0  # decayed drafting seconds per drafted token
+    drafted: float = 0.0
+    extra: float = 0.05  # decayed verify cost beyond one step, per draft token (prior b)
+    weight: float = 1.0
+
+    def update(
+        self, drafted: int, kept: int, draft_s: float, verify_s: float, step_s: float
+    ) -> None:
+        d = self.decay
+        self.kept, self.lost = d * self.kept + kept, d * self.lost + (kept < drafted)
+        if drafted:
+            self.draft_s, self.drafted = d * self.draft_s + draft_s, d * self.drafted + drafted
+            b = max(verify_s / step_s - 1.0, 0.0) / drafted
+            self.extra, self.weight = d * self.extra + b, d * self.weight + 1.0
+
+    def best(self, step_s: float) -> tuple[int, float]:
+        """(k, its predicted speedup over the target alone)."""
+        a = min(self.kept / (self.kept + self.lost), 0.999)
+        c = self.draft_s / self.drafted / step_s if self.drafted else 0.3
+        b = self.extra / self.weight
+        ks = np.arange(1, MAX_DRAFT + 1)
+        gain = (1 - a ** (ks + 1)) / (1 - a) / (ks * c + 1 + b * ks)
+        i = int(np.argmax(gain))
+        return int(ks[i]), float(gain[i])
+
+
+@dataclass
 class SpeculativeStats:
     drafter: str = ""
     drafted: int = 0  # draft tokens the target scored
@@ -286,6 +322,7 @@ def speculative_step(
     drafter.prefill(context)  # not in the timed passes: a one-off, as the target's prefill
     produced, plain_time, plain_n, off_until = 1, 0.0, 0, 0
     trial_steps, trial_time, trial_tokens = 0, 0.0, 0  # since speculation was last (re)started
+    length = DraftLength()
     while True:
         budget = target.max_context - target.position - 1
         if max_new_tokens is not None:
@@ -306,6 +343,7 @@ def speculative_step(
             continue
         t0 = time.perf_counter()
         drafts, q = drafter.propose(context, min(k, budget), params, rng)
+        t1 = time.perf_counter()
         logits = target.forward([context[-1], *drafts])
         j, token = verify(drafts, q, logits, params, rng, context if penalize else ())
         target.rewind(len(drafts) - j)
@@ -319,18 +357,21 @@ def speculative_step(
         trial_steps += 1
         trial_time += dt
         trial_tokens += j + 1
-        if adaptive and drafts:  # longer drafts while all are kept, shorter after a rejection
-            k = min(k + 2, MAX_DRAFT) if j == len(drafts) else max(1, k - 1)
+        predicted = 1.0
+        if adaptive:
+            step_s = 1.0 / stats.target_tokens_per_s
+            length.update(len(drafts), j, t1 - t0, t0 + dt - t1, step_s)
+            k, predicted = length.best(step_s)
         stats.draft_tokens = k
         if (
             adaptive
             and trial_steps >= MIN_TRIAL
             and trial_tokens / max(trial_time, 1e-9) < stats.target_tokens_per_s
-        ):  # no gain measured: plain decoding for a while, then a fresh probe and trial
+            and predicted < 1.0
+        ):  # no gain, measured and predicted: plain decoding for a while, then a fresh trial
             stats.switched_off += 1  # each failed trial waits twice as long as the last
             off_until, plain_n = produced + RETRY_AFTER * 2 ** (stats.switched_off - 1), 0
             trial_steps, trial_time, trial_tokens = 0, 0.0, 0
-            k = num_draft_tokens
         for t in [*drafts[:j], token]:
             context.append(t)
             produced += 1
