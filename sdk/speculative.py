@@ -216,15 +216,17 @@ def verify(
 
 @dataclass
 class DraftLength:
-    """The draft length with the most expected tokens per second, under the standard model
-    (each draft token kept with probability a, independently): a pass of k drafts yields
-    E(k) = (1 - a^(k+1)) / (1 - a) tokens and costs k*c (drafting, in units of one target
-    step) + 1 + b*k (scoring k+1 tokens). a, c and b are measured, recent passes weighing most."""
+    """The draft length with the most expected tokens per second. Model: the first draft token
+    is kept with probability a1, each later one (its predecessor kept) with probability ar --
+    a prompt-lookup match, or a draft in step with the target, tends to stay right once it
+    is -- so a pass of k drafts yields E(k) = 1 + a1 (1 - ar^k) / (1 - ar) tokens, and costs
+    k*c (drafting, in units of one target step) + 1 + b*k (scoring k+1 tokens). a1, ar, c and b
+    are measured, recent passes weighing most."""
 
     decay: float = 0.9
-    kept: float = 1.2  # decayed counts; the prior says a = 0.6
-    lost: float = 0.8
-    draft_s: float = 0.0  # decayed drafting seconds per drafted token
+    first: tuple[float, float] = (1.2, 2.0)  # decayed (kept, tried); the prior says 0.6
+    later: tuple[float, float] = (1.4, 2.0)  # the prior says 0.7
+    draft_s: float = 0.0  # decayed drafting seconds, and the tokens they drafted
     drafted: float = 0.0
     extra: float = 0.05  # decayed verify cost beyond one step, per draft token (prior b)
     weight: float = 1.0
@@ -233,19 +235,22 @@ class DraftLength:
         self, drafted: int, kept: int, draft_s: float, verify_s: float, step_s: float
     ) -> None:
         d = self.decay
-        self.kept, self.lost = d * self.kept + kept, d * self.lost + (kept < drafted)
         if drafted:
+            self.first = (d * self.first[0] + (kept > 0), d * self.first[1] + 1)
+            tried = min(kept, drafted - 1)  # later positions looked at: those after a kept one
+            self.later = (d * self.later[0] + max(kept - 1, 0), d * self.later[1] + tried)
             self.draft_s, self.drafted = d * self.draft_s + draft_s, d * self.drafted + drafted
             b = max(verify_s / step_s - 1.0, 0.0) / drafted
             self.extra, self.weight = d * self.extra + b, d * self.weight + 1.0
 
     def best(self, step_s: float) -> tuple[int, float]:
         """(k, its predicted speedup over the target alone)."""
-        a = min(self.kept / (self.kept + self.lost), 0.999)
+        a1 = self.first[0] / self.first[1]
+        ar = min(self.later[0] / self.later[1], 0.999)
         c = self.draft_s / self.drafted / step_s if self.drafted else 0.3
         b = self.extra / self.weight
         ks = np.arange(1, MAX_DRAFT + 1)
-        gain = (1 - a ** (ks + 1)) / (1 - a) / (ks * c + 1 + b * ks)
+        gain = (1 + a1 * (1 - ar**ks) / (1 - ar)) / (ks * c + 1 + b * ks)
         i = int(np.argmax(gain))
         return int(ks[i]), float(gain[i])
 
