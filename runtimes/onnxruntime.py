@@ -56,7 +56,17 @@ def session_options(threads: int | None) -> ort.SessionOptions:
 class OrtRuntime:
     name = "onnxruntime"
 
-    def __init__(self, session: ort.InferenceSession, max_context: int, vocab_size: int) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        max_context: int,
+        vocab_size: int,
+        batch_exact: bool = True,
+    ) -> None:
+        # False where MatMulNBits quantizes activations to int8 (INT4/INT8 weights): a pass of
+        # several tokens then rounds them unlike a one-token step (logits differ by ~1 on the
+        # default model), so speculative greedy output can part from plain decoding
+        self.batch_exact = batch_exact
         self.session = session
         self.max_context = max_context
         self.vocab_size = vocab_size
@@ -143,7 +153,10 @@ def from_bundle(
             "ONNX graph was exported for (its rotary tables); rebuild with a larger --context"
         )
     session = load_session(root / artifact["files"][0], threads)
-    return OrtRuntime(session, max_context, int(manifest["model"]["config"]["vocab_size"]))
+    weights = ((manifest.get("plan") or {}).get("compression") or {}).get("weights") or {}
+    quantized = any(str(w).startswith("int") for w in weights.values())
+    vocab = int(manifest["model"]["config"]["vocab_size"])
+    return OrtRuntime(session, max_context, vocab, batch_exact=not quantized)
 
 
 def from_source(
@@ -170,4 +183,7 @@ def from_model(core: Any, *, max_context: int, threads: int | None = None) -> Or
     with tempfile.TemporaryDirectory(prefix="infopt-onnx-") as tmp:
         export_onnx(core, Path(tmp) / "model.onnx", max_context)
         session = load_session(Path(tmp) / "model.onnx", threads)
-    return OrtRuntime(session, max_context, core.spec.vocab_size)
+    from infopt.quant import QuantStorage
+
+    quantized = any(isinstance(m, QuantStorage) for m in core.modules())
+    return OrtRuntime(session, max_context, core.spec.vocab_size, batch_exact=not quantized)

@@ -264,6 +264,7 @@ class SpeculativeStats:
     plain_steps: int = 0  # target forward passes of one token (probes, switched off)
     draft_tokens: int = 0  # the draft length in use at the end
     switched_off: int = 0  # times speculation measured no gain and stopped
+    exact: bool = True  # the target computes a k+1-token pass exactly as k+1 single steps
     target_tokens_per_s: float = 0.0  # the target alone, measured in this call
     speculative_tokens_per_s: float = 0.0  # tokens per second of the speculative passes
     _spec_time: float = 0.0
@@ -290,6 +291,7 @@ class SpeculativeStats:
             "plain_steps": self.plain_steps,
             "draft_tokens": self.draft_tokens,
             "switched_off": self.switched_off,
+            "exact": self.exact,
             "target_tokens_per_s": round(self.target_tokens_per_s, 2),
             "speculative_tokens_per_s": round(self.speculative_tokens_per_s, 2),
             "speedup": round(self.speedup, 3),
@@ -314,6 +316,7 @@ def speculative_step(
     and yields the bonus token. Rejected drafts are rewound."""
     check_drafter(target, drafter)
     k = check_draft_tokens(num_draft_tokens)
+    stats.exact = bool(getattr(target, "batch_exact", True))
     rng = np.random.default_rng(params.seed)
     penalize = params.repetition_penalty != 1.0
     context = list(prompt_ids)
