@@ -29,21 +29,21 @@ _POOL: list[int] = []  # intra-op threads of the process-wide pool (0: one per c
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Latency settings: one request at a time, all threads on each operator.
 
-    Sessions share one process-wide thread pool (sized by the first session's `threads`):
-    a speculative draft and its target run in turns, and two per-session pools would each
-    spin on the cores while the other works (measured: 14 against 25 tok/s on 2 cores). A
-    session asking for another thread count gets a pool of its own."""
+    Sessions share one process-wide thread pool, sized by the first session's `threads` (None:
+    one thread per core): a speculative draft and its target run in turns, and two per-session
+    pools would each spin on the cores while the other works (measured: 14 against 25 tok/s on
+    2 cores). onnxruntime refuses per-session pools once that pool exists, so a later session
+    asking for another count runs on it too."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    want = threads or 0
     if not _POOL:
         try:
-            ort.set_global_thread_pool_sizes(want, 1)
-            _POOL.append(want)
+            ort.set_global_thread_pool_sizes(threads or 0, 1)
+            _POOL.append(threads or 0)
         except Exception:  # onnxruntime raises untyped errors; per-session pools still work
             _POOL.append(-1)
-    if _POOL[0] == want:
+    if _POOL[0] >= 0:
         so.use_per_session_threads = False
     else:
         so.inter_op_num_threads = 1

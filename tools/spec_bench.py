@@ -15,7 +15,9 @@ tokens/s per configuration are summed tokens over summed time. "identical" says 
 speculative output equalled the plain one token for token. Open prompts (chat) go to the
 self-draft, input-grounded prompts (summarize, rewrite, edit code) to prompt lookup.
 `--compare` runs the peers' plain decode (ONNX Runtime GenAI, llama.cpp) in the same session
-via `infopt.tools.runtime_bench`.
+via `infopt.tools.runtime_bench`. `--diagnose` prints, per bundle and runtime, what bounds the
+gain: target and draft step times, the draft's agreement with the target's own greedy text,
+the cost of a rewind, and how far a several-token pass's logits are from one-token steps'.
 """
 
 from __future__ import annotations
@@ -108,6 +110,55 @@ def measure(
     }
 
 
+def diagnose(bundle: str, runtime: str, threads: int) -> dict[str, Any]:
+    """What bounds speculation on one bundle: per-token times of target and draft, the draft's
+    agreement with the target on the target's own greedy text, the cost of a rewind, and how far
+    a several-token pass's logits are from one-token steps'."""
+    import time
+
+    import numpy as np
+
+    import infopt
+
+    m = infopt.load(bundle, runtime=runtime, threads=threads)
+    t = m.runtime
+    msgs = [{"role": "user", "content": OPEN[0]}]
+    prompt = m.encode_prompt(msgs)
+    text = m.generate(msgs, max_new_tokens=NEW_TOKENS, speculative=False).token_ids
+
+    def step_ms(rt: Any, rewind: bool) -> float:
+        rt.reset()
+        rt.forward(prompt, only_last=True)
+        times = []
+        for tok in text[:40]:
+            start = time.perf_counter()
+            rt.forward([tok])
+            if rewind:
+                rt.rewind(1)
+                rt.forward([tok])
+            times.append(time.perf_counter() - start)
+        return float(np.median(times) * 1000)
+
+    out: dict[str, Any] = {"target_ms": round(step_ms(t, False), 1)}
+    out["rewind_ms"] = round(step_ms(t, True) - 2 * out["target_ms"], 1)
+    t.reset()
+    t.forward(prompt, only_last=True)
+    single = np.stack([t.forward([tok])[0] for tok in text[:8]])
+    t.reset()
+    t.forward(prompt, only_last=True)
+    out["batch_vs_single_max_logit_diff"] = float(np.abs(t.forward(text[:8]) - single).max())
+    drafter = getattr(m.drafter, "runtime", None)
+    if drafter is not None:
+        out["draft_ms"] = round(step_ms(drafter, False), 1)
+        out["draft_cost"] = round(out["draft_ms"] / out["target_ms"], 2)
+        seq = prompt + text
+        t.reset()
+        drafter.reset()
+        a, b = t.forward(seq)[len(prompt) - 1 : -1], drafter.forward(seq)[len(prompt) - 1 : -1]
+        out["draft_agreement"] = round(float((a.argmax(-1) == b.argmax(-1)).mean()), 3)
+    return out
+
+
 def build_bundles(folder: Path) -> dict[str, str]:
     from infopt.build import build
     from infopt.bundle import is_bundle
@@ -161,7 +212,20 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--child", nargs=4, metavar=("BUNDLE", "RUNTIME", "DRAFTER", "PROMPTS"))
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="Instead: per bundle and runtime, target/draft step times, draft agreement, "
+        "rewind cost, several-token vs one-token logits",
+    )
     args = ap.parse_args()
+    if args.diagnose:
+        for name, path in build_bundles(Path(args.dir)).items():
+            for runtime in ("onnxruntime", "openvino"):
+                row = {"bundle": name, "runtime": runtime}
+                row.update(diagnose(path, runtime, args.threads))
+                print(json.dumps(row), flush=True)
+        return
     if args.child:
         bundle, runtime, drafter, prompts = args.child
         print(json.dumps(measure(bundle, runtime, drafter, prompts, args.threads, args.repeat)))
