@@ -10,7 +10,9 @@ A deterministic drafter (prompt lookup) is the case q = one-hot.
 Drafters: `ModelDrafter` (a second runtime: an INT4 self-draft, a distilled student, any model
 with the same vocabulary) and `NgramDrafter` (prompt lookup: copy what followed the last
 n-gram's previous occurrence). The draft length adapts to acceptance, and speculation switches
-itself off when it measures no gain over the target alone.
+itself off when it measures no gain over the target alone. A runtime with a fixed-shape verify
+pass declares `verify_window` (tokens per pass): drafts are then at most that minus one long,
+and the runtime pads a shorter pass to its window inside its module.
 """
 
 from __future__ import annotations
@@ -317,6 +319,8 @@ def speculative_step(
     check_drafter(target, drafter)
     k = check_draft_tokens(num_draft_tokens)
     stats.exact = bool(getattr(target, "batch_exact", True))
+    # a fixed-shape runtime (Core ML, TFLite) verifies in a compiled window of k+1 tokens
+    window = int(getattr(target, "verify_window", MAX_DRAFT + 1))
     rng = np.random.default_rng(params.seed)
     penalize = params.repetition_penalty != 1.0
     context = list(prompt_ids)
@@ -350,7 +354,7 @@ def speculative_step(
             yield token
             continue
         t0 = time.perf_counter()
-        drafts, q = drafter.propose(context, min(k, budget), params, rng)
+        drafts, q = drafter.propose(context, min(k, budget, window - 1), params, rng)
         t1 = time.perf_counter()
         logits = target.forward([context[-1], *drafts])
         j, token = verify(drafts, q, logits, params, rng, context if penalize else ())

@@ -1,8 +1,10 @@
 """A terminal chat app that embeds infopt: multi-turn, streamed, with the model's chat template.
 
-    python samples/desktop/chat.py [MODEL] [--system TEXT]
+    python samples/desktop/chat.py [MODEL] [--system TEXT] [--draft ngram|DRAFT]
 
-MODEL is a GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct). Type a message
+MODEL is a bundle, a GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct).
+--draft turns on speculative decoding (a bundle built with --speculative uses its own draft):
+"ngram" looks tokens up in the conversation so far, a path names a draft model. Type a message
 and press Enter; an empty line or Ctrl-D quits. When the conversation outgrows the context
 window, the oldest turns are dropped.
 """
@@ -30,9 +32,10 @@ def main() -> None:
     ap.add_argument("model", nargs="?")
     ap.add_argument("--system", help="system message")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--draft", help="'ngram' or a draft model path (speculative decoding)")
     args = ap.parse_args()
 
-    model = infopt.load(args.model)
+    model = infopt.load(args.model, draft=args.draft)
     history: list[dict[str, str]] = (
         [{"role": "system", "content": args.system}] if args.system else []
     )

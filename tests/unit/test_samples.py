@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_desktop_chat_runs_two_turns(tiny_gguf: Path) -> None:
+@pytest.mark.parametrize("draft", [[], ["--draft", "ngram"]])
+def test_desktop_chat_runs_two_turns(tiny_gguf: Path, draft: list[str]) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -19,6 +22,7 @@ def test_desktop_chat_runs_two_turns(tiny_gguf: Path) -> None:
             "4",
             "--system",
             "Be brief.",
+            *draft,
         ],
         input="hello\nand again\n",
         capture_output=True,

@@ -212,6 +212,26 @@ def test_eos_and_stop_strings_inside_accepted_drafts(tiny_gguf: Path, runtime: s
     assert a.text == b.text and stop not in b.text and b.finish_reason == "stop"
 
 
+def test_a_fixed_verify_window_caps_the_draft_length(tiny_gguf: Path) -> None:
+    m = infopt.load(tiny_gguf, runtime="pytorch", max_context=96)
+    twin = infopt.load(tiny_gguf, runtime="pytorch", max_context=96)
+    m.drafter = ModelDrafter(twin.runtime)
+    passes: list[int] = []
+    forward = m.runtime.forward
+
+    def spy(tokens: Sequence[int], only_last: bool = False) -> np.ndarray:
+        passes.append(len(tokens))
+        return forward(tokens, only_last)
+
+    m.runtime.forward = spy  # type: ignore[method-assign]
+    m.runtime.verify_window = 3  # type: ignore[attr-defined]
+    plain = m.generate(PROMPT, max_new_tokens=30, stop_token_ids=[], speculative=False)
+    passes.clear()
+    spec = m.generate(PROMPT, max_new_tokens=30, stop_token_ids=[], num_draft_tokens=8)
+    assert spec.token_ids == plain.token_ids
+    assert max(passes[1:]) == 3  # the prompt's pass aside, never more than the window
+
+
 def test_prompt_lookup_copies_from_the_prompt() -> None:
     d = NgramDrafter(vocab_size=100)
     ctx = [1, 2, 3, 4, 5, 6, 9, 9, 2, 3]
