@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from infopt.errors import InvalidArgumentError
+from infopt.errors import BundleError, InvalidArgumentError
 from infopt.generate import GenerationResult, TextStream, stream_generate
 from infopt.importers import ModelSource, open_model
 from infopt.runtimes import Runtime, check_requirement, runtime_module
@@ -367,6 +367,12 @@ def bundle_drafter(
     }
     if not sub["runtime"]["name"]:
         sub["runtime"]["name"] = sorted(section["artifacts"])[0]
+    if runtime is not None and runtime not in section["artifacts"]:
+        raise BundleError(
+            f"{root}: its draft has no {runtime!r} artifact (it carries "
+            f"{sorted(section['artifacts'])}); choose one with draft_runtime=... "
+            "(CLI: --draft-runtime)"
+        )
     name = choose_runtime(root, sub, runtime)
     module = runtime_module(name)
     check_requirement(f"{root} (draft)", name, section["artifacts"][name].get("requires"))

@@ -327,6 +327,11 @@ def test_a_self_draft_bundle_speculates_on_every_runtime(spec_bundle: Path) -> N
             assert r.stats.speculative is not None and r.stats.speculative.drafted > 0
 
 
+def test_a_draft_runtime_the_bundle_lacks_is_named(spec_bundle: Path) -> None:
+    with pytest.raises(BundleError, match="draft_runtime"):
+        infopt.load(spec_bundle, draft_runtime="tflite")
+
+
 @pytest.mark.parametrize("name", ["draft/model.onnx.data", "draft/openvino_model.bin"])
 def test_draft_files_are_checked(spec_bundle: Path, tmp_path: Path, name: str) -> None:
     b = tmp_path / "b"
