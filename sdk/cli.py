@@ -291,7 +291,10 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
         ("artifacts", ", ".join(sorted(m["artifacts"]))),
         ("KV cache", f"{kv['max_context']} tokens x batch {kv['batch']}, {kv['dtype']}"),
         ("chat template", "yes" if m["tokenizer"].get("chat_template") else "no"),
-        ("draft model", "yes" if m.get("draft") else "no"),
+        (
+            "draft",
+            (m.get("draft") or {}).get("source") or (m.get("draft") or {}).get("kind") or "none",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
