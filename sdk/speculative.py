@@ -31,6 +31,7 @@ from infopt.sampling import SamplingParams, apply_repetition_penalty, probabilit
 MAX_DRAFT = 16  # adaptive draft length ceiling
 PROBE_STEPS = 3  # plain decode steps timed to know the target's own speed
 MIN_TRIAL = 8  # verify passes before speculation may switch itself off
+PREFILL_CHUNK = 512  # prompt tokens per forward call, as in infopt.generate
 RETRY_AFTER = 64  # plain tokens before a switched-off speculation is first tried again
 
 
@@ -77,8 +78,9 @@ class ModelDrafter:
 
     def prefill(self, context: Sequence[int]) -> None:
         self.reset()
-        for start in range(0, len(context) - 1, 512):
-            self.runtime.forward(context[start : min(start + 512, len(context) - 1)], True)
+        prompt = context[:-1]
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            self.runtime.forward(prompt[start : start + PREFILL_CHUNK], only_last=True)
         self._cached = list(context[:-1])
 
     def propose(
@@ -326,8 +328,8 @@ def speculative_step(
     context = list(prompt_ids)
     target.reset()
     drafter.reset()
-    for start in range(0, len(context), 512):
-        logits = target.forward(context[start : start + 512], only_last=True)[-1]
+    for start in range(0, len(context), PREFILL_CHUNK):
+        logits = target.forward(context[start : start + PREFILL_CHUNK], only_last=True)[-1]
     first = sample(logits, params, rng, context if penalize else ())
     context.append(first)
     yield first

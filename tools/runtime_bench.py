@@ -166,41 +166,32 @@ def run_peer(name: str, peers: Path, threads: int) -> dict[str, Any] | None:
     return result
 
 
-def build_matrix(folder: Path) -> list[tuple[str, str]]:
-    """(label, bundle) of the fp32 / INT8 / INT4 bundles, built with the three CPU artifacts."""
+def build_edited(
+    bundle: Path, label: str, weights: dict[str, str], runtimes: str, **options: Any
+) -> None:
+    """Build `bundle` (unless it exists) from this machine's host plan (1,024-token context)
+    with every tensor group's weights set as `weights` says, no pruning, no low rank."""
     from infopt.build import build
     from infopt.bundle import is_bundle
 
+    if is_bundle(bundle):
+        return
+    cmd = [sys.executable, "-m", "infopt.cli", "plan", "-d", "host", "--context", "1024", "--json"]
+    data = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    data["compression"]["weights"] = weights
+    data["compression"]["name"] = f"{label} (edited host plan)"
+    data["pruning"], data["low_rank_ratio"] = {"kind": "none", "sparsity": 0.0}, None
+    plan_file = bundle.parent / f"{bundle.name}.plan.json"
+    plan_file.write_text(json.dumps(data))
+    build(None, bundle, plan_file=plan_file, runtime=runtimes, **options)
+
+
+def build_matrix(folder: Path) -> list[tuple[str, str]]:
+    """(label, bundle) of the fp32 / INT8 / INT4 bundles, built with the three CPU artifacts."""
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
     for label, weights in MATRIX.items():
-        bundle = folder / label
-        if not is_bundle(bundle):
-            plan = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "infopt.cli",
-                    "plan",
-                    "--device",
-                    "host",
-                    "--context",
-                    "1024",
-                    "--json",
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            data = json.loads(plan)
-            data["compression"]["weights"] = weights
-            data["compression"]["name"] = f"{label} (edited host plan)"
-            data["pruning"], data["low_rank_ratio"] = {"kind": "none", "sparsity": 0.0}, None
-            plan_file = folder / f"{label}.plan.json"
-            plan_file.write_text(json.dumps(data))
-            build(None, bundle, plan_file=plan_file, runtime=",".join(RUNTIMES))
-        out.append((label, str(bundle)))
-    return out
+        build_edited(folder / label, label, weights, ",".join(RUNTIMES))
+    return [(label, str(folder / label)) for label in MATRIX]
 
 
 def main() -> None:

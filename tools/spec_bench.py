@@ -160,42 +160,13 @@ def diagnose(bundle: str, runtime: str, threads: int) -> dict[str, Any]:
 
 
 def build_bundles(folder: Path) -> dict[str, str]:
-    from infopt.build import build
-    from infopt.bundle import is_bundle
+    from infopt.tools.runtime_bench import build_edited
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     for name, (weights, speculative) in BUNDLES.items():
         bundle = folder / name.replace("+", "-")
-        if not is_bundle(bundle):
-            plan = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "infopt.cli",
-                    "plan",
-                    "-d",
-                    "host",
-                    "--context",
-                    "1024",
-                    "--json",
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            data = json.loads(plan)
-            data["compression"]["weights"] = weights
-            data["compression"]["name"] = f"{name} (edited host plan)"
-            plan_file = folder / f"{bundle.name}.plan.json"
-            plan_file.write_text(json.dumps(data))
-            build(
-                None,
-                bundle,
-                plan_file=plan_file,
-                runtime="onnxruntime,openvino",
-                speculative=speculative,
-            )
+        build_edited(bundle, name, weights, "onnxruntime,openvino", speculative=speculative)
         out[name] = str(bundle)
     return out
 
