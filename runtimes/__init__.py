@@ -11,11 +11,11 @@ import pkgutil
 import re
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from infopt.errors import BundleError, RuntimeNotAvailableError
+from infopt.errors import BundleError, InvalidArgumentError, RuntimeNotAvailableError
 
 # runtime module -> the pip extra that installs its package
 EXTRAS = {
@@ -25,6 +25,8 @@ EXTRAS = {
     "coreml": "coreml",
     "tflite": "tflite",
 }
+# a package that may stand in for another (its own version scheme: no range to check)
+ALTERNATIVES = {"ai-edge-litert": "tflite-runtime"}
 
 
 @runtime_checkable
@@ -63,6 +65,20 @@ def runtime_module(name: str) -> ModuleType:
         ) from e
 
 
+def model_core(source: Any, runtime: str, max_context: int, dtype: str = "float32") -> Any:
+    """The model core of an imported model (needs torch), for a runtime that exports it."""
+    from infopt.runtimes import pytorch
+
+    if dtype != "float32":
+        raise InvalidArgumentError(f"dtype {dtype!r}: the {runtime} runtime computes in float32")
+    return pytorch.from_source(source, max_context=max_context, device="cpu").model
+
+
+def cpu_only(runtime: str, device: str | None) -> None:
+    if device not in (None, "cpu", "auto"):
+        raise InvalidArgumentError(f"device {device!r}: the {runtime} runtime runs on the CPU")
+
+
 def _version_tuple(text: str) -> tuple[int, ...]:
     match = re.match(r"\d+(\.\d+)*", text.strip())
     return tuple(int(p) for p in match.group(0).split(".")) if match else ()
@@ -94,6 +110,9 @@ def check_requirement(bundle: str, runtime: str, requires: dict[str, str] | None
     try:
         installed = version(package)
     except PackageNotFoundError:
+        alternative = ALTERNATIVES.get(package)
+        if alternative and _installed(alternative):
+            return
         raise RuntimeNotAvailableError(
             f"{bundle}: runtime {runtime!r} needs {package}{requires['version']}, which is not "
             f"installed; install it with: pip install 'infopt[{EXTRAS.get(runtime, runtime)}]'"
@@ -104,3 +123,13 @@ def check_requirement(bundle: str, runtime: str, requires: dict[str, str] | None
             f"and this environment has {package} {installed}; install a matching {package} "
             "or rebuild the bundle here"
         )
+
+
+def _installed(package: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(package)
+    except PackageNotFoundError:
+        return False
+    return True

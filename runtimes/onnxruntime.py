@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from infopt.errors import BundleError, ContextLengthError, InvalidArgumentError
+from infopt.runtimes import cpu_only, model_core
 
 if TYPE_CHECKING:
     from infopt.importers import ModelSource
@@ -144,8 +145,7 @@ def from_bundle(
     threads: int | None = None,
 ) -> OrtRuntime:
     """The session of a verified bundle's ONNX artifact."""
-    if device not in (None, "cpu", "auto"):
-        raise InvalidArgumentError(f"device {device!r}: the onnxruntime runtime runs on the CPU")
+    cpu_only("onnxruntime", device)
     artifact = manifest["artifacts"]["onnxruntime"]
     if max_context > int(artifact["max_context"]):
         raise InvalidArgumentError(
@@ -168,11 +168,7 @@ def from_source(
     threads: int | None = None,
 ) -> OrtRuntime:
     """Export an imported model (needs torch) to a temporary ONNX file and load it."""
-    from infopt.runtimes import pytorch
-
-    if dtype != "float32":
-        raise InvalidArgumentError(f"dtype {dtype!r}: the onnxruntime runtime computes in float32")
-    core = pytorch.from_source(source, max_context=max_context, device="cpu").model
+    core = model_core(source, "onnxruntime", max_context, dtype)
     return from_model(core, max_context=max_context, threads=threads)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import openvino as ov
 
 from infopt.errors import BundleError, ContextLengthError, InvalidArgumentError
+from infopt.runtimes import cpu_only, model_core
 
 if TYPE_CHECKING:
     from infopt.importers import ModelSource
@@ -114,8 +115,7 @@ def from_bundle(
     threads: int | None = None,
 ) -> OpenVINORuntime:
     """The compiled model of a verified bundle's OpenVINO artifact."""
-    if device not in (None, "cpu", "auto"):
-        raise InvalidArgumentError(f"device {device!r}: the openvino runtime runs on the CPU")
+    cpu_only("openvino", device)
     artifact = manifest["artifacts"]["openvino"]
     if max_context > int(artifact["max_context"]):
         raise InvalidArgumentError(
@@ -137,11 +137,7 @@ def from_source(
     threads: int | None = None,
 ) -> OpenVINORuntime:
     """Export an imported model (needs torch) to a temporary IR and compile it."""
-    from infopt.runtimes import pytorch
-
-    if dtype != "float32":
-        raise InvalidArgumentError(f"dtype {dtype!r}: the openvino runtime computes in float32")
-    core = pytorch.from_source(source, max_context=max_context, device="cpu").model
+    core = model_core(source, "openvino", max_context, dtype)
     return from_model(core, max_context=max_context, threads=threads)
 
 

@@ -15,6 +15,7 @@ from infopt.errors import (
     ModelNotFoundError,
     RuntimeNotAvailableError,
     UnsupportedModelError,
+    UnsupportedPlatformError,
 )
 from infopt.generate import GenerationResult, Stats, TextStream
 from infopt.importers import ModelSource, open_model
@@ -34,6 +35,7 @@ __all__ = [
     "Stats",
     "TextStream",
     "UnsupportedModelError",
+    "UnsupportedPlatformError",
     "load",
     "open_model",
 ]

@@ -45,3 +45,8 @@ class PlanError(InfoptError, ValueError):
 
 class BundleError(InfoptError, ValueError):
     """A bundle is incomplete, changed, unsafe (links, paths leaving it) or of unknown version."""
+
+
+class UnsupportedPlatformError(RuntimeNotAvailableError):
+    """The runtime exists for this bundle but cannot run on this operating system (Core ML
+    prediction off macOS)."""
