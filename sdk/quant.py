@@ -71,12 +71,22 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+    """`x` rounded up to bfloat16 precision (8 significant bits). Symmetric INT4 scales are kept
+    there because LiteRT / XNNPACK store blockwise INT4 scales as bfloat16: the same codes and
+    scales then run unchanged on every runtime (and fit fp16 storage exactly)."""
+    mantissa, exponent = torch.frexp(x.float())
+    return torch.ldexp(torch.ceil(mantissa * 256) / 256, exponent.float())
+
+
 def group_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) for rows of `w` [..., k] (one group per row): the RTN grid."""
     if scheme.symmetric:
         levels = scheme.qmax if scheme.bits == 8 else 7
         scale = w.abs().amax(-1, keepdim=True) / levels
         zero = torch.full_like(scale, 0.0 if scheme.bits == 8 else 8.0)
+        if scheme.bits == 4:
+            scale = round_up_bf16(scale)
     else:
         lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
         scale = (hi - lo) / scheme.qmax

@@ -195,3 +195,28 @@ def tiny_folder(
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_hf: Any, tiny_tokenizer: Any) -> Path:
     return write_gguf(tiny_hf, tiny_tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_tflite_bundle(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An fp32 bundle of the tiny GGUF with a LiteRT artifact (its conversion takes ~25 s)."""
+    from infopt.build import build
+
+    out = tmp_path_factory.mktemp("tflite") / "bundle"
+    build(tiny_gguf, out, device="host", runtime="tflite", context=96)
+    return out
+
+
+@pytest.fixture(scope="session")
+def load_tiny(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
+    """`load_tiny(runtime, max_context)`: infopt.load of the tiny GGUF on `runtime`; LiteRT's
+    models come from the one tflite bundle, built on first use."""
+    import infopt
+
+    def load(runtime: str, max_context: int) -> Any:
+        if runtime != "tflite":
+            return infopt.load(tiny_gguf, runtime=runtime, max_context=max_context)
+        bundle = request.getfixturevalue("tiny_tflite_bundle")
+        return infopt.load(bundle, max_context=max_context)
+
+    return load

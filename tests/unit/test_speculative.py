@@ -9,6 +9,7 @@ import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -168,9 +169,9 @@ def test_sampled_speculative_text_has_the_target_distribution(tiny_gguf: Path) -
 
 
 @pytest.fixture(params=RUNTIMES)
-def pair(request: pytest.FixtureRequest, tiny_gguf: Path) -> tuple[infopt.Model, infopt.Model]:
-    target = infopt.load(tiny_gguf, runtime=request.param, max_context=96)
-    draft = infopt.load(tiny_gguf, runtime=request.param, max_context=96)
+def pair(request: pytest.FixtureRequest, load_tiny: Any) -> tuple[infopt.Model, infopt.Model]:
+    target = load_tiny(request.param, 96)
+    draft = load_tiny(request.param, 96)
     draft.runtime = Distorted(draft.runtime)  # type: ignore[assignment]
     target.drafter = ModelDrafter(draft.runtime)
     return target, draft
@@ -190,11 +191,11 @@ def test_greedy_speculation_gives_the_targets_own_tokens(
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
-def test_eos_and_stop_strings_inside_accepted_drafts(tiny_gguf: Path, runtime: str) -> None:
+def test_eos_and_stop_strings_inside_accepted_drafts(load_tiny: Any, runtime: str) -> None:
     # a perfect draft (the target's own model): every draft is accepted, so the stop lands
     # inside an accepted run of tokens
-    target = infopt.load(tiny_gguf, runtime=runtime, max_context=96)
-    twin = infopt.load(tiny_gguf, runtime=runtime, max_context=96)
+    target = load_tiny(runtime, 96)
+    twin = load_tiny(runtime, 96)
     target.drafter = ModelDrafter(twin.runtime)
     plain = target.generate(PROMPT, max_new_tokens=40, stop_token_ids=[], speculative=False)
     ids = plain.token_ids

@@ -1,0 +1,182 @@
+"""LiteRT (TFLite): the .tflite model of `infopt.tflite_export` on the XNNPACK CPU delegate.
+
+The model has fixed windows (decode 1, verify 8, prefill 64 tokens, each its own signature);
+this module pads every call to the smallest window that fits and keeps the KV cache itself, in
+the input buffers of the three signatures: after each call only the new entries (`k_new`,
+`v_new`) are written into them, so no call copies the whole cache. Speculative drafts are capped
+by `verify_window`. Runs with `ai-edge-litert` (LiteRT, the maintained successor of
+`tflite-runtime`) or `tflite-runtime`, numpy and tokenizers; no torch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from infopt.errors import BundleError, ContextLengthError, InvalidArgumentError
+from infopt.runtimes import cpu_only, model_core
+
+try:
+    from ai_edge_litert.interpreter import Interpreter
+except ImportError:  # the older package the brief names; same interpreter API
+    from tflite_runtime.interpreter import Interpreter
+
+if TYPE_CHECKING:
+    from infopt.importers import ModelSource
+
+
+@dataclass
+class _Signature:
+    """One fixed-window entry point: its subgraph and tensor indices in the interpreter."""
+
+    window: int
+    subgraph: int
+    inputs: dict[str, int]
+    outputs: dict[str, int]
+
+
+class TFLiteRuntime:
+    name = "tflite"
+
+    def __init__(self, interpreter: Any, max_context: int, vocab_size: int) -> None:
+        self.interpreter = interpreter
+        self._native = interpreter._interpreter  # the wrapper the signature runners call
+        self.signatures: dict[str, _Signature] = {}
+        for key, sig in interpreter._get_full_signature_list().items():
+            index = self._native.GetSubgraphIndexFromSignature(key)
+            self._native.AllocateTensors(index)
+            window = int(
+                interpreter.get_signature_runner(key).get_input_details()["tokens"]["shape"][1]
+            )
+            self.signatures[key] = _Signature(window, index, sig["inputs"], sig["outputs"])
+        missing = {"decode", "verify", "prefill"} - set(self.signatures)
+        if missing:
+            raise BundleError(f"the .tflite model lacks the signatures {sorted(missing)}")
+        for key in self.signatures:  # masked slots still meet V: no NaN from stale memory
+            self._view(key, "k_cache").fill(0)
+            self._view(key, "v_cache").fill(0)
+        self.cache_len = int(self._view("decode", "k_cache").shape[2])
+        compiled = self.cache_len - self.signatures["prefill"].window
+        if max_context > compiled:
+            raise InvalidArgumentError(
+                f"max_context={max_context} exceeds the {compiled} positions this model was "
+                "compiled for; rebuild with a larger --context"
+            )
+        self.max_context = max_context
+        self.vocab_size = vocab_size
+        self.verify_window = self.signatures["verify"].window
+        self.position = 0
+
+    def _view(self, key: str, name: str) -> np.ndarray:
+        """A numpy view of a signature's input buffer (no copy)."""
+        sig = self.signatures[key]
+        return self._native.tensor(self._native, sig.inputs[name], sig.subgraph)
+
+    def forward(self, tokens: Sequence[int], only_last: bool = False) -> np.ndarray:
+        n, start = len(tokens), self.position
+        if n == 0:
+            raise InvalidArgumentError("forward() needs at least one token")
+        if start + n > self.max_context:
+            raise ContextLengthError(
+                f"{start} cached + {n} new tokens exceed the context window of {self.max_context}"
+            )
+        ids = np.asarray(tokens, dtype=np.int32)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise InvalidArgumentError(f"token ids must be in [0, {self.vocab_size})")
+        parts, done = [], 0
+        while done < n:
+            key = self._pick(n - done, only_last)
+            chunk = ids[done : done + self.signatures[key].window]
+            parts.append(self._run(key, chunk, only_last))
+            done += len(chunk)
+        if only_last:
+            return parts[-1]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _pick(self, remaining: int, only_last: bool) -> str:
+        if remaining == 1:
+            return "decode"
+        if remaining <= self.verify_window or not only_last:
+            return "verify"  # all logits wanted: verify windows, which give every position's
+        return "prefill"
+
+    def _run(self, key: str, ids: np.ndarray, only_last: bool) -> np.ndarray:
+        sig, native = self.signatures[key], self._native
+        n, start = len(ids), self.position
+        padded = np.zeros((1, sig.window), np.int32)
+        padded[0, :n] = ids
+        native.SetTensor(sig.inputs["tokens"], padded, sig.subgraph)
+        positions = np.arange(start, start + sig.window, dtype=np.int32)
+        native.SetTensor(sig.inputs["input_pos"], positions, sig.subgraph)
+        if "last" in sig.inputs:
+            native.SetTensor(sig.inputs["last"], np.array([n - 1], np.int32), sig.subgraph)
+        native.Invoke(sig.subgraph)
+        for name in ("k", "v"):
+            new = native.GetTensor(sig.outputs[f"{name}_new"], sig.subgraph)[:, :, :n]
+            for other in self.signatures:  # every signature reads its own copy of the cache
+                self._view(other, f"{name}_cache")[:, :, start : start + n] = new
+        self.position = start + n
+        logits = native.GetTensor(sig.outputs["logits"], sig.subgraph)[0]
+        if "last" in sig.inputs:
+            return np.asarray(logits, dtype=np.float32)  # [1, vocab]: the last real position
+        return np.asarray(logits[n - 1 : n] if only_last else logits[:n], dtype=np.float32)
+
+    def rewind(self, n: int) -> None:
+        if not 0 <= n <= self.position:
+            raise InvalidArgumentError(f"rewind({n}): only {self.position} positions are cached")
+        self.position -= n  # stale slots beyond `position` are masked out, then overwritten
+
+    def reset(self) -> None:
+        self.position = 0
+
+
+def load_interpreter(path: Path, threads: int | None, in_memory: bool = False) -> Any:
+    try:
+        if in_memory:  # a temporary file: read it before it goes
+            return Interpreter(model_content=path.read_bytes(), num_threads=threads)
+        return Interpreter(model_path=str(path), num_threads=threads)
+    except (ValueError, RuntimeError) as e:
+        raise BundleError(f"{path}: LiteRT cannot load this model ({e})") from e
+
+
+def from_bundle(
+    root: Path,
+    manifest: dict[str, Any],
+    *,
+    max_context: int,
+    device: str | None = None,
+    threads: int | None = None,
+) -> TFLiteRuntime:
+    """The interpreter of a verified bundle's LiteRT artifact, on the XNNPACK CPU delegate."""
+    cpu_only("tflite", device)
+    artifact = manifest["artifacts"]["tflite"]
+    interpreter = load_interpreter(root / artifact["files"][0], threads)
+    return TFLiteRuntime(interpreter, max_context, int(manifest["model"]["config"]["vocab_size"]))
+
+
+def from_source(
+    source: ModelSource,
+    *,
+    max_context: int,
+    device: str | None = None,
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> TFLiteRuntime:
+    """Convert an imported model (needs torch and litert-torch) to a temporary .tflite."""
+    core = model_core(source, "tflite", max_context, dtype)
+    return from_model(core, max_context=max_context, threads=threads)
+
+
+def from_model(core: Any, *, max_context: int, threads: int | None = None) -> TFLiteRuntime:
+    """Convert a model core (as compressed, if it is) and load it on LiteRT."""
+    from infopt.tflite_export import FILE, export_tflite
+
+    with tempfile.TemporaryDirectory(prefix="infopt-tflite-") as tmp:
+        export_tflite(core, Path(tmp) / FILE, max_context)
+        interpreter = load_interpreter(Path(tmp) / FILE, threads, in_memory=True)
+    return TFLiteRuntime(interpreter, max_context, core.spec.vocab_size)
