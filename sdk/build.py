@@ -28,11 +28,8 @@ Stage = Callable[[str, int, int], None]  # (stage, done, total)
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DRAFT_DIR = "draft/"
 SPECULATIVE = ("none", "auto", "self", "ngram")
-BUILDABLE_RUNTIMES = (
-    "pytorch",
-    "onnxruntime",
-    "openvino",
-)  # the others arrive with their runtime modules
+BUILDABLE_RUNTIMES = ("pytorch", "onnxruntime", "openvino", "tflite", "coreml")
+SYMMETRIC_INT4 = ("tflite", "coreml")  # runtimes whose artifacts carry INT4 without zero-points
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -190,6 +187,8 @@ def build(
     chosen_runtime = requested[0] if requested else p.runtime
     built = [r for r in dict.fromkeys(requested or [p.runtime]) if r in BUILDABLE_RUNTIMES]
     built = built or ["pytorch"]  # the plan's runtime is not buildable yet: a PyTorch artifact
+    if symmetric := [r for r in built if r in SYMMETRIC_INT4]:
+        _symmetric_int4(p, symmetric)
     cal_text = (
         Path(calibration).read_text(encoding="utf-8") if calibration else default_calibration_text()
     )
@@ -257,6 +256,21 @@ def build(
     }
 
 
+def _symmetric_int4(p: Plan, runtimes: list[str]) -> None:
+    """LiteRT's INT4 has no zero-points, and Core ML's symmetric INT4 keeps infopt's codes and
+    scales as they are: the plan's asymmetric INT4 groups become symmetric ones of the same group
+    size (int4-g32 -> int4s-g32), said in the plan's reasons."""
+    weights = p.compression["weights"]
+    changed = {g: s for g, s in weights.items() if s.startswith("int4-")}
+    for group, scheme in changed.items():
+        weights[group] = scheme.replace("int4-", "int4s-")
+    if changed:
+        p.reasons.append(
+            f"{' and '.join(runtimes)}: {', '.join(sorted(changed))} quantized symmetric INT4 "
+            f"({weights[next(iter(changed))]}), the form these runtimes' INT4 weights take"
+        )
+
+
 def _resolve_draft_kind(p: Plan, kind: str) -> str:
     """none / ngram / self: "auto" follows the plan's choice (a plan file may predate it)."""
     from infopt.costs import Compression, self_draft
@@ -301,6 +315,8 @@ def _draft(
         scheme = self_draft(Compression("target", dict(p.compression["weights"])))
         assert scheme is not None, "_resolve_draft_kind refuses INT4 targets"
         weights = dict((p.speculative or {}).get("weights") or scheme.weights)
+        if set(runtimes) & set(SYMMETRIC_INT4):  # as for the target
+            weights = {g: s.replace("int4-", "int4s-") for g, s in weights.items()}
         core = from_source(source, max_context=256).model
         draft_plan = replace(p, compression={**p.compression, "weights": weights})
         compress(core, draft_plan, calibration, gptq=False)
@@ -388,6 +404,32 @@ def _artifacts(
             "inputs": ["input_ids", "attention_mask", "position_ids", "beam_idx", "logits_to_keep"],
         }
         writers[f"{prefix}{XML}"] = lambda path: export_openvino(core, path, max_context)
+    if "tflite" in runtimes:
+        from infopt.tflite_export import FILE, export_tflite, tflite_io
+
+        artifacts["tflite"] = {
+            "files": [f"{prefix}{FILE}"],
+            "format": "tflite",
+            "max_context": max_context,
+            "kv_dtype": "fp32",
+            "requires": _runtime_requirement("tflite"),
+            **tflite_io(core, max_context),
+        }
+        writers[f"{prefix}{FILE}"] = lambda path: export_tflite(core, path, max_context)
+    if "coreml" in runtimes:
+        from infopt import coreml_export
+
+        package = f"{prefix}{coreml_export.FILE}"
+        artifacts["coreml"] = {
+            "files": [f"{package}/{f}" for f in coreml_export.PACKAGE_FILES],
+            "package": package,
+            "format": "mlpackage (ML Program, stateful)",
+            "max_context": max_context,
+            "kv_dtype": "fp16",
+            "requires": _runtime_requirement("coreml"),
+            **coreml_export.coreml_io(core, max_context),
+        }
+        writers[package] = lambda path: coreml_export.export_coreml(core, path, max_context)
     return artifacts, writers
 
 

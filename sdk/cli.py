@@ -296,6 +296,7 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
             (m.get("draft") or {}).get("source") or (m.get("draft") or {}).get("kind") or "none",
         ),
     ]
+    rows += _fixed_shape_rows(m["artifacts"])
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         click.echo(f"{key:<{width}}  {value}")
@@ -303,6 +304,20 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
         click.echo(f"  {f['path']:<24} {f['size']:>12,} bytes  sha256 {f['sha256'][:16]}")
     for reason in plan.get("reasons", []):
         click.echo(f"  why: {reason}")
+
+
+def _fixed_shape_rows(artifacts: dict[str, Any]) -> list[tuple[str, str]]:
+    """What an app calling a mobile artifact itself needs: its windows, cache and state names."""
+    rows = []
+    if tfl := artifacts.get("tflite"):
+        sigs = ", ".join(f"{n} {s['window']}" for n, s in tfl["signatures"].items())
+        rows.append(("tflite signatures", f"{sigs} tokens; inputs tokens, input_pos, k/v_cache"))
+        rows.append(("tflite KV cache", f"{tfl['cache_shape']} {tfl['cache_dtype']}, app-held"))
+    if cml := artifacts.get("coreml"):
+        states = ", ".join(f"{n} {s}" for n, s in cml["states"].items())
+        rows.append(("coreml windows", f"{cml['windows']} tokens ({cml['deployment_target']})"))
+        rows.append(("coreml states", f"{states} {cml['state_dtype']}; predicts on macOS only"))
+    return rows
 
 
 @main.command(name="eval")
@@ -736,8 +751,9 @@ def distill(
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle dir.")
 @click.option(
     "--runtime",
-    help="Override the plan's runtime: pytorch, onnxruntime, openvino; a comma-separated list "
-    "puts several artifacts in the bundle (the first is the default).",
+    help="Override the plan's runtime: pytorch, onnxruntime, openvino, tflite (Android, "
+    "LiteRT) or coreml (iOS/macOS; --device apple-ane picks it); a comma-separated list puts "
+    "several artifacts in the bundle (the first is the default).",
 )
 @click.option("--context", type=int, help="Tokens the KV cache must hold.")
 @click.option("--batch", type=int, default=1, show_default=True)
@@ -787,6 +803,8 @@ def build(
       infopt-pack plan --device rtx4090-24gb --json > plan.json   # edit, then:
       infopt-pack build --plan plan.json -o smollm2-4090
       infopt-pack build --device host --runtime onnxruntime,pytorch -o smollm2-ort
+      infopt-pack build --device apple-ane -o smollm2-ane        # Core ML .mlpackage
+      infopt-pack build --device host --runtime tflite -o smollm2-tflite
       infopt-pack build --device host --speculative self -o smollm2-spec
       infopt-pack run smollm2-host --prompt "Hi"
     """
@@ -918,15 +936,30 @@ def bench(
 @friendly_errors
 def verify(bundle: str, as_json: bool) -> None:
     """Check every file of BUNDLE against its manifest (sizes, sha256, nothing extra or missing,
-    no links, no path outside). Exit code 1 names the first file that fails."""
+    no links, no path outside), and read a Core ML package back against the inputs, windows,
+    outputs and states the manifest gives an app (needs coremltools; no macOS). Exit code 1 names
+    the first file or field that fails."""
     from infopt.bundle import verify_bundle
 
     manifest = verify_bundle(bundle)
     files = manifest["files"]
+    packages = []
+    if "coreml" in manifest["artifacts"]:
+        from infopt.runtimes import runtime_module
+
+        coreml = runtime_module("coreml")  # RuntimeNotAvailableError names the extra
+        packages.append(coreml.check_package(Path(bundle), manifest["artifacts"]["coreml"]))
     if as_json:
-        click.echo(json.dumps({"bundle": bundle, "ok": True, "files": files}, indent=2))
+        out = {"bundle": bundle, "ok": True, "files": files, "packages": packages}
+        click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"{bundle}: ok, {len(files)} files verified")
+    for p in packages:
+        click.echo(
+            f"{p['package']}: inputs, windows {p['windows']}, outputs and states "
+            f"{p['states']} match the manifest; quantized weights: "
+            f"{p['quantized_weights'] or 'none'}"
+        )
 
 
 if __name__ == "__main__":

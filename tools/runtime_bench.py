@@ -2,7 +2,7 @@
 
     python -m infopt.tools.runtime_bench BUNDLE [BUNDLE ...] [--runtime R] [--threads 2]
         [--repeat 3] [--compare] [--peers /tmp/infopt-peers] [--json | --markdown]
-    python -m infopt.tools.runtime_bench --matrix DIR [--compare] --markdown   # the docs table
+    python -m infopt.tools.runtime_bench --matrix DIR [--tflite] [--compare] --markdown  # docs
 
 Each measurement runs in a fresh process (so its memory is its own): load the bundle, then
 - TTFT: a 32-token prompt, call start to the first sampled token (`Stats.ttft_s`);
@@ -15,7 +15,8 @@ drift hits every system alike. `--compare` also runs the peers of `../shared/anc
 ONNX Runtime GenAI, OpenVINO GenAI, transformers) from the virtual environment that
 `setup_peers.sh` made (`--peers`), and prints ratios against the best peer. `--matrix DIR`
 builds (once) fp32, INT8, INT4 and all-INT4 bundles of the default model, each with all three
-CPU artifacts, under DIR and benchmarks every runtime of each.
+CPU artifacts, under DIR and benchmarks every runtime of each; `--tflite` adds fp32, INT8 and
+INT4 (symmetric) bundles with a LiteRT artifact.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ PREFILL, DECODE, TTFT_TOKENS = 512, 128, 32
 # The peers' bench scripts: $INFOPT_ANCHORS, or ../shared/anchors beside the working directory
 # (a checkout of this repository); only this optional comparison ever looks there.
 ANCHORS = Path(os.environ.get("INFOPT_ANCHORS", Path.cwd().parent / "shared" / "anchors"))
-RUNTIMES = ("onnxruntime", "openvino", "pytorch")
+CPU_RUNTIMES = ("onnxruntime", "openvino", "pytorch")
+RUNTIMES = (*CPU_RUNTIMES, "tflite")
 DEFAULT_PEERS = Path("/tmp/infopt-peers")
 HEAD8 = {"embeddings": "int8", "lm_head": "int8"}
 MATRIX = {  # bundle name -> weights of every tensor group
@@ -46,6 +48,13 @@ MATRIX = {  # bundle name -> weights of every tensor group
     "int4": {**HEAD8, "attention": "int4-g32", "mlp": "int4-g32"},
     # every group INT4, LM head included, as ONNX Runtime GenAI's builder makes it
     "int4-all": {g: "int4-g32" for g in ("embeddings", "lm_head", "attention", "mlp")},
+}
+# LiteRT bundles of their own: its INT4 is symmetric (the build makes it so), which would change
+# the CPU bundles' INT4 if they shared one
+TFLITE_MATRIX = {
+    "tflite-fp32": MATRIX["fp32"],
+    "tflite-int8": MATRIX["int8"],
+    "tflite-int4": {**HEAD8, "attention": "int4s-g32", "mlp": "int4s-g32"},
 }
 
 
@@ -186,12 +195,17 @@ def build_edited(
     build(None, bundle, plan_file=plan_file, runtime=runtimes, **options)
 
 
-def build_matrix(folder: Path) -> list[tuple[str, str]]:
-    """(label, bundle) of the fp32 / INT8 / INT4 bundles, built with the three CPU artifacts."""
+def build_matrix(folder: Path, tflite: bool = False) -> list[tuple[str, str]]:
+    """(label, bundle) of the fp32 / INT8 / INT4 bundles, built with the three CPU artifacts
+    (and, with `tflite`, fp32 / INT8 / INT4 bundles with a LiteRT artifact and a PyTorch one)."""
     folder.mkdir(parents=True, exist_ok=True)
     for label, weights in MATRIX.items():
-        build_edited(folder / label, label, weights, ",".join(RUNTIMES))
-    return [(label, str(folder / label)) for label in MATRIX]
+        build_edited(folder / label, label, weights, ",".join(CPU_RUNTIMES))
+    pairs = [(label, str(folder / label)) for label in MATRIX]
+    for label, weights in TFLITE_MATRIX.items() if tflite else ():
+        build_edited(folder / label, label.removeprefix("tflite-"), weights, "tflite,pytorch")
+        pairs.append((label.removeprefix("tflite-"), str(folder / label)))
+    return pairs
 
 
 def main() -> None:
@@ -201,6 +215,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--matrix", type=Path, help="build and bench fp32/INT8/INT4 bundles here")
+    ap.add_argument("--tflite", action="store_true", help="with --matrix: LiteRT bundles too")
     ap.add_argument("--compare", action="store_true", help="run the peers too")
     ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -210,7 +225,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(args.child, args.runtime, args.threads)))
         return
-    pairs = build_matrix(args.matrix) if args.matrix else [(Path(b).name, b) for b in args.bundles]
+    pairs = (
+        build_matrix(args.matrix, args.tflite)
+        if args.matrix
+        else [(Path(b).name, b) for b in args.bundles]
+    )
     rows = bench(
         pairs,
         runtime=args.runtime,
@@ -232,7 +251,10 @@ def systems(
     out: list[tuple[str, str | None, str | None]] = []
     for label, bundle in bundles:
         artifacts = verify_bundle(bundle)["artifacts"]
-        for rt in [runtime] if runtime else [r for r in RUNTIMES if r in artifacts]:
+        found = [r for r in RUNTIMES if r in artifacts]
+        if "tflite" in found:  # a LiteRT bundle's PyTorch artifact is its reference, not a system
+            found = ["tflite"]
+        for rt in [runtime] if runtime else found:
             out.append((f"infopt {rt} {label}", bundle, rt))
     if compare:
         out += [(name, None, name) for name in PEER_SCRIPTS]

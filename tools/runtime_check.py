@@ -2,7 +2,7 @@
 same weights, run by the model core), on held-out text, position by position.
 
     python -m infopt.tools.runtime_check BUNDLE [BUNDLE ...] [--tokens 512] [--markdown]
-    python -m infopt.tools.runtime_check --matrix DIR --markdown    # the bundles of runtime_bench
+    python -m infopt.tools.runtime_check --matrix DIR [--tflite] --markdown  # runtime_bench's
 
 Reports, per runtime: top-1 agreement of the next-token predictions, the largest logit
 difference (absolute, and relative to the largest logit), and greedy continuations of a few
@@ -35,8 +35,14 @@ def eval_ids(tokenizer: Any, n: int) -> list[int]:
     return list(tokenizer.encode(text)[:n])
 
 
-def compare(bundle: str, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> list[dict[str, Any]]:
-    """One row per non-PyTorch artifact of `bundle`."""
+def compare(
+    bundle: str,
+    tokens: int = 512,
+    new_tokens: int = NEW_TOKENS,
+    runtimes: list[str] | None = None,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    """One row per non-PyTorch artifact of `bundle` (or per one of `runtimes`, on `device`)."""
     import infopt
     from infopt.bundle import verify_bundle
 
@@ -48,8 +54,8 @@ def compare(bundle: str, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> lis
     expected = reference.runtime.forward(ids)
     greedy = [reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
     rows = []
-    for name in sorted(a for a in artifacts if a != "pytorch"):
-        model = infopt.load(bundle, runtime=name, threads=2)
+    for name in runtimes or sorted(a for a in artifacts if a != "pytorch"):
+        model = infopt.load(bundle, runtime=name, threads=2, device=device)
         got = model.runtime.forward(ids)
         diff = np.abs(got - expected)
         outputs = [model.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
@@ -100,6 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("bundles", nargs="*")
     ap.add_argument("--matrix", type=Path, help="the bundles runtime_bench --matrix built here")
+    ap.add_argument("--tflite", action="store_true", help="with --matrix: LiteRT bundles too")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
@@ -107,7 +114,7 @@ def main() -> None:
     if args.matrix:
         from infopt.tools.runtime_bench import build_matrix
 
-        bundles += [b for _, b in build_matrix(args.matrix)]
+        bundles += [b for _, b in build_matrix(args.matrix, args.tflite)]
     rows = [r for b in bundles for r in compare(b, args.tokens)]
     print(markdown(rows) if args.markdown else json.dumps(rows, indent=2))
 

@@ -16,6 +16,7 @@ import infopt
 from infopt.build import build
 from infopt.bundle import verify_bundle
 from infopt.device_profiles.host import cpu_info, host_runtimes
+from infopt.runtimes.coreml import check_package
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -43,6 +44,10 @@ def test_default_model_bundles_plan_load_and_answer(
     for device, path in bundles.items():
         m = verify_bundle(path)
         plans[device] = (m["plan"]["compression"]["name"], m["runtime"]["name"])
+        if m["runtime"]["name"] == "coreml" and sys.platform != "darwin":
+            with pytest.raises(infopt.UnsupportedPlatformError, match="macOS"):
+                infopt.load(path)
+            continue  # Core ML predicts only on macOS: its package is checked below
         runtime = None if m["runtime"]["artifact_built"] else "pytorch"
         model = infopt.load(path, runtime=runtime, max_context=256, threads=2)
         answer = model.generate(QUESTION, max_new_tokens=24)
@@ -50,10 +55,13 @@ def test_default_model_bundles_plan_load_and_answer(
         if device == "host":  # fp32, like the reference: the very same tokens
             assert answer.token_ids == expected.token_ids
     assert plans["host"] == ("fp32", host_runtimes(platform_name())[0])
-    assert plans["apple-ane"] == ("fp16", "coreml")  # its artifact comes with the Core ML runtime
+    assert plans["apple-ane"] == ("fp16", "coreml")
     assert plans["rtx4090-24gb"][1] == "pytorch"
     ane = verify_bundle(bundles["apple-ane"])
     assert ane["plan"]["static_shapes"] and ane["kv_cache"]["dtype"] == "fp16"
+    # the .mlpackage read back: what the manifest says, one attention per layer, fp16 weights
+    package = check_package(bundles["apple-ane"], ane["artifacts"]["coreml"])
+    assert package["attention_ops"] == 30 and package["quantized_weights"] == {}
     assert (
         ane["model"]["source"]["sha256"]
         == verify_bundle(bundles["host"])["model"]["source"]["sha256"]

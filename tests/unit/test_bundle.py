@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 import infopt
-from infopt.build import build
+from infopt.build import build, make_plan
 from infopt.bundle import MANIFEST, verify_bundle, write_bundle
 from infopt.cli import main
 from infopt.errors import BundleError, InvalidArgumentError
+from infopt.importers import open_model
 
 PROMPT = [{"role": "user", "content": "hello there"}]
 MINIMAL = {
@@ -200,12 +201,16 @@ def test_replacing_a_bundle_swaps_it_whole(host_bundle: Path, tmp_path: Path) ->
 
 
 def test_a_bundle_without_the_planned_runtime_artifact(tmp_path: Path, tiny_gguf: Path) -> None:
-    out = tmp_path / "ane"
-    summary = build(tiny_gguf, out, device="apple-ane")
+    # a plan (edited by hand) for a runtime this infopt does not ship: a PyTorch artifact instead
+    plan = json.loads(make_plan(open_model(tiny_gguf), "host", 64, 1, None).to_json())
+    plan["runtime"] = "tensorrt"
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = tmp_path / "trt"
+    summary = build(tiny_gguf, out, plan_file=tmp_path / "plan.json")
     m = verify_bundle(out)
-    assert m["runtime"]["name"] == "coreml" and not m["runtime"]["artifact_built"]
-    assert m["plan"]["static_shapes"] and summary["artifacts"] == ["pytorch"]
-    with pytest.raises(BundleError, match="no 'coreml' artifact"):
+    assert m["runtime"]["name"] == "tensorrt" and not m["runtime"]["artifact_built"]
+    assert summary["artifacts"] == ["pytorch"]
+    with pytest.raises(BundleError, match="no 'tensorrt' artifact"):
         infopt.load(out)
     assert (
         infopt.load(out, runtime="pytorch", max_context=64)
