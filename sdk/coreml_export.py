@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
-import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infopt.converters import float_copy, quiet_converter
 from infopt.errors import InvalidArgumentError, RuntimeNotAvailableError
 from infopt.model import Decoder, apply_rope
 from infopt.quant import QuantScheme
-from infopt.tflite_export import float_copy
 
 FILE = "model.mlpackage"
 PACKAGE_FILES = (  # what coremltools writes inside a saved ML Program package
@@ -121,19 +119,6 @@ def trace(step: StatefulStep, window: int = WINDOWS[1]) -> Any:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """coremltools warns about untested torch versions and prints progress bars per pass."""
-    level = logging.getLogger("coremltools").level
-    logging.getLogger("coremltools").setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.getLogger("coremltools").setLevel(level)
-
-
-@contextlib.contextmanager
 def _numpy2_int_cast() -> Iterator[None]:
     """coremltools 9.0's torch `int` op calls int() on a folded size held as a 1-element array,
     which numpy >= 2.3 refuses ("only 0-dimensional arrays can be converted"); during our
@@ -218,7 +203,7 @@ def convert(core: Decoder, max_context: int) -> Any:
         shapes=[(1, 1, w, length) for w in WINDOWS], default=(1, 1, WINDOWS[0], length)
     )
     state_shape = tuple(step.k_cache.shape)
-    with _quiet(), _numpy2_int_cast():
+    with quiet_converter("coremltools"), _numpy2_int_cast():
         model = ct.convert(
             trace(step),
             inputs=[
@@ -251,7 +236,7 @@ def convert(core: Decoder, max_context: int) -> Any:
 def export_coreml(core: Decoder, path: str | Path, max_context: int) -> list[str]:
     """Write `core` (as compressed) as a .mlpackage directory at `path`; returns its files."""
     model = convert(core, max_context)
-    with _quiet():
+    with quiet_converter("coremltools"):
         model.save(str(path))
     written = sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file())
     if written != sorted(PACKAGE_FILES):
@@ -282,4 +267,3 @@ def coreml_io(core: Decoder, max_context: int) -> dict[str, Any]:
         },
         "state_dtype": "fp16",
     }
-

@@ -18,7 +18,6 @@ the dequantized values; asymmetric INT4 (zero-points) has no LiteRT kernel and i
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from infopt.converters import float_copy, quiet_converter
 from infopt.errors import InvalidArgumentError, RuntimeNotAvailableError
 from infopt.model import Decoder, apply_rope
-from infopt.quant import QuantEmbedding, QuantLinear, QuantScheme
+from infopt.quant import QuantScheme
 
 FILE = "model.tflite"
 DECODE, VERIFY, PREFILL = 1, 8, 64
@@ -85,31 +85,6 @@ class _Step(nn.Module):
 
 def cache_len(max_context: int) -> int:
     return max_context + PREFILL
-
-
-def float_copy(core: Decoder) -> tuple[Decoder, dict[str, QuantScheme]]:
-    """A float32 copy of `core` (quantized layers dequantized) and the scheme of each layer that
-    was quantized, by module name. The original is left untouched."""
-    clone = copy.deepcopy(core).float()
-    schemes: dict[str, QuantScheme] = {}
-    for name, module in list(clone.named_modules()):
-        if isinstance(module, QuantLinear | QuantEmbedding):
-            schemes[name] = module.scheme
-            weight = nn.Parameter(module.quantized().dequantize(), requires_grad=False)
-            if isinstance(module, QuantEmbedding):
-                plain: nn.Module = nn.Embedding(*module.shape)
-            else:
-                plain = nn.Linear(
-                    module.in_features, module.out_features, bias=module.bias is not None
-                )
-                if module.bias is not None:
-                    plain.bias = module.bias
-            plain.weight = weight
-            parent, _, attr = name.rpartition(".")
-            setattr(clone.get_submodule(parent) if parent else clone, attr, plain)
-    if core.spec.tie_word_embeddings and "embed_tokens" in schemes:
-        clone.tie_weights()
-    return clone.eval(), schemes
 
 
 def check_schemes(schemes: dict[str, QuantScheme]) -> dict[str, QuantScheme]:
@@ -202,19 +177,19 @@ def export_tflite(core: Decoder, path: str | Path, max_context: int) -> list[str
             name, step, sample_kwargs=inputs
         )
     assert converter is not None
-    with torch.no_grad():
-        edge = converter.convert()
     path = Path(path)
-    if not kinds:
-        edge.export(str(path))
-        return [path.name]
-    from ai_edge_quantizer import quantizer
+    with quiet_converter("litert-torch"), torch.no_grad():
+        edge = converter.convert()
+        if not kinds:
+            edge.export(str(path))
+            return [path.name]
+        from ai_edge_quantizer import quantizer
 
-    with tempfile.TemporaryDirectory(prefix="infopt-tflite-") as tmp:
-        float_path = Path(tmp) / FILE
-        edge.export(str(float_path))
-        q = quantizer.Quantizer(str(float_path), _recipe(kinds))
-        result = q.quantize(enable_progress_bar=False, enable_progress_report=False)
+        with tempfile.TemporaryDirectory(prefix="infopt-tflite-") as tmp:
+            float_path = Path(tmp) / FILE
+            edge.export(str(float_path))
+            q = quantizer.Quantizer(str(float_path), _recipe(kinds))
+            result = q.quantize(enable_progress_bar=False, enable_progress_report=False)
     path.write_bytes(bytes(result.quantized_model))
     return [path.name]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -198,13 +200,20 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_hf: Any, tiny_token
 
 
 @pytest.fixture(scope="session")
-def tiny_tflite_bundle(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An fp32 bundle of the tiny GGUF with a LiteRT artifact (its conversion takes ~25 s)."""
-    from infopt.build import build
-
+def tiny_tflite_build(
+    tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory
+) -> subprocess.CompletedProcess[str]:
+    """`infopt-pack build --runtime tflite --json` of the tiny GGUF (fp32; ~25 s), run as a user
+    runs it: its stdout must be the JSON summary alone, whatever the converter prints."""
     out = tmp_path_factory.mktemp("tflite") / "bundle"
-    build(tiny_gguf, out, device="host", runtime="tflite", context=96)
-    return out
+    cmd = [sys.executable, "-m", "infopt.cli", "build", str(tiny_gguf), "-d", "host"]
+    cmd += ["--runtime", "tflite", "--context", "96", "-o", str(out), "--json"]
+    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_tflite_bundle(tiny_tflite_build: subprocess.CompletedProcess[str]) -> Path:
+    return Path(json.loads(tiny_tflite_build.stdout)["bundle"])
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,8 @@ def test_tflite_fp32_generates_the_pytorch_tokens(tflite_fp32: Path) -> None:
 
 def test_tflite_prompt_beyond_the_compiled_context_names_both_lengths(tflite_fp32: Path) -> None:
     model = infopt.load(tflite_fp32, threads=2)
-    with pytest.raises(infopt.ContextLengthError, match=r"prompt \(\d+ tokens\).* context window of 1024"):
+    named = r"prompt \(\d+ tokens\).* context window of 1024"
+    with pytest.raises(infopt.ContextLengthError, match=named):
         model.generate("word " * 1100, max_new_tokens=4)
 
 

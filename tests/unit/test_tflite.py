@@ -5,6 +5,8 @@ hold is refused by name. Each conversion costs ~25 s, so the cases are few and c
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +14,12 @@ import numpy as np
 import pytest
 
 from infopt.compress import quantize_model
+from infopt.converters import float_copy
 from infopt.errors import BundleError, InvalidArgumentError
 from infopt.quant import QuantLinear
 from infopt.runtimes import tflite as tfl_rt
 from infopt.runtimes.pytorch import TorchRuntime
-from infopt.tflite_export import PREFILL, VERIFY, check_schemes, float_copy
+from infopt.tflite_export import PREFILL, VERIFY, check_schemes
 from tests.unit.test_export_runtimes import core_of, folders, run_script  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -166,3 +169,14 @@ def test_inspect_tells_an_app_the_signatures(tiny_tflite_bundle: Path) -> None:
     assert shown.exit_code == 0, shown.output
     assert "decode 1, verify 8, prefill 64 tokens" in shown.output
     assert "tflite KV cache" in shown.output and "float32, app-held" in shown.output
+
+
+def test_the_converters_printing_stays_off_stdout_and_stderr(
+    tiny_tflite_build: subprocess.CompletedProcess[str],
+) -> None:
+    # litert-torch and ai-edge-quantizer print progress bars and C++ logs; --json output is the
+    # summary alone, and the converter's chatter is not on stderr either
+    summary = json.loads(tiny_tflite_build.stdout)
+    assert summary["artifacts"] == ["tflite"]
+    for chatter in ("Write Model", "flatbuffer_export", "Applying Transformations"):
+        assert chatter not in tiny_tflite_build.stderr
