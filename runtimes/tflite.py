@@ -60,8 +60,7 @@ class TFLiteRuntime:
         for key in self.signatures:  # masked slots still meet V: no NaN from stale memory
             self._view(key, "k_cache").fill(0)
             self._view(key, "v_cache").fill(0)
-        self.cache_len = int(self._view("decode", "k_cache").shape[2])
-        compiled = self.cache_len - self.signatures["prefill"].window
+        compiled = int(self._view("decode", "k_cache").shape[2])  # one slot per position
         if max_context > compiled:
             raise InvalidArgumentError(
                 f"max_context={max_context} exceeds the {compiled} positions this model was "
@@ -71,6 +70,9 @@ class TFLiteRuntime:
         self.vocab_size = vocab_size
         self.verify_window = self.signatures["verify"].window
         self.position = 0
+        for key in self.signatures:  # XNNPACK packs its weights on a signature's first call
+            self._run(key, np.zeros(1, np.int32), only_last=True)  # (~1 s): at load, not TTFT
+            self.position = 0  # the slot it wrote is masked until a real token overwrites it
 
     def _view(self, key: str, name: str) -> np.ndarray:
         """A numpy view of a signature's input buffer (no copy)."""

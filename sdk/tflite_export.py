@@ -7,13 +7,15 @@ that share the weights, each a fixed window of tokens:
 - `prefill`: PREFILL tokens (a prompt chunk, padded) with the LM head on one position, `last`.
 
 The KV cache is passed in, not kept inside the model: inputs `k_cache` / `v_cache` float32
-[layers, kv_heads, cache_len, head_dim]; outputs `logits` and only the new entries `k_new` /
-`v_new` [layers, kv_heads, window, head_dim], which the caller writes at `input_pos`. Padded
-tokens take the positions after the real ones: the causal mask hides them from every real query,
-and `cache_len = max_context + PREFILL` leaves room for them. Quantized weights come back as
-LiteRT's own symmetric INT8 (per channel) / INT4 (per block) tensors through ai-edge-quantizer,
-whose min-max rule (scale = max|w| / qmax) recovers infopt's own symmetric codes and scales from
-the dequantized values; asymmetric INT4 (zero-points) has no LiteRT kernel and is refused.
+[layers, kv_heads, max_context, head_dim]; outputs `logits` and only the new entries `k_new` /
+`v_new` [layers, kv_heads, window, head_dim], which the caller writes at `input_pos`. The graph
+only reads the cache: each query attends to the cache slots before the window and to the
+window's own keys, in one softmax, so no call copies the cache. Padded tokens take the positions
+after the real ones, where the causal mask hides them from every real query. Quantized weights
+come back as LiteRT's own symmetric INT8 (per channel) / INT4 (per block) tensors through
+ai-edge-quantizer, whose min-max rule (scale = max|w| / qmax) recovers infopt's own symmetric
+codes and scales from the dequantized values; asymmetric INT4 (zero-points) has no LiteRT kernel
+and is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from infopt.converters import float_copy, quiet_converter
@@ -44,6 +45,18 @@ class _Step(nn.Module):
         super().__init__()
         self.core = core
 
+    def mask(self, pos: torch.Tensor, length: int) -> torch.Tensor:
+        """Additive mask [W, length + W]: a query sees the cache slots before the window's first
+        position and the window's keys up to its own (within the sliding window, if any)."""
+        slots = torch.arange(length)[None, :]
+        old = slots < pos[:1, None]
+        new = pos[None, :] <= pos[:, None]
+        if (sliding := self.core.spec.sliding_window) is not None:
+            old = old & (slots > pos[:, None] - sliding)
+            new = new & (pos[None, :] > pos[:, None] - sliding)
+        visible = torch.cat((old.expand(len(pos), length), new), dim=1)
+        return torch.where(visible, 0.0, float("-inf"))
+
     def forward(
         self,
         tokens: torch.Tensor,  # int32 [1, W]
@@ -55,7 +68,7 @@ class _Step(nn.Module):
         m, pos = self.core, input_pos.long()
         x = m.embed_tokens(tokens.long())
         cos, sin = m.rope_cos[pos], m.rope_sin[pos]
-        mask = m.causal_mask(pos, k_cache.shape[2])
+        mask = self.mask(pos, k_cache.shape[2])  # [W, cache_len + W], additive
         new_k, new_v = [], []
         for i, block in enumerate(m.blocks):
             a = block.self_attn
@@ -67,10 +80,13 @@ class _Step(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             new_k.append(k[0])
             new_v.append(v[0])
-            k_all = k_cache[i].index_copy(1, pos, k[0])[None]
-            v_all = v_cache[i].index_copy(1, pos, v[0])[None]
-            q = q.reshape(1, a.n_kv, groups * t, a.head_dim)  # GQA as in the core
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask.repeat(groups, 1))
+            # GQA as in the core; softmax over the cached keys and the window's own keys together,
+            # so the cache is only read: no copy of it with the new entries written in
+            q = q.reshape(1, a.n_kv, groups * t, a.head_dim) * a.head_dim**-0.5
+            cached, length = k_cache[i][None], k_cache.shape[2]
+            scores = torch.cat((q @ cached.transpose(-1, -2), q @ k.transpose(-1, -2)), dim=-1)
+            p = torch.softmax(scores + mask.repeat(groups, 1), dim=-1)
+            out = p[..., :length] @ v_cache[i][None] + p[..., length:] @ v
             out = out.view(1, a.n_heads, t, a.head_dim).transpose(1, 2).reshape(1, t, -1)
             x = x + a.o_proj(out)
             x = x + block.mlp(block.post_attention_layernorm(x))
@@ -84,7 +100,8 @@ class _Step(nn.Module):
 
 
 def cache_len(max_context: int) -> int:
-    return max_context + PREFILL
+    """Cache slots: one per position of the context (the window's own keys are not written in)."""
+    return max_context
 
 
 def check_schemes(schemes: dict[str, QuantScheme]) -> dict[str, QuantScheme]:
@@ -152,8 +169,9 @@ def sample_inputs(spec: Any, max_context: int, window: int) -> dict[str, torch.T
 
 def _converter() -> Any:
     try:
-        import ai_edge_quantizer  # noqa: F401
-        import litert_torch
+        with quiet_converter("litert-torch"):  # torchao and torch log at import
+            import ai_edge_quantizer  # noqa: F401
+            import litert_torch
     except ImportError as e:
         raise RuntimeNotAvailableError(
             f"building a tflite artifact needs litert-torch and ai-edge-quantizer ({e}); "
@@ -168,7 +186,7 @@ def export_tflite(core: Decoder, path: str | Path, max_context: int) -> list[str
 
     model, schemes = float_copy(core)
     kinds = check_schemes(schemes)
-    model.setup_cache(cache_len(max_context))
+    model.setup_cache(max_context + PREFILL)  # RoPE tables: padded positions run past the end
     step = _Step(model).eval()
     converter = None
     for name, window in SIGNATURES.items():
