@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from infopt.errors import BundleError, ContextLengthError, InvalidArgumentError
+from infopt.quiet import quiet_native
 from infopt.runtimes import cpu_only, model_core
 
 try:
@@ -157,8 +158,11 @@ def from_bundle(
     """The interpreter of a verified bundle's LiteRT artifact, on the XNNPACK CPU delegate."""
     cpu_only("tflite", device)
     artifact = manifest["artifacts"]["tflite"]
-    interpreter = load_interpreter(root / artifact["files"][0], threads)
-    return TFLiteRuntime(interpreter, max_context, int(manifest["model"]["config"]["vocab_size"]))
+    vocab_size = int(manifest["model"]["config"]["vocab_size"])
+    with quiet_native("LiteRT"):  # it logs the XNNPACK delegate's creation to stderr
+        return TFLiteRuntime(
+            load_interpreter(root / artifact["files"][0], threads), max_context, vocab_size
+        )
 
 
 def from_source(
@@ -178,7 +182,7 @@ def from_model(core: Any, *, max_context: int, threads: int | None = None) -> TF
     """Convert a model core (as compressed, if it is) and load it on LiteRT."""
     from infopt.tflite_export import FILE, export_tflite
 
-    with tempfile.TemporaryDirectory(prefix="infopt-tflite-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="infopt-tflite-") as tmp, quiet_native("LiteRT"):
         export_tflite(core, Path(tmp) / FILE, max_context)
         interpreter = load_interpreter(Path(tmp) / FILE, threads, in_memory=True)
-    return TFLiteRuntime(interpreter, max_context, core.spec.vocab_size)
+        return TFLiteRuntime(interpreter, max_context, core.spec.vocab_size)

@@ -27,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infopt.converters import float_copy, quiet_converter
+from infopt.converters import float_copy
 from infopt.errors import InvalidArgumentError, RuntimeNotAvailableError
 from infopt.model import Decoder, apply_rope
 from infopt.quant import QuantScheme
+from infopt.quiet import quiet_native
 
 FILE = "model.mlpackage"
 PACKAGE_FILES = (  # what coremltools writes inside a saved ML Program package
@@ -203,7 +204,7 @@ def convert(core: Decoder, max_context: int) -> Any:
         shapes=[(1, 1, w, length) for w in WINDOWS], default=(1, 1, WINDOWS[0], length)
     )
     state_shape = tuple(step.k_cache.shape)
-    with quiet_converter("coremltools"), _numpy2_int_cast():
+    with quiet_native("coremltools"), _numpy2_int_cast():
         model = ct.convert(
             trace(step),
             inputs=[
@@ -236,7 +237,7 @@ def convert(core: Decoder, max_context: int) -> Any:
 def export_coreml(core: Decoder, path: str | Path, max_context: int) -> list[str]:
     """Write `core` (as compressed) as a .mlpackage directory at `path`; returns its files."""
     model = convert(core, max_context)
-    with quiet_converter("coremltools"):
+    with quiet_native("coremltools"):
         model.save(str(path))
     written = sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file())
     if written != sorted(PACKAGE_FILES):

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from infopt.converters import float_copy, quiet_converter
+from infopt.converters import float_copy
 from infopt.errors import InvalidArgumentError, RuntimeNotAvailableError
 from infopt.model import Decoder, apply_rope
 from infopt.quant import QuantScheme
+from infopt.quiet import quiet_native
 
 FILE = "model.tflite"
 DECODE, VERIFY, PREFILL = 1, 8, 64
@@ -169,7 +170,7 @@ def sample_inputs(spec: Any, max_context: int, window: int) -> dict[str, torch.T
 
 def _converter() -> Any:
     try:
-        with quiet_converter("litert-torch"):  # torchao and torch log at import
+        with quiet_native("litert-torch"):  # torchao and torch log at import
             import ai_edge_quantizer  # noqa: F401
             import litert_torch
     except ImportError as e:
@@ -196,7 +197,7 @@ def export_tflite(core: Decoder, path: str | Path, max_context: int) -> list[str
         )
     assert converter is not None
     path = Path(path)
-    with quiet_converter("litert-torch"), torch.no_grad():
+    with quiet_native("litert-torch"), torch.no_grad():
         edge = converter.convert()
         if not kinds:
             edge.export(str(path))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,8 @@ def test_the_converters_printing_stays_off_stdout_and_stderr(
     assert summary["artifacts"] == ["tflite"]
     for chatter in ("Write Model", "flatbuffer_export", "Applying Transformations"):
         assert chatter not in tiny_tflite_build.stderr
+    # nor LiteRT's own log line when the bundle runs
+    cmd = [sys.executable, "-m", "infopt.cli", "run", summary["bundle"], "--raw", "--prompt", "hi"]
+    run = subprocess.run([*cmd, "-n", "4", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(run.stdout)["finish_reason"] in ("stop", "length")
+    assert "XNNPACK" not in run.stderr and "INFO" not in run.stderr, run.stderr

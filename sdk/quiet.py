@@ -1,0 +1,53 @@
+"""Keeping what native libraries print off the process's stdout and stderr (no torch here: the
+runtimes use it too)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+
+LOGGERS = ("coremltools", "absl", "litert_torch", "ai_edge_quantizer")
+
+
+@contextlib.contextmanager
+def quiet_native(name: str) -> Iterator[None]:
+    """Run `name` (a converter, a native runtime) with file descriptors 1 and 2 sent to a
+    temporary file: litert-torch, coremltools and LiteRT print progress bars and native (C++)
+    logs there, which would garble a build's progress display, `--json` output and the answers
+    `infopt-pack run` streams. On an error, the tail of what it printed is added to the
+    exception's notes."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    levels = {n: logging.getLogger(n).level for n in LOGGERS}
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            for n in LOGGERS:
+                logging.getLogger(n).setLevel(logging.ERROR)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        except BaseException as e:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            log.seek(0)
+            tail = log.read()[-2000:].decode("utf-8", "replace").strip()
+            if tail:
+                e.add_note(f"{name} printed:\n{tail}")
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
