@@ -256,18 +256,25 @@ def build(
     }
 
 
+def _symmetric(weights: dict[str, str]) -> dict[str, str]:
+    """Asymmetric INT4 groups made symmetric ones of the same group size (int4-g32 -> int4s-g32):
+    LiteRT's INT4 has no zero-points, and Core ML's symmetric INT4 keeps infopt's codes and
+    scales as they are."""
+    return {
+        g: s.replace("int4-", "int4s-", 1) if s.startswith("int4-") else s
+        for g, s in weights.items()
+    }
+
+
 def _symmetric_int4(p: Plan, runtimes: list[str]) -> None:
-    """LiteRT's INT4 has no zero-points, and Core ML's symmetric INT4 keeps infopt's codes and
-    scales as they are: the plan's asymmetric INT4 groups become symmetric ones of the same group
-    size (int4-g32 -> int4s-g32), said in the plan's reasons."""
+    """The plan's INT4 groups made symmetric for `runtimes`, said in the plan's reasons."""
     weights = p.compression["weights"]
-    changed = {g: s for g, s in weights.items() if s.startswith("int4-")}
-    for group, scheme in changed.items():
-        weights[group] = scheme.replace("int4-", "int4s-")
+    changed = sorted(g for g, s in weights.items() if s.startswith("int4-"))
+    weights.update(_symmetric(weights))
     if changed:
         p.reasons.append(
-            f"{' and '.join(runtimes)}: {', '.join(sorted(changed))} quantized symmetric INT4 "
-            f"({weights[next(iter(changed))]}), the form these runtimes' INT4 weights take"
+            f"{' and '.join(runtimes)}: {', '.join(changed)} quantized symmetric INT4 "
+            f"({weights[changed[0]]}), the form these runtimes' INT4 weights take"
         )
 
 
@@ -316,7 +323,7 @@ def _draft(
         assert scheme is not None, "_resolve_draft_kind refuses INT4 targets"
         weights = dict((p.speculative or {}).get("weights") or scheme.weights)
         if set(runtimes) & set(SYMMETRIC_INT4):  # as for the target
-            weights = {g: s.replace("int4-", "int4s-") for g, s in weights.items()}
+            weights = _symmetric(weights)
         core = from_source(source, max_context=256).model
         draft_plan = replace(p, compression={**p.compression, "weights": weights})
         compress(core, draft_plan, calibration, gptq=False)

@@ -161,3 +161,23 @@ def test_apple_ane_bundle_is_what_an_app_needs(tiny_gguf: Path, tmp_path: Path) 
     if sys.platform != "darwin":
         with pytest.raises(UnsupportedPlatformError, match="macOS"):
             infopt.load(out)
+
+
+def test_an_int4_plan_is_built_symmetric_for_core_ml(tiny_gguf: Path, tmp_path: Path) -> None:
+    import json
+
+    from infopt.build import make_plan
+    from infopt.importers import open_model
+
+    plan = json.loads(make_plan(open_model(tiny_gguf), "host", 64, 1, None).to_json())
+    groups = {"embeddings": "int8", "lm_head": "int8", "attention": "int4-g32", "mlp": "int4-g32"}
+    plan["compression"]["weights"] = groups
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    build(tiny_gguf, tmp_path / "b", plan_file=tmp_path / "plan.json", runtime="coreml")
+    manifest = verify_bundle(tmp_path / "b")
+    weights = manifest["plan"]["compression"]["weights"]
+    assert weights == {**groups, "attention": "int4s-g32", "mlp": "int4s-g32"}
+    assert any("attention, mlp quantized symmetric INT4" in r for r in manifest["plan"]["reasons"])
+    package = check_package(tmp_path / "b", manifest["artifacts"]["coreml"])
+    layers = manifest["model"]["config"]["num_layers"]
+    assert package["quantized_weights"] == {"int4": 7 * layers, "int8": 2}
