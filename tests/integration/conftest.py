@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,3 +47,44 @@ def hf_tokenizer(gguf_path: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+
+
+ROOT = Path(__file__).resolve().parents[2]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Run in a fresh environment: infopt.load(BUNDLE), 24 greedy tokens of QUESTION, as JSON; fails
+# if any module named after the bundle path can be imported there.
+GENERATE = """
+import importlib.util, json, sys, infopt
+absent = [m for m in sys.argv[2:] if importlib.util.find_spec(m) is not None]
+assert not absent, absent
+m = infopt.load(sys.argv[1], max_context=256, threads=2)
+r = m.generate([{'role': 'user', 'content': 'What is the capital of France?'}], max_new_tokens=24)
+print(json.dumps({'ids': r.token_ids, 'text': r.text, 'runtime': m.runtime.name}))
+"""
+
+
+def fresh_env_generate(
+    tmp_path: Path, bundle: Path, requirements: list[str], absent: list[str]
+) -> dict[str, Any]:
+    """Install infopt from its sources (no venv, no build tree) and `requirements` into a new
+    virtual environment, check that the modules `absent` cannot be imported there, and run
+    GENERATE on `bundle` in it, outside the repository."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("sdk", "runtimes", "device_profiles", "tools"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, *requirements, str(src)], check=True, timeout=900)
+    run = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", GENERATE, str(bundle), *absent],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,  # not the repository: the installed infopt is the one imported
+    )
+    return dict(json.loads(run.stdout.strip().splitlines()[-1]))

@@ -4,9 +4,6 @@ its manifest asks for: no torch, no transformers."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,9 +14,7 @@ from infopt.build import build
 from infopt.bundle import verify_bundle
 from infopt.device_profiles.host import cpu_info, host_runtimes
 from infopt.runtimes.coreml import check_package
-
-ROOT = Path(__file__).resolve().parents[2]
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+from tests.integration.conftest import QUESTION, fresh_env_generate
 
 
 def platform_name() -> str:
@@ -76,33 +71,6 @@ def test_the_host_bundle_runs_in_a_fresh_env_without_torch(
     manifest = verify_bundle(bundles["host"])
     requires = manifest["runtime"]["requires"]
     assert requires["package"] in ("onnxruntime", "openvino")
-    src = tmp_path / "src"  # the project's sources only: no venv, no build tree
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for folder in ("sdk", "runtimes", "device_profiles", "tools"):
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     pin = f"{requires['package']}=={version(requires['package'])}"  # within the manifest's range
-    subprocess.run([*pip, pin, str(src)], check=True, timeout=900)
-    script = (
-        "import importlib.util, json, sys, infopt\n"
-        "assert importlib.util.find_spec('transformers') is None\n"
-        "assert importlib.util.find_spec('torch') is None\n"
-        "m = infopt.load(sys.argv[1], max_context=256, threads=2)\n"
-        "r = m.generate([{'role': 'user', 'content': 'What is the capital of France?'}],"
-        " max_new_tokens=24)\n"
-        "print(json.dumps({'ids': r.token_ids, 'text': r.text}))\n"
-    )
-    run = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", script, str(bundles["host"])],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,  # not the repository: the installed infopt is the one imported
-    )
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = fresh_env_generate(tmp_path, bundles["host"], [pin], ["torch", "transformers"])
     assert result["ids"] == smol.generate(QUESTION, max_new_tokens=24).token_ids

@@ -16,6 +16,7 @@ from infopt import coreml_export as ce
 from infopt.bundle import verify_bundle
 from infopt.tools.runtime_bench import MATRIX, build_edited
 from infopt.tools.runtime_check import compare
+from tests.integration.conftest import QUESTION, fresh_env_generate
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +60,18 @@ def test_core_ml_graph_matches_the_model_core(smol: infopt.Model, tmp_path: Path
     np.testing.assert_array_equal(got.numpy(), expected.numpy())
     core.setup_cache(smol.runtime.max_context)  # the session's model goes on as it was
     smol.runtime.reset()
+
+
+def test_tflite_bundle_runs_on_tflite_runtime_without_torch(
+    tflite_fp32: Path, tmp_path: Path, smol: infopt.Model
+) -> None:
+    # tflite-runtime, the package the brief names (its last release, 2.14, predates numpy 2),
+    # stands in for ai-edge-litert: same tokens, in an environment with neither torch nor LiteRT
+    result = fresh_env_generate(
+        tmp_path,
+        tflite_fp32,
+        ["tflite-runtime==2.14.0", "numpy<2"],
+        ["torch", "transformers", "ai_edge_litert"],
+    )
+    assert result["runtime"] == "tflite"
+    assert result["ids"] == smol.generate(QUESTION, max_new_tokens=24).token_ids
