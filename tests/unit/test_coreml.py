@@ -85,6 +85,39 @@ def test_the_converted_graph_and_the_runtime_logic_match_the_core(
     np.testing.assert_array_equal(got_window, reference.numpy())
 
 
+def test_generate_streams_stops_and_speculates_through_the_windows(tiny_gguf: Path) -> None:
+    # the shared generate loop over the Core ML runtime's logic (on the converted torch graph):
+    # the PyTorch runtime's greedy tokens, streamed, and speculation verified in 8-token windows
+    from infopt.speculative import ModelDrafter
+
+    reference = infopt.load(tiny_gguf, runtime="pytorch", max_context=64)
+    core = reference.runtime.model
+    io = {**ce.coreml_io(core, 64), "sliding_window": core.spec.sliding_window}
+    rt = CoreMLRuntime(TracedProgram(core, 64), 64, core.spec.vocab_size, io)
+    model = infopt.Model(rt, reference.tokenizer, reference.spec)
+    prompt = [{"role": "user", "content": "hello there"}]
+    plain = reference.generate(prompt, max_new_tokens=30, stop_token_ids=[], speculative=False)
+    got = model.generate(prompt, max_new_tokens=30, stop_token_ids=[])
+    assert got.token_ids == plain.token_ids
+    assert "".join(model.stream(prompt, max_new_tokens=30, stop_token_ids=[])) == got.text
+    passes: list[int] = []
+    forward = rt.forward
+
+    def spy(tokens: Any, only_last: bool = False) -> np.ndarray:
+        passes.append(len(tokens))
+        return forward(tokens, only_last)
+
+    rt.forward = spy  # type: ignore[method-assign]
+    twin = infopt.load(tiny_gguf, runtime="pytorch", max_context=64)
+    model.drafter = ModelDrafter(twin.runtime)  # a perfect draft: long drafts, capped at 7
+    spec = model.generate(prompt, max_new_tokens=30, stop_token_ids=[], num_draft_tokens=16)
+    assert spec.token_ids == plain.token_ids and spec.stats.speculative is not None
+    assert max(passes[1:]) == rt.verify_window == 8
+    stop = plain.text[len(plain.text) // 2 :][:3]  # a stop string: cut from the text
+    stopped = model.generate(prompt, max_new_tokens=30, stop_token_ids=[], stop=[stop])
+    assert stopped.finish_reason == "stop" and stopped.text == plain.text[: plain.text.index(stop)]
+
+
 def test_quantized_weights_are_infopts_codes_and_scales(
     folders: dict[str, Path],  # noqa: F811
     tmp_path: Path,
