@@ -12,7 +12,6 @@ on the machines infopt is tested on; `tools/coreml_check.py` checks it on a Mac.
 
 from __future__ import annotations
 
-import logging
 import platform
 import re
 import sys
@@ -30,17 +29,14 @@ from infopt.errors import (
     InvalidArgumentError,
     UnsupportedPlatformError,
 )
+from infopt.quiet import quiet_native
 
 
 def _import_coremltools() -> Any:
-    """coremltools, imported without the warning per native proxy it logs off macOS."""
-    log = logging.getLogger("coremltools")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
+    """coremltools, imported without the warnings it (and torchao, torch, which it imports when
+    installed) print: one per native proxy off macOS, missing CUDA kernels."""
+    with quiet_native("coremltools"):
         import coremltools
-    finally:
-        log.setLevel(level)
     return coremltools
 
 

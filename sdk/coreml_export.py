@@ -187,8 +187,9 @@ def check_schemes(schemes: dict[str, QuantScheme]) -> None:
 def convert(core: Decoder, max_context: int) -> Any:
     """The Core ML model (coremltools MLModel, not loaded for prediction) of `core`."""
     try:
-        import coremltools as ct
-        import coremltools.optimize.coreml as cto
+        with quiet_native("coremltools"):  # it, torchao and torch warn at import
+            import coremltools as ct
+            import coremltools.optimize.coreml as cto
     except ImportError as e:
         raise RuntimeNotAvailableError(
             f"building a coreml artifact needs coremltools ({e}); "

@@ -7,6 +7,8 @@ generation off macOS is a typed error naming macOS."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -163,7 +165,14 @@ def test_int4_with_zero_points_is_refused(folders: dict[str, Path], tmp_path: Pa
 
 def test_apple_ane_bundle_is_what_an_app_needs(tiny_gguf: Path, tmp_path: Path) -> None:
     out = tmp_path / "ane"
-    summary = build(tiny_gguf, out, device="apple-ane", context=64)
+    # as a user runs it: the JSON summary alone on stdout, no converter chatter on stderr
+    cmd = [sys.executable, "-m", "infopt.cli", "build", str(tiny_gguf), "-d", "apple-ane"]
+    done = subprocess.run(
+        [*cmd, "--context", "64", "-o", str(out), "--json"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert "Failed to load" not in done.stderr and "coremltools" not in done.stderr, done.stderr
     manifest = verify_bundle(out)
     assert summary["artifacts"] == ["coreml"] and manifest["runtime"]["artifact_built"]
     art = manifest["artifacts"]["coreml"]
@@ -197,8 +206,6 @@ def test_apple_ane_bundle_is_what_an_app_needs(tiny_gguf: Path, tmp_path: Path) 
 
 
 def test_an_int4_plan_is_built_symmetric_for_core_ml(tiny_gguf: Path, tmp_path: Path) -> None:
-    import json
-
     from infopt.build import make_plan
     from infopt.importers import open_model
 
