@@ -20,10 +20,14 @@ def quiet_native(name: str) -> Iterator[None]:
     temporary file: litert-torch, coremltools and LiteRT print progress bars and native (C++)
     logs there, which would garble a build's progress display, `--json` output and the answers
     `infopt-pack run` streams. On an error, the tail of what it printed is added to the
-    exception's notes."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
+    exception's notes. While it runs, other threads' output to those descriptors goes there too;
+    a process without them (a windowed app) runs `name` as it is."""
+    _flush()
+    try:
+        saved = os.dup(1), os.dup(2)
+    except OSError:  # no stdout/stderr descriptors: nothing to keep clean
+        yield
+        return
     levels = {n: logging.getLogger(n).level for n in LOGGERS}
     with tempfile.TemporaryFile() as log:
         os.dup2(log.fileno(), 1)
@@ -35,19 +39,23 @@ def quiet_native(name: str) -> Iterator[None]:
                 warnings.simplefilter("ignore")
                 yield
         except BaseException as e:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _flush()
             log.seek(0)
             tail = log.read()[-2000:].decode("utf-8", "replace").strip()
             if tail:
                 e.add_note(f"{name} printed:\n{tail}")
             raise
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            _flush()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
             for n, level in levels.items():
                 logging.getLogger(n).setLevel(level)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None in windowed apps
+            stream.flush()
