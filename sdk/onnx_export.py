@@ -45,6 +45,8 @@ ACCURACY_LEVEL = 4  # MatMulNBits: activations quantized to int8 inside the kern
 # on SmolLM2's 49152 x 576 head, 2 threads; tools/runtime_bench measures the whole model).
 INT8_BLOCKS = (32, 64, 128, 16)
 INT8_HEAD_BLOCKS = (64, 32, 128, 16)
+# ops whose CPU kernels copy a constant weight into their own layout at session creation
+PREPACKED = {"MatMulNBits", "MatMul", "Gemm"}
 
 
 def onnx_io(model: Decoder) -> dict[str, Any]:
@@ -397,4 +399,41 @@ def export_onnx(model: Decoder, path: str | Path, max_context: int) -> list[str]
         location=DATA_FILE,
         size_threshold=1024,
     )
+    proto = onnx.load_model(str(path), load_external_data=False)
+    if one_initializer_per_consumer(proto.graph):
+        onnx.save_model(proto, str(path))
     return [path.name, DATA_FILE]
+
+
+def one_initializer_per_consumer(graph: Any) -> int:
+    """Give each extra consumer of an external initializer its own initializer over the same
+    bytes of the data file (the file is unchanged); returns how many were added.
+
+    onnxruntime maps each external initializer on its own and releases one that a kernel has
+    prepacked. A tied table read by both the embedding's gather and the LM head's matmul would
+    otherwise stay mapped with every page resident (the matmul's prepacking read all of it)
+    beside the packed copy: 27 MB of SmolLM2's INT8 table, 113 MB of its fp32 one. Split, the
+    LM head's mapping goes after packing and the gather's keeps only the rows it has read."""
+    external = {
+        t.name: t
+        for t in graph.initializer
+        if t.data_location == t.EXTERNAL  # onnx.TensorProto.EXTERNAL
+    }
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    added = 0
+    for node in graph.node:
+        if node.op_type not in PREPACKED:
+            continue
+        for j, name in enumerate(node.input):
+            if name not in external or readers[name] < 2:
+                continue
+            readers[name] -= 1
+            added += 1
+            alias = graph.initializer.add()
+            alias.CopyFrom(external[name])
+            alias.name = f"{name}.{node.name}"
+            node.input[j] = alias.name
+    return added

@@ -9,7 +9,9 @@ Each measurement runs in a fresh process (so its memory is its own): load the bu
 - pp512: one prefill of 512 tokens (`forward(only_last=True)`), tokens/s;
 - tg128: 128 greedy tokens after the chat prompt of the anchors' scripts, tokens/s over the
   steps after the first, with the p50/p95/p99 latency of those steps;
-- peak RSS while generating (the counter is reset after loading; Linux), and at load.
+- peak RSS while generating (the counter is reset after loading; Linux), and at load; the
+  process before loading (interpreter, runtime package), and the tokenizer alone (its own
+  fresh process), so that what the model itself takes can be told from what any app pays.
 Runs alternate over the systems `--repeat` times and medians are reported, so the machine's
 drift hits every system alike. `--compare` also runs the peers of `../shared/anchors/` (llama.cpp,
 ONNX Runtime GenAI, OpenVINO GenAI, transformers) from the virtual environment that
@@ -64,6 +66,23 @@ def _status_kb(key: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def tokenizer_rss(bundle: str) -> int:
+    """Resident bytes the bundle's tokenizer takes, loaded alone in a fresh process."""
+    script = (
+        "import re, sys\n"
+        "from pathlib import Path\n"
+        "import tokenizers\n"
+        "from infopt.bundle import bundle_tokenizer, verify_bundle\n"
+        "rss = lambda: int(re.search(r'VmRSS:\\s+(\\d+)', open('/proc/self/status').read())[1])\n"
+        "manifest = verify_bundle(sys.argv[1])\n"
+        "before = rss()\n"
+        "tok = bundle_tokenizer(Path(sys.argv[1]), manifest)\n"
+        "print(1024 * (rss() - before))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, bundle], capture_output=True, text=True)
+    return int(out.stdout) if out.returncode == 0 else 0
+
+
 def measure(bundle: str, runtime: str | None, threads: int) -> dict[str, Any]:
     """One fresh-process measurement of a bundle (called in the child)."""
     import numpy as np
@@ -76,6 +95,7 @@ def measure(bundle: str, runtime: str | None, threads: int) -> dict[str, Any]:
 
     manifest = verify_bundle(bundle)
     name = runtime or manifest["runtime"]["name"]
+    tokenizer = tokenizer_rss(bundle)
     runtime_module(name)  # the runtime's package imported: what a process needs before a model
     baseline = _status_kb("VmRSS") * 1024
     model = infopt.load(bundle, runtime=runtime, threads=threads)
@@ -127,6 +147,7 @@ def measure(bundle: str, runtime: str | None, threads: int) -> dict[str, Any]:
         "peak_rss": _status_kb("VmHWM") * 1024,
         "load_peak_rss": load_peak,
         "baseline_rss": baseline,
+        "tokenizer_rss": tokenizer,
         "weights_bytes": weights,
         "kv_bytes": kv_bytes,
         "max_context": model.runtime.max_context,
@@ -319,6 +340,7 @@ def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
         "p50 / p95 / p99 ms",
         "peak RSS MB (before loading)",
         "weights + KV MB",
+        "peak − before loading MB (tokenizer) × weights + KV",
         "tg128 vs best peer",
         "pp512 vs best peer",
     ]
@@ -333,6 +355,13 @@ def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
             f"{r['peak_rss'] / 1e6:.0f} ({r['baseline_rss'] / 1e6:.0f})" if "peak_rss" in r else ""
         )
         wkv = f"{(r['weights_bytes'] + r['kv_bytes']) / 1e6:.0f}" if "kv_bytes" in r else ""
+        grown = ""
+        if "tokenizer_rss" in r:
+            model = r["peak_rss"] - r["baseline_rss"]
+            grown = (
+                f"{model / 1e6:.0f} ({r['tokenizer_rss'] / 1e6:.0f}) "
+                f"{model / (r['weights_bytes'] + r['kv_bytes']):.2f}×"
+            )
         tg_ratio = f"{r['tg128'] / best_tg:.2f}×" if best_tg and "tg128" in r else ""
         pp_ratio = f"{r['pp512'] / best_pp:.2f}×" if best_pp and "pp512" in r else ""
         cells = [
@@ -343,6 +372,7 @@ def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
             lat,
             mem,
             wkv,
+            grown,
             tg_ratio,
             pp_ratio,
         ]

@@ -3,6 +3,8 @@ tokens; INT8 and INT4 bundles stay close to the PyTorch runtime running the same
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,36 @@ def test_matrix_bundles_carry_three_artifacts(matrix: dict[str, str]) -> None:
             "openvino",
             "pytorch",
         ]
+
+
+def test_the_tied_int8_table_is_not_resident_twice(matrix: dict[str, str]) -> None:
+    """The int4 bundle's LM head and embedding share one INT8 table on disk (27 MB). Once the
+    session exists, the LM head's copy lives in the kernel's packed weights, and of the table's
+    pages in the file only what the embedding has looked up may stay resident: none yet (all
+    27 MB were, when one initializer served both and prepacking read it through the gather's
+    mapping)."""
+    import onnx
+
+    graph = Path(matrix["int4"]) / "model.onnx"
+    proto = onnx.load_model(str(graph), load_external_data=False).graph
+    gather = next(n for n in proto.node if n.op_type == "GatherBlockQuantized")
+    table = next(t for t in proto.initializer if t.name == gather.input[0])
+    where = {e.key: int(e.value) for e in table.external_data if e.key != "location"}
+    start, end = where["offset"], where["offset"] + where["length"]
+    script = (  # resident kB of the mappings of the data file that start inside the table
+        "import re, sys, onnxruntime as ort\n"
+        "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider'])\n"
+        "start, end = int(sys.argv[2]), int(sys.argv[3])\n"
+        "kb, inside = 0, False\n"
+        "for line in open('/proc/self/smaps'):\n"
+        "    p = line.split()\n"
+        "    if re.match(r'^[0-9a-f]+-[0-9a-f]+ ', line):\n"
+        "        off = int(p[2], 16)\n"
+        "        inside = p[-1].endswith('model.onnx.data') and start <= off + 4095 < end\n"
+        "    elif p[0] == 'Rss:' and inside: kb += int(p[1])\n"
+        "print(kb)\n"
+    )
+    command = [sys.executable, "-c", script, str(graph), str(start), str(end)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) < 1024, f"{out.stdout.strip()} kB of the table resident"

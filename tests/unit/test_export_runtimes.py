@@ -159,6 +159,30 @@ def test_quantized_embedding_storage_is_shared_with_the_lm_head(folders: dict[st
     assert len([t for t in tables if t.data_type == onnx.TensorProto.UINT8]) == 1
 
 
+def test_the_tied_lm_head_reads_the_table_bytes_through_its_own_initializer(
+    folders: dict[str, Path], tmp_path: Path
+) -> None:
+    import onnx
+
+    from infopt.onnx_export import DATA_FILE, export_onnx
+
+    core = core_of(folders["llama-tied"])
+    quantize_model(core, SCHEMES["int4 asym g32, int8 embeddings"])
+    export_onnx(core, tmp_path / "model.onnx", 64)
+    graph = onnx.load_model(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    where = {t.name: {e.key: e.value for e in t.external_data} for t in graph.initializer}
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    head = [n for n in graph.node if n.op_type == "MatMulNBits"][-1]
+    assert head.input[1] != gather.input[0]  # one initializer each ...
+    assert where[head.input[1]] == where[gather.input[0]]  # ... over the same bytes
+    assert where[gather.input[0]]["location"] == DATA_FILE
+    regions = {(w["offset"], w["length"]) for w in where.values() if w}
+    assert (tmp_path / DATA_FILE).stat().st_size <= max(int(o) + int(n) for o, n in regions)
+    # shared small constants (rotary tables) keep one initializer: they are not prepacked
+    readers = [i for n in graph.node for i in n.input if i == "cos_cache"]
+    assert len(readers) == len(core.blocks)
+
+
 @pytest.fixture(scope="module")
 def multi_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> Path:
     out = tmp_path_factory.mktemp("multi") / "b"
