@@ -47,10 +47,17 @@ OPEN = [
     "Explain how a CPU cache works and why it matters for performance.",
     "What are the main causes of inflation? Answer in a few paragraphs.",
 ]
-GROUNDED = [
+MISSPELT = (  # TEXT with three typos, for the proofreading prompt
+    TEXT.replace("electricity", "electrcity")
+    .replace("efficiency", "eficiency")
+    .replace("usually", "usualy")
+)
+GROUNDED = [  # summarize, rewrite, edit code, proofread, extract: from paraphrase to copying
     f"Summarize this text in three sentences:\n{TEXT}",
     f"Rewrite this text in simpler words, keeping every fact:\n{TEXT}",
     f"Add a docstring and type hints to this function, and return the whole function:\n{CODE}",
+    f"Fix the spelling mistakes in this text and return the whole corrected text:\n{MISSPELT}",
+    f"Copy the sentences of this text that mention the inverter or the grid:\n{TEXT}",
 ]
 BUNDLES = {  # name -> (weights of every tensor group, speculative)
     "fp32+self": ({g: "fp32" for g in ("embeddings", "lm_head", "attention", "mlp")}, "self"),
@@ -84,8 +91,9 @@ def measure(
     plain_t = spec_t = 0.0
     plain_n = spec_n = drafted = accepted = 0
     identical = True
+    per_prompt = [[0.0, 0.0] for _ in texts]  # summed plain and speculative seconds per token
     for _ in range(repeat):
-        for text in texts:
+        for i, text in enumerate(texts):
             msgs = [{"role": "user", "content": text}]
             a = m.generate(msgs, max_new_tokens=NEW_TOKENS, speculative=False)
             b = m.generate(msgs, max_new_tokens=NEW_TOKENS, speculative=speculative)
@@ -95,6 +103,7 @@ def measure(
                     spec_n, spec_t = spec_n + n, spec_t + t
                 else:
                     plain_n, plain_t = plain_n + n, plain_t + t
+                per_prompt[i][is_spec] += t / max(n, 1) / repeat
             identical &= a.token_ids == b.token_ids
             if b.stats.speculative:
                 drafted += b.stats.speculative.drafted
@@ -104,6 +113,7 @@ def measure(
         "plain_tok_s": round(plain, 1),
         "spec_tok_s": round(spec, 1),
         "speedup": round(spec / plain, 2),
+        "per_prompt": [round(p / q, 2) if q else None for p, q in per_prompt],
         "acceptance": round(accepted / drafted, 3) if drafted else None,
         "drafted": drafted,
         "identical": identical,
@@ -254,6 +264,7 @@ def table(
         "alone tok/s",
         "with draft tok/s",
         "speedup",
+        "per prompt",
         "acceptance",
         "identical",
         "vs best peer",
@@ -271,6 +282,7 @@ def table(
                 f"{r['plain_tok_s']:.1f}",
                 f"{r['spec_tok_s']:.1f}",
                 f"{r['speedup']:.2f}x",
+                " / ".join(f"{x:.2f}" for x in r.get("per_prompt") or [] if x is not None),
                 "" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
                 "yes" if r["identical"] else "NO",
                 vs,
@@ -284,6 +296,7 @@ def table(
                 "",
                 "its chat prompt",
                 f"{p.get('tg128', 0):.1f}",
+                "",
                 "",
                 "",
                 "",
