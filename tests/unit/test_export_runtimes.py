@@ -260,3 +260,15 @@ def test_rtn_int8_rows_map_to_exact_blocks() -> None:
     assert block == 32 and zeros is None and b.shape == (8, 3, 32)
     deq = (b.reshape(8, 96).astype(np.float32) - 128) * np.repeat(scales, 32, axis=1)
     np.testing.assert_array_equal(deq, qw.dequantize().numpy())
+
+
+def test_the_profiling_tool_takes_a_pass_apart(multi_bundle: Path) -> None:
+    from infopt.tools.ort_profile import profile
+    from infopt.tools.runtime_bench import tokenizer_rss
+
+    out = profile(str(multi_bundle), tokens=5, runs=3, threads=1)
+    ops = out["ms_per_run"]
+    assert out["runs"] == 3 and "GroupQueryAttention" in ops
+    kernels = sum(ms for op, ms in ops.items() if op != "model_run")
+    assert 0 < kernels <= ops["model_run"] * 1.01  # the operators run inside the pass, in turn
+    assert tokenizer_rss(str(multi_bundle)) > 0
