@@ -207,7 +207,7 @@ def load(
     draft (speculative decoding): None takes a bundle's own draft, if it was built with one
     (True: and requires it); False loads none; "ngram" drafts by prompt lookup; a path or a
     loaded `Model` is a draft model sharing the target's tokenizer, loaded on `draft_runtime`
-    (default: the target's).
+    (default: the target's; a bundle's own draft: `default_draft_runtime`).
     """
     from infopt.bundle import is_bundle
     from infopt.default_model import default_model_path
@@ -349,8 +349,7 @@ def bundle_drafter(
     threads: int | None,
 ) -> Drafter | None:
     """The drafter a bundle's manifest describes: prompt lookup, or a draft model whose
-    artifacts sit under draft/ (on `runtime`, else the target's runtime when the draft has an
-    artifact for it)."""
+    artifacts sit under draft/ (on `runtime`, else `default_draft_runtime`)."""
     from infopt.bundle import choose_runtime
 
     section = manifest.get("draft")
@@ -363,10 +362,8 @@ def bundle_drafter(
         "model": {"config": section["config"]},
         "kv_cache": manifest["kv_cache"],
         "artifacts": section["artifacts"],
-        "runtime": {"name": target_runtime if target_runtime in section["artifacts"] else ""},
+        "runtime": {"name": default_draft_runtime(section["artifacts"], target_runtime, device)},
     }
-    if not sub["runtime"]["name"]:
-        sub["runtime"]["name"] = sorted(section["artifacts"])[0]
     if runtime is not None and runtime not in section["artifacts"]:
         raise BundleError(
             f"{root}: its draft has no {runtime!r} artifact (it carries "
@@ -378,6 +375,36 @@ def bundle_drafter(
     check_requirement(f"{root} (draft)", name, section["artifacts"][name].get("requires"))
     rt = module.from_bundle(root, sub, max_context=max_context, device=device, threads=threads)
     return ModelDrafter(rt)
+
+
+# A draft only pays when it is much cheaper than its target, so on a CPU it runs where INT4
+# decodes fastest: ONNX Runtime's kernels, then OpenVINO's (the runtime table in
+# docs/benchmarks.md: 174.6 and 73.4 tok/s; PyTorch's INT4 path is a 3.5 tok/s reference).
+CPU_DRAFT_RUNTIMES = ("onnxruntime", "openvino")
+
+
+def default_draft_runtime(
+    artifacts: dict[str, Any], target_runtime: str, device: str | None
+) -> str:
+    """The runtime a bundle's draft loads on when none is named: on a CPU the first of
+    CPU_DRAFT_RUNTIMES that the draft has an artifact for and this environment can import; on
+    another device (or if none of those is there) the target's runtime, if the draft has it."""
+    import importlib.util
+
+    on_cpu = device == "cpu"
+    if device in (None, "auto"):  # where the runtime puts the target by default
+        on_cpu = target_runtime != "pytorch" or not _torch_cuda()
+    if on_cpu:
+        for name in CPU_DRAFT_RUNTIMES:
+            if name in artifacts and importlib.util.find_spec(name) is not None:
+                return name
+    return target_runtime if target_runtime in artifacts else sorted(artifacts)[0]
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def release_free_memory() -> None:

@@ -82,7 +82,12 @@ def main() -> None:
     help="Speculative decoding: a draft model (bundle, GGUF, HF folder) sharing the tokenizer, "
     "or 'ngram' for prompt lookup. A bundle built with --speculative uses its own draft.",
 )
-@click.option("--draft-runtime", help="Runtime of the draft model (default: the target's).")
+@click.option(
+    "--draft-runtime",
+    help="Runtime of the draft model (default: a bundle's draft runs on ONNX Runtime, else "
+    "OpenVINO, when the target is on a CPU: their INT4 kernels are the fast ones; a draft "
+    "model path runs on the target's runtime).",
+)
 @click.option(
     "--no-speculative", is_flag=True, help="Decode without the bundle's draft (plain decoding)."
 )

@@ -5,19 +5,24 @@ session, beside the peers' plain decode.
         [--compare] [--peers /tmp/infopt-peers] [--json | --markdown]
 
 Builds (once, under --dir) bundles of the default model with ONNX Runtime and OpenVINO
-artifacts: fp32 and INT8 targets, each with its INT4 self-draft (`--speculative self`), and the
-all-INT4 target of the runtime table (prompt lookup needs no draft). Each configuration runs in
+artifacts: fp32 (with a PyTorch artifact too) and INT8 targets, each with its INT4 self-draft
+(`--speculative self`), and the all-INT4 target of the runtime table (prompt lookup needs no
+draft). A draft may run on another runtime than its target (the PyTorch target drafts on ONNX
+Runtime, whose INT4 kernels are the fast ones). Each configuration runs in
 a fresh process: load the bundle (and its draft), then for every prompt of its set alternate a
 plain greedy generation (`speculative=False`) and a speculative one, 128 new tokens each,
 `--repeat` times. Decode speed is `Stats.decode_tokens_per_s` (tokens after the first over the
 time after the first: the draft's own prefill, the probes and the verify passes included);
 tokens/s per configuration are summed tokens over summed time. "identical" says whether every
 speculative output equalled the plain one token for token. Open prompts (chat) go to the
-self-draft, input-grounded prompts (summarize, rewrite, edit code) to prompt lookup.
+self-draft, input-grounded prompts (summarize, rewrite, edit code, proofread, extract) to
+prompt lookup.
 `--compare` runs the peers' plain decode (ONNX Runtime GenAI, llama.cpp) in the same session
 via `infopt.tools.runtime_bench`. `--diagnose` prints, per bundle and runtime, what bounds the
-gain: target and draft step times, the draft's agreement with the target's own greedy text,
-the cost of a rewind, and how far a several-token pass's logits are from one-token steps'.
+gain: target and draft step times, verify passes' costs, the draft's agreement with the
+target's own greedy text, what a fixed draft length would gain with it (and with drafting
+free), what a schedule that foresaw every rejection would gain (`oracle_speedup`), the cost
+of a rewind, and how far a several-token pass's logits are from one-token steps'.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import platform
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,32 +65,55 @@ GROUNDED = [  # summarize, rewrite, edit code, proofread, extract: from paraphra
     f"Fix the spelling mistakes in this text and return the whole corrected text:\n{MISSPELT}",
     f"Copy the sentences of this text that mention the inverter or the grid:\n{TEXT}",
 ]
-BUNDLES = {  # name -> (weights of every tensor group, speculative)
-    "fp32+self": ({g: "fp32" for g in ("embeddings", "lm_head", "attention", "mlp")}, "self"),
-    "int8+self": ({g: "int8" for g in ("embeddings", "lm_head", "attention", "mlp")}, "self"),
-    "int4-all": ({g: "int4-g32" for g in ("embeddings", "lm_head", "attention", "mlp")}, "none"),
+GROUPS = ("embeddings", "lm_head", "attention", "mlp")
+BUNDLES = {  # name -> (weights of every tensor group, speculative, runtimes)
+    "fp32+self": ({g: "fp32" for g in GROUPS}, "self", "onnxruntime,openvino,pytorch"),
+    "int8+self": ({g: "int8" for g in GROUPS}, "self", "onnxruntime,openvino"),
+    "int4-all": ({g: "int4-g32" for g in GROUPS}, "none", "onnxruntime,openvino"),
 }
-CONFIGS = [  # (bundle, runtime, drafter, prompts)
-    ("fp32+self", "onnxruntime", "self-draft", "open"),
-    ("fp32+self", "openvino", "self-draft", "open"),
-    ("fp32+self", "onnxruntime", "ngram", "grounded"),
-    ("fp32+self", "openvino", "ngram", "grounded"),
-    ("int8+self", "onnxruntime", "self-draft", "open"),
-    ("int8+self", "openvino", "self-draft", "open"),
-    ("int8+self", "onnxruntime", "ngram", "grounded"),
-    ("int4-all", "onnxruntime", "ngram", "grounded"),
-    ("int4-all", "openvino", "ngram", "grounded"),
-    ("int4-all", "onnxruntime", "none", "open"),
+# (bundle, runtime, drafter, prompts, the draft's runtime). PyTorch's own INT4 path is a
+# reference (3.5 tok/s in the runtime table), so its target drafts on ONNX Runtime.
+CONFIGS = [
+    ("fp32+self", "onnxruntime", "self-draft", "open", "onnxruntime"),
+    ("fp32+self", "openvino", "self-draft", "open", "openvino"),
+    ("fp32+self", "openvino", "self-draft", "open", "onnxruntime"),
+    ("fp32+self", "pytorch", "self-draft", "open", "onnxruntime"),
+    ("fp32+self", "onnxruntime", "ngram", "grounded", ""),
+    ("fp32+self", "openvino", "ngram", "grounded", ""),
+    ("fp32+self", "pytorch", "ngram", "grounded", ""),
+    ("int8+self", "onnxruntime", "self-draft", "open", "onnxruntime"),
+    ("int8+self", "openvino", "self-draft", "open", "openvino"),
+    ("int8+self", "onnxruntime", "ngram", "grounded", ""),
+    ("int4-all", "onnxruntime", "ngram", "grounded", ""),
+    ("int4-all", "openvino", "ngram", "grounded", ""),
+    ("int4-all", "onnxruntime", "none", "open", ""),
 ]
+DIAGNOSE = [  # (bundle, runtime, the draft's runtime)
+    ("fp32+self", "onnxruntime", "onnxruntime"),
+    ("fp32+self", "openvino", "openvino"),
+    ("fp32+self", "openvino", "onnxruntime"),
+    ("fp32+self", "pytorch", "onnxruntime"),
+    ("int8+self", "onnxruntime", "onnxruntime"),
+    ("int8+self", "openvino", "openvino"),
+    ("int4-all", "onnxruntime", ""),
+    ("int4-all", "openvino", ""),
+]
+VERIFY_MAX = 9  # tokens per verify pass whose cost --diagnose measures (k = 1..8 drafts)
 
 
 def measure(
-    bundle: str, runtime: str, drafter: str, prompts: str, threads: int, repeat: int
+    bundle: str,
+    runtime: str,
+    drafter: str,
+    prompts: str,
+    threads: int,
+    repeat: int,
+    draft_runtime: str = "",
 ) -> dict[str, Any]:
     """One configuration, in this (fresh) process."""
     import infopt
 
-    m = infopt.load(bundle, runtime=runtime, threads=threads)
+    m = infopt.load(bundle, runtime=runtime, threads=threads, draft_runtime=draft_runtime or None)
     speculative: Any = {"self-draft": None, "ngram": "ngram", "none": False}[drafter]
     texts = OPEN if prompts == "open" else GROUNDED
     m.generate(texts[0], max_new_tokens=8, speculative=False)  # warm-up
@@ -120,37 +149,89 @@ def measure(
     }
 
 
-def diagnose(bundle: str, runtime: str, threads: int) -> dict[str, Any]:
-    """What bounds speculation on one bundle: per-token times of target and draft, the draft's
-    agreement with the target on the target's own greedy text, the cost of a rewind, and how far
-    a several-token pass's logits are from one-token steps'."""
+def draft_runs(target_tokens: Sequence[int], draft_tokens: Sequence[int]) -> list[int]:
+    """runs[i]: how many greedy drafts in a row, proposed at position i of the target's own
+    text, the target keeps. A draft conditioned on the target's text (what verification leaves
+    it) predicts draft_tokens[i] at position i, and keeps predicting the target's tokens for as
+    long as they agree."""
+    runs = [0] * (len(target_tokens) + 1)
+    for i in range(len(target_tokens) - 1, -1, -1):
+        runs[i] = runs[i + 1] + 1 if target_tokens[i] == draft_tokens[i] else 0
+    return runs[:-1]
+
+
+def oracle_speedup(runs: Sequence[int], draft_cost: float, verify_cost: Sequence[float]) -> float:
+    """The most any draft-length schedule could gain on this text, knowing in advance how many
+    drafts each pass keeps: the cheapest way (dynamic programming) to produce its tokens from
+    plain steps (cost 1 each) and passes of k drafts (k * draft_cost to draft, verify_cost[k]
+    to score k + 1 tokens, yielding the kept drafts plus one), over the cost of plain steps.
+    Drafting and the first of a text's tokens are free of overheads here, so it bounds the real
+    loop from above."""
+    n = len(runs)
+    cost = [0.0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        best = 1.0 + cost[i + 1]
+        for k in range(1, len(verify_cost)):
+            step = k * draft_cost + verify_cost[k]
+            best = min(best, step + cost[min(i + min(runs[i], k) + 1, n)])
+        cost[i] = best
+    return n / cost[0] if n else 1.0
+
+
+def fixed_speedup(
+    runs: Sequence[int], draft_cost: float, verify_cost: Sequence[float], k: int
+) -> float:
+    """What passes of k drafts each would gain on this text (no foresight, no overheads)."""
+    i, cost = 0, 0.0
+    while i < len(runs):
+        cost += k * draft_cost + verify_cost[k]
+        i += min(runs[i], k) + 1
+    return len(runs) / cost if cost else 1.0
+
+
+def diagnose(bundle: str, runtime: str, threads: int, draft_runtime: str = "") -> dict[str, Any]:
+    """What bounds speculation on one bundle: per-token times of target and draft, the cost of
+    verify passes of 2..VERIFY_MAX tokens, the draft's agreement with the target on the
+    target's own greedy answers to the open prompts and the most a draft-length schedule could
+    gain with it (`oracle_speedup`), the cost of a rewind, and how far a several-token pass's
+    logits are from one-token steps'."""
     import time
 
     import numpy as np
 
     import infopt
 
-    m = infopt.load(bundle, runtime=runtime, threads=threads)
+    m = infopt.load(bundle, runtime=runtime, threads=threads, draft_runtime=draft_runtime or None)
     t = m.runtime
-    msgs = [{"role": "user", "content": OPEN[0]}]
-    prompt = m.encode_prompt(msgs)
-    text = m.generate(msgs, max_new_tokens=NEW_TOKENS, speculative=False).token_ids
+    answers = []
+    for question in OPEN:
+        msgs = [{"role": "user", "content": question}]
+        prompt = m.encode_prompt(msgs)
+        answers.append(
+            (prompt, m.generate(msgs, max_new_tokens=NEW_TOKENS, speculative=False).token_ids)
+        )
+    prompt, text = answers[0]
 
-    def step_ms(rt: Any, rewind: bool) -> float:
+    def pass_ms(rt: Any, tokens: int, rewind: bool = False) -> float:
         rt.reset()
         rt.forward(prompt, only_last=True)
         times = []
-        for tok in text[:40]:
+        for i in range(40):
+            chunk = text[i : i + tokens]
             start = time.perf_counter()
-            rt.forward([tok])
+            rt.forward(chunk)
             if rewind:
                 rt.rewind(1)
-                rt.forward([tok])
+                rt.forward(chunk[-1:])
             times.append(time.perf_counter() - start)
+            rt.rewind(len(chunk) - 1)  # one position further each time, as decoding goes
         return float(np.median(times) * 1000)
 
-    out: dict[str, Any] = {"target_ms": round(step_ms(t, False), 1)}
-    out["rewind_ms"] = round(step_ms(t, True) - 2 * out["target_ms"], 1)
+    step = pass_ms(t, 1)
+    out: dict[str, Any] = {"target_ms": round(step, 1)}
+    out["rewind_ms"] = round(pass_ms(t, 1, rewind=True) - 2 * step, 1)
+    verify = [1.0] + [pass_ms(t, n) / step for n in range(2, VERIFY_MAX + 1)]
+    out["verify_cost"] = [round(v, 2) for v in verify[1:]]  # k = 1.. drafts: k + 1 tokens
     t.reset()
     t.forward(prompt, only_last=True)
     single = np.stack([t.forward([tok])[0] for tok in text[:8]])
@@ -159,13 +240,26 @@ def diagnose(bundle: str, runtime: str, threads: int) -> dict[str, Any]:
     out["batch_vs_single_max_logit_diff"] = float(np.abs(t.forward(text[:8]) - single).max())
     drafter = getattr(m.drafter, "runtime", None)
     if drafter is not None:
-        out["draft_ms"] = round(step_ms(drafter, False), 1)
-        out["draft_cost"] = round(out["draft_ms"] / out["target_ms"], 2)
-        seq = prompt + text
-        t.reset()
-        drafter.reset()
-        a, b = t.forward(seq)[len(prompt) - 1 : -1], drafter.forward(seq)[len(prompt) - 1 : -1]
-        out["draft_agreement"] = round(float((a.argmax(-1) == b.argmax(-1)).mean()), 3)
+        out["draft_runtime"] = drafter.name
+        out["draft_ms"] = round(pass_ms(drafter, 1), 1)
+        c = out["draft_ms"] / out["target_ms"]
+        out["draft_cost"] = round(c, 2)
+        runs: list[int] = []
+        agree = []
+        for prompt_ids, answer in answers:
+            drafter.reset()
+            seq = prompt_ids + answer
+            guess = drafter.forward(seq)[len(prompt_ids) - 1 : -1].argmax(-1)
+            agree += (guess == np.asarray(answer)).tolist()
+            runs += draft_runs(answer[1:], guess[1:].tolist())  # the first comes from prefill
+        out["draft_agreement"] = round(float(np.mean(agree)), 3)
+        out["oracle_speedup"] = round(oracle_speedup(runs, c, verify), 2)
+        out["oracle_speedup_free_verify"] = round(oracle_speedup(runs, c, [1.0] * len(verify)), 2)
+        ks = range(1, len(verify))
+        out["best_fixed_k"] = max((round(fixed_speedup(runs, c, verify, k), 2), k) for k in ks)
+        out["best_fixed_k_free_draft"] = max(
+            (round(fixed_speedup(runs, 0.0, verify, k), 2), k) for k in ks
+        )
     return out
 
 
@@ -174,9 +268,9 @@ def build_bundles(folder: Path) -> dict[str, str]:
 
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name, (weights, speculative) in BUNDLES.items():
+    for name, (weights, speculative, runtimes) in BUNDLES.items():
         bundle = folder / name.replace("+", "-")
-        build_edited(bundle, name, weights, "onnxruntime,openvino", speculative=speculative)
+        build_edited(bundle, name, weights, runtimes, speculative=speculative)
         out[name] = str(bundle)
     return out
 
@@ -192,28 +286,35 @@ def main() -> None:
     ap.add_argument("--peers", default="/tmp/infopt-peers")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", action="store_true")
-    ap.add_argument("--child", nargs=4, metavar=("BUNDLE", "RUNTIME", "DRAFTER", "PROMPTS"))
+    ap.add_argument(
+        "--child", nargs=5, metavar=("BUNDLE", "RUNTIME", "DRAFTER", "PROMPTS", "DRAFT_RUNTIME")
+    )
     ap.add_argument(
         "--diagnose",
         action="store_true",
-        help="Instead: per bundle and runtime, target/draft step times, draft agreement, "
-        "rewind cost, several-token vs one-token logits",
+        help="Instead: per bundle and runtime, target/draft step times, verify pass costs, "
+        "draft agreement and the most any draft length could gain with it, rewind cost, "
+        "several-token vs one-token logits",
     )
     args = ap.parse_args()
     if args.diagnose:
-        for name, path in build_bundles(Path(args.dir)).items():
-            for runtime in ("onnxruntime", "openvino"):
-                row = {"bundle": name, "runtime": runtime}
-                row.update(diagnose(path, runtime, args.threads))
-                print(json.dumps(row), flush=True)
+        paths = build_bundles(Path(args.dir))
+        for name, runtime, draft_runtime in DIAGNOSE:
+            row = {"bundle": name, "runtime": runtime}
+            row.update(diagnose(paths[name], runtime, args.threads, draft_runtime))
+            print(json.dumps(row), flush=True)
         return
     if args.child:
-        bundle, runtime, drafter, prompts = args.child
-        print(json.dumps(measure(bundle, runtime, drafter, prompts, args.threads, args.repeat)))
+        bundle, runtime, drafter, prompts, draft_runtime = args.child
+        draft_runtime = "" if draft_runtime == "-" else draft_runtime
+        measured = measure(
+            bundle, runtime, drafter, prompts, args.threads, args.repeat, draft_runtime
+        )
+        print(json.dumps(measured))
         return
     bundles = build_bundles(Path(args.dir))
     rows = []
-    for name, runtime, drafter, prompts in CONFIGS:
+    for name, runtime, drafter, prompts, draft_runtime in CONFIGS:
         cmd = [
             sys.executable,
             "-m",
@@ -223,6 +324,7 @@ def main() -> None:
             runtime,
             drafter,
             prompts,
+            draft_runtime or "-",
             "--threads",
             str(args.threads),
             "--repeat",
@@ -232,7 +334,9 @@ def main() -> None:
         row = {
             "target": name.split("+")[0],
             "runtime": runtime,
-            "drafter": drafter,
+            "drafter": drafter
+            if draft_runtime in ("", runtime)
+            else f"{drafter} ({draft_runtime})",
             "prompts": prompts,
             **json.loads(out.stdout.strip().splitlines()[-1]),
         }

@@ -1,7 +1,8 @@
 """Speculative decoding on the default model: with and without speculation, identical greedy
 tokens over chat, code, summarization and rewriting prompts, long outputs that hit
-max_new_tokens, and stops (EOS, stop strings) that land inside accepted drafts; on ONNX Runtime
-and OpenVINO, with the bundle's INT4 self-draft and with prompt lookup."""
+max_new_tokens, and stops (EOS, stop strings) that land inside accepted drafts; on ONNX Runtime,
+OpenVINO and PyTorch targets, with the bundle's INT4 self-draft (which runs on ONNX Runtime, its
+default on a CPU) and with prompt lookup."""
 
 from __future__ import annotations
 
@@ -34,14 +35,14 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         None,
         out,
         device="host",
-        runtime="onnxruntime,openvino",
+        runtime="onnxruntime,openvino,pytorch",
         context=1024,
         speculative="self",
     )
     return out
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino", "pytorch"])
 def test_greedy_output_is_the_targets_own(bundle: Path, runtime: str) -> None:
     m = infopt.load(bundle, runtime=runtime, threads=2)
     drafted = 0

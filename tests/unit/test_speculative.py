@@ -328,6 +328,19 @@ def test_a_self_draft_bundle_speculates_on_every_runtime(spec_bundle: Path) -> N
             assert r.stats.speculative is not None and r.stats.speculative.drafted > 0
 
 
+def test_a_bundles_draft_runs_where_int4_is_fast_unless_told(spec_bundle: Path) -> None:
+    from infopt.api import default_draft_runtime
+
+    for target in ("onnxruntime", "openvino", "pytorch"):  # on a CPU: ONNX Runtime's kernels
+        m = infopt.load(spec_bundle, runtime=target, max_context=64)
+        assert isinstance(m.drafter, ModelDrafter)
+        assert m.drafter.runtime.name == "onnxruntime", target  # type: ignore[attr-defined]
+    artifacts = {"pytorch": {}, "onnxruntime": {}}
+    assert default_draft_runtime(artifacts, "pytorch", "cuda") == "pytorch"  # stays with it
+    assert default_draft_runtime(artifacts, "pytorch", "cpu") == "onnxruntime"
+    assert default_draft_runtime({"pytorch": {}}, "openvino", None) == "pytorch"  # all it has
+
+
 def test_a_draft_runtime_the_bundle_lacks_is_named(spec_bundle: Path) -> None:
     with pytest.raises(BundleError, match="draft_runtime"):
         infopt.load(spec_bundle, draft_runtime="tflite")
@@ -389,3 +402,19 @@ def test_the_draft_length_follows_acceptance_and_cost() -> None:
     for i in range(30):  # prompt lookup: no cost, wrong half the time, right all along else
         runs.update(drafted=6, kept=6 if i % 2 else 0, draft_s=0.0, verify_s=1.3, step_s=1.0)
     assert runs.best(step_s=1.0)[0] >= 6
+
+
+def test_the_benchmarks_bound_on_any_draft_length_schedule() -> None:
+    from infopt.tools.spec_bench import draft_runs, oracle_speedup
+
+    assert draft_runs([1, 2, 3, 4, 5], [1, 2, 9, 4, 5]) == [2, 1, 0, 2, 1]
+    free = [1.0] * 9  # k = 0..8 drafts, scoring free
+    assert oracle_speedup([0] * 40, 0.3, free) == 1.0  # never right: plain steps are cheapest
+    assert oracle_speedup(draft_runs([0] * 90, [0] * 90), 0.0, free) == 9.0  # 9 tokens a pass
+    # every fourth draft wrong, drafts at half a step: passes of 3 drafts (4 tokens for 2.5
+    # steps) beat 1 draft (2 for 1.5), 2 (3 for 2) and longer passes that stop at the miss
+    wrong = [0 if i % 4 != 3 else 1 for i in range(400)]
+    runs = draft_runs([0] * 400, wrong)
+    assert oracle_speedup(runs, 0.5, free) == pytest.approx(1.6)
+    costly = [1.0, *(1.0 + 0.1 * k for k in range(1, 9))]  # scoring k drafts costs 0.1 k more
+    assert oracle_speedup(runs, 0.5, costly) == pytest.approx(4 / 2.8)
