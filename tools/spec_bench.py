@@ -189,6 +189,34 @@ def fixed_speedup(
     return len(runs) / cost if cost else 1.0
 
 
+def cost_for(runs: Sequence[int], verify_cost: Sequence[float], gain: float) -> float | None:
+    """The dearest draft (its step over the target's) with which some fixed draft length
+    still gains `gain` on this text; None if not even a free draft does."""
+
+    def best(c: float) -> float:
+        return max(fixed_speedup(runs, c, verify_cost, k) for k in range(1, len(verify_cost)))
+
+    if best(0.0) < gain:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        lo, hi = ((lo + hi) / 2, hi) if best((lo + hi) / 2) >= gain else (lo, (lo + hi) / 2)
+    return lo
+
+
+def weight_bytes_ratio(bundle: str) -> float | None:
+    """The draft's weight bytes over the target's (the infopt weight files, else OpenVINO's):
+    the least a draft step can cost against a target step where both read all their weights."""
+    manifest = json.loads((Path(bundle) / "manifest.json").read_text())
+    sizes = {f["path"]: f["size"] for f in manifest["files"]}
+    draft = (manifest.get("draft") or {}).get("artifacts") or {}
+    for name in ("pytorch", "openvino"):
+        if name in draft and name in manifest["artifacts"]:
+            mine = sum(sizes[f] for f in draft[name]["files"])
+            return mine / sum(sizes[f] for f in manifest["artifacts"][name]["files"])
+    return None
+
+
 def diagnose(bundle: str, runtime: str, threads: int, draft_runtime: str = "") -> dict[str, Any]:
     """What bounds speculation on one bundle: per-token times of target and draft, the cost of
     verify passes of 2..VERIFY_MAX tokens, the draft's agreement with the target on the
@@ -212,26 +240,31 @@ def diagnose(bundle: str, runtime: str, threads: int, draft_runtime: str = "") -
         )
     prompt, text = answers[0]
 
-    def pass_ms(rt: Any, tokens: int, rewind: bool = False) -> float:
+    def pass_ms(rt: Any, sizes: Sequence[int], rewind: bool = False) -> list[float]:
+        """Median ms of a pass of each size, the sizes taken in turn at every position (so
+        that a noisy stretch of the machine weighs on all alike)."""
         rt.reset()
         rt.forward(prompt, only_last=True)
-        times = []
+        times: list[list[float]] = [[] for _ in sizes]
         for i in range(40):
-            chunk = text[i : i + tokens]
-            start = time.perf_counter()
-            rt.forward(chunk)
-            if rewind:
-                rt.rewind(1)
-                rt.forward(chunk[-1:])
-            times.append(time.perf_counter() - start)
-            rt.rewind(len(chunk) - 1)  # one position further each time, as decoding goes
-        return float(np.median(times) * 1000)
+            for j, tokens in enumerate(sizes):
+                chunk = text[i : i + tokens]
+                start = time.perf_counter()
+                rt.forward(chunk)
+                if rewind:
+                    rt.rewind(1)
+                    rt.forward(chunk[-1:])
+                times[j].append(time.perf_counter() - start)
+                rt.rewind(len(chunk))
+            rt.forward(text[i : i + 1])  # one position further each time, as decoding goes
+        return [float(np.median(x) * 1000) for x in times]
 
-    step = pass_ms(t, 1)
+    passes = pass_ms(t, range(1, VERIFY_MAX + 1))
+    step = passes[0]
     out: dict[str, Any] = {"target_ms": round(step, 1)}
-    out["rewind_ms"] = round(pass_ms(t, 1, rewind=True) - 2 * step, 1)
-    verify = [1.0] + [pass_ms(t, n) / step for n in range(2, VERIFY_MAX + 1)]
-    out["verify_cost"] = [round(v, 2) for v in verify[1:]]  # k = 1.. drafts: k + 1 tokens
+    out["rewind_ms"] = round(pass_ms(t, [1], rewind=True)[0] - 2 * step, 1)
+    verify = [p / step for p in passes]  # verify[k]: k drafts, k + 1 tokens
+    out["verify_cost"] = [round(v, 2) for v in verify[1:]]
     t.reset()
     t.forward(prompt, only_last=True)
     single = np.stack([t.forward([tok])[0] for tok in text[:8]])
@@ -241,9 +274,27 @@ def diagnose(bundle: str, runtime: str, threads: int, draft_runtime: str = "") -
     drafter = getattr(m.drafter, "runtime", None)
     if drafter is not None:
         out["draft_runtime"] = drafter.name
-        out["draft_ms"] = round(pass_ms(drafter, 1), 1)
+        out["draft_ms"] = round(pass_ms(drafter, [1])[0], 1)
         c = out["draft_ms"] / out["target_ms"]
         out["draft_cost"] = round(c, 2)
+        # in turns, as speculation runs them: does either runtime's pool slow the other?
+        drafter.reset()
+        drafter.forward(prompt, only_last=True)
+        t.reset()
+        t.forward(prompt, only_last=True)
+        beside: list[tuple[float, float]] = []
+        for i in range(30):
+            start = time.perf_counter()
+            for tok in text[i : i + 3]:
+                drafter.forward([tok])
+            mid = time.perf_counter()
+            t.forward(text[i : i + 2])
+            beside.append(((mid - start) / 3, time.perf_counter() - mid))
+            drafter.rewind(2)
+            t.rewind(1)
+        out["draft_ms_in_turns"] = round(float(np.median([d for d, _ in beside]) * 1000), 1)
+        out["verify1_ms_alone"] = round(verify[1] * step, 1)
+        out["verify1_ms_in_turns"] = round(float(np.median([v for _, v in beside]) * 1000), 1)
         runs: list[int] = []
         agree = []
         for prompt_ids, answer in answers:
@@ -260,6 +311,15 @@ def diagnose(bundle: str, runtime: str, threads: int, draft_runtime: str = "") -
         out["best_fixed_k_free_draft"] = max(
             (round(fixed_speedup(runs, 0.0, verify, k), 2), k) for k in ks
         )
+        floor = weight_bytes_ratio(bundle)
+        if floor is not None:  # a draft as cheap as the bytes it reads
+            out["bytes_floor_cost"] = round(floor, 3)
+            out["best_fixed_k_at_floor"] = max(
+                (round(fixed_speedup(runs, floor, verify, k), 2), k) for k in ks
+            )
+            out["oracle_speedup_at_floor"] = round(oracle_speedup(runs, floor, verify), 2)
+        needed = cost_for(runs, verify, 2.0)
+        out["draft_cost_for_2x"] = None if needed is None else round(needed, 3)
     return out
 
 

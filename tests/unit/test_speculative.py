@@ -418,3 +418,8 @@ def test_the_benchmarks_bound_on_any_draft_length_schedule() -> None:
     assert oracle_speedup(runs, 0.5, free) == pytest.approx(1.6)
     costly = [1.0, *(1.0 + 0.1 * k for k in range(1, 9))]  # scoring k drafts costs 0.1 k more
     assert oracle_speedup(runs, 0.5, costly) == pytest.approx(4 / 2.8)
+    # the dearest draft that still gains 1.6x with passes of 3: 4 / (3c + 1) >= 1.6 -> c <= 0.5
+    from infopt.tools.spec_bench import cost_for
+
+    assert cost_for(runs, free, 1.6) == pytest.approx(0.5, abs=1e-6)
+    assert cost_for(runs, free, 4.5) is None  # 4 tokens a pass at most: not even if drafts are free
