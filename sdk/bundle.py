@@ -301,8 +301,8 @@ def bundle_tokenizer(root: Path, manifest: dict[str, Any]) -> Any:
     section = manifest["tokenizer"]
     path = _safe_relative(root, section.get("file", TOKENIZER))
     try:
-        # from_file: 30 MB resident for SmolLM2's; from_str(read_text()) left 45 MB (the text
-        # and the parser's buffers stay with the allocator)
+        # from_file rather than from_str(read_text()): the text and the parser's buffers would
+        # stay with the allocator (runtime_bench measures what the tokenizer keeps)
         backend = _HFTokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises plain Exception on malformed JSON
         raise BundleError(f"{path}: not a readable tokenizer ({e})") from e

@@ -23,6 +23,7 @@ Graph interface (batch 1):
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -422,10 +423,7 @@ def one_initializer_per_consumer(graph: Any) -> int:
         for t in graph.initializer
         if t.data_location == t.EXTERNAL  # onnx.TensorProto.EXTERNAL
     }
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = Counter(name for node in graph.node for name in node.input)
     added = 0
     for node in graph.node:
         if node.op_type not in PREPACKED:

@@ -53,13 +53,13 @@ ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 # Run in a fresh environment: infopt.load(BUNDLE), 24 greedy tokens of QUESTION, as JSON; fails
 # if any module named after the bundle path can be imported there.
-GENERATE = """
+GENERATE = f"""
 import importlib.util, json, sys, infopt
 absent = [m for m in sys.argv[2:] if importlib.util.find_spec(m) is not None]
 assert not absent, absent
 m = infopt.load(sys.argv[1], max_context=256, threads=2)
-r = m.generate([{'role': 'user', 'content': 'What is the capital of France?'}], max_new_tokens=24)
-print(json.dumps({'ids': r.token_ids, 'text': r.text, 'runtime': m.runtime.name}))
+r = m.generate({QUESTION!r}, max_new_tokens=24)
+print(json.dumps({{'ids': r.token_ids, 'text': r.text, 'runtime': m.runtime.name}}))
 """
 
 

@@ -405,7 +405,7 @@ def test_the_draft_length_follows_acceptance_and_cost() -> None:
 
 
 def test_the_benchmarks_bound_on_any_draft_length_schedule() -> None:
-    from infopt.tools.spec_bench import draft_runs, oracle_speedup
+    from infopt.tools.spec_bench import cost_for, draft_runs, fixed_speedup, oracle_speedup
 
     assert draft_runs([1, 2, 3, 4, 5], [1, 2, 9, 4, 5]) == [2, 1, 0, 2, 1]
     free = [1.0] * 9  # k = 0..8 drafts, scoring free
@@ -418,8 +418,9 @@ def test_the_benchmarks_bound_on_any_draft_length_schedule() -> None:
     assert oracle_speedup(runs, 0.5, free) == pytest.approx(1.6)
     costly = [1.0, *(1.0 + 0.1 * k for k in range(1, 9))]  # scoring k drafts costs 0.1 k more
     assert oracle_speedup(runs, 0.5, costly) == pytest.approx(4 / 2.8)
+    # without foresight: passes of 3 are the best fixed length here, longer ones waste drafts
+    assert fixed_speedup(runs, 0.5, free, 3) == pytest.approx(1.6)
+    assert fixed_speedup(runs, 0.5, free, 5) == pytest.approx(4 / 3.5)
     # the dearest draft that still gains 1.6x with passes of 3: 4 / (3c + 1) >= 1.6 -> c <= 0.5
-    from infopt.tools.spec_bench import cost_for
-
     assert cost_for(runs, free, 1.6) == pytest.approx(0.5, abs=1e-6)
     assert cost_for(runs, free, 4.5) is None  # 4 tokens a pass at most: not even if drafts are free
