@@ -391,20 +391,17 @@ def default_draft_runtime(
     another device (or if none of those is there) the target's runtime, if the draft has it."""
     import importlib.util
 
-    on_cpu = device == "cpu"
-    if device in (None, "auto"):  # where the runtime puts the target by default
-        on_cpu = target_runtime != "pytorch" or not _torch_cuda()
+    if target_runtime == "pytorch":  # where that runtime put the target
+        from infopt.runtimes.pytorch import pick_device
+
+        on_cpu = device == "cpu" or (device in (None, "auto") and pick_device(None).type == "cpu")
+    else:  # ONNX Runtime and OpenVINO run on the CPU only (`cpu_only`), LiteRT on XNNPACK
+        on_cpu = True
     if on_cpu:
         for name in CPU_DRAFT_RUNTIMES:
             if name in artifacts and importlib.util.find_spec(name) is not None:
                 return name
     return target_runtime if target_runtime in artifacts else sorted(artifacts)[0]
-
-
-def _torch_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def release_free_memory() -> None:
