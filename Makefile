@@ -1,4 +1,4 @@
-# Two commands do all set-up on a fresh machine (Python 3.10+, pip, venv):
+# Two commands do all set-up on a fresh machine (Python 3.11+, pip, venv):
 #   make demo   -> installs infopt + the default model, then answers a prompt
 #   make test   -> installs the dev tools, then lint, format check, type check, all tests
 PYTHON ?= python3

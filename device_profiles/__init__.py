@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from infopt.errors import ProfileError
+from infopt.runtimes.registry import names
 
 SCHEMA = 1
 PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "int4")
 WEIGHT_PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int4")
 KINDS = ("gpu", "cpu", "npu")
-RUNTIMES = ("pytorch", "onnxruntime", "openvino", "coreml", "tflite")
 _BYTES = {
     "B": 1,
     "KB": 1e3,
@@ -161,7 +161,7 @@ def parse_profile(data: dict[str, Any], origin: str) -> DeviceProfile:
             data["weight_precisions"], WEIGHT_PRECISIONS, f"{origin}: weight_precisions"
         ),
         compute_precisions=compute_precisions,
-        runtimes=_names(data["runtimes"], RUNTIMES, f"{origin}: runtimes"),
+        runtimes=_names(data["runtimes"], tuple(names()), f"{origin}: runtimes"),
         static_shapes=data["static_shapes"],
         decode_efficiency=float(eff["decode"]),
         prefill_efficiency=float(eff["prefill"]),
@@ -199,10 +199,6 @@ def load_profile(name_or_path: str | Path, *, measure_bandwidth: bool = False) -
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{origin}: not valid TOML ({e})") from e
     return parse_profile(data, origin)
-
-
-def all_profiles() -> list[DeviceProfile]:
-    return [load_profile(n) for n in builtin_names()]
 
 
 def cpu_count() -> int:

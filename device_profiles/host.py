@@ -78,12 +78,14 @@ def copy_bandwidth(size: int = 256 << 20, repeat: int = 5) -> float:
 
 
 def host_runtimes(cpu_name: str) -> tuple[str, ...]:
-    """OpenVINO first on Intel CPUs (its CPU plugin's home ground), ONNX Runtime first elsewhere:
-    on this project's AMD EPYC CI machines ONNX Runtime decodes INT4 faster
-    (docs/benchmarks.md, same run)."""
-    if "intel" in cpu_name.lower():
-        return ("openvino", "onnxruntime", "pytorch")
-    return ("onnxruntime", "openvino", "pytorch")
+    """The targets that run on a desktop CPU, in their records' order (`host_rank`), a target
+    whose home ground is this CPU's vendor (`home_cpu`) first (docs/benchmarks.md)."""
+    from infopt.runtimes.registry import targets
+
+    vendor = cpu_name.lower()
+    ranked = [t for t in targets().values() if t.host_rank is not None]
+    ranked.sort(key=lambda t: (not (t.home_cpu and t.home_cpu in vendor), t.host_rank))
+    return tuple(t.name for t in ranked)
 
 
 def host_profile(measure_bandwidth: bool = False) -> DeviceProfile:
@@ -121,8 +123,8 @@ def host_profile(measure_bandwidth: bool = False) -> DeviceProfile:
             else "not measured: 25 GB/s assumed (pass --measure-bandwidth to measure)",
             "peak_compute": f"estimated: {cores} cores x {hz / 1e9:.2f} GHz x {lanes * 4} "
             "FP32 FLOP/cycle; bf16 2x, int8 4x where the ISA has them",
-            "runtimes": "OpenVINO first on Intel CPUs, ONNX Runtime first on others "
-            "(measured faster on AMD EPYC, docs/benchmarks.md)",
+            "runtimes": "the desktop CPU targets, the one whose home ground is this CPU's "
+            "vendor first (docs/benchmarks.md)",
             "efficiency": "decode 0.44 / prefill 0.35, as intel-cpu.toml (measured on this "
             "project's CI machine kind)",
         },

@@ -48,5 +48,5 @@ class BundleError(InfoptError, ValueError):
 
 
 class UnsupportedPlatformError(RuntimeNotAvailableError):
-    """The runtime exists for this bundle but cannot run on this operating system (Core ML
-    prediction off macOS)."""
+    """The runtime exists for this bundle but cannot run on this operating system (a target
+    that predicts on one OS only)."""

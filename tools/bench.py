@@ -2,7 +2,7 @@
 
     python -m infopt.tools.bench [--model M] [--threads 2] [--repeat 3] [--json | --markdown]
 
-Measures, as `../shared/anchors/hf_bench.py` does: pp512 (prefill of 512 tokens, one forward)
+Measures, as `tools/peers/hf_bench.py` does: pp512 (prefill of 512 tokens, one forward)
 and tg128 (128 greedy tokens after a chat prompt, whole generate() call). Runs alternate
 (infopt, transformers, infopt, ...) so machine drift hits both alike; the medians and their
 ratio are printed. transformers is optional (`pip install 'infopt[dev]'`); without it only
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import infopt
-from infopt.default_model import default_model_path
+from infopt.core.default_model import default_model_path
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 PREFILL, DECODE = 512, 128

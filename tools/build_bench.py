@@ -5,7 +5,7 @@
 infopt: `infopt-pack build --plan P -o OUT` as a fresh process (imports included), where P is
 the host plan with every block INT4 (group 32, asymmetric) and embeddings/LM head INT8 — the
 plan a user gets by editing `infopt-pack plan --json`. Peers, when a peers directory made by
-`../shared/anchors/setup_peers.sh` is given: the ONNX Runtime GenAI model builder (int4, CPU)
+`tools/peers/setup_peers.sh` is given: the ONNX Runtime GenAI model builder (int4, CPU)
 and optimum-intel's OpenVINO export (int4, group 64, NNCF), each as a fresh process writing to
 a new directory. Medians of `--repeat` runs, interleaved, in one session.
 """

@@ -45,7 +45,8 @@ def main() -> None:
     args = ap.parse_args()
     from infopt.bundle import verify_bundle
     from infopt.errors import BundleError, UnsupportedPlatformError
-    from infopt.runtimes.coreml import check_package, require_macos
+    from infopt.runtimes.coreml import require_macos
+    from infopt.runtimes.coreml.check import check_package
 
     try:
         artifact = verify_bundle(args.bundle)["artifacts"]["coreml"]

@@ -22,14 +22,13 @@ from typing import Any
 def profile(bundle: str, tokens: int, runs: int, threads: int) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from infopt.bundle import bundle_tokenizer, verify_bundle
-    from infopt.runtimes import onnxruntime as ort_runtime
+    from infopt.bundle import open_bundle
+    from infopt.runtimes.onnxruntime import runtime as ort_runtime
 
-    root = Path(bundle)
-    manifest = verify_bundle(root)
-    artifact = manifest["artifacts"]["onnxruntime"]
-    vocab = int(manifest["model"]["config"]["vocab_size"])
-    ids = bundle_tokenizer(root, manifest).encode("Tell me a story about a dragon who paints.")
+    opened = open_bundle(bundle)
+    root, artifact = opened.root, opened.artifact("onnxruntime").entry
+    vocab = opened.spec.vocab_size
+    ids = opened.tokenizer.encode("Tell me a story about a dragon who paints.")
     prompt = (ids * (tokens // max(len(ids), 1) + 1))[:tokens]
     with tempfile.TemporaryDirectory(prefix="infopt-profile-") as folder:
         so = ort_runtime.session_options(threads)  # the runtime's own settings, profiler on
@@ -37,7 +36,7 @@ def profile(bundle: str, tokens: int, runs: int, threads: int) -> dict[str, Any]
         so.profile_file_prefix = str(Path(folder) / "ort")
         graph = root / artifact["files"][0]
         session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-        rt = ort_runtime.OrtRuntime(session, int(artifact["max_context"]), vocab)
+        rt = ort_runtime.ONNXRuntime(session, int(artifact["max_context"]), vocab)
         for _ in range(runs + 1):
             rt.reset()
             rt.forward(prompt, only_last=True)

@@ -9,8 +9,9 @@ Evaluation text: Python's language reference as shipped with this interpreter
 calibration text for the row that says so. Every variant is quantized, saved as an infopt weight
 file (size on disk), scored with sliding windows (perplexity, KL(fp32 || variant), top-1
 agreement), and timed decoding 64 greedy tokens on the PyTorch runtime. Rows marked
-"+ distillation" then train the compressed model towards the fp32 one (`infopt.distill`) on the
-same standard-library docstrings, never on the evaluation text.
+"+ distillation" then train the compressed model towards the fp32 one
+(`infopt.compress.distill`) on the same standard-library docstrings, never on the evaluation
+text.
 
     python -m infopt.tools.quality --only "attention heads" --tokens 300   # a quick look
 """
@@ -30,19 +31,15 @@ from typing import Any, cast
 import torch
 
 import infopt
-from infopt.checkpoint import save_model
-from infopt.compress import (
-    calibration_batches,
-    default_calibration_text,
-    prune_attention_heads,
-    prune_mlp_channels,
-    quantize_model,
-)
-from infopt.distill import DistillConfig, distill
-from infopt.evaluate import evaluate
-from infopt.model import Decoder
-from infopt.runtimes.pytorch import TorchRuntime
-from infopt.sparsity import low_rank_model, prune_model
+from infopt.compress.calibration import calibration_batches, default_calibration_text
+from infopt.compress.distill import DistillConfig, train
+from infopt.compress.low_rank import low_rank_model
+from infopt.compress.prune import prune_attention_heads, prune_mlp_channels, prune_model
+from infopt.compress.quantize import quantize_model
+from infopt.core.model import Decoder
+from infopt.core.weights import save_model
+from infopt.measure.quality import score
+from infopt.runtimes.pytorch.runtime import PyTorchRuntime
 
 STDLIB = [
     "collections",
@@ -162,7 +159,7 @@ def run(
 ) -> list[dict[str, Any]]:
     torch.set_num_threads(2)
     reference = infopt.load(threads=2, max_context=window)
-    teacher = cast(TorchRuntime, reference.runtime).model
+    teacher = cast(PyTorchRuntime, reference.runtime).model
     ids = reference.tokenizer.encode(eval_text())[:tokens]
     docstrings = reference.tokenizer.encode(stdlib_docstrings())
     calibration = {
@@ -178,19 +175,19 @@ def run(
             if only and only not in v.label:
                 continue
             model = infopt.load(threads=2, max_context=window)
-            core = cast(TorchRuntime, model.runtime).model
+            core = cast(PyTorchRuntime, model.runtime).model
             start = time.perf_counter()
             compress(core, v, calibration.get(v.calibration))
             seconds = time.perf_counter() - start
             heal: dict[str, Any] = {}
             if v.heal:
-                report = distill(core, teacher, heal_data, DistillConfig(steps=heal_steps))
+                report = train(core, teacher, heal_data, DistillConfig(steps=heal_steps))
                 heal = {"distill_steps": heal_steps, "distill_tokens": report.tokens}
                 heal["distill_s"] = report.seconds
                 teacher.setup_cache(window)
             core.setup_cache(window)
             size = save_model(core, Path(tmp) / "w.safetensors")
-            q = evaluate(model.runtime, ids, reference.runtime, window=window)
+            q = score(model.runtime, ids, reference.runtime, window=window)
             rows.append(
                 {
                     "variant": v.label,

@@ -72,7 +72,7 @@ BUNDLES = {  # name -> (weights of every tensor group, speculative, runtimes)
     "int4-all": ({g: "int4-g32" for g in GROUPS}, "none", "onnxruntime,openvino"),
 }
 # (bundle, runtime, drafter, prompts, the draft's runtime). PyTorch's own INT4 path is a
-# reference (3.5 tok/s in the runtime table), so its target drafts on ONNX Runtime.
+# reference, far slower (the runtime table), so its target drafts on ONNX Runtime.
 CONFIGS = [
     ("fp32+self", "onnxruntime", "self-draft", "open", "onnxruntime"),
     ("fp32+self", "openvino", "self-draft", "open", "openvino"),
@@ -404,7 +404,7 @@ def main() -> None:
         rows.append(row)
     peers = []
     if args.compare:
-        from infopt.tools.runtime_bench import run_peer
+        from infopt.measure.speed import run_peer
 
         for peer in ("ONNX Runtime GenAI int4", "llama.cpp Q4_1"):
             result = run_peer(peer, Path(args.peers), args.threads)

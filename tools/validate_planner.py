@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infopt.costs import Compression, estimate
+from infopt.core.spec import spec_from_hf_config
 from infopt.device_profiles import load_profile
 from infopt.importers import load_spec
-from infopt.spec import spec_from_hf_config
+from infopt.plan.costs import Compression, estimate
 
 HERE = Path(__file__).parent
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
@@ -102,7 +102,7 @@ print(json.dumps({"peak_rss": status('VmHWM'), "load_peak_rss": load_peak,
 
 
 def host_cases() -> list[dict[str, Any]]:
-    from infopt.default_model import default_model_path
+    from infopt.core.default_model import default_model_path
 
     profile = load_profile("host", measure_bandwidth=True)
     spec = load_spec(default_model_path())

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from infopt.core.spec import ModelSpec, spec_from_hf_config
+from infopt.core.tokenizer import Tokenizer
 from infopt.errors import ModelFormatError, ModelNotFoundError
 from infopt.importers.gguf_file import GGUF_MAGIC, import_gguf
 from infopt.importers.hf_folder import PICKLE_SUFFIXES, import_hf, read_json
-from infopt.spec import ModelSpec, spec_from_hf_config
-from infopt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,28 @@ class ModelSource:
     def read_weights(self) -> dict[str, torch.Tensor]:
         """All weights at once, under HF names."""
         return dict(self.iter_weights())
+
+    def summary(self) -> dict[str, Any]:
+        """Architecture, parameter count, context and tokenizer facts (no weights read): what
+        `infopt-pack inspect MODEL` shows."""
+        spec, tok = self.spec, self.tokenizer
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "architecture": spec.architecture,
+            "parameters": spec.num_params,
+            "context_length": spec.max_position_embeddings,
+            "config": spec.to_dict(),
+            "tokenizer": {
+                "vocab_size": tok.vocab_size,
+                "bos_token_id": tok.bos_token_id,
+                "eos_token_ids": list(tok.eos_token_ids),
+                "add_bos_token": tok.add_bos_token,
+                "special_tokens": tok.special_tokens,
+                "chat_template": bool(tok.chat_template),
+            },
+            "generation_defaults": self.generation_defaults,
+        }
 
     def content_hash(self) -> str:
         """sha256 of the GGUF file, or of config.json + weight files of a folder."""

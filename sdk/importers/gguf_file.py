@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from infopt.core.spec import ModelSpec
+from infopt.core.tokenizer import tokenizer_from_gguf_metadata
 from infopt.errors import ModelFormatError, UnsupportedModelError
-from infopt.spec import ModelSpec
-from infopt.tokenizer import tokenizer_from_gguf_metadata
 
 if TYPE_CHECKING:
     import torch

@@ -12,9 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from infopt.core.spec import ModelSpec, spec_from_hf_config
+from infopt.core.tokenizer import Tokenizer, tokenizer_from_hf_files
 from infopt.errors import ModelFormatError
-from infopt.spec import ModelSpec, spec_from_hf_config
-from infopt.tokenizer import Tokenizer, tokenizer_from_hf_files
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import infopt
-from infopt.default_model import default_model_path
+from infopt.core.default_model import default_model_path
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

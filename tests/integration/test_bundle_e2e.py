@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import infopt
-from infopt.build import build
 from infopt.bundle import verify_bundle
+from infopt.bundle.build import build
 from infopt.device_profiles.host import cpu_info, host_runtimes
-from infopt.runtimes.coreml import check_package
+from infopt.runtimes.coreml.check import check_package
 from tests.integration.conftest import QUESTION, fresh_env_generate
 
 

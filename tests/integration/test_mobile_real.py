@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import infopt
-from infopt import coreml_export as ce
 from infopt.bundle import verify_bundle
+from infopt.runtimes.coreml import export as ce
 from infopt.tools.runtime_bench import MATRIX, build_edited
 from infopt.tools.runtime_check import compare
 from tests.integration.conftest import QUESTION, fresh_env_generate

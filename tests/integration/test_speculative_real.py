@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import infopt
-from infopt.build import build
+from infopt.bundle.build import build
 
 ARTICLE = (
     "The Rhine rises in the Swiss Alps and flows north through Lake Constance, then west along "

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
 import infopt
-from infopt.build import build, make_plan
 from infopt.bundle import MANIFEST, verify_bundle, write_bundle
+from infopt.bundle.build import build, make_plan
 from infopt.cli import main
-from infopt.errors import BundleError, InvalidArgumentError
+from infopt.core.spec import spec_from_hf_config
+from infopt.errors import BundleError, InvalidArgumentError, RuntimeNotAvailableError
 from infopt.importers import open_model
+from tests.conftest import TINY
 
 PROMPT = [{"role": "user", "content": "hello there"}]
-MINIMAL = {
-    "model": {"config": {}},
+CONFIG = spec_from_hf_config({**TINY, "model_type": "llama"}).to_dict()
+MINIMAL = {  # what the manifest schema requires, no more
+    "model": {"config": CONFIG},
     "runtime": {"name": "x"},
     "kv_cache": {"max_context": 8},
     "tokenizer": {},
@@ -92,8 +98,11 @@ def test_build_from_an_edited_plan_quantizes(tmp_path: Path, tiny_gguf: Path) ->
 
 def test_bad_builds_are_refused_and_write_nothing(tmp_path: Path, tiny_gguf: Path) -> None:
     out = tmp_path / "never"
-    with pytest.raises(InvalidArgumentError, match="not both"):
+    with pytest.raises(InvalidArgumentError, match=r"a device to plan for \(--device\) or a plan"):
         build(tiny_gguf, out)
+    (tmp_path / "p.json").write_text("{}")
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        build(tiny_gguf, out, device="host", plan_file=tmp_path / "p.json")
     with pytest.raises(InvalidArgumentError, match="runtime 'tensorrt'"):
         build(tiny_gguf, out, device="host", runtime="tensorrt")
     (tmp_path / "junk.json").write_text('{"device": "host"}')
@@ -298,3 +307,56 @@ def test_a_zip_with_a_symlink_or_traversal_is_refused(tmp_path: Path) -> None:
         with pytest.raises(BundleError):
             extract_archive(path, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda m: m["kv_cache"].update(max_context="4096"), "kv_cache.max_context"),
+        (lambda m: m["model"]["config"].pop("vocab_size"), "model.config"),
+        (lambda m: m["model"]["config"].update(num_layers=0), "model.config.num_layers"),
+        (lambda m: m["tokenizer"].update(eos_token_ids=2), "tokenizer.eos_token_ids"),
+        (
+            lambda m: m["artifacts"]["pytorch"].update(files="model.safetensors"),
+            "artifacts.pytorch.files",
+        ),
+        (lambda m: m["runtime"].pop("name"), "runtime"),
+        (lambda m: m.update(drafts=None), "(top level)"),
+        (lambda m: m.update(draft={"kind": "tree"}), "draft"),
+        (lambda m: m["files"][0].update(sha256="abc"), "files.0.sha256"),
+    ],
+)
+def test_the_manifest_is_checked_against_its_schema_naming_the_key(
+    host_bundle: Path, tmp_path: Path, edit: Any, key: str
+) -> None:
+    b = copy(host_bundle, tmp_path)
+    manifest = json.loads((b / MANIFEST).read_text())
+    edit(manifest)
+    (b / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=re.escape(f"manifest.json: {key}")):
+        infopt.open_bundle(b, verify=False)
+    result = CliRunner().invoke(main, ["inspect", str(b)])
+    assert result.exit_code == 1 and key in result.stderr
+
+
+def test_an_artifact_of_a_target_this_version_lacks_leaves_the_others_loadable(
+    host_bundle: Path, tmp_path: Path
+) -> None:
+    b = copy(host_bundle, tmp_path)
+    manifest = json.loads((b / MANIFEST).read_text())
+    manifest["artifacts"]["executorch"] = {"files": ["model.pte"], "format": "pte"}
+    (b / "model.pte").write_bytes(b"pte")
+    manifest["files"].append(
+        {"path": "model.pte", "size": 3, "sha256": hashlib.sha256(b"pte").hexdigest()}
+    )
+    (b / MANIFEST).write_text(json.dumps(manifest))
+    bundle = infopt.open_bundle(b)
+    assert bundle.runtimes == ["executorch", "pytorch"]
+    assert infopt.load(b, max_context=32).runtime.name == "pytorch"
+    with pytest.raises(RuntimeNotAvailableError, match="unknown runtime 'executorch'"):
+        infopt.load(b, runtime="executorch", max_context=32)
+
+
+def test_a_bundle_refuses_a_dtype_instead_of_ignoring_it(host_bundle: Path) -> None:
+    with pytest.raises(InvalidArgumentError, match="dtype='float16'"):
+        infopt.load(host_bundle, dtype="float16")

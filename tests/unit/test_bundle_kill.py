@@ -16,9 +16,7 @@ KILLS = 20
 
 
 def start_build(model: Path, out: Path) -> subprocess.Popen[bytes]:
-    code = (
-        "import sys; from infopt.build import build; build(sys.argv[1], sys.argv[2], device='host')"
-    )
+    code = "import sys, infopt; infopt.build(sys.argv[1], sys.argv[2], device='host')"
     return subprocess.Popen(
         [sys.executable, "-c", code, str(model), str(out)],
         stdout=subprocess.DEVNULL,

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import infopt
-from infopt.checkpoint import load_model, save_model
-from infopt.compress import calibration_batches, quantize_model
+from infopt.compress.calibration import calibration_batches
+from infopt.compress.quantize import quantize_model
+from infopt.core.quant import QuantEmbedding, QuantLinear
+from infopt.core.weights import load_model, save_model
 from infopt.errors import InvalidArgumentError, ModelFormatError
-from infopt.evaluate import evaluate, windows
-from infopt.quant import QuantEmbedding, QuantLinear
+from infopt.measure.quality import score, windows
 from tests.conftest import hf_model, write_gguf
 
 W4 = {"embeddings": "int8", "lm_head": "int8", "attention": "int4-g32", "mlp": "int4-g32"}
@@ -98,18 +99,18 @@ def test_windows_score_every_position_once() -> None:
 
 def test_evaluate_against_itself_and_a_quantized_copy(tied_gguf: Path) -> None:
     ref = infopt.load(tied_gguf, max_context=64)
-    same = evaluate(ref.runtime, IDS[:150], ref.runtime, window=64, stride=32)
+    same = score(ref.runtime, IDS[:150], ref.runtime, window=64, stride=32)
     assert same.kl == pytest.approx(0, abs=1e-9) and same.top1 == 1.0
     assert same.perplexity == pytest.approx(same.reference_perplexity)
     # perplexity from the definition, one window (every position once)
     lp = torch.log_softmax(torch.tensor(logits(ref, IDS[:40]), dtype=torch.float64), -1)
     nll = -lp[torch.arange(39), torch.tensor(IDS[1:40])].mean()
-    assert evaluate(ref.runtime, IDS[:40], window=64).perplexity == pytest.approx(
+    assert score(ref.runtime, IDS[:40], window=64).perplexity == pytest.approx(
         float(torch.exp(nll)), rel=1e-6
     )
     q = infopt.load(tied_gguf, max_context=64)
     quantize_model(q.runtime.model, {**W4, "attention": "int4-g16", "mlp": "int4-g16"})
-    worse = evaluate(q.runtime, IDS[:150], ref.runtime, window=64, stride=32)
+    worse = score(q.runtime, IDS[:150], ref.runtime, window=64, stride=32)
     assert worse.kl > 0 and worse.top1 < 1.0
 
 
@@ -160,7 +161,7 @@ def test_cli_eval_plain_and_quantized(tmp_path: Path, tied_gguf: Path) -> None:
 def test_structured_mlp_pruning_really_shrinks_the_model(
     tmp_path: Path, tied_gguf: Path, with_calibration: bool
 ) -> None:
-    from infopt.compress import prune_mlp_channels
+    from infopt.compress.prune import prune_mlp_channels
 
     m = infopt.load(tied_gguf, max_context=256)
     core = m.runtime.model
@@ -189,7 +190,7 @@ def test_structured_mlp_pruning_really_shrinks_the_model(
 def test_structured_head_pruning_rewires_exactly(tmp_path: Path, tied_gguf: Path) -> None:
     """Heads whose o_proj columns are zero contribute nothing: removing them (a whole KV group,
     then one query head per group) must leave the logits unchanged, and the model smaller."""
-    from infopt.compress import prune_attention_heads
+    from infopt.compress.prune import prune_attention_heads
 
     m = infopt.load(tied_gguf, max_context=256)
     core = m.runtime.model
@@ -221,7 +222,7 @@ def test_structured_head_pruning_rewires_exactly(tmp_path: Path, tied_gguf: Path
 
 
 def test_structured_pruning_refusals(tied_gguf: Path) -> None:
-    from infopt.compress import prune_attention_heads, prune_mlp_channels
+    from infopt.compress.prune import prune_attention_heads, prune_mlp_channels
 
     core = infopt.load(tied_gguf, max_context=256).runtime.model
     with pytest.raises(InvalidArgumentError, match="kv_heads=3"):

@@ -19,14 +19,15 @@ import torch
 from click.testing import CliRunner
 
 import infopt
-from infopt import coreml_export as ce
-from infopt.build import build
 from infopt.bundle import verify_bundle
+from infopt.bundle.build import build
 from infopt.cli import main
-from infopt.compress import quantize_model
+from infopt.compress.quantize import quantize_model
 from infopt.errors import BundleError, InvalidArgumentError, UnsupportedPlatformError
-from infopt.runtimes.coreml import CoreMLRuntime, check_package, describe
-from infopt.runtimes.pytorch import TorchRuntime
+from infopt.runtimes.coreml import export as ce
+from infopt.runtimes.coreml.check import check_package, read_package
+from infopt.runtimes.coreml.runtime import CoreMLRuntime
+from infopt.runtimes.pytorch.runtime import PyTorchRuntime
 from tests.unit.test_export_runtimes import core_of, folders, run_script  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -65,7 +66,7 @@ def test_the_converted_graph_and_the_runtime_logic_match_the_core(
     io = {**ce.coreml_io(core, 64), "sliding_window": core.spec.sliding_window}
     rt = CoreMLRuntime(program, 64, core.spec.vocab_size, io)
     assert rt.verify_window == 8
-    expected = run_script(TorchRuntime(core, 64))
+    expected = run_script(PyTorchRuntime(core, 64))
     got = run_script(rt)  # windows 1, 8 (padded) and 64 (padded), a rewind, only_last
     for a, b in zip(expected, got, strict=True):
         assert a.shape == b.shape
@@ -90,7 +91,7 @@ def test_the_converted_graph_and_the_runtime_logic_match_the_core(
 def test_generate_streams_stops_and_speculates_through_the_windows(tiny_gguf: Path) -> None:
     # the shared generate loop over the Core ML runtime's logic (on the converted torch graph):
     # the PyTorch runtime's greedy tokens, streamed, and speculation verified in 8-token windows
-    from infopt.speculative import ModelDrafter
+    from infopt.decode.drafters import ModelDrafter
 
     reference = infopt.load(tiny_gguf, runtime="pytorch", max_context=64)
     core = reference.runtime.model
@@ -130,7 +131,7 @@ def test_quantized_weights_are_infopts_codes_and_scales(
     )
     files = ce.export_coreml(core, tmp_path / ce.FILE, 64)
     assert files == [f"{ce.FILE}/{f}" for f in ce.PACKAGE_FILES]
-    found = describe(tmp_path / ce.FILE)
+    found = read_package(tmp_path / ce.FILE)
     layer = core.blocks[1]
     for name, module in (
         ("self_attn.q_proj", layer.self_attn.q_proj),
@@ -176,7 +177,7 @@ def test_apple_ane_bundle_is_what_an_app_needs(tiny_gguf: Path, tmp_path: Path) 
     manifest = verify_bundle(out)
     assert summary["artifacts"] == ["coreml"] and manifest["runtime"]["artifact_built"]
     art = manifest["artifacts"]["coreml"]
-    found = describe(out / art["package"])
+    found = read_package(out / art["package"])
     assert found["states"] == {
         name: {"shape": shape, "dtype": "FLOAT16"} for name, shape in art["states"].items()
     }
@@ -206,7 +207,7 @@ def test_apple_ane_bundle_is_what_an_app_needs(tiny_gguf: Path, tmp_path: Path) 
 
 
 def test_an_int4_plan_is_built_symmetric_for_core_ml(tiny_gguf: Path, tmp_path: Path) -> None:
-    from infopt.build import make_plan
+    from infopt.bundle.build import make_plan
     from infopt.importers import open_model
 
     plan = json.loads(make_plan(open_model(tiny_gguf), "host", 64, 1, None).to_json())

@@ -8,18 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infopt.compress import quantize_model
-from infopt.distill import (
+from infopt.compress.distill import (
     DistillConfig,
     batch_rows,
-    distill,
     student_from_layers,
     teacher_corpus,
+    train,
 )
+from infopt.compress.low_rank import low_rank_model
+from infopt.compress.quantize import quantize_model
+from infopt.core.model import Decoder, load_state_dict
+from infopt.core.spec import spec_from_hf_config
 from infopt.errors import InvalidArgumentError, ModelFormatError
-from infopt.model import Decoder, load_state_dict
-from infopt.sparsity import low_rank_model
-from infopt.spec import spec_from_hf_config
 from tests.conftest import hf_model
 
 
@@ -69,7 +69,7 @@ def test_distillation_brings_a_draft_student_closer_to_its_teacher() -> None:
     held_out = teacher_corpus(t, [[0]] * 8, 33, seed=99)
     before = mean_kl(student, t, held_out)
     embed = student.embed_tokens.weight.clone()
-    report = distill(student, t, data, DistillConfig(steps=40, batch_size=8, lr=3e-3, warmup=4))
+    report = train(student, t, data, DistillConfig(steps=40, batch_size=8, lr=3e-3, warmup=4))
     after = mean_kl(student, t, held_out)
     assert after < 0.6 * before, (before, after)
     assert report.first_loss is not None and report.last_loss is not None
@@ -84,7 +84,7 @@ def test_low_rank_factors_train() -> None:
     student = student_from_layers(t, 2)
     low_rank_model(student, 0.5)
     u = student.blocks[0].mlp.up_proj.u.clone()
-    distill(student, t, teacher_corpus(t, [[0]] * 8, 17), DistillConfig(steps=3, batch_size=4))
+    train(student, t, teacher_corpus(t, [[0]] * 8, 17), DistillConfig(steps=3, batch_size=4))
     assert not torch.equal(student.blocks[0].mlp.up_proj.u, u)
 
 
@@ -93,7 +93,7 @@ def test_an_interrupted_run_resumes_exactly(tmp_path: Path) -> None:
     data = teacher_corpus(t, [[0]] * 12, 17)
     config = DistillConfig(steps=6, batch_size=4, save_every=100)
     straight = student_from_layers(t, 1)
-    distill(straight, t, data, config)
+    train(straight, t, data, config)
 
     resumed = student_from_layers(t, 1)
     state = tmp_path / "run.state"
@@ -103,18 +103,18 @@ def test_an_interrupted_run_resumes_exactly(tmp_path: Path) -> None:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        distill(resumed, t, data, config, state, progress=stop_at_3)
+        train(resumed, t, data, config, state, progress=stop_at_3)
     fresh = student_from_layers(t, 1)  # a new process: weights come from the state file
-    report = distill(fresh, t, data, config, state)
+    report = train(fresh, t, data, config, state)
     assert report.resumed_from == 3
     for (name, a), b in zip(straight.named_parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
     with pytest.raises(InvalidArgumentError, match="another run"):
-        distill(student_from_layers(t, 1), t, data[:8], config, state)
+        train(student_from_layers(t, 1), t, data[:8], config, state)
     (tmp_path / "junk").write_bytes(b"not safetensors")
     with pytest.raises(ModelFormatError, match="junk"):
-        distill(student_from_layers(t, 1), t, data, config, tmp_path / "junk")
+        train(student_from_layers(t, 1), t, data, config, tmp_path / "junk")
 
 
 def test_batches_cover_every_row_each_epoch() -> None:
@@ -134,13 +134,13 @@ def test_bad_requests_are_refused() -> None:
         (DistillConfig(alpha=1.5), "alpha=1.5"),
     ]:
         with pytest.raises(InvalidArgumentError, match=match):
-            distill(s, t, data, config)
+            train(s, t, data, config)
     with pytest.raises(InvalidArgumentError, match="seq_len"):
-        distill(s, t, data[:, :1])
+        train(s, t, data[:, :1])
     with pytest.raises(InvalidArgumentError, match="outside the vocabulary"):
-        distill(s, t, data + 10_000)
+        train(s, t, data + 10_000)
     with pytest.raises(InvalidArgumentError, match="num_layers=3"):
         student_from_layers(t, 3)
     quantize_model(s, {"attention": "int8", "mlp": "int8"})
     with pytest.raises(InvalidArgumentError, match="distill first"):
-        distill(s, t, data)
+        train(s, t, data)

@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 
 import infopt
-from infopt.build import build
 from infopt.bundle import MANIFEST, verify_bundle
-from infopt.compress import prune_attention_heads, prune_mlp_channels, quantize_model
+from infopt.bundle.build import build
+from infopt.compress.low_rank import low_rank_model
+from infopt.compress.prune import prune_attention_heads, prune_mlp_channels
+from infopt.compress.quantize import quantize_model
+from infopt.core.quant import QuantScheme, quantize_rtn
 from infopt.errors import BundleError, InvalidArgumentError, RuntimeNotAvailableError
-from infopt.quant import QuantScheme, quantize_rtn
-from infopt.runtimes import onnxruntime as ort_rt
-from infopt.runtimes import openvino as ov_rt
-from infopt.runtimes import satisfies
-from infopt.runtimes.pytorch import TorchRuntime
-from infopt.sparsity import low_rank_model
+from infopt.runtimes.onnxruntime import runtime as ort_rt
+from infopt.runtimes.openvino import runtime as ov_rt
+from infopt.runtimes.pytorch.runtime import PyTorchRuntime
+from infopt.runtimes.registry import satisfies
 from tests.conftest import hf_model, save_hf_folder
 
 TOKENS = [5, 17, 42, 99, 3, 250, 77, 8, 120, 64, 11, 12, 13, 14, 15, 16, 17, 18]
@@ -45,7 +46,7 @@ def run_script(rt: Any) -> list[np.ndarray]:
 
 
 def assert_same(core: Any, runtime: str, atol: float) -> None:
-    expected = run_script(TorchRuntime(core, 64))
+    expected = run_script(PyTorchRuntime(core, 64))
     got = run_script(EXPORTERS[runtime](core, max_context=64, threads=2))
     for a, b in zip(expected, got, strict=True):
         assert a.shape == b.shape
@@ -106,6 +107,7 @@ SCHEMES = {
 }
 
 
+@pytest.mark.usefixtures("exact_openvino")
 @pytest.mark.parametrize("runtime", list(EXPORTERS))
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("arch", ["llama", "llama-tied"])
@@ -114,7 +116,7 @@ def test_quantized_weights_are_carried_over_exactly(
 ) -> None:
     # onnxruntime's int8 activations (accuracy level 4) are a speed choice; level 0 computes in
     # fp32, so any difference left would be in the weights themselves
-    monkeypatch.setattr("infopt.onnx_export.ACCURACY_LEVEL", 0)
+    monkeypatch.setattr("infopt.runtimes.onnxruntime.export.ACCURACY_LEVEL", 0)
     core = core_of(folders[arch])
     quantize_model(core, SCHEMES[scheme])
     assert_same(core, runtime, atol=5e-5)
@@ -133,7 +135,7 @@ def test_onnxruntime_int8_activations_stay_close(folders: dict[str, Path]) -> No
     """The shipped setting (accuracy level 4): logits close, the same argmax nearly always."""
     core = core_of(folders["llama"])
     quantize_model(core, SCHEMES["int4 asym g32, int8 embeddings"])
-    expected = np.concatenate(run_script(TorchRuntime(core, 64)))
+    expected = np.concatenate(run_script(PyTorchRuntime(core, 64)))
     got = np.concatenate(run_script(ort_rt.from_model(core, max_context=64)))
     scale = np.abs(expected).max()
     assert np.abs(got - expected).max() < 0.02 * scale
@@ -150,7 +152,7 @@ def test_group_sizes_below_16_are_refused_for_onnx(folders: dict[str, Path]) -> 
 def test_quantized_embedding_storage_is_shared_with_the_lm_head(folders: dict[str, Path]) -> None:
     import onnx
 
-    from infopt.onnx_export import build_graph
+    from infopt.runtimes.onnxruntime.export import build_graph
 
     core = core_of(folders["llama-tied"])
     quantize_model(core, SCHEMES["int4 asym g32, int8 embeddings"])
@@ -164,7 +166,7 @@ def test_the_tied_lm_head_reads_the_table_bytes_through_its_own_initializer(
 ) -> None:
     import onnx
 
-    from infopt.onnx_export import DATA_FILE, export_onnx
+    from infopt.runtimes.onnxruntime.export import DATA_FILE, export_onnx
 
     core = core_of(folders["llama-tied"])
     quantize_model(core, SCHEMES["int4 asym g32, int8 embeddings"])
@@ -253,7 +255,7 @@ def test_rtn_int8_rows_map_to_exact_blocks() -> None:
     """INT8 per-channel as 8-bit MatMulNBits blocks: same codes (+128), scale repeated."""
     import torch
 
-    from infopt.onnx_export import _nbits_weights
+    from infopt.runtimes.onnxruntime.export import _nbits_weights
 
     qw = quantize_rtn(torch.randn(8, 96), QuantScheme.parse("int8"))
     b, scales, zeros, block = _nbits_weights(qw)
@@ -263,8 +265,8 @@ def test_rtn_int8_rows_map_to_exact_blocks() -> None:
 
 
 def test_the_profiling_tool_takes_a_pass_apart(multi_bundle: Path) -> None:
+    from infopt.measure.speed import tokenizer_rss
     from infopt.tools.ort_profile import profile
-    from infopt.tools.runtime_bench import tokenizer_rss
 
     out = profile(str(multi_bundle), tokens=5, runs=3, threads=1)
     ops = out["ms_per_run"]

@@ -4,15 +4,17 @@ token sequence exact; the tokenizer is a real (tiny, trained) byte-level BPE."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+import infopt
 from infopt.api import Model
+from infopt.core.spec import ModelSpec
+from infopt.core.tokenizer import Tokenizer
 from infopt.errors import ContextLengthError, InvalidArgumentError, ModelFormatError
-from infopt.spec import ModelSpec
-from infopt.tokenizer import Tokenizer
 from tests.conftest import CHAT_TEMPLATE, TINY_VOCAB
 
 EOS = 2
@@ -175,8 +177,8 @@ def test_default_model_missing_is_typed(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_low_level_generate_over_a_bare_runtime(tok: Tokenizer) -> None:
-    from infopt.generate import generate
-    from infopt.sampling import SamplingParams
+    from infopt.decode.generate import generate
+    from infopt.decode.sampling import SamplingParams
 
     m = model_for(tok, "Hello world!", tail=[EOS])
     ids = tok.encode("Hi")
@@ -185,3 +187,15 @@ def test_low_level_generate_over_a_bare_runtime(tok: Tokenizer) -> None:
     )
     assert (r.text, r.finish_reason) == ("Hello world!", "stop")
     assert r.token_ids == m.generate("Hi", max_new_tokens=20).token_ids
+
+
+def test_generate_and_stream_share_one_options_type(tiny_gguf: Path) -> None:
+    m = infopt.load(tiny_gguf, max_context=64)
+    opts = infopt.GenerateOptions(max_new_tokens=5, stop_token_ids=[])
+    whole = m.generate("hello", opts)
+    streamed = m.stream("hello", opts).drain()
+    shorter = m.generate("hello", opts, max_new_tokens=3)  # keywords win over the object
+    assert whole.token_ids == streamed.token_ids and len(whole.token_ids) == 5
+    assert shorter.token_ids == whole.token_ids[:3]
+    with pytest.raises(TypeError, match="max_tokens"):
+        m.generate("hello", opts, max_tokens=3)

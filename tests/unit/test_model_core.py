@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 import torch
 
-from infopt.model import Decoder, load_state_dict
-from infopt.spec import spec_from_hf_config
+from infopt.core.model import Decoder, load_state_dict
+from infopt.core.spec import spec_from_hf_config
 from tests.conftest import hf_model
 
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {

@@ -11,13 +11,13 @@ import torch
 from click.testing import CliRunner
 
 from infopt.cli import main
-from infopt.costs import Compression, kv_cache_bytes, scheme_bytes, weight_bytes
+from infopt.core.model import Decoder
+from infopt.core.spec import spec_from_hf_config
 from infopt.device_profiles import builtin_names, load_profile
 from infopt.errors import InvalidArgumentError, PlanError, ProfileError
 from infopt.importers import load_spec
-from infopt.model import Decoder
-from infopt.planner import HEADROOM, plan
-from infopt.spec import spec_from_hf_config
+from infopt.plan.costs import Compression, kv_cache_bytes, scheme_bytes, weight_bytes
+from infopt.plan.planner import HEADROOM, plan
 from tests.conftest import TINY
 
 CONFIGS = Path(__file__).parents[1] / "data" / "configs"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from infopt.compress.gptq import Hessian, gptq_quantize
+from infopt.core.quant import QuantLinear, QuantScheme, pack_int4, quantize_rtn, unpack_int4
 from infopt.errors import InvalidArgumentError, ModelFormatError
-from infopt.gptq import Hessian, gptq_quantize
-from infopt.quant import QuantLinear, QuantScheme, pack_int4, quantize_rtn, unpack_int4
 
 SCHEMES = ["int8", "int4-g32", "int4s-g32", "int4-g64", "int4s-g16"]
 

@@ -1,4 +1,4 @@
-"""infopt.quiet: what native libraries print stays off stdout/stderr, is kept for errors, and a
+"""infopt.core.quiet: what native libraries print stays off stdout/stderr, is kept for errors, and a
 process without those descriptors still runs."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infopt.quiet import quiet_native
+from infopt.core.quiet import quiet_native
 
 
 def test_native_output_is_kept_off_and_given_to_errors(capfd: pytest.CaptureFixture[str]) -> None:
@@ -36,9 +36,19 @@ def test_a_process_without_stdout_and_stderr_still_runs(tmp_path: Path) -> None:
     script = (
         "import os, sys\n"
         "os.close(1); os.close(2); sys.stdout = sys.stderr = None\n"
-        "from infopt.quiet import quiet_native\n"
+        "from infopt.core.quiet import quiet_native\n"
         "with quiet_native('lib'):\n"
         f"    open({str(done)!r}, 'w').write('ran')\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     assert done.read_text() == "ran"
+
+
+def test_the_loggers_named_are_quiet_inside_and_restored_after() -> None:
+    import logging
+
+    log = logging.getLogger("a_converter")
+    log.setLevel(logging.INFO)
+    with quiet_native("converter", ("a_converter",)):
+        assert log.level == logging.ERROR
+    assert log.level == logging.INFO

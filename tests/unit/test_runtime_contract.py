@@ -13,19 +13,19 @@ import pytest
 
 import infopt
 from infopt.errors import ContextLengthError, InvalidArgumentError, RuntimeNotAvailableError
-from infopt.runtimes import Runtime, available, runtime_module
+from infopt.runtimes import Runtime, targets
 
 
 def installed(name: str) -> bool:
     """Installed and able to run here (Core ML predicts only on macOS)."""
     try:
-        module = runtime_module(name)
+        targets()[name].module("runtime")
     except RuntimeNotAvailableError:
         return False
-    return hasattr(module, "from_source") and getattr(module, "runs_here", lambda: True)()
+    return targets()[name].runs_here()
 
 
-RUNTIMES = [name for name in available() if installed(name)]
+RUNTIMES = [name for name in targets() if installed(name)]
 TOKENS = [5, 17, 42, 99, 3, 250, 77, 8, 120, 64]
 PROMPT = [{"role": "user", "content": "hello there"}]
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from infopt.decode.sampling import SamplingParams, apply_repetition_penalty, probabilities, sample
 from infopt.errors import InvalidArgumentError
-from infopt.sampling import SamplingParams, apply_repetition_penalty, probabilities, sample
 
 # probabilities 0.4, 0.3, 0.2, 0.1 at temperature 1
 P = np.array([0.4, 0.3, 0.2, 0.1])

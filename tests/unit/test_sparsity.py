@@ -10,21 +10,18 @@ import torch
 from torch import nn
 
 import infopt
-from infopt.checkpoint import load_model, save_model
-from infopt.compress import calibration_batches
-from infopt.errors import InvalidArgumentError
-from infopt.sparsity import (
-    LowRankLinear,
+from infopt.compress.calibration import calibration_batches
+from infopt.compress.low_rank import (
     allocate_ranks,
     low_rank,
     low_rank_model,
-    prune_model,
-    prune_scores,
     rank_for,
     rank_for_energy,
-    semi_structured_mask,
-    unstructured_mask,
 )
+from infopt.compress.prune import prune_model, prune_scores, semi_structured_mask, unstructured_mask
+from infopt.core.model import LowRankLinear
+from infopt.core.weights import load_model, save_model
+from infopt.errors import InvalidArgumentError
 from tests.unit.test_quant import layer_data
 
 IDS = list(range(3, 250, 2)) * 2
@@ -156,7 +153,7 @@ def test_global_allocation_gives_rank_where_energy_is_spread() -> None:
 
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_low_rank_by_energy_and_by_global_budget(tiny_gguf: Path, calibrated: bool) -> None:
-    from infopt.sparsity import _spectra
+    from infopt.compress.low_rank import _spectra
 
     cal = calibration_batches(IDS, 64, 4) if calibrated else None
     core = infopt.load(tiny_gguf, max_context=128).runtime.model

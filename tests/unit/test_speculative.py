@@ -15,19 +15,13 @@ import numpy as np
 import pytest
 
 import infopt
-from infopt.build import build
 from infopt.bundle import verify_bundle
+from infopt.bundle.build import build
+from infopt.decode.drafters import DraftMismatchError, ModelDrafter, NgramDrafter
+from infopt.decode.sampling import SamplingParams, probabilities
+from infopt.decode.speculative import SpeculativeStats, speculative_step, verify
 from infopt.errors import BundleError, InvalidArgumentError
 from infopt.runtimes import Runtime
-from infopt.sampling import SamplingParams, probabilities
-from infopt.speculative import (
-    DraftMismatchError,
-    ModelDrafter,
-    NgramDrafter,
-    SpeculativeStats,
-    speculative_step,
-    verify,
-)
 from tests.unit.test_runtime_contract import RUNTIMES
 
 PROMPT = [{"role": "user", "content": "hello there, tell me about the sea"}]
@@ -329,16 +323,23 @@ def test_a_self_draft_bundle_speculates_on_every_runtime(spec_bundle: Path) -> N
 
 
 def test_a_bundles_draft_runs_where_int4_is_fast_unless_told(spec_bundle: Path) -> None:
-    from infopt.api import default_draft_runtime
+    from types import SimpleNamespace
+
+    from infopt.bundle import Bundle
 
     for target in ("onnxruntime", "openvino", "pytorch"):  # on a CPU: ONNX Runtime's kernels
         m = infopt.load(spec_bundle, runtime=target, max_context=64)
         assert isinstance(m.drafter, ModelDrafter)
         assert m.drafter.runtime.name == "onnxruntime", target  # type: ignore[attr-defined]
+
+    def draft_runtime(artifacts: dict[str, Any], name: str, device: str) -> str | None:
+        bundle = Bundle(spec_bundle, {"draft": {"kind": "model", "artifacts": artifacts}})
+        return bundle.draft_runtime_for(SimpleNamespace(name=name, device=device))  # type: ignore[arg-type]
+
     artifacts = {"pytorch": {}, "onnxruntime": {}}
-    assert default_draft_runtime(artifacts, "pytorch", "cuda") == "pytorch"  # stays with it
-    assert default_draft_runtime(artifacts, "pytorch", "cpu") == "onnxruntime"
-    assert default_draft_runtime({"pytorch": {}}, "openvino", None) == "pytorch"  # all it has
+    assert draft_runtime(artifacts, "pytorch", "cuda:0") == "pytorch"  # stays with it
+    assert draft_runtime(artifacts, "pytorch", "cpu") == "onnxruntime"
+    assert draft_runtime({"pytorch": {}}, "openvino", "cpu") == "pytorch"  # all it has
 
 
 def test_a_draft_runtime_the_bundle_lacks_is_named(spec_bundle: Path) -> None:
@@ -365,7 +366,7 @@ def test_ngram_bundles_and_int4_self_draft_refusal(tiny_gguf: Path, tmp_path: Pa
     assert isinstance(m.drafter, NgramDrafter)
     assert infopt.load(out, draft=False).drafter is None
     plan = tmp_path / "int4.json"
-    from infopt.build import make_plan
+    from infopt.bundle.build import make_plan
     from infopt.importers import open_model
 
     p = make_plan(open_model(tiny_gguf), "host", 128, 1, None)
@@ -386,7 +387,7 @@ def test_ngram_bundles_and_int4_self_draft_refusal(tiny_gguf: Path, tmp_path: Pa
 
 
 def test_the_draft_length_follows_acceptance_and_cost() -> None:
-    from infopt.speculative import DraftLength
+    from infopt.decode.speculative import DraftLength
 
     good = DraftLength()
     for _ in range(30):  # cheap drafts (a tenth of a step each), every one kept

@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from infopt.compress import quantize_model
-from infopt.converters import float_copy
+from infopt.compress.quantize import quantize_model
+from infopt.core.quant import QuantLinear, float_copy
 from infopt.errors import BundleError, InvalidArgumentError
-from infopt.quant import QuantLinear
-from infopt.runtimes import tflite as tfl_rt
-from infopt.runtimes.pytorch import TorchRuntime
-from infopt.tflite_export import PREFILL, VERIFY, check_schemes
+from infopt.runtimes.pytorch.runtime import PyTorchRuntime
+from infopt.runtimes.tflite import runtime as tfl_rt
+from infopt.runtimes.tflite.export import PREFILL, VERIFY, check_schemes
 from tests.unit.test_export_runtimes import core_of, folders, run_script  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -41,7 +40,7 @@ def script_with_windows(rt: Any) -> list[np.ndarray]:
 @pytest.mark.parametrize("arch", ["qwen2-bias", "mistral-window", "llama3-rope-mqa"])
 def test_fp32_signatures_match_the_model_core(folders: dict[str, Path], arch: str) -> None:  # noqa: F811
     core = core_of(folders[arch])
-    expected = script_with_windows(TorchRuntime(core, 96))
+    expected = script_with_windows(PyTorchRuntime(core, 96))
     got = script_with_windows(tfl_rt.from_model(core, max_context=96, threads=2))
     for a, b in zip(expected, got, strict=True):
         assert a.shape == b.shape
@@ -90,7 +89,7 @@ def test_quantized_weights_are_the_codes_and_scales_infopt_chose(
     [head] = [w for n, w in found.items() if w.shape[0] == core.spec.vocab_size]
     np.testing.assert_array_equal(head, core.lm_head.quantized().dequantize().numpy())
     # activations are quantized per call (XNNPACK's dynamic-range kernels): close, same argmax
-    expected_logits = np.concatenate(run_script(TorchRuntime(core, 64)))
+    expected_logits = np.concatenate(run_script(PyTorchRuntime(core, 64)))
     got = np.concatenate(run_script(rt))
     assert np.abs(got - expected_logits).max() < 0.03 * np.abs(expected_logits).max()
     assert (got.argmax(-1) == expected_logits.argmax(-1)).mean() >= 0.9
@@ -123,7 +122,7 @@ def test_a_missing_converter_names_the_extra(
     import sys
 
     from infopt.errors import RuntimeNotAvailableError
-    from infopt.tflite_export import export_tflite
+    from infopt.runtimes.tflite.export import export_tflite
 
     monkeypatch.setitem(sys.modules, "litert_torch", None)  # as if not installed
     with pytest.raises(RuntimeNotAvailableError, match=r"infopt\[tflite-convert\]"):
@@ -137,14 +136,15 @@ def test_a_missing_interpreter_names_the_extra_and_tflite_runtime_stands_in(
     import importlib.metadata
     import sys
 
-    from infopt import runtimes
     from infopt.errors import RuntimeNotAvailableError
+    from infopt.runtimes import registry
 
+    tflite = registry.target("tflite")
     for name in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
         monkeypatch.setitem(sys.modules, name, None)  # neither package importable
-    monkeypatch.delitem(sys.modules, "infopt.runtimes.tflite")
+    monkeypatch.delitem(sys.modules, "infopt.runtimes.tflite.runtime", raising=False)
     with pytest.raises(RuntimeNotAvailableError, match=r"pip install 'infopt\[tflite\]'"):
-        runtimes.runtime_module("tflite")
+        tflite.module("runtime")
     # the manifest asks for ai-edge-litert; the older tflite-runtime, when installed, stands in
     real = importlib.metadata.version
 
@@ -155,10 +155,10 @@ def test_a_missing_interpreter_names_the_extra_and_tflite_runtime_stands_in(
 
     monkeypatch.setattr(importlib.metadata, "version", version)
     requires = {"package": "ai-edge-litert", "version": ">=2.3"}
-    runtimes.check_requirement("b", "tflite", requires)  # no error: tflite-runtime is there
-    monkeypatch.setattr(runtimes, "_installed", lambda package: False)
+    tflite.check_requirement("b", requires)  # no error: tflite-runtime is there
+    monkeypatch.setattr(registry, "_installed", lambda package: False)
     with pytest.raises(RuntimeNotAvailableError, match=r"infopt\[tflite\]"):
-        runtimes.check_requirement("b", "tflite", requires)
+        tflite.check_requirement("b", requires)
 
 
 def test_inspect_tells_an_app_the_signatures(tiny_tflite_bundle: Path) -> None:

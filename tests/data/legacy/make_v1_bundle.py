@@ -16,9 +16,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from tests.conftest import hf_model, train_tokenizer, write_gguf  # noqa: E402
+from tests.conftest import hf_model, train_tokenizer, write_gguf
 
-# Small enough to commit (every artifact is a few hundred kB), with MQA (head_dim 16, as ONNX Runtime's attention needs) and untied embeddings.
+# Small enough to commit (every artifact is a few hundred kB), with MQA (head_dim 16, as ONNX
+# Runtime's attention needs) and untied embeddings.
 SHAPE = {
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -35,7 +36,7 @@ LOADABLE = ("pytorch", "onnxruntime", "openvino", "tflite")
 
 def main(out_dir: Path) -> None:
     import infopt
-    from infopt.build import build
+    from infopt.bundle.build import build
 
     tok = train_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:

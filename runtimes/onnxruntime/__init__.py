@@ -1,0 +1,23 @@
+"""ONNX Runtime: a graph written for onnxruntime's fused CPU kernels (MatMulNBits for INT4/INT8
+weights as stored, GroupQueryAttention over a KV cache bound in place)."""
+
+from infopt.core.schema import COUNT, INTS, STR, STRS
+from infopt.runtimes.registry import Target
+
+TARGET = Target(
+    title="ONNX Runtime",
+    extra="onnx",
+    requirement="onnxruntime>=1.32",
+    overhead={"cpu": 120e6, "gpu": 300e6},  # estimates
+    draft_rank=0,  # its INT4 kernels decode fastest on a CPU (docs/benchmarks.md)
+    host_rank=0,
+    artifact_fields={
+        "inputs": STRS,
+        "past": STR,
+        "present": STR,
+        "kv_layout": STR,
+        "kv_heads": INTS,
+        "head_dim": COUNT,
+        "opset": COUNT,
+    },
+)

@@ -1,0 +1,454 @@
+"""Export the model core to ONNX, shaped for onnxruntime's fused CPU kernels.
+
+The graph is written module by module from the (possibly compressed) model core, the way
+onnxruntime-genai's model builder writes its own: every weight the core holds is carried over
+as stored, never re-quantized.
+
+- linears: `nn.Linear` -> MatMul (fp32); `QuantLinear` -> `MatMulNBits` (4-bit groups as stored;
+  INT8 per-channel as 8-bit blocks sharing the row's scale, which is exact); `LowRankLinear` ->
+  two MatMuls. q/k/v are fused into one projection when they are stored alike.
+- attention: `GroupQueryAttention` with rotary embedding, causal and sliding-window masks, and
+  the KV cache in one buffer per layer and kind that is both `past` and `present` (bound to the
+  same memory by the runtime, so nothing is copied per token).
+- norms: `SimplifiedLayerNormalization` / `SkipSimplifiedLayerNormalization` (residual adds fused).
+- embeddings: `Gather`, or `GatherBlockQuantized` on the quantized table that the tied LM head's
+  `MatMulNBits` reads too (one copy of the bytes).
+
+Graph interface (batch 1):
+  inputs  input_ids int64 [1, S], seqlens_k int32 [1] (= tokens cached after this call - 1),
+          total_sequence_length int32 [] (= seqlens_k + 1), logits_to_keep int64 [1],
+          past_key_values.{i}.key / .value float32 [1, kv_heads, max_context, head_dim]
+  outputs logits float32 [1, logits_to_keep, vocab], present.{i}.key / .value (same buffers)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from infopt.core.model import Block, Decoder, LowRankLinear, rope_inv_freq
+from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, unpack_int4
+from infopt.errors import InvalidArgumentError
+from infopt.runtimes.base import Exported
+from infopt.runtimes.onnxruntime import TARGET
+
+OPSET = 21
+MS = "com.microsoft"
+FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+ACCURACY_LEVEL = 4  # MatMulNBits: activations quantized to int8 inside the kernel (fastest on CPU)
+# Block size for INT8 per-channel weights (exact at any size), in order of preference: 32 runs
+# the blocks' matrices fastest, 64 a wide LM head (its rows are long; tools/runtime_bench
+# measures the whole model).
+INT8_BLOCKS = (32, 64, 128, 16)
+INT8_HEAD_BLOCKS = (64, 32, 128, 16)
+# ops whose CPU kernels copy a constant weight into their own layout at session creation
+PREPACKED = {"MatMulNBits", "MatMul", "Gemm"}
+
+
+def onnx_io(model: Decoder) -> dict[str, Any]:
+    """What an app needs to call the graph itself (recorded in the bundle manifest)."""
+    return {
+        "inputs": ["input_ids", "seqlens_k", "total_sequence_length", "logits_to_keep"],
+        "past": "past_key_values.%d.key / past_key_values.%d.value",
+        "present": "present.%d.key / present.%d.value",
+        "kv_layout": "BNSH [1, kv_heads, max_context, head_dim], past and present one buffer",
+        "kv_heads": [b.self_attn.n_kv for b in model.blocks],
+        "head_dim": model.spec.head_dim,
+        "opset": OPSET,
+    }
+
+
+class _Graph:
+    """Nodes and initializers of one graph, with fresh value names."""
+
+    def __init__(self) -> None:
+        import onnx
+
+        self.onnx = onnx
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.count = 0
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(
+            self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name)
+        )
+        return name
+
+    def op(
+        self, op_type: str, inputs: Sequence[str], outputs: int | Sequence[str] = 1, **attrs: Any
+    ) -> list[str]:
+        domain = attrs.pop("domain", "")
+        self.count += 1
+        names = (
+            [f"/{op_type}_{self.count}/out{i}" for i in range(outputs)]
+            if isinstance(outputs, int)
+            else list(outputs)
+        )
+        node = self.onnx.helper.make_node(
+            op_type, list(inputs), names, name=f"{op_type}_{self.count}", domain=domain, **attrs
+        )
+        self.nodes.append(node)
+        return names
+
+    def one(self, op_type: str, inputs: Sequence[str], **attrs: Any) -> str:
+        return self.op(op_type, inputs, 1, **attrs)[0]
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _nbits_weights(
+    qw: QuantizedWeight, int8_blocks: tuple[int, ...] = INT8_BLOCKS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """(B [N, blocks, blob] uint8, scales [N, blocks] fp32, zero-points or None, block size) in
+    MatMulNBits' layout, bit-exact with the stored weight."""
+    out, inp = qw.shape
+    if qw.scheme.bits == 4:
+        block = int(qw.scheme.group_size or 0)
+        if block < 16:
+            raise InvalidArgumentError(
+                f"{qw.scheme.name}: onnxruntime's MatMulNBits needs groups of at least 16"
+            )
+        b = qw.qweight.cpu().numpy().reshape(out, inp // block, block // 2)
+        scales = _f32(qw.scales)
+        zeros = qw.zeros.cpu().numpy() if qw.zeros is not None else None  # [N, ceil(blocks/2)]
+        return b, scales, zeros, block
+    block = next((s for s in int8_blocks if inp % s == 0), 0)
+    if not block:
+        raise InvalidArgumentError(
+            f"int8 layer with input size {inp}: onnxruntime's MatMulNBits needs a multiple of 16"
+        )
+    codes = (qw.qweight.cpu().numpy().astype(np.int16) + 128).astype(np.uint8)  # zero-point 128
+    scales = np.repeat(_f32(qw.scales), inp // block, axis=1)  # [N, 1] -> [N, blocks]
+    return codes.reshape(out, inp // block, block), scales, None, block
+
+
+def _matmul_nbits(
+    g: _Graph, x: str, qw: QuantizedWeight, name: str, bias: torch.Tensor | None
+) -> str:
+    b, scales, zeros, block = _nbits_weights(
+        qw, INT8_HEAD_BLOCKS if name == "lm_head" else INT8_BLOCKS
+    )
+    inputs = [x, g.const(f"{name}.qweight", b), g.const(f"{name}.scales", scales)]
+    inputs.append(g.const(f"{name}.zeros", zeros) if zeros is not None else "")
+    if bias is not None:
+        inputs += ["", g.const(f"{name}.bias", _f32(bias))]
+    out, inp = qw.shape
+    return g.one(
+        "MatMulNBits",
+        inputs,
+        domain=MS,
+        K=inp,
+        N=out,
+        bits=qw.scheme.bits,
+        block_size=block,
+        accuracy_level=ACCURACY_LEVEL,
+    )
+
+
+def _matmul(g: _Graph, x: str, w: torch.Tensor, name: str, bias: torch.Tensor | None) -> str:
+    """x @ w.T (+ bias) with a float weight [out, in]."""
+    y = g.one("MatMul", [x, g.const(f"{name}.weight_t", _f32(w).T)])
+    return g.one("Add", [y, g.const(f"{name}.bias", _f32(bias))]) if bias is not None else y
+
+
+def _linear(g: _Graph, x: str, module: nn.Module, name: str) -> str:
+    bias = getattr(module, "bias", None)
+    if isinstance(module, QuantLinear):
+        return _matmul_nbits(g, x, module.quantized(), name, bias)
+    if isinstance(module, LowRankLinear):
+        h = g.one("MatMul", [x, g.const(f"{name}.v_t", _f32(module.v).T)])
+        return _matmul(g, h, module.u, f"{name}.u", bias)
+    if isinstance(module, nn.Linear):
+        return _matmul(g, x, module.weight, name, bias)
+    raise InvalidArgumentError(f"{name}: cannot export a {type(module).__name__} to ONNX")
+
+
+def _fused(mods: tuple[nn.Module, ...]) -> nn.Module | None:
+    """One module computing the concatenated outputs of `mods` (which read the same input) when
+    they are stored alike, else None: one wider matmul instead of several small ones."""
+    biases: list[torch.Tensor | None] = [getattr(m, "bias", None) for m in mods]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    bias = (
+        torch.cat([b.detach() for b in biases if b is not None]) if biases[0] is not None else None
+    )
+    if all(type(m) is nn.Linear for m in mods):
+        fused = nn.Linear(1, 1, bias=bias is not None)
+        fused.weight = nn.Parameter(torch.cat([cast(nn.Linear, m).weight.detach() for m in mods]))
+        if bias is not None:
+            fused.bias = nn.Parameter(bias)
+        return fused
+    if all(isinstance(m, QuantLinear) for m in mods):
+        qws = [m.quantized() for m in mods if isinstance(m, QuantLinear)]
+        if len({q.scheme for q in qws}) != 1:
+            return None
+        zeros = [q.zeros for q in qws]
+        qw = QuantizedWeight(
+            qws[0].scheme,
+            torch.cat([q.qweight for q in qws]),
+            torch.cat([q.scales for q in qws]),
+            torch.cat([z for z in zeros if z is not None]) if zeros[0] is not None else None,
+            (sum(q.shape[0] for q in qws), qws[0].shape[1]),
+        )
+        return QuantLinear(qw, bias)
+    return None
+
+
+def _attention(g: _Graph, x: str, block: Block, i: int, rope: tuple[str, str], window: int) -> str:
+    a = block.self_attn
+    fused = _fused((a.q_proj, a.k_proj, a.v_proj))
+    if fused is not None:
+        qkv = [_linear(g, x, fused, f"layers.{i}.attn.qkv_proj"), "", ""]
+    else:
+        qkv = [
+            _linear(g, x, getattr(a, p), f"layers.{i}.attn.{p}")
+            for p in ("q_proj", "k_proj", "v_proj")
+        ]
+    out = g.op(
+        "GroupQueryAttention",
+        [
+            *qkv,
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            "seqlens_k",
+            "total_sequence_length",
+            *rope,
+        ],
+        [f"/layers.{i}/attn/out", f"present.{i}.key", f"present.{i}.value"],
+        domain=MS,
+        num_heads=a.n_heads,
+        kv_num_heads=a.n_kv,
+        do_rotary=1,
+        rotary_interleaved=0,
+        local_window_size=window,
+    )[0]
+    return _linear(g, out, a.o_proj, f"layers.{i}.attn.o_proj")
+
+
+def _mlp(g: _Graph, x: str, block: Block, i: int) -> str:
+    m = block.mlp
+    fused = _fused((m.gate_proj, m.up_proj))
+    if fused is not None:
+        both = _linear(g, x, fused, f"layers.{i}.mlp.gate_up_proj")
+        width = np.array([m.gate_proj.out_features, m.up_proj.out_features])
+        gate, up = g.op("Split", [both, g.const(f"layers.{i}.mlp.split", width)], 2, axis=-1)
+    else:
+        gate = _linear(g, x, m.gate_proj, f"layers.{i}.mlp.gate_proj")
+        up = _linear(g, x, m.up_proj, f"layers.{i}.mlp.up_proj")
+    act = g.one("Mul", [gate, g.one("Sigmoid", [gate])])  # SiLU
+    return _linear(g, g.one("Mul", [act, up]), m.down_proj, f"layers.{i}.mlp.down_proj")
+
+
+def _embedding(g: _Graph, model: Decoder) -> tuple[str, Any]:
+    """The embedded input_ids, and how the LM head reuses the table (None: it has its own)."""
+    emb = model.embed_tokens
+    tied = model.lm_head is emb or (
+        isinstance(model.lm_head, QuantLinear)
+        and isinstance(emb, QuantEmbedding)
+        and model.lm_head.qweight is emb.qweight
+    )
+    if isinstance(emb, QuantEmbedding):
+        # The table stays in MatMulNBits' [V, blocks, blob] layout, the one copy both ops read;
+        # the gather sees it as V rows of `blocks` blocks (small per-block scales/zeros apart).
+        qw = emb.quantized()
+        b, scales, zeros, block = _nbits_weights(qw, INT8_HEAD_BLOCKS)
+        blocks = b.shape[1]
+        data = g.const("embed_tokens.qweight", b)
+        scale = g.const("embed_tokens.scales", scales)
+        inputs = [data, "input_ids", g.const("embed_tokens.row_scales", scales[..., None])]
+        zp = ""
+        if zeros is not None:
+            zp = g.const("embed_tokens.zeros", zeros)
+            codes = unpack_int4(torch.from_numpy(zeros)).numpy()[:, :blocks]
+            inputs.append(g.const("embed_tokens.row_zeros", codes.astype(np.uint8)[..., None]))
+        x = g.one(
+            "GatherBlockQuantized",
+            inputs,
+            domain=MS,
+            bits=qw.scheme.bits,
+            block_size=block,
+            gather_axis=0,
+            quantize_axis=2,
+        )  # [1, S, blocks, block]
+        x = g.one("Reshape", [x, g.const("embed_tokens.rows", np.array([1, -1, blocks * block]))])
+        return x, ("nbits", data, scale, zp, qw, block) if tied else None
+    if isinstance(emb, nn.Embedding):
+        table = g.const("embed_tokens.weight", _f32(emb.weight))
+        return g.one("Gather", [table, "input_ids"]), ("table", table) if tied else None
+    raise InvalidArgumentError(f"cannot export an embedding of type {type(emb).__name__}")
+
+
+def _lm_head(g: _Graph, h: str, model: Decoder, shared: Any) -> str:
+    if shared is None:
+        return _linear(g, h, model.lm_head, "lm_head")
+    if shared[0] == "table":  # fp32 tied: logits = h @ table^T without a transposed copy
+        spec = model.spec
+        flat = g.one("Reshape", [h, g.const("lm_head.flat", np.array([-1, spec.hidden_size]))])
+        logits = g.one("Gemm", [flat, shared[1]], transB=1)
+        return g.one(
+            "Reshape", [logits, g.const("lm_head.unflat", np.array([1, -1, spec.vocab_size]))]
+        )
+    _, data, scale, zp, qw, block = shared
+    out, inp = qw.shape
+    return g.one(
+        "MatMulNBits",
+        [h, data, scale, zp],
+        domain=MS,
+        K=inp,
+        N=out,
+        bits=qw.scheme.bits,
+        block_size=block,
+        accuracy_level=ACCURACY_LEVEL,
+    )
+
+
+def _skip_norm(
+    g: _Graph, residual: str, x: str, weight: torch.Tensor, name: str, spec: Any
+) -> tuple[str, str]:
+    """(RMSNorm(residual + x), residual + x) in one fused op."""
+    h, _, _, total = g.op(
+        "SkipSimplifiedLayerNormalization",
+        [residual, x, g.const(name, _f32(weight))],
+        4,
+        domain=MS,
+        epsilon=spec.rms_norm_eps,
+    )
+    return h, total
+
+
+def build_graph(model: Decoder, max_context: int) -> Any:
+    """The ONNX ModelProto of `model` with a KV cache of `max_context` positions."""
+    from onnx import TensorProto, helper
+
+    spec = model.spec
+    g = _Graph()
+    freqs = torch.arange(max_context, dtype=torch.float32)[:, None] * rope_inv_freq(spec)
+    rope = (g.const("cos_cache", freqs.cos().numpy()), g.const("sin_cache", freqs.sin().numpy()))
+    window = spec.sliding_window if spec.sliding_window else -1
+    x, shared = _embedding(g, model)
+    blocks = model.blocks
+    h = g.one(
+        "SimplifiedLayerNormalization",
+        [x, g.const("layers.0.input_norm", _f32(blocks[0].input_layernorm.weight))],
+        epsilon=spec.rms_norm_eps,
+        axis=-1,
+        stash_type=1,
+    )
+    residual = x
+    for i, block in enumerate(blocks):
+        attn = _attention(g, h, block, i, rope, window)
+        post = block.post_attention_layernorm.weight
+        h, residual = _skip_norm(g, residual, attn, post, f"layers.{i}.post_norm", spec)
+        mlp = _mlp(g, h, block, i)
+        if i + 1 < len(blocks):
+            norm, name = blocks[i + 1].input_layernorm.weight, f"layers.{i + 1}.input_norm"
+        else:
+            norm, name = model.norm.weight, "final_norm"
+        h, residual = _skip_norm(g, residual, mlp, norm, name, spec)
+    # only the last `logits_to_keep` positions reach the LM head (prefill needs one)
+    start = g.one("Neg", ["logits_to_keep"])
+    h = g.one(
+        "Slice",
+        [h, start, g.const("slice_end", np.array([1 << 62])), g.const("slice_axis", np.array([1]))],
+    )
+    logits = _lm_head(g, h, model, shared)
+    g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+
+    f32 = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, [1, "logits_length", spec.vocab_size])]
+    for i, block in enumerate(blocks):
+        shape: list[str | int | None] = [1, block.self_attn.n_kv, "max_context", spec.head_dim]
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, shape))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, shape))
+    graph = helper.make_graph(g.nodes, "infopt", inputs, outputs, g.initializers)
+    proto = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+        producer_name="infopt",
+    )
+    proto.ir_version = 10
+    return proto
+
+
+def export_onnx(model: Decoder, path: str | Path, max_context: int) -> list[str]:
+    """Write `model` as ONNX to `path` (graph) and `path`'s sibling DATA_FILE (weights, which
+    onnxruntime maps into memory); returns both file names."""
+    import onnx
+
+    path = Path(path)
+    proto = build_graph(model, max_context)
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=1024,
+    )
+    proto = onnx.load_model(str(path), load_external_data=False)
+    if one_initializer_per_consumer(proto.graph):
+        onnx.save_model(proto, str(path))
+    return [path.name, DATA_FILE]
+
+
+def one_initializer_per_consumer(graph: Any) -> int:
+    """Give each extra consumer of an external initializer its own initializer over the same
+    bytes of the data file (the file is unchanged); returns how many were added.
+
+    onnxruntime maps each external initializer on its own and releases one that a kernel has
+    prepacked. A tied table read by both the embedding's gather and the LM head's matmul would
+    otherwise stay mapped with every page resident (the matmul's prepacking read all of it)
+    beside the packed copy (tests/integration/test_runtimes_real.py checks it is not). Split,
+    the LM head's mapping goes after packing and the gather's keeps only the rows it has read.
+    An fp32 tied table is written twice, the LM head's transposed for MatMul: reading one copy
+    with a transB Gemm made the file smaller but the peak RSS larger in runtime_bench, growing
+    as the gather looked rows up; kept as it is until that is understood."""
+    external = {
+        t.name: t
+        for t in graph.initializer
+        if t.data_location == t.EXTERNAL  # onnx.TensorProto.EXTERNAL
+    }
+    readers = Counter(name for node in graph.node for name in node.input)
+    added = 0
+    for node in graph.node:
+        if node.op_type not in PREPACKED:
+            continue
+        for j, name in enumerate(node.input):
+            if name not in external or readers[name] < 2:
+                continue
+            readers[name] -= 1
+            added += 1
+            alias = graph.initializer.add()
+            alias.CopyFrom(external[name])
+            alias.name = f"{name}.{node.name}"
+            node.input[j] = alias.name
+    return added
+
+
+def artifact(core: Decoder, max_context: int, prefix: str = "") -> Exported:
+    """The manifest entry of the artifact and the writer of its files (under `prefix`)."""
+    entry = {
+        "files": [f"{prefix}{FILE}", f"{prefix}{DATA_FILE}"],
+        "format": "onnx",
+        "max_context": max_context,
+        "kv_dtype": "fp32",  # GroupQueryAttention's cache here is float32 whatever the plan
+        "requires": TARGET.installed_requirement(),
+        **onnx_io(core),
+    }
+    return entry, {f"{prefix}{FILE}": lambda path: export_onnx(core, path, max_context)}

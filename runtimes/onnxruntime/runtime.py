@@ -1,0 +1,139 @@
+"""ONNX Runtime: the graph of `infopt.runtimes.onnxruntime.export` on onnxruntime's CPU kernels.
+
+The KV cache lives in one preallocated buffer per layer and kind, bound with I/O binding as
+both the `past` input and the `present` output of GroupQueryAttention, which appends the new
+positions in place: no per-token allocation, no copy of the cache. Decode logits land in one
+reused buffer. Rewinding only moves the position (the stale slots are masked, then
+overwritten). Loading a bundle needs onnxruntime, numpy and tokenizers; no torch.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnxruntime as ort
+
+from infopt.errors import BundleError
+from infopt.runtimes.base import Artifact, BaseRuntime, cpu_only, exportable_core
+
+if TYPE_CHECKING:
+    from infopt.importers import ModelSource
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Latency settings: one request at a time, all threads on each operator.
+
+    The pool's threads spin between the operators of a run (waking them for each one would cost
+    more than the operator), and stop spinning when the run returns: a speculative draft and its
+    target run in turns, on this runtime or another, and threads left spinning would take the
+    cores from the other (docs/benchmarks.md measures both)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.inter_op_num_threads = 1
+    if threads is not None:
+        so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    so.add_session_config_entry("session.force_spinning_stop", "1")
+    so.log_severity_level = 3
+    return so
+
+
+class ONNXRuntime(BaseRuntime):
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        max_context: int,
+        vocab_size: int,
+        batch_exact: bool = True,
+    ) -> None:
+        super().__init__(max_context, vocab_size)
+        # False where MatMulNBits quantizes activations to int8 (INT4/INT8 weights): a pass of
+        # several tokens then rounds them unlike a one-token step, so speculative greedy output
+        # can part from plain decoding
+        self.batch_exact = batch_exact
+        self.session = session
+        self.binding = session.io_binding()
+        for meta in session.get_inputs():
+            if meta.name.startswith("past_key_values."):
+                _, layer, kind = meta.name.split(".")
+                shape = (1, int(meta.shape[1]), max_context, int(meta.shape[3]))
+                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self.binding.bind_ortvalue_input(meta.name, buf)
+                self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", buf)
+        self._logits = np.zeros((1, 1, vocab_size), np.float32)
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
+
+    def _pass(self, ids: np.ndarray, only_last: bool) -> np.ndarray:
+        n, b = len(ids), self.binding
+        total = self.position + n
+        b.bind_cpu_input("input_ids", ids[None, :])
+        b.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        keep = 1 if only_last or n == 1 else n
+        b.bind_cpu_input("logits_to_keep", np.array([keep], np.int64))
+        if keep == 1:
+            out, value = self._logits, self._logits_value
+        else:
+            out = np.empty((1, keep, self.vocab_size), np.float32)
+            value = ort.OrtValue.ortvalue_from_numpy(out)
+        b.bind_ortvalue_output("logits", value)
+        self.session.run_with_iobinding(b)
+        self.position = total
+        return out[0].copy() if keep == 1 else out[0]
+
+
+def load_session(path: Path, threads: int | None) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(
+            str(path), session_options(threads), providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # onnxruntime raises its own untyped exceptions on bad graphs
+        raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from e
+
+
+def from_bundle(
+    artifact: Artifact,
+    *,
+    max_context: int,
+    device: str | None = None,
+    threads: int | None = None,
+) -> ONNXRuntime:
+    """The session of a verified bundle's ONNX artifact."""
+    cpu_only("onnxruntime", device)
+    artifact.check_context(max_context, "ONNX graph (its rotary tables)")
+    session = load_session(artifact.file(), threads)
+    return ONNXRuntime(
+        session, max_context, artifact.vocab_size, batch_exact=not artifact.quantized
+    )
+
+
+def from_source(
+    source: ModelSource,
+    *,
+    max_context: int,
+    device: str | None = None,
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> ONNXRuntime:
+    """Export an imported model (needs torch) to a temporary ONNX file and load it."""
+    cpu_only("onnxruntime", device)
+    core = exportable_core(source, "onnxruntime", max_context, dtype)
+    return from_model(core, max_context=max_context, threads=threads)
+
+
+def from_model(core: Any, *, max_context: int, threads: int | None = None) -> ONNXRuntime:
+    """Export a model core (as compressed, if it is) and load it on onnxruntime."""
+    from infopt.core.quant import QuantStorage
+    from infopt.runtimes.onnxruntime.export import FILE, export_onnx
+
+    with tempfile.TemporaryDirectory(prefix="infopt-onnx-") as tmp:
+        export_onnx(core, Path(tmp) / FILE, max_context)
+        session = load_session(Path(tmp) / FILE, threads)
+    quantized = any(isinstance(m, QuantStorage) for m in core.modules())
+    return ONNXRuntime(session, max_context, core.spec.vocab_size, batch_exact=not quantized)

@@ -1,0 +1,16 @@
+"""OpenVINO: a stateful IR (KV cache as model state, INT4/INT8 weights decompressed right before
+each MatMul) on the CPU plugin, as OpenVINO's own LLM pipelines run."""
+
+from infopt.core.schema import STR, STRS
+from infopt.runtimes.registry import Target
+
+TARGET = Target(
+    title="OpenVINO",
+    extra="openvino",
+    requirement="openvino>=2026.4",
+    overhead={"cpu": 180e6},  # an estimate
+    draft_rank=1,
+    host_rank=1,
+    home_cpu="intel",  # its CPU plugin's home ground; ONNX Runtime decodes faster elsewhere
+    artifact_fields={"states": STR, "inputs": STRS},
+)

@@ -1,0 +1,287 @@
+"""Export the model core to an OpenVINO IR: a stateful model, as OpenVINO's own LLM pipelines use.
+
+The graph is written module by module from the (possibly compressed) model core with OpenVINO's
+opset API, in the patterns the CPU plugin fuses (those of optimum-intel's exports):
+
+- weights keep their stored form: INT4 groups as `u4` codes with `u4` zero-points (or `i4`
+  without, when symmetric) and fp16 scales, INT8 rows as `i8` with fp16 scales, each decompressed
+  right before its MatMul (Convert -> Subtract -> Multiply), which the plugin executes as a
+  low-bit kernel; float weights as fp32 constants; low-rank layers as two MatMuls;
+- the KV cache is model state: per layer ReadValue -> Gather(beam_idx) -> Concat -> Assign,
+  read by ScaledDotProductAttention (grouped KV heads broadcast as optimum-intel does), which
+  the plugin turns into its own in-place cache;
+- RMSNorm, rotary embedding (rotate-half) and SwiGLU in the shapes the plugin's fusions match.
+
+Interface (batch 1): input_ids int64 [1, S], attention_mask int64 [1, past + S] (ones),
+position_ids int64 [1, S], beam_idx int32 [1] (zero), logits_to_keep int64 [1] ->
+logits float32 [1, logits_to_keep, vocab]. States `past_key_values.{i}.key|value`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from infopt.core.model import Block, Decoder, LowRankLinear, rope_inv_freq
+from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, unpack_int4
+from infopt.errors import InvalidArgumentError
+from infopt.runtimes.base import Exported
+from infopt.runtimes.openvino import TARGET
+
+XML, BIN = "openvino_model.xml", "openvino_model.bin"
+
+
+def _ov() -> tuple[Any, Any]:
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    return ov, ops
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+
+def _low_bit(values: np.ndarray, kind: str) -> Any:
+    """A u4 / i4 constant from one value per element (OpenVINO packs them two per byte)."""
+    ov, ops = _ov()
+    return ops.constant(np.ascontiguousarray(values), dtype=getattr(ov.Type, kind))
+
+
+def _decompressed(qw: QuantizedWeight) -> Any:
+    """The fp32 [N, K] weight as a decompression subgraph over the stored low-bit constants."""
+    ov, ops = _ov()
+    out, inp = qw.shape
+    f16 = ov.Type.f16
+    if qw.scheme.bits == 8:
+        codes = ops.constant(np.ascontiguousarray(qw.qweight.cpu().numpy()))  # i8 [N, K]
+        scale = ops.constant(np.ascontiguousarray(qw.scales.cpu().numpy()))  # f16 [N, 1]
+        w = ops.multiply(ops.convert(codes, f16), scale)
+        return ops.convert(w, ov.Type.f32)
+    group = int(qw.scheme.group_size or inp)
+    groups = inp // group
+    shape = (out, groups, group)
+    codes = unpack_int4(qw.qweight).cpu().numpy().reshape(shape)  # 0..15
+    scale = ops.constant(np.ascontiguousarray(qw.scales.cpu().numpy()).reshape(out, groups, 1))
+    if qw.zeros is None:  # symmetric: the zero-point is 8, so the codes are signed nibbles
+        signed = _low_bit(codes.astype(np.int8) - 8, "i4")
+        w = ops.multiply(ops.convert(signed, f16), scale)
+    else:
+        zeros = unpack_int4(qw.zeros).cpu().numpy()[:, :groups].reshape(out, groups, 1)
+        unsigned, zp = _low_bit(codes, "u4"), _low_bit(zeros, "u4")
+        w = ops.multiply(ops.subtract(ops.convert(unsigned, f16), ops.convert(zp, f16)), scale)
+    w = ops.reshape(w, ops.constant(np.array([out, inp], np.int64)), False)
+    return ops.convert(w, ov.Type.f32)
+
+
+def _linear(x: Any, module: nn.Module, name: str) -> Any:
+    _, ops = _ov()
+    bias = getattr(module, "bias", None)
+    if isinstance(module, QuantLinear):
+        y = ops.matmul(x, _decompressed(module.quantized()), False, True)
+    elif isinstance(module, LowRankLinear):
+        h = ops.matmul(x, ops.constant(_f32(module.v)), False, True)
+        y = ops.matmul(h, ops.constant(_f32(module.u)), False, True)
+    elif isinstance(module, nn.Linear):
+        y = ops.matmul(x, ops.constant(_f32(module.weight)), False, True)
+    else:
+        raise InvalidArgumentError(f"{name}: cannot export a {type(module).__name__} to OpenVINO")
+    return ops.add(y, ops.constant(_f32(bias))) if bias is not None else y
+
+
+def _rms_norm(x: Any, weight: torch.Tensor, eps: float) -> Any:
+    _, ops = _ov()
+    var = ops.reduce_mean(ops.power(x, np.float32(2)), np.array([-1], np.int64), True)
+    inv = ops.divide(np.float32(1), ops.sqrt(ops.add(var, np.float32(eps))))
+    return ops.multiply(ops.constant(_f32(weight)), ops.multiply(x, inv))
+
+
+def _heads(x: Any, heads: int, dim: int) -> Any:
+    """[1, S, heads*dim] -> [1, heads, S, dim]."""
+    _, ops = _ov()
+    x = ops.reshape(x, ops.constant(np.array([0, 0, heads, dim], np.int64)), True)
+    return ops.transpose(x, ops.constant(np.array([0, 2, 1, 3], np.int32)))
+
+
+def _i64(*values: int) -> np.ndarray:
+    return np.array(values, np.int64)
+
+
+def _rope(x: Any, cos: Any, sin: Any, dim: int) -> Any:
+    """x * cos + rotate_half(x) * sin, in the shape of transformers' graph (the plugin fuses it)."""
+    _, ops = _ov()
+    half, end = dim // 2, int(np.iinfo(np.int64).max)
+    x1 = ops.slice(x, _i64(0), _i64(half), _i64(1), _i64(3))
+    x2 = ops.slice(x, _i64(half), _i64(end), _i64(1), _i64(3))
+    rotated = ops.concat([ops.multiply(x2, np.float32(-1)), x1], -1)
+    return ops.add(ops.multiply(x, cos), ops.multiply(rotated, sin))
+
+
+def _kv_state(new: Any, kv: int, dim: int, name: str, beam_idx: Any, sinks: list[Any]) -> Any:
+    """Past positions (state) + the new ones; the concatenation is written back."""
+    ov, ops = _ov()
+    from openvino.op.util import Variable, VariableInfo
+
+    info = VariableInfo()
+    info.data_shape = ov.PartialShape([-1, kv, -1, dim])
+    info.data_type = ov.Type.f32
+    info.variable_id = name
+    var = Variable(info)
+    init = ops.constant(np.zeros((1, kv, 0, dim), np.float32))
+    past = ops.gather(ops.read_value(init, var), beam_idx, np.int64(0))
+    full = ops.concat([past, new], 2)
+    sinks.append(ops.assign(full, var))
+    return full
+
+
+def _expand(kv_all: Any, kv: int, groups: int, dim: int) -> Any:
+    """[1, kv, T, D] -> [1, kv*groups, T, D], each KV head repeated for its query heads
+    (Unsqueeze -> bidirectional Broadcast -> Reshape: the plugin folds it into its KV cache)."""
+    _, ops = _ov()
+    if groups == 1:
+        return kv_all
+    x = ops.unsqueeze(kv_all, np.int64(2))  # [1, kv, 1, T, D]
+    x = ops.broadcast(x, _i64(1, 1, groups, 1, 1), broadcast_spec="BIDIRECTIONAL")
+    return ops.reshape(x, _i64(0, kv * groups, -1, dim), True)
+
+
+def _attention(x: Any, block: Block, i: int, ctx: dict[str, Any], sinks: list[Any]) -> Any:
+    _, ops = _ov()
+    a = block.self_attn
+    d = a.head_dim
+    q = _rope(
+        _heads(_linear(x, a.q_proj, f"layers.{i}.q"), a.n_heads, d), ctx["cos"], ctx["sin"], d
+    )
+    k = _rope(_heads(_linear(x, a.k_proj, f"layers.{i}.k"), a.n_kv, d), ctx["cos"], ctx["sin"], d)
+    v = _heads(_linear(x, a.v_proj, f"layers.{i}.v"), a.n_kv, d)
+    k_all = _kv_state(k, a.n_kv, d, f"past_key_values.{i}.key", ctx["beam_idx"], sinks)
+    v_all = _kv_state(v, a.n_kv, d, f"past_key_values.{i}.value", ctx["beam_idx"], sinks)
+    groups = a.n_heads // a.n_kv
+    out = ops.scaled_dot_product_attention(
+        q,
+        _expand(k_all, a.n_kv, groups, d),
+        _expand(v_all, a.n_kv, groups, d),
+        ctx["mask"],
+        np.float32(1 / np.sqrt(d)),
+        False,
+    )
+    out = ops.transpose(out, ops.constant(np.array([0, 2, 1, 3], np.int64)))
+    out = ops.reshape(out, ops.constant(np.array([1, -1, a.n_heads * d], np.int64)), False)
+    return _linear(out, a.o_proj, f"layers.{i}.o")
+
+
+def _mlp(x: Any, block: Block, i: int) -> Any:
+    _, ops = _ov()
+    m = block.mlp
+    gate = ops.swish(_linear(x, m.gate_proj, f"layers.{i}.gate"))
+    return _linear(
+        ops.multiply(gate, _linear(x, m.up_proj, f"layers.{i}.up")), m.down_proj, f"layers.{i}.down"
+    )
+
+
+def _embedding(model: Decoder, ids: Any) -> tuple[Any, Any]:
+    """(embedded ids, the table's node when the LM head reads it too, else None)."""
+    _, ops = _ov()
+    emb = model.embed_tokens
+    if isinstance(emb, QuantEmbedding):
+        table = _decompressed(emb.quantized())
+        tied = isinstance(model.lm_head, QuantLinear) and model.lm_head.qweight is emb.qweight
+    elif isinstance(emb, nn.Embedding):
+        table = ops.constant(_f32(emb.weight))
+        tied = model.lm_head is emb or getattr(model.lm_head, "weight", None) is emb.weight
+    else:
+        raise InvalidArgumentError(f"cannot export an embedding of type {type(emb).__name__}")
+    return ops.gather(table, ids, np.int64(0)), table if tied else None
+
+
+def _mask(model: Decoder, attention_mask: Any, position_ids: Any) -> Any:
+    """Float mask [1, 1, S, T]: 0 where key j is visible to the query at position p (j <= p,
+    and inside the sliding window), -inf elsewhere."""
+    _, ops = _ov()
+    total = ops.gather(ops.shape_of(attention_mask), np.int64(1), np.int64(0))
+    keys = ops.unsqueeze(ops.range(np.int64(0), total, np.int64(1), "i64"), np.int64(0))  # [1, T]
+    pos = ops.unsqueeze(ops.squeeze(position_ids, np.int64(0)), np.int64(1))  # [S, 1]
+    visible = ops.less_equal(keys, pos)
+    window = model.spec.sliding_window
+    if window:
+        visible = ops.logical_and(visible, ops.greater(keys, ops.subtract(pos, np.int64(window))))
+    mask = ops.select(visible, np.float32(0), np.float32(-np.inf))
+    return ops.unsqueeze(mask, np.array([0, 1], np.int64))
+
+
+def build_model(model: Decoder, max_context: int) -> Any:
+    """The stateful OpenVINO model of `model` (rotary tables for `max_context` positions)."""
+    ov, ops = _ov()
+    spec = model.spec
+    params = {
+        "input_ids": ops.parameter([-1, -1], ov.Type.i64, name="input_ids"),
+        "attention_mask": ops.parameter([-1, -1], ov.Type.i64, name="attention_mask"),
+        "position_ids": ops.parameter([-1, -1], ov.Type.i64, name="position_ids"),
+        "beam_idx": ops.parameter([-1], ov.Type.i32, name="beam_idx"),
+        "logits_to_keep": ops.parameter([1], ov.Type.i64, name="logits_to_keep"),
+    }
+    freqs = torch.arange(max_context, dtype=torch.float32)[:, None] * rope_inv_freq(spec)
+    emb = torch.cat((freqs, freqs), dim=-1)  # [max_context, D], the half-split layout
+    ids_pos = params["position_ids"]
+    cos = ops.unsqueeze(
+        ops.gather(ops.constant(emb.cos().numpy()), ids_pos, np.int64(0)), np.int64(1)
+    )
+    sin = ops.unsqueeze(
+        ops.gather(ops.constant(emb.sin().numpy()), ids_pos, np.int64(0)), np.int64(1)
+    )
+    ctx = {
+        "cos": cos,
+        "sin": sin,
+        "beam_idx": params["beam_idx"],
+        "mask": _mask(model, params["attention_mask"], ids_pos),
+    }
+    sinks: list[Any] = []
+    x, table = _embedding(model, params["input_ids"])
+    for i, block in enumerate(model.blocks):
+        h = _rms_norm(x, block.input_layernorm.weight, spec.rms_norm_eps)
+        x = ops.add(x, _attention(h, block, i, ctx, sinks))
+        h = _rms_norm(x, block.post_attention_layernorm.weight, spec.rms_norm_eps)
+        x = ops.add(x, _mlp(h, block, i))
+    start = ops.negative(params["logits_to_keep"])
+    x = ops.slice(
+        x,
+        start,
+        np.array([np.iinfo(np.int64).max], np.int64),
+        np.array([1], np.int64),
+        np.array([1], np.int64),
+    )
+    h = _rms_norm(x, model.norm.weight, spec.rms_norm_eps)
+    if table is not None:
+        logits = ops.matmul(h, table, False, True)
+    else:
+        logits = _linear(h, model.lm_head, "lm_head")
+    logits.output(0).get_tensor().set_names({"logits"})
+    result = ops.result(logits)
+    return ov.Model([result], sinks, list(params.values()), "infopt")
+
+
+def export_openvino(model: Decoder, path: str | Path, max_context: int) -> list[str]:
+    """Write the IR: `path` (.xml) and its sibling BIN; returns both file names."""
+    import openvino as ov
+
+    path = Path(path)
+    ov.save_model(build_model(model, max_context), str(path), compress_to_fp16=False)
+    return [path.name, path.with_suffix(".bin").name]
+
+
+def artifact(core: Decoder, max_context: int, prefix: str = "") -> Exported:
+    """The manifest entry of the artifact and the writer of its files (under `prefix`)."""
+    entry = {
+        "files": [f"{prefix}{XML}", f"{prefix}{BIN}"],
+        "format": "openvino-ir",
+        "max_context": max_context,
+        "kv_dtype": "the plan's (kv_cache.dtype), set when the CPU plugin compiles it",
+        "requires": TARGET.installed_requirement(),
+        "states": "past_key_values.%d.key / past_key_values.%d.value",
+        "inputs": ["input_ids", "attention_mask", "position_ids", "beam_idx", "logits_to_keep"],
+    }
+    return entry, {f"{prefix}{XML}": lambda path: export_openvino(core, path, max_context)}

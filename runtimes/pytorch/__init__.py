@@ -1,0 +1,15 @@
+"""PyTorch: the model core itself, in eager mode, on the CPU or CUDA. Its artifact is an infopt
+weight file (packed INT4/INT8 weights as stored). The reference every other target is checked
+against, and where model files load unless told otherwise."""
+
+from infopt.runtimes.registry import Target
+
+TARGET = Target(
+    title="PyTorch",
+    extra="torch",
+    requirement="torch>=2.4",
+    reference=True,
+    # measured on the CPU (docs/planner.md); the GPU figure is an estimate
+    overhead={"cpu": 340e6, "gpu": 400e6},
+    host_rank=2,
+)

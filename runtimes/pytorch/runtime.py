@@ -1,0 +1,77 @@
+"""PyTorch runtime: the model core in eager mode, on the CPU or CUDA."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from infopt.core.model import Decoder, load_core, pick_device
+from infopt.runtimes.base import Artifact, BaseRuntime
+
+if TYPE_CHECKING:
+    from infopt.importers import ModelSource
+
+# Attention reads cache slots [0, window); rounding the window up keeps shapes few and cheap.
+WINDOW_STEP = 256
+
+
+class PyTorchRuntime(BaseRuntime):
+    name = "pytorch"
+    max_pass = None  # one pass, whatever its length
+
+    def __init__(self, model: Decoder, max_context: int) -> None:
+        super().__init__(max_context, model.spec.vocab_size)
+        self.model = model.eval()
+        self.device = str(model.norm.weight.device)
+        if model.max_len != max_context:
+            model.setup_cache(max_context)
+
+    def _pass(self, ids: np.ndarray, only_last: bool) -> np.ndarray:
+        n, start = len(ids), self.position
+        device = self.model.norm.weight.device
+        tokens = torch.from_numpy(ids).to(device)[None, :]
+        pos = torch.arange(start, start + n, device=device)
+        window = min(self.max_context, -(-(start + n) // WINDOW_STEP) * WINDOW_STEP)
+        with torch.inference_mode():
+            logits = self.model(tokens, pos, window, last_only=only_last)[0]
+        self.position = start + n
+        return logits.float().cpu().numpy()
+
+
+def from_source(
+    source: ModelSource,
+    *,
+    max_context: int,
+    device: str | None = None,
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> PyTorchRuntime:
+    """Build the model core from an imported model's weights."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    core = load_core(source, max_context, device=device, dtype=dtype)
+    return PyTorchRuntime(core, max_context)
+
+
+def from_model(core: Decoder, *, max_context: int, threads: int | None = None) -> PyTorchRuntime:
+    """Run a model core (as compressed, if it is) as it is."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return PyTorchRuntime(core, max_context)
+
+
+def from_bundle(
+    artifact: Artifact,
+    *,
+    max_context: int,
+    device: str | None = None,
+    threads: int | None = None,
+) -> PyTorchRuntime:
+    """The model core from a verified bundle's infopt weight file."""
+    from infopt.core.weights import load_model
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return PyTorchRuntime(load_model(artifact.file(), device=pick_device(device)), max_context)

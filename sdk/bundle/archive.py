@@ -1,0 +1,159 @@
+"""Bundle archives: one file (tar or zip) holding a verified bundle, and its safe extraction."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from infopt.bundle.files import partial_dir, swap_into_place, verify_bundle
+from infopt.bundle.manifest import MANIFEST, is_bundle
+from infopt.errors import BundleError
+
+ARCHIVE_KINDS = ("tar", "zip")
+MAX_ARCHIVE_MEMBERS = 1000
+MAX_ARCHIVE_BYTES = 64 << 30
+
+
+def write_archive(bundle: str | Path, kind: str = "tar") -> Path:
+    """Pack a verified bundle into one file beside it (BUNDLE.tar or BUNDLE.zip), atomically.
+    Members are the bundle's files under its directory name, stored without compression
+    (weights do not compress) and without owners, links or modes beyond plain files."""
+    import tarfile
+    import zipfile
+
+    if kind not in ARCHIVE_KINDS:
+        raise BundleError(f"archive kind {kind!r}: expected one of {list(ARCHIVE_KINDS)}")
+    root = Path(bundle)
+    manifest = verify_bundle(root)
+    names = [MANIFEST] + [e["path"] for e in manifest["files"]]
+    target = root.with_name(f"{root.name}.{kind}")
+    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    try:
+        if kind == "tar":
+            with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+                for name in names:
+                    info = tar.gettarinfo(str(root / name), arcname=f"{root.name}/{name}")
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    info.mode = 0o644
+                    with (root / name).open("rb") as f:
+                        tar.addfile(info, f)
+        else:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name in names:
+                    zf.write(root / name, f"{root.name}/{name}")
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def extract_archive(archive: str | Path, out: str | Path) -> dict[str, Any]:
+    """Unpack a bundle archive into directory `out` (atomically, replacing a previous bundle
+    there) and verify it. Refused before anything is written: absolute paths, `..`, links of
+    any kind, devices and other non-files, more than MAX_ARCHIVE_MEMBERS members or
+    MAX_ARCHIVE_BYTES bytes, and members outside one top-level directory."""
+    import tarfile
+    import zipfile
+
+    archive, out = Path(archive), Path(out)
+    members: list[tuple[str, int]] = []  # (name, size)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+            _check_count(archive, len(infos))
+            for zi in infos:
+                kind = (zi.external_attr >> 16) & 0o170000
+                if zi.is_dir():
+                    continue
+                if kind not in (0, stat.S_IFREG):
+                    raise BundleError(f"{archive}: member {zi.filename!r} is not a regular file")
+                members.append((zi.filename, zi.file_size))
+    elif tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            infos_t = tar.getmembers()
+            _check_count(archive, len(infos_t))
+            for ti in infos_t:
+                if ti.isdir():
+                    continue
+                if not ti.isreg():
+                    raise BundleError(
+                        f"{archive}: member {ti.name!r} is a link or special file; refused"
+                    )
+                members.append((ti.name, ti.size))
+    else:
+        raise BundleError(f"{archive}: neither a tar nor a zip archive")
+    tops = set()
+    for name, _ in members:
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or "\\" in name or any(p in ("..", "") for p in name.split("/")):
+            raise BundleError(f"{archive}: member path {name!r} leaves the archive; refused")
+        if len(pure.parts) < 2:
+            raise BundleError(f"{archive}: member {name!r} is not inside the bundle directory")
+        tops.add(pure.parts[0])
+    if len(tops) != 1:
+        raise BundleError(f"{archive}: expected one bundle directory, found {sorted(tops)}")
+    total = sum(size for _, size in members)
+    if total > MAX_ARCHIVE_BYTES:
+        raise BundleError(f"{archive}: {total} bytes unpacked exceeds {MAX_ARCHIVE_BYTES}")
+    (top,) = tops
+    if out.is_symlink() or (out.exists() and any(out.iterdir()) and not is_bundle(out)):
+        raise BundleError(f"{out}: exists and is not a bundle; not replacing it")
+    tmp = partial_dir(out)
+    try:
+        for name, size in members:
+            rel = PurePosixPath(name).relative_to(top)
+            target = tmp.joinpath(*rel.parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _open_member(archive, name) as src, target.open("xb") as dst:
+                copied = _copy_capped(src, dst, size)
+            if copied != size:
+                raise BundleError(f"{archive}: member {name!r} is not {size} bytes as declared")
+        manifest = verify_bundle(tmp)
+        swap_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _check_count(archive: Path, n: int) -> None:
+    if n > MAX_ARCHIVE_MEMBERS:
+        raise BundleError(f"{archive}: {n} members; a bundle has at most {MAX_ARCHIVE_MEMBERS}")
+
+
+@contextlib.contextmanager
+def _open_member(archive: Path, name: str) -> Iterator[Any]:
+    import tarfile
+    import zipfile
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf, zf.open(name) as f:
+            yield f
+    else:
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile(name)
+            if member is None:
+                raise BundleError(f"{archive}: member {name!r} has no data")
+            with member:
+                yield member
+
+
+def _copy_capped(src: Any, dst: Any, size: int) -> int:
+    """Copy at most size + 1 bytes (so a lying header is caught, not followed)."""
+    copied = 0
+    while copied <= size:
+        chunk = src.read(min(1 << 20, size + 1 - copied))
+        if not chunk:
+            break
+        dst.write(chunk)
+        copied += len(chunk)
+    return copied

@@ -1,0 +1,290 @@
+"""`infopt-pack build`: plan -> compress -> export -> package, one function per arrow.
+
+The plan comes from the planner (model config + device profile + workload) or from a JSON file
+(`Plan.to_json()`, possibly edited by hand). Compression applies it to the real weights
+(`infopt.compress.apply`). Export writes each target's artifact (its `export.artifact`); package
+writes the bundle atomically (`infopt.bundle.files.write_bundle`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from infopt.bundle.files import write_bundle
+from infopt.bundle.manifest import TOKENIZER, tokenizer_section
+from infopt.compress.apply import apply_plan, make_symmetric, symmetric
+from infopt.core.model import Decoder, load_core
+from infopt.core.progress import Progress, silent
+from infopt.errors import InvalidArgumentError
+from infopt.importers import ModelSource, open_model
+from infopt.plan.planner import Plan, load_plan
+from infopt.runtimes.base import Writers
+from infopt.runtimes.registry import names, reference, target, targets
+
+DRAFT_DIR = "draft/"
+SPECULATIVE = ("none", "auto", "self", "ngram")
+CORE_CONTEXT = 256  # the KV cache of a core being compressed: calibration windows fit
+# (a core loads on CUDA when present)
+
+
+def make_plan(
+    source: ModelSource,
+    device: str,
+    context: int | None,
+    batch: int,
+    latency_ms: float | None,
+    speculative: str = "none",
+) -> Plan:
+    from infopt.device_profiles import load_profile
+    from infopt.plan.planner import plan
+
+    return plan(
+        source.spec,
+        load_profile(device),
+        context=context,
+        batch=batch,
+        latency_ms=latency_ms,
+        speculative=speculative,
+    )
+
+
+def build(
+    model: str | Path | None,
+    out: str | Path,
+    *,
+    device: str | None = None,
+    plan_file: str | Path | None = None,
+    runtime: str | None = None,
+    context: int | None = None,
+    batch: int = 1,
+    latency_ms: float | None = None,
+    calibration: str | Path | None = None,
+    speculative: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Build a bundle of `model` (None: the default model) for `device` (or from `plan_file`)
+    at `out`. Returns a summary: bundle, plan, runtime, artifacts, bytes, files, predicted
+    figures, what compression did, the draft, and the seconds it took.
+
+    runtime: the runtime to load by default, or a comma-separated list of runtimes to export
+    (the first is the default); otherwise the plan's. speculative: "none", "ngram", "self" (an
+    INT4 self-draft in the bundle), "auto" (the planner's choice between those) or the path of a
+    draft model (GGUF, Hugging Face folder or an infopt weight file such as `distill` writes)
+    sharing the tokenizer. calibration: a text file; given, quantization is GPTQ, else RTN."""
+    from infopt import __version__
+    from infopt.compress.calibration import calibration_batches, default_calibration_text
+    from infopt.core.default_model import default_model_path
+
+    if device is None and plan_file is None:
+        raise InvalidArgumentError("give a device to plan for (--device) or a plan file (--plan)")
+    if device is not None and plan_file is not None:
+        raise InvalidArgumentError("give a device to plan for or a plan file, not both")
+    requested = [r.strip() for r in runtime.split(",")] if runtime else []
+    for name in requested:
+        if name not in names():
+            raise InvalidArgumentError(f"runtime {name!r}: expected one of {names()}")
+    draft_kind = speculative or "none"
+    if draft_kind not in SPECULATIVE and not Path(draft_kind).exists():
+        raise InvalidArgumentError(
+            f"--speculative {draft_kind!r}: expected one of {SPECULATIVE} or a draft model path"
+        )
+    started = time.perf_counter()
+    source = open_model(model if model is not None else default_model_path())
+    step = progress or silent
+    step("plan", 0, 1)
+    planned = draft_kind if draft_kind in SPECULATIVE else "none"
+    p = (
+        load_plan(plan_file)
+        if plan_file
+        else make_plan(source, str(device), context, batch, latency_ms, planned)
+    )
+    if draft_kind in ("auto", "self", "ngram"):
+        draft_kind = _resolve_draft_kind(p, draft_kind)
+    if p.model.get("layers") not in (None, source.spec.num_layers):
+        raise InvalidArgumentError(
+            f"the plan is for a model of {p.model.get('layers')} layers; "
+            f"{source.path} has {source.spec.num_layers}"
+        )
+    step("plan", 1, 1)
+    chosen_runtime = requested[0] if requested else p.runtime
+    built = [r for r in dict.fromkeys(requested or [p.runtime]) if r in names()]
+    built = built or [reference().name]  # a hand-edited plan's unknown runtime: the reference
+    if symmetric_targets := [r for r in built if target(r).symmetric_int4]:
+        make_symmetric(p, symmetric_targets)
+    cal_text = (
+        Path(calibration).read_text(encoding="utf-8") if calibration else default_calibration_text()
+    )
+    cal_ids = calibration_batches(source.tokenizer.encode(cal_text), 256, 128)
+    step("load weights", 0, 1)
+    core = load_core(source, CORE_CONTEXT, device=None)
+    step("load weights", 1, 1)
+    done = apply_plan(core, p, cal_ids, gptq=calibration is not None, progress=progress)
+    done["stored_dtype"] = str(core.norm.weight.dtype).removeprefix("torch.")
+    timings = {"compress_s": round(time.perf_counter() - started, 1)}
+    max_context = min(p.context, core.spec.max_position_embeddings)
+    artifacts, writers = export_artifacts(core, built, max_context)
+    draft, draft_writers = _draft(draft_kind, source, p, core, built, max_context, cal_ids, step)
+    writers.update(draft_writers)
+    tokenizer = source.tokenizer
+    manifest = {
+        "infopt_version": __version__,
+        "model": {
+            "architecture": core.spec.architecture,
+            "config": core.spec.to_dict(),
+            "parameters": sum(t.numel() for t in core.state_dict().values()),
+            "source": {
+                "name": Path(source.path).name,
+                "format": source.format,
+                "sha256": source.content_hash(),
+            },
+        },
+        "plan": p.to_dict(),
+        "compression": done,
+        "runtime": {
+            "name": chosen_runtime,
+            "requires": (
+                target(chosen_runtime).installed_requirement()
+                if chosen_runtime in names()
+                else {"package": chosen_runtime, "version": ""}
+            ),
+            "artifact_built": chosen_runtime in artifacts,
+        },
+        "artifacts": artifacts,
+        "kv_cache": {
+            "max_context": max_context,
+            "batch": p.batch,
+            "dtype": p.compression.get("kv_dtype"),
+            "layout": "per layer: K and V [batch, kv_heads, max_context, head_dim]",
+            "kv_heads": core.spec.num_kv_heads,
+            "head_dim": core.spec.head_dim,
+            "layers": core.spec.num_layers,
+        },
+        "tokenizer": tokenizer_section(tokenizer),
+        "generation_defaults": source.generation_defaults,
+        "draft": draft,
+    }
+    writers[TOKENIZER] = lambda path: path.write_text(tokenizer.backend.to_str(), encoding="utf-8")
+    step("package", 0, 1)
+    full = write_bundle(out, manifest, writers)
+    step("package", 1, 1)
+    return {
+        "bundle": str(out),
+        "plan": p.compression["name"],
+        "runtime": chosen_runtime,
+        "artifacts": sorted(artifacts),
+        "bytes": sum(f["size"] for f in full["files"]),
+        "files": full["files"],
+        "predicted": p.predicted,
+        "compression": done,
+        "draft": None if draft is None else draft.get("source", draft["kind"]),
+        "seconds": round(time.perf_counter() - started, 1),
+        **timings,
+    }
+
+
+def export_artifacts(
+    core: Decoder, runtimes: list[str], max_context: int, prefix: str = ""
+) -> tuple[dict[str, Any], Writers]:
+    """The manifest entry and the file writers of each runtime's artifact, in the registry's
+    order (file paths under `prefix`: "" for the model, "draft/" for its draft)."""
+    artifacts: dict[str, Any] = {}
+    writers: Writers = {}
+    for name, t in targets().items():
+        if name in runtimes:
+            artifacts[name], files = t.module("export").artifact(core, max_context, prefix)
+            writers.update(files)
+    return artifacts, writers
+
+
+def _resolve_draft_kind(p: Plan, kind: str) -> str:
+    """none / ngram / self: "auto" follows the plan's choice (a plan file may predate it)."""
+    from infopt.plan.costs import Compression, self_draft
+
+    if kind == "ngram":
+        return kind
+    planned = str((p.speculative or {}).get("kind", "none"))
+    if kind == "auto" and planned != "none":
+        return planned
+    weights = p.compression["weights"]
+    can_self = self_draft(Compression("target", weights)) is not None
+    if kind == "self" and not can_self:
+        raise InvalidArgumentError(
+            f"--speculative self: the plan's weights are INT4 already ({weights}); the "
+            "self-draft would be the target itself. Use ngram, or a smaller draft model"
+        )
+    return "self" if can_self else "ngram"
+
+
+def _draft(
+    kind: str,
+    source: ModelSource,
+    p: Plan,
+    target_core: Decoder,
+    runtimes: list[str],
+    max_context: int,
+    calibration: torch.Tensor,
+    step: Progress,
+) -> tuple[dict[str, Any] | None, Writers]:
+    """The manifest's draft section and the writers of the draft's artifacts (under draft/)."""
+    from dataclasses import replace
+
+    from infopt.plan.costs import Compression, self_draft
+
+    if kind == "none":
+        return None, {}
+    if kind == "ngram":
+        return {"kind": "ngram", "max_ngram": 3, "num_draft_tokens": 8}, {}
+    step("draft", 0, 1)
+    if kind == "self":
+        scheme = self_draft(Compression("target", dict(p.compression["weights"])))
+        assert scheme is not None, "_resolve_draft_kind refuses INT4 targets"
+        weights = dict((p.speculative or {}).get("weights") or scheme.weights)
+        if any(target(r).symmetric_int4 for r in runtimes):  # as for the target
+            weights = symmetric(weights)
+        core = load_core(source, CORE_CONTEXT, device=None)
+        draft_plan = replace(p, compression={**p.compression, "weights": weights})
+        apply_plan(core, draft_plan, calibration, gptq=False)
+        label = "self-int4"
+    else:
+        core, weights, label = _draft_model(Path(kind), source, target_core)
+    step("draft", 1, 1)
+    artifacts, writers = export_artifacts(core, runtimes, max_context, prefix=DRAFT_DIR)
+    section = {
+        "kind": "model",
+        "source": label,
+        "config": core.spec.to_dict(),
+        "parameters": sum(t.numel() for t in core.state_dict().values()),
+        "weights": weights,
+        "num_draft_tokens": 4,
+        "artifacts": artifacts,
+    }
+    return section, writers
+
+
+def _draft_model(
+    path: Path, source: ModelSource, target_core: Decoder
+) -> tuple[Decoder, dict[str, str], str]:
+    """A user's draft model (GGUF, HF folder, or an infopt weight file), checked against the
+    target's vocabulary and tokenizer."""
+    from infopt.core.weights import load_model
+    from infopt.decode.drafters import DraftMismatchError
+
+    if path.is_file() and path.suffix == ".safetensors":
+        core = load_model(path)
+    else:
+        draft_source = open_model(path)
+        if draft_source.tokenizer.backend.get_vocab() != source.tokenizer.backend.get_vocab():
+            raise DraftMismatchError(
+                f"draft {path}: its tokenizer differs from the target's; a draft must share it"
+            )
+        core = load_core(draft_source, CORE_CONTEXT, device=None)
+    if core.spec.vocab_size != target_core.spec.vocab_size:
+        raise DraftMismatchError(
+            f"draft {path}: a vocabulary of {core.spec.vocab_size} tokens, the target's has "
+            f"{target_core.spec.vocab_size}; a draft must share the target's tokenizer"
+        )
+    return core, {"model": "as given"}, path.name

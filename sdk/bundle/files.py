@@ -1,0 +1,194 @@
+"""A bundle's files: checked against the manifest before any parser reads them, and written
+atomically.
+
+Verifying: the bundle and its manifest are no links, every listed path stays inside, every file
+matches its size and sha256, and no file is missing or unlisted. Writing: the bundle is
+assembled in a temporary directory beside its destination and swapped in at the end, so a
+failed or killed write leaves the destination as it was. No torch, no runtime package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import shutil
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from infopt.bundle.manifest import FORMAT, MANIFEST, VERSION, is_bundle, read_manifest
+from infopt.errors import BundleError
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_relative(root: Path, name: object) -> Path:
+    """`name` as a path inside `root`, or a BundleError: relative, no `..`, no backslashes."""
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{root}: file entry {name!r} is not a path")
+    pure = PurePosixPath(name)
+    if (
+        pure.is_absolute()
+        or "\\" in name
+        or any(part in ("..", ".", "") for part in name.split("/"))
+        or name == MANIFEST
+    ):
+        raise BundleError(f"{root}: file path {name!r} leaves the bundle or is not canonical")
+    return root.joinpath(*pure.parts)
+
+
+def walk(root: Path) -> Iterator[Path]:
+    """Every entry under root (files, links, directories), never following links."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            yield Path(dirpath) / name
+
+
+def verify_bundle(path: str | Path) -> dict[str, Any]:
+    """The manifest of a bundle whose every file checks out; a BundleError naming the first file
+    that does not (changed, truncated, missing, unlisted, a link, outside the bundle)."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    listed: dict[Path, dict[str, Any]] = {}
+    for entry in manifest["files"]:
+        target = safe_relative(root, entry.get("path"))
+        if target in listed:
+            raise BundleError(f"{root}: {entry['path']!r} is listed twice")
+        listed[target] = entry
+    for entry_path in walk(root):
+        if entry_path.is_symlink():
+            raise BundleError(f"{entry_path}: links are not allowed in a bundle")
+        if entry_path.is_dir():
+            continue
+        if entry_path != root / MANIFEST and entry_path not in listed:
+            raise BundleError(f"{entry_path}: not listed in the manifest")
+    for target, entry in listed.items():
+        try:
+            st = target.lstat()
+        except FileNotFoundError:
+            raise BundleError(f"{target}: listed in the manifest but missing") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{target}: not a regular file")
+        if st.st_size != entry["size"]:
+            raise BundleError(f"{target}: {st.st_size} bytes, the manifest says {entry['size']}")
+        if sha256_file(target) != entry["sha256"]:
+            raise BundleError(f"{target}: sha256 does not match the manifest (changed)")
+    names = {str(PurePosixPath(e["path"])) for e in manifest["files"]}
+    drafts = (manifest.get("draft") or {}).get("artifacts") or {}
+    for label, arts in (("artifact", manifest["artifacts"]), ("draft artifact", drafts)):
+        for runtime, artifact in arts.items():
+            for f in artifact.get("files", []):
+                if f not in names:
+                    raise BundleError(f"{root}: {label} {runtime!r} names unlisted file {f!r}")
+    return manifest
+
+
+def write_bundle(
+    out: str | Path, manifest: dict[str, Any], writers: dict[str, Callable[[Path], object]]
+) -> dict[str, Any]:
+    """Write a bundle atomically. `writers` maps each relative file path to a function writing
+    that file (and any siblings it needs); `manifest` gets format, version and the sizes and
+    hashes of every file written. OUT is replaced
+    only when everything is written and verified; on any failure it is left as it was."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BundleError(f"{out}: exists and is not a bundle directory; not replacing it")
+    if out.exists() and any(out.iterdir()) and not is_bundle(out):
+        raise BundleError(f"{out}: a non-empty directory that is not a bundle; not replacing it")
+    tmp = partial_dir(out)
+    try:
+        for rel in sorted(writers):
+            target = safe_relative(tmp, rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            writers[rel](target)
+        files = [  # what the writers wrote (a writer may add siblings: ONNX external data)
+            {
+                "path": p.relative_to(tmp).as_posix(),
+                "size": p.stat().st_size,
+                "sha256": sha256_file(p),
+            }
+            for p in sorted(walk(tmp))
+            if p.is_file()
+        ]
+        full = {"format": FORMAT, "version": VERSION, **manifest, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+        fsync_tree(tmp)
+        verify_bundle(tmp)
+        swap_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return full
+
+
+def partial_dir(out: Path) -> Path:
+    """A fresh work directory beside `out`, named after this process; those left by killed
+    processes (their pid gone) are removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{out.name}.partial-"
+    for stale in out.parent.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix) :].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fsync_tree(root: Path) -> None:
+    for p in [*walk(root), root]:
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+_RENAME_EXCHANGE = 2
+
+
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Put directory `tmp` at `out`: a plain rename when `out` is absent; an atomic exchange
+    (Linux renameat2) when it exists, so no moment leaves `out` missing; elsewhere two renames."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if _exchange(tmp, out):
+        shutil.rmtree(tmp)  # now holds the previous bundle
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        at_fdcwd = -100
+        rc = libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+        return bool(rc == 0)
+    return False

@@ -1,0 +1,281 @@
+"""The bundle manifest (`manifest.json`): what a bundle holds, described by one JSON Schema and
+checked against it on every read, so a missing key or a value of the wrong type is a
+`BundleError` naming the key before anything else reads the bundle.
+
+Sections: format and version; the model (architecture, config, source and its hash); the plan
+(choices, reasons, predicted memory and speed) and what compression did; the runtime to load
+and every runtime's artifact (files, package version range, the interface an app calls; each
+target's own keys come from its record, `Target.artifact_fields`); the KV cache; the tokenizer
+(file, special tokens, chat template); generation defaults; the draft for speculative decoding;
+and every file with its size and sha256. Unknown format versions are refused. No torch here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import stat
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any
+
+from infopt.core.schema import (
+    BOOL,
+    COUNT,
+    INT,
+    INTS,
+    NUM,
+    STR,
+    STRS,
+    nullable,
+    open_object,
+    strict,
+)
+from infopt.core.spec import ModelSpec
+from infopt.errors import BundleError
+
+FORMAT, VERSION = "infopt-bundle", 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+MAX_MANIFEST_BYTES = 16 << 20
+
+# ModelSpec field annotations -> their JSON types (a new annotation must be added here; the
+# schema test enumerates ModelSpec's fields)
+SPEC_TYPES: dict[str, dict[str, Any]] = {
+    "str": STR,
+    "int": COUNT,
+    "float": NUM,
+    "bool": BOOL,
+    "int | None": nullable(INT),
+    "dict[str, Any] | None": nullable(open_object()),
+    "tuple[int, ...]": INTS,
+}
+
+
+def config_schema() -> dict[str, Any]:
+    """`ModelSpec.to_dict()`: every field typed, the ones without a default required."""
+    props = {f.name: SPEC_TYPES[str(f.type)] for f in fields(ModelSpec)}
+    required = tuple(
+        f.name for f in fields(ModelSpec) if f.default is MISSING and f.default_factory is MISSING
+    )
+    return strict(props, required)
+
+
+REQUIRES = strict({"package": STR, "version": STR}, ("package", "version"))
+COMMON_ARTIFACT = {
+    "files": {"type": "array", "items": STR, "minItems": 1},
+    "format": STR,
+    "requires": REQUIRES,
+    "max_context": COUNT,
+    "kv_dtype": STR,
+}
+WEIGHTS = open_object(STR)  # tensor group -> scheme
+
+
+def artifacts_schema() -> dict[str, Any]:
+    """Each known target's artifact with its own keys; an unknown target's (a newer infopt's)
+    with the keys every artifact has, so the others stay loadable."""
+    from infopt.runtimes.registry import targets
+
+    known = {
+        name: strict({**COMMON_ARTIFACT, **t.artifact_fields}, ("files", *t.artifact_required))
+        for name, t in targets().items()
+    }
+    return {
+        "type": "object",
+        "properties": known,
+        "additionalProperties": {
+            "type": "object",
+            "properties": COMMON_ARTIFACT,
+            "required": ["files"],
+        },
+    }
+
+
+def plan_schema() -> dict[str, Any]:
+    compression = {
+        "type": "object",
+        "properties": {
+            "name": STR,
+            "weights": WEIGHTS,
+            "kv_dtype": STR,
+            "mlp_prune": NUM,
+            "low_rank": nullable(NUM),
+        },
+        "required": ["weights"],
+    }
+    return {
+        "type": "object",
+        "properties": {
+            "model": open_object(),
+            "device": STR,
+            "runtime": STR,
+            "compute_precision": STR,
+            "compression": compression,
+            "context": COUNT,
+            "batch": COUNT,
+            "latency_target_ms": nullable(NUM),
+            "static_shapes": BOOL,
+            "pruning": {"type": "object", "properties": {"kind": STR, "sparsity": NUM}},
+            "low_rank_ratio": nullable(NUM),
+            "predicted": open_object(),
+            "usable_memory": NUM,
+            "headroom_bytes": NUM,
+            "reasons": STRS,
+            "rejected": {"type": "array", "items": strict({"option": STR, "reason": STR})},
+            "speculative": {"type": "object", "properties": {"kind": STR}},
+        },
+    }
+
+
+def draft_schema() -> dict[str, Any]:
+    model = strict(
+        {
+            "kind": {"const": "model"},
+            "source": STR,
+            "config": config_schema(),
+            "parameters": INT,
+            "weights": WEIGHTS,
+            "num_draft_tokens": COUNT,
+            "artifacts": artifacts_schema(),
+        },
+        ("kind", "config", "artifacts"),
+    )
+    ngram = strict(
+        {"kind": {"const": "ngram"}, "max_ngram": COUNT, "num_draft_tokens": COUNT}, ("kind",)
+    )
+    return {"anyOf": [{"type": "null"}, model, ngram]}
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The manifest's JSON Schema (draft 2020-12)."""
+    model = strict(
+        {
+            "architecture": STR,
+            "config": config_schema(),
+            "parameters": INT,
+            "source": strict({"name": STR, "format": STR, "sha256": STR}),
+        },
+        ("config",),
+    )
+    kv_cache = strict(
+        {
+            "max_context": COUNT,
+            "batch": COUNT,
+            "dtype": nullable(STR),
+            "layout": STR,
+            "kv_heads": COUNT,
+            "head_dim": COUNT,
+            "layers": COUNT,
+        },
+        ("max_context",),
+    )
+    tokenizer = strict(
+        {
+            "file": STR,
+            "bos_token_id": nullable(INT),
+            "eos_token_ids": INTS,
+            "add_bos_token": BOOL,
+            "special_tokens": open_object(STR),
+            "chat_template": nullable(STR),
+        }
+    )
+    runtime = strict({"name": STR, "requires": REQUIRES, "artifact_built": BOOL}, ("name",))
+    compression = strict(
+        {
+            "stored_dtype": STR,
+            "quantization": STR,
+            "mlp_intermediate_size": COUNT,
+            "low_rank_layers": INT,
+        }
+    )
+    entry = strict(
+        {
+            "path": STR,
+            "size": {"type": "integer", "minimum": 0},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        },
+        ("path", "size", "sha256"),
+    )
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"{FORMAT} manifest, version {VERSION}",
+        **strict(
+            {
+                "format": {"const": FORMAT},
+                "version": {"const": VERSION},
+                "infopt_version": STR,
+                "model": model,
+                "plan": nullable(plan_schema()),
+                "compression": compression,
+                "runtime": runtime,
+                "artifacts": artifacts_schema(),
+                "kv_cache": kv_cache,
+                "tokenizer": tokenizer,
+                "generation_defaults": nullable(open_object()),
+                "draft": draft_schema(),
+                "files": {"type": "array", "items": entry},
+            },
+            ("format", "version", "model", "runtime", "artifacts", "kv_cache", "tokenizer"),
+        ),
+    }
+
+
+def is_bundle(path: str | Path) -> bool:
+    """A directory holding a manifest (whether it verifies is `open_bundle`'s business)."""
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST).exists()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the bundle at `path`, checked against the schema (no data file is
+    opened): a `BundleError` naming the first key that is missing or of the wrong type."""
+    root = Path(path)
+    if root.is_symlink() or not root.is_dir():
+        raise BundleError(f"{root}: a bundle is a directory (not a link or a file)")
+    manifest_path = root / MANIFEST
+    try:
+        st = manifest_path.lstat()
+    except FileNotFoundError:
+        raise BundleError(f"{root}: no {MANIFEST}; not an infopt bundle") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{manifest_path}: must be a regular file, not a link")
+    if st.st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest_path}: {st.st_size} bytes is too large for a manifest")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{manifest_path}: not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path}: not an {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise BundleError(
+            f"{manifest_path}: format version {manifest.get('version')!r}; this infopt reads "
+            f"version {VERSION} (upgrade infopt, or rebuild the bundle)"
+        )
+    check_manifest(manifest, str(manifest_path))
+    return manifest
+
+
+def check_manifest(manifest: object, where: str) -> None:
+    """`manifest` against the schema; a `BundleError` naming the key and what is wrong."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(manifest))
+    if error is not None:
+        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise BundleError(f"{where}: {key}: {error.message}")
+
+
+def tokenizer_section(tokenizer: Any) -> dict[str, Any]:
+    """The manifest's tokenizer entry for an infopt Tokenizer (its backend goes to TOKENIZER)."""
+    return {
+        "file": TOKENIZER,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_ids": list(tokenizer.eos_token_ids),
+        "add_bos_token": tokenizer.add_bos_token,
+        "special_tokens": dict(tokenizer.special_tokens),
+        "chat_template": tokenizer.chat_template,
+    }

@@ -1,0 +1,36 @@
+"""`infopt-pack`: the command line, one thin module per group of commands; each command parses
+its options and calls the library function the Python API calls too. Every command takes
+--json for scripts."""
+
+from __future__ import annotations
+
+import click
+
+from infopt.cli import bundle, info, plan, quality, run
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="infopt")
+def main() -> None:
+    """infopt: plan, compress, package and run LLMs on edge devices and desktops.
+
+    \b
+    Try:
+      infopt-pack run --prompt "Explain KV caching in one paragraph."
+      infopt-pack inspect
+    """
+
+
+for command in (
+    run.run,
+    info.inspect,
+    plan.devices,
+    plan.plan,
+    quality.evaluate_cmd,
+    quality.distill,
+    bundle.build,
+    bundle.unpack,
+    bundle.verify,
+    bundle.bench,
+):
+    main.add_command(command)

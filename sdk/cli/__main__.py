@@ -1,0 +1,5 @@
+"""`python -m infopt.cli ...`, the same as `infopt-pack ...`."""
+
+from infopt.cli import main
+
+main()

@@ -1,0 +1,221 @@
+"""`infopt-pack build`, `unpack`, `verify` and `bench`: bundles made, unpacked, checked and
+measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from infopt.cli.output import Bars, emit_json, fmt_bytes, friendly_errors, json_option
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option("-d", "--device", help="Plan for this device (see `infopt-pack devices`).")
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Or: build from a plan saved by `infopt-pack plan --json` (edit it as you like).",
+)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle dir.")
+@click.option(
+    "--runtime",
+    help="Override the plan's runtime (one of `infopt-pack devices`' runtimes; a mobile "
+    "device's profile picks its own); a comma-separated list puts several artifacts in the "
+    "bundle (the first is the default).",
+)
+@click.option("--context", type=int, help="Tokens the KV cache must hold.")
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--latency-ms", type=float, help="Per-token decode latency target.")
+@click.option(
+    "--calibration",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Calibration text: quantize with GPTQ (without it: round-to-nearest).",
+)
+@click.option(
+    "--speculative",
+    metavar="auto|self|ngram|DRAFT",
+    help="Put a draft for speculative decoding in the bundle: self = the model quantized to "
+    "INT4 (the model's own output at near-INT4 speed); ngram = prompt lookup, no draft model; "
+    "auto = the planner's pick; DRAFT = a draft model path (GGUF, HF folder, or a student from "
+    "`infopt-pack distill`) sharing the tokenizer. Default: none.",
+)
+@click.option(
+    "--archive",
+    type=click.Choice(["tar", "zip"]),
+    help="Also write the bundle as one file, OUT.tar or OUT.zip (see `infopt-pack unpack`).",
+)
+@json_option
+@friendly_errors
+def build(
+    model: str | None,
+    device: str | None,
+    plan_file: str | None,
+    out: str,
+    runtime: str | None,
+    context: int | None,
+    batch: int,
+    latency_ms: float | None,
+    calibration: str | None,
+    speculative: str | None,
+    archive: str | None,
+    as_json: bool,
+) -> None:
+    """Plan, compress and package MODEL into a self-contained, checksummed bundle directory.
+
+    The bundle is written beside OUT and swapped in at the end: a failed or interrupted build
+    leaves OUT as it was.
+
+    \b
+    Examples:
+      infopt-pack build --device host -o smollm2-host
+      infopt-pack plan --device rtx4090-24gb --json > plan.json   # edit, then:
+      infopt-pack build --plan plan.json -o smollm2-4090
+      infopt-pack build --device host --runtime onnxruntime,pytorch -o smollm2-ort
+      infopt-pack build --device apple-ane -o smollm2-ane        # Core ML .mlpackage
+      infopt-pack build --device host --runtime tflite -o smollm2-tflite
+      infopt-pack build --device host --speculative self -o smollm2-spec
+      infopt-pack run smollm2-host --prompt "Hi"
+    """
+    import infopt
+
+    bars = Bars(quiet=as_json)
+    try:
+        summary = infopt.build(
+            model,
+            out,
+            device=device,
+            plan_file=plan_file,
+            runtime=runtime,
+            context=context,
+            batch=batch,
+            latency_ms=latency_ms,
+            calibration=calibration,
+            speculative=speculative,
+            progress=bars,
+        )
+    finally:
+        bars.close()
+    if archive:
+        from infopt.bundle.archive import write_archive
+
+        packed = write_archive(out, archive)
+        summary["archive"] = {"path": str(packed), "bytes": packed.stat().st_size}
+    if as_json:
+        emit_json(summary)
+        return
+    est = summary["predicted"]
+    click.echo(f"bundle   {summary['bundle']} ({summary['bytes'] / 1e6:.1f} MB)")
+    click.echo(f"plan     {summary['plan']}, runtime {summary['runtime']}")
+    if summary["draft"]:
+        click.echo(f"draft    {summary['draft']} (speculative decoding)")
+    click.echo(
+        f"predicted {fmt_bytes(est['total'])} memory, {est['decode_tok_s']:.1f} tok/s decode"
+    )
+    for f in summary["files"]:
+        click.echo(f"  {f['path']:<24} {f['size'] / 1e6:>9.1f} MB  sha256 {f['sha256'][:16]}")
+    click.echo(f"built in {summary['seconds']:.1f} s")
+    if archive:
+        click.echo(f"archive  {summary['archive']['path']}")
+
+
+@click.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle dir.")
+@friendly_errors
+def unpack(archive: str, out: str) -> None:
+    """Extract a bundle archive (.tar or .zip from `build --archive`) into OUT and verify it.
+    Links, devices, absolute or `..` paths and oversized archives are refused before anything
+    is written; OUT is replaced only by a verified bundle."""
+    from infopt.bundle.archive import extract_archive
+
+    manifest = extract_archive(archive, out)
+    click.echo(f"{out}: ok, {len(manifest['files'])} files verified")
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--runtime", help="Only this artifact (default: every runtime the bundle carries).")
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--repeat", type=int, default=3, show_default=True, help="Alternating rounds.")
+@click.option("--compare", is_flag=True, help="Also run the peers (llama.cpp, ORT GenAI, ...).")
+@click.option(
+    "--peers",
+    type=click.Path(file_okay=False),
+    default="/tmp/infopt-peers",
+    show_default=True,
+    help="The directory `bash tools/peers/setup_peers.sh DIR` (in an infopt checkout) prepared "
+    "for --compare: the peers' virtual environment, models and bench scripts.",
+)
+@json_option
+@friendly_errors
+def bench(
+    bundle: str,
+    runtime: str | None,
+    threads: int,
+    repeat: int,
+    compare: bool,
+    peers: str,
+    as_json: bool,
+) -> None:
+    """Measure BUNDLE: TTFT (32-token prompt), prefill (512 tokens) and decode (128 greedy
+    tokens) speed, per-token latency p50/p95/p99 and peak RSS, each run in a fresh process,
+    rounds alternating; medians. --compare runs the peers in the same session and prints
+    ratios against the best one.
+
+    \b
+    Examples:
+      infopt-pack bench smollm2-host
+      infopt-pack bench smollm2-int4 --runtime onnxruntime --compare
+    """
+    import infopt
+    from infopt.measure.speed import table
+
+    infopt.open_bundle(bundle)
+    rows = infopt.bench(
+        [(Path(bundle).name, bundle)],
+        runtime=runtime,
+        threads=threads,
+        repeat=repeat,
+        compare=compare,
+        peers=peers,
+        log=None if as_json else lambda line: click.echo(line, err=True),
+    )
+    if as_json:
+        emit_json(rows)
+        return
+    click.echo(table(rows, threads, markdown=False))
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@json_option
+@friendly_errors
+def verify(bundle: str, as_json: bool) -> None:
+    """Check every file of BUNDLE against its manifest (sizes, sha256, nothing extra or missing,
+    no links, no path outside) and the manifest against its schema, and read back the
+    artifacts whose target can be read back without running them (a Core ML package against
+    the inputs, windows, outputs and states the manifest gives an app; needs coremltools, not
+    macOS). Exit code 1 names the first file or field that fails."""
+    from infopt.bundle import open_bundle
+    from infopt.runtimes.registry import targets
+
+    opened = open_bundle(bundle)
+    files = opened.manifest["files"]
+    packages = [
+        t.module("check").check_package(opened.root, opened.manifest["artifacts"][name])
+        for name, t in targets().items()
+        if t.reads_back and name in opened.manifest["artifacts"]
+    ]
+    if as_json:
+        emit_json({"bundle": bundle, "ok": True, "files": files, "packages": packages})
+        return
+    click.echo(f"{bundle}: ok, {len(files)} files verified")
+    for p in packages:
+        click.echo(
+            f"{p['package']}: inputs, windows {p['windows']}, outputs and states "
+            f"{p['states']} match the manifest; quantized weights: "
+            f"{p['quantized_weights'] or 'none'}"
+        )

@@ -1,0 +1,97 @@
+"""`infopt-pack inspect`: what a model file or a bundle holds, without loading weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from infopt.cli.output import emit_json, friendly_errors, json_option, rows
+
+
+@click.command()
+@click.argument("model", required=False)
+@json_option
+@friendly_errors
+def inspect(model: str | None, as_json: bool) -> None:
+    """Show MODEL's architecture, parameter count, context and tokenizer facts (no weights read).
+    For a bundle: its manifest (plan, runtime, KV cache, files), checked against its schema but
+    not verified (see `infopt-pack verify`)."""
+    from infopt.bundle import is_bundle
+
+    if model is not None and is_bundle(model):
+        _inspect_bundle(model, as_json)
+        return
+    from infopt.core.default_model import default_model_path
+    from infopt.importers import open_model
+
+    info = open_model(model if model is not None else default_model_path()).summary()
+    if as_json:
+        emit_json(info)
+        return
+    config, tok = info["config"], info["tokenizer"]
+    rows(
+        [
+            ("model", info["path"]),
+            ("format", info["format"]),
+            ("architecture", info["architecture"]),
+            ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e6:.1f} M)"),
+            (
+                "layers / hidden / mlp",
+                f"{config['num_layers']} / {config['hidden_size']} / {config['intermediate_size']}",
+            ),
+            (
+                "heads / kv heads / head dim",
+                f"{config['num_heads']} / {config['num_kv_heads']} / {config['head_dim']}",
+            ),
+            ("context length", f"{info['context_length']:,}"),
+            (
+                "rope",
+                f"theta {config['rope_theta']:g}, scaling {config['rope_scaling'] or 'none'}",
+            ),
+            ("tied embeddings", str(config["tie_word_embeddings"])),
+            ("vocab size", f"{tok['vocab_size']:,}"),
+            ("special tokens", ", ".join(f"{k}={v}" for k, v in tok["special_tokens"].items())),
+            ("eos token ids", str(tok["eos_token_ids"])),
+            ("chat template", "yes" if tok["chat_template"] else "no"),
+        ]
+    )
+
+
+def _inspect_bundle(path: str, as_json: bool) -> None:
+    from infopt.bundle import open_bundle
+    from infopt.runtimes.registry import targets
+
+    bundle = open_bundle(Path(path), verify=False)
+    m = bundle.manifest
+    if as_json:
+        emit_json(m)
+        return
+    config, kv, plan = m["model"]["config"], m["kv_cache"], m.get("plan") or {}
+    draft = bundle.draft or {}
+    table = [
+        (
+            "bundle",
+            f"{path} (format {m['format']} {m['version']}, infopt {m.get('infopt_version')})",
+        ),
+        ("model", f"{m['model']['source']['name']} ({m['model']['architecture']})"),
+        ("parameters", f"{m['model']['parameters']:,}"),
+        (
+            "layers / hidden / mlp",
+            f"{config['num_layers']} / {config['hidden_size']} / {config['intermediate_size']}",
+        ),
+        ("plan", f"{plan.get('compression', {}).get('name')} for {plan.get('device')}"),
+        ("runtime", f"{bundle.default_runtime} (needs {m['runtime'].get('requires')})"),
+        ("artifacts", ", ".join(bundle.runtimes)),
+        ("KV cache", f"{kv['max_context']} tokens x batch {kv['batch']}, {kv['dtype']}"),
+        ("chat template", "yes" if m["tokenizer"].get("chat_template") else "no"),
+        ("draft", draft.get("source") or draft.get("kind") or "none"),
+    ]
+    for name, t in targets().items():  # what an app calling an artifact itself needs
+        if name in m["artifacts"]:
+            table += t.describe(m["artifacts"][name])
+    rows(table)
+    for f in m["files"]:
+        click.echo(f"  {f['path']:<24} {f['size']:>12,} bytes  sha256 {f['sha256'][:16]}")
+    for reason in plan.get("reasons", []):
+        click.echo(f"  why: {reason}")

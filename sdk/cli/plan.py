@@ -1,0 +1,145 @@
+"""`infopt-pack devices` and `plan`: the device profiles, and the plan for a model on one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from infopt.cli.output import MODEL_HELP, emit_json, fmt_bytes, friendly_errors, json_option, rows
+
+
+def _speculative_row(choice: dict[str, Any]) -> str:
+    kind = choice.get("kind", "none")
+    if kind == "self":
+        return f"INT4 self-draft ({choice['draft']}), {fmt_bytes(choice['bytes'])} in the total"
+    return "prompt lookup (n-gram), no draft memory" if kind == "ngram" else "none"
+
+
+@click.command()
+@click.option("--measure-bandwidth", is_flag=True, help="Measure the host's memory bandwidth.")
+@json_option
+@friendly_errors
+def devices(measure_bandwidth: bool, as_json: bool) -> None:
+    """List the device profiles (built in, plus `host` read from this machine).
+
+    A profile of your own is any TOML file of the same schema; pass its path as --device.
+    """
+    from infopt.device_profiles import builtin_names, load_profile
+
+    profiles = [load_profile(n, measure_bandwidth=measure_bandwidth) for n in builtin_names()]
+    if as_json:
+        emit_json([p.to_dict() for p in profiles])
+        return
+    click.echo(
+        f"{'name':<14}{'kind':<5}{'usable':>10}{'bandwidth':>12}  "
+        f"{'weights':<26}{'compute':<24}runtimes"
+    )
+    for p in profiles:
+        click.echo(
+            f"{p.name:<14}{p.kind:<5}{fmt_bytes(p.usable_bytes):>10}"
+            f"{p.bandwidth / 1e9:>8.0f} GB/s  {','.join(p.weight_precisions):<26}"
+            f"{','.join(p.compute_precisions):<24}{','.join(p.runtimes)}"
+        )
+        click.echo(f"{'':<19}{p.description}")
+
+
+@click.command()
+@click.option("-m", "--model", help=MODEL_HELP + " A bare config.json is enough.")
+@click.option(
+    "-d",
+    "--device",
+    required=True,
+    help="A profile name (see `infopt-pack devices`), `host`, or a .toml file.",
+)
+@click.option("--context", type=int, help="Tokens the KV cache must hold (default: the model's).")
+@click.option("--batch", type=int, default=1, show_default=True, help="Concurrent sequences.")
+@click.option("--latency-ms", type=float, help="Per-token decode latency target.")
+@click.option(
+    "--scenario",
+    type=click.Choice(["code-completion", "chat", "batch"]),
+    help="A named latency target: code-completion 50 ms, chat 200 ms, batch none.",
+)
+@click.option("--measure-bandwidth", is_flag=True, help="For --device host: measure bandwidth.")
+@click.option(
+    "--speculative",
+    type=click.Choice(["none", "auto", "self", "ngram"]),
+    default="none",
+    show_default=True,
+    help="Plan room for a speculative draft: self = an INT4 copy of the model beside it; "
+    "ngram = prompt lookup (no memory); auto = self when it fits and the model is above INT4.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@friendly_errors
+def plan(
+    model: str | None,
+    device: str,
+    context: int | None,
+    batch: int,
+    latency_ms: float | None,
+    scenario: str | None,
+    measure_bandwidth: bool,
+    speculative: str,
+    as_json: bool,
+) -> None:
+    """Choose quantization, pruning and low-rank for MODEL on DEVICE, and explain why.
+
+    \b
+    Examples:
+      infopt-pack plan --device host
+      infopt-pack plan --model llama-2-70b/config.json --device rtx4090-24gb --context 4096
+      infopt-pack plan --model m.gguf --device apple-ane --scenario chat --json
+    """
+    from infopt.core.default_model import default_model_path
+    from infopt.device_profiles import load_profile
+    from infopt.importers import load_spec
+    from infopt.plan.planner import SCENARIOS
+    from infopt.plan.planner import plan as make_plan
+
+    spec = load_spec(model if model is not None else default_model_path())
+    profile = load_profile(device, measure_bandwidth=measure_bandwidth)
+    target = latency_ms if latency_ms is not None else SCENARIOS.get(scenario or "")
+    p = make_plan(
+        spec, profile, context=context, batch=batch, latency_ms=target, speculative=speculative
+    )
+    if as_json:
+        click.echo(p.to_json())
+        return
+    est, c = p.predicted, p.compression
+    table = [
+        ("device", f"{profile.name} ({profile.description})"),
+        (
+            "runtime / compute",
+            f"{p.runtime} / {p.compute_precision}"
+            + (" / static shapes" if p.static_shapes else ""),
+        ),
+        ("weights", ", ".join(f"{g} {s}" for g, s in c["weights"].items())),
+        ("KV cache", f"{c['kv_dtype']}, {p.context} tokens x batch {p.batch}"),
+        ("pruning", f"MLP channels {c['mlp_prune']:.0%}" if c["mlp_prune"] else "none"),
+        ("low-rank", f"{c['low_rank']:.0%} of block parameters" if c["low_rank"] else "none"),
+        ("speculative", _speculative_row(p.speculative)),
+        (
+            "memory",
+            f"{fmt_bytes(est['total'])} = weights {fmt_bytes(est['weights'])} + KV "
+            f"{fmt_bytes(est['kv_cache'])} + activations "
+            f"{fmt_bytes(est['activations'])} + overhead {fmt_bytes(est['overhead'])}"
+            + (f" + draft {fmt_bytes(est['draft'])}" if est.get("draft") else ""),
+        ),
+        ("quick formula", f"{fmt_bytes(est['quick_formula'])} (params x bytes x 1.2)"),
+        ("headroom", f"{fmt_bytes(p.headroom_bytes)} of {fmt_bytes(p.usable_memory)} usable"),
+        (
+            "decode",
+            f"{est['decode_tok_s']:.1f} tok/s ({est['ms_per_token']:.1f} ms/token, "
+            f"{est['bound']}-bound)",
+        ),
+        ("prefill", f"{est['prefill_tok_s']:.0f} tok/s"),
+    ]
+    click.echo(f"plan: {c['name']}")
+    rows(table, indent="  ")
+    click.echo("why:")
+    for reason in p.reasons:
+        click.echo(f"  - {reason}")
+    if p.rejected:
+        click.echo("rejected (less lossy):")
+        for r in p.rejected:
+            click.echo(f"  - {r['option']}: {r['reason']}")

@@ -1,0 +1,309 @@
+"""The model core: one export-friendly decoder (Llama, Mistral, Qwen2) with a preallocated KV cache.
+
+Every runtime starts from this definition. No data-dependent Python control flow: positions come in
+as a tensor, the KV cache is written with `index_copy_`, and the causal mask is computed from the
+positions, so the same graph traces for prefill (T tokens) and decode (1 token).
+Parameter names mirror Hugging Face's (minus the leading `model.`), so HF state dicts load as-is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infopt.core.spec import ModelSpec
+from infopt.errors import InvalidArgumentError, ModelFormatError
+
+if TYPE_CHECKING:
+    from infopt.importers import ModelSource
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """Inverse RoPE frequencies [head_dim/2], float32, with the config's scaling, as HF does."""
+    dim = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * torch.pi / inv
+        scaled = torch.where(wavelen > old_ctx / low, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [T, D] (the half-split layout HF uses)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated K/V buffers [B, H_kv, max_len, D]; positions are written in place."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def __init__(
+        self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        bias = spec.attention_bias
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        self.n_heads, self.n_kv, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        self.cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        groups = self.n_heads // self.n_kv
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        assert self.cache is not None, "call Decoder.setup_cache() first"
+        k_all, v_all = self.cache.update(pos, k, v)
+        window = mask.shape[-1]
+        k_all, v_all = k_all[:, :, :window], v_all[:, :, :window]
+        # GQA without copying K/V: the `groups` query heads of one KV head become extra rows.
+        q = q.reshape(b, self.n_kv, groups * t, self.head_dim)
+        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask.repeat(groups, 1))
+        out = out.view(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out)
+
+
+class LowRankLinear(nn.Module):
+    """y = (x V^T) U^T + b with U [out, r], V [r, in]: r (in + out) parameters, not in x out."""
+
+    def __init__(self, u: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.out_features, self.rank = u.shape
+        self.in_features = v.shape[1]
+        self.u = nn.Parameter(u.contiguous(), requires_grad=False)
+        self.v = nn.Parameter(v.contiguous(), requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.v), self.u, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, rank={self.rank}"
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Decoder-only transformer. `forward(tokens [B,T], pos [T], window)` -> logits [B, T|1, V]."""
+
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        # nn.Embedding / nn.Linear, or their quantized forms after compression
+        self.embed_tokens: nn.Module = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head: nn.Module = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.tie_weights()
+        self.max_len = 0
+
+    def tie_weights(self) -> None:
+        """The LM head reads the embedding table (one tensor, stored once)."""
+        self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [cast(Block, layer) for layer in self.layers]
+
+    def setup_cache(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
+        """Allocate the KV cache and the RoPE tables for `max_len` positions."""
+        dtype = dtype or self.norm.weight.dtype
+        device = self.norm.weight.device
+        for layer in self.blocks:
+            cache = KVCache(batch, self.spec.num_kv_heads, max_len, self.spec.head_dim, dtype)
+            layer.self_attn.cache = cache.to(device)
+        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(self.spec)
+        emb = torch.cat((freqs, freqs), dim=-1).to(device)  # [max_len, D]
+        self.register_buffer("rope_cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("rope_sin", emb.sin().to(dtype), persistent=False)
+        self.max_len = max_len
+
+    def causal_mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
+        """Bool mask [T, window]: key j is visible to query at position p iff j <= p (and in the
+        sliding window, if the model has one)."""
+        keys = torch.arange(window, device=pos.device)[None, :]
+        visible = keys <= pos[:, None]
+        if self.spec.sliding_window is not None:
+            visible = visible & (keys > pos[:, None] - self.spec.sliding_window)
+        return visible
+
+    def forward(
+        self, tokens: torch.Tensor, pos: torch.Tensor, window: int, last_only: bool = False
+    ) -> torch.Tensor:
+        """tokens [B, T] at positions pos [T]; attends to cache slots [0, window)."""
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        mask = self.causal_mask(pos, window)
+        for layer in self.blocks:
+            x = layer(x, cos, sin, pos, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+
+def load_state_dict(
+    model: Decoder,
+    weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> None:
+    """Install HF-named weights as `model`'s parameters (which may live on the meta device).
+
+    Tensors are converted and installed one at a time, so peak memory stays near one copy of the
+    model plus one tensor. A leading `model.` is accepted; tied models may omit or include
+    `lm_head.weight`. A missing, extra or misshaped tensor is a typed error naming it."""
+    own = dict(model.named_parameters(remove_duplicate=False))
+    tied = model.spec.tie_word_embeddings
+    if tied:
+        own.pop("lm_head.weight", None)
+    pairs = weights.items() if isinstance(weights, Mapping) else weights
+    seen, extra = set(), []
+    for raw_name, tensor in pairs:
+        name = raw_name.removeprefix("model.")
+        if name not in own:
+            if not (name == "rotary_emb.inv_freq" or (tied and name == "lm_head.weight")):
+                extra.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise ModelFormatError(
+                f"weight {name!r} has shape {tuple(tensor.shape)}, the config "
+                f"implies {tuple(own[name].shape)}"
+            )
+        module_name, _, attr = name.rpartition(".")
+        value = tensor.to(device=device, dtype=dtype or own[name].dtype)
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+        seen.add(name)
+    missing = sorted(set(own) - seen)
+    if missing or extra:
+        raise ModelFormatError(
+            f"weights do not match the config: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    if (
+        tied
+        and isinstance(model.lm_head, nn.Linear)
+        and isinstance(model.embed_tokens, nn.Embedding)
+    ):
+        model.tie_weights()
+
+
+def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at dotted `name` under `root`."""
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def pick_device(device: str | None) -> torch.device:
+    """`device`, or CUDA when present for None / "auto"; a typed error for CUDA without one."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device {device!r} requested but CUDA is not available here")
+    return torch.device(device)
+
+
+def load_core(
+    source: ModelSource, max_context: int, device: str | None = "cpu", dtype: str = "float32"
+) -> Decoder:
+    """The model core of an imported model, its weights read one tensor at a time, with a KV
+    cache of `max_context` positions."""
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    with torch.device("meta"):
+        model = Decoder(source.spec)
+    load_state_dict(model, source.iter_weights(), dtype=DTYPES[dtype], device=pick_device(device))
+    model.setup_cache(max_context)
+    return model.eval()

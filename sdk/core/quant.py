@@ -1,0 +1,258 @@
+"""Weight quantization storage: INT8 per output channel, INT4 group-wise (symmetric or
+asymmetric), packed two 4-bit values per byte, with round-to-nearest (RTN) quantizers.
+
+A `QuantizedWeight` holds integer codes plus fp16 scales (and zero-points); `dequantize` gives
+the float matrix back. `QuantLinear` runs it in torch, dequantizing on the fly.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infopt.errors import InvalidArgumentError, ModelFormatError
+
+if TYPE_CHECKING:
+    from infopt.core.model import Decoder
+
+SCHEME = re.compile(r"int8|int4(s?)-g(\d+)")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    bits: int  # 8 or 4
+    group_size: int | None  # None: one scale per output row (int8)
+    symmetric: bool
+
+    @classmethod
+    def parse(cls, name: str) -> QuantScheme:
+        """`int8` (per-channel, symmetric), `int4-g32` (asymmetric), `int4s-g64` (symmetric)."""
+        m = SCHEME.fullmatch(name)
+        if not m:
+            raise InvalidArgumentError(
+                f"quantization scheme {name!r}: expected int8, int4-g<group> or int4s-g<group>"
+            )
+        if name == "int8":
+            return cls(8, None, True)
+        group = int(m.group(2))
+        if group < 2 or group & (group - 1):
+            raise InvalidArgumentError(f"{name}: group size {group} must be a power of two >= 2")
+        return cls(4, group, m.group(1) == "s")
+
+    @property
+    def name(self) -> str:
+        return (
+            "int8" if self.bits == 8 else f"int4{'s' if self.symmetric else ''}-g{self.group_size}"
+        )
+
+    @property
+    def qmax(self) -> int:
+        return 127 if self.bits == 8 else 15
+
+    def check_shape(self, out_features: int, in_features: int) -> None:
+        if self.group_size and in_features % self.group_size:
+            raise InvalidArgumentError(
+                f"{self.name}: group size {self.group_size} does not divide the layer's input "
+                f"size {in_features}; choose a group size that does (e.g. 32 or 64)"
+            )
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """[..., n] uint8 values 0..15 -> [..., n/2] bytes, element 2i in the low nibble."""
+    if codes.shape[-1] % 2:
+        raise InvalidArgumentError(f"pack_int4 needs an even last dimension, got {codes.shape}")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+    """`x` rounded up to bfloat16 precision (8 significant bits). Symmetric INT4 scales are kept
+    there because LiteRT / XNNPACK store blockwise INT4 scales as bfloat16: the same codes and
+    scales then run unchanged on every runtime (and fit fp16 storage exactly)."""
+    mantissa, exponent = torch.frexp(x.float())
+    return torch.ldexp(torch.ceil(mantissa * 256) / 256, exponent.float())
+
+
+def group_params(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) for rows of `w` [..., k] (one group per row): the RTN grid."""
+    if scheme.symmetric:
+        levels = scheme.qmax if scheme.bits == 8 else 7
+        scale = w.abs().amax(-1, keepdim=True) / levels
+        zero = torch.full_like(scale, 0.0 if scheme.bits == 8 else 8.0)
+        if scheme.bits == 4:
+            scale = round_up_bf16(scale)
+    else:
+        lo, hi = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
+        scale = (hi - lo) / scheme.qmax
+        zero = torch.round(-lo / scale.clamp(min=1e-12))
+    scale = scale.clamp(min=1e-8).to(torch.float16).float()  # stored as fp16: use that value
+    return scale, zero
+
+
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme
+) -> torch.Tensor:
+    lo = -127 if scheme.bits == 8 else 0
+    hi = 127 if scheme.bits == 8 else 15
+    return torch.clamp(torch.round(w / scale) + zero, lo, hi)
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes + per-group fp16 scales (+ zero-points) for one [out, in] matrix."""
+
+    scheme: QuantScheme
+    qweight: torch.Tensor  # int8 [out, in], or uint8 [out, in/2] (two int4 per byte)
+    scales: torch.Tensor  # fp16 [out, groups]
+    zeros: torch.Tensor | None  # uint8 [out, groups/2] packed 4-bit (asymmetric int4 only)
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes [out, in] as float (int8: -127..127, int4: 0..15)."""
+        if self.scheme.bits == 8:
+            return self.qweight.float()
+        return unpack_int4(self.qweight).float()
+
+    def zero_points(self) -> torch.Tensor:
+        """[out, groups] zero-points as float."""
+        out, groups = self.scales.shape
+        if self.zeros is not None:
+            return unpack_int4(self.zeros)[:, :groups].float()
+        return torch.full((out, groups), 0.0 if self.scheme.bits == 8 else 8.0)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out, inp = self.shape
+        group = self.scheme.group_size or inp
+        codes = self.codes().view(out, inp // group, group)
+        w = (codes - self.zero_points()[..., None]) * self.scales.float()[..., None]
+        return w.view(out, inp).to(dtype)
+
+
+def from_codes(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme
+) -> QuantizedWeight:
+    """Pack integer codes [out, in] and per-group scale/zero [out, groups] into storage."""
+    out, inp = codes.shape
+    if scheme.bits == 8:
+        qweight = codes.to(torch.int8)
+    else:
+        qweight = pack_int4(codes.to(torch.uint8))
+    zeros = None
+    if scheme.bits == 4 and not scheme.symmetric:
+        z = zero.to(torch.uint8)
+        if z.shape[1] % 2:
+            z = torch.cat((z, torch.zeros_like(z[:, :1])), dim=1)
+        zeros = pack_int4(z)
+    return QuantizedWeight(scheme, qweight, scale.to(torch.float16), zeros, (out, inp))
+
+
+def quantize_rtn(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
+    """Round-to-nearest quantization of a [out, in] weight."""
+    check_finite(w, "weight")
+    out, inp = w.shape
+    scheme.check_shape(out, inp)
+    group = scheme.group_size or inp
+    grouped = w.float().reshape(out, inp // group, group)
+    scale, zero = group_params(grouped, scheme)  # [out, groups, 1]
+    codes = quantize_codes(grouped, scale, zero, scheme).reshape(out, inp)
+    return from_codes(codes, scale[..., 0], zero[..., 0], scheme)
+
+
+def check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).nonzero()[0].tolist()
+        raise ModelFormatError(
+            f"{what} contains NaN/Inf (first at index {bad}); refusing to quantize it"
+        )
+
+
+class QuantStorage(nn.Module):
+    """Holds one quantized [rows, cols] matrix as buffers (saved and moved with the module)."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        super().__init__()
+        self.scheme = qw.scheme
+        self.shape = qw.shape
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scales", qw.scales)
+        if qw.zeros is not None:
+            self.register_buffer("zeros", qw.zeros)
+
+    def quantized(self) -> QuantizedWeight:
+        qweight, scales = self._buffers["qweight"], self._buffers["scales"]
+        assert qweight is not None and scales is not None
+        return QuantizedWeight(self.scheme, qweight, scales, self._buffers.get("zeros"), self.shape)
+
+
+class QuantLinear(QuantStorage):
+    """A Linear whose weight is stored quantized; dequantized on the fly in forward."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__(qw)
+        self.out_features, self.in_features = qw.shape
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized().dequantize(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, scheme={self.scheme.name}"
+
+
+class QuantEmbedding(QuantStorage):
+    """An embedding table stored quantized per row (token); rows dequantized on lookup.
+    Tied models share these buffers with their `QuantLinear` LM head."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        super().__init__(qw)
+        self.num_embeddings, self.embedding_dim = qw.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        qw, flat = self.quantized(), ids.flatten()
+        zeros = qw.zeros[flat] if qw.zeros is not None else None
+        rows = QuantizedWeight(
+            qw.scheme, qw.qweight[flat], qw.scales[flat], zeros, (flat.numel(), self.embedding_dim)
+        )
+        return rows.dequantize().view(*ids.shape, self.embedding_dim)
+
+
+def float_copy(core: Decoder) -> tuple[Decoder, dict[str, QuantScheme]]:
+    """A float32 copy of `core` (quantized layers dequantized) and the scheme of each layer that
+    was quantized, by module name; for converters that trace float models and quantize them
+    again by those schemes. The original is left untouched."""
+    clone = copy.deepcopy(core).float()
+    schemes: dict[str, QuantScheme] = {}
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, QuantLinear | QuantEmbedding):
+            schemes[name] = module.scheme
+            weight = nn.Parameter(module.quantized().dequantize(), requires_grad=False)
+            if isinstance(module, QuantEmbedding):
+                plain: nn.Module = nn.Embedding(*module.shape)
+            else:
+                plain = nn.Linear(
+                    module.in_features, module.out_features, bias=module.bias is not None
+                )
+                if module.bias is not None:
+                    plain.bias = module.bias
+            plain.weight = weight
+            parent, _, attr = name.rpartition(".")
+            setattr(clone.get_submodule(parent) if parent else clone, attr, plain)
+    if core.spec.tie_word_embeddings and "embed_tokens" in schemes:
+        clone.tie_weights()
+    return clone.eval(), schemes

@@ -1,0 +1,127 @@
+"""infopt weight files: one safetensors file holding a model core as it is, quantized or not.
+
+The header metadata names the format and version, the ModelSpec and the quantization scheme of
+every quantized module, so `load_model` rebuilds the same modules without guessing from names.
+A tied embedding/LM-head table is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from infopt.core.model import Decoder, LowRankLinear, load_state_dict, replace_module
+from infopt.core.quant import (
+    QuantEmbedding,
+    QuantizedWeight,
+    QuantLinear,
+    QuantScheme,
+    QuantStorage,
+)
+from infopt.core.spec import spec_from_dict
+from infopt.errors import ModelFormatError
+
+FORMAT, VERSION = "infopt-weights", "1"
+
+
+def save_model(model: Decoder, path: str | Path) -> int:
+    """Write `model` to `path` atomically (a temporary file renamed at the end); returns bytes."""
+    from safetensors.torch import save_file
+
+    schemes = {
+        name: m.scheme.name for name, m in model.named_modules() if isinstance(m, QuantStorage)
+    }
+    low_rank = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.spec.tie_word_embeddings:
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "spec": model.spec.to_dict(),
+        "schemes": schemes,
+        "low_rank": low_rank,
+    }
+    # One metadata key: safetensors writes several in a per-process random order, and the same
+    # model must give the same bytes (bundles are checksummed, builds reproducible).
+    meta = {"infopt": json.dumps(header, sort_keys=True)}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(state, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.stat().st_size
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
+    """Rebuild the model core saved by `save_model`, quantized modules included."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        meta = json.loads(meta["infopt"]) if "infopt" in meta else {}
+    except json.JSONDecodeError as e:
+        raise ModelFormatError(f"{path}: unreadable infopt header ({e})") from e
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ModelFormatError(
+            f"{path}: format {meta.get('format')!r} version "
+            f"{meta.get('version')!r}; this infopt reads {FORMAT} {VERSION}"
+        )
+    spec = spec_from_dict(meta["spec"])
+    with torch.device("meta"):
+        model = Decoder(spec)
+    for name, scheme_name in meta["schemes"].items():
+        if name == "lm_head" and spec.tie_word_embeddings:
+            continue  # rebuilt from the embedding table below
+        module = model.get_submodule(name)
+        qw = _stored(tensors, name, QuantScheme.parse(scheme_name), module)
+        quantized: nn.Module = (
+            QuantEmbedding(qw)
+            if isinstance(module, nn.Embedding)
+            else QuantLinear(qw, tensors.pop(f"{name}.bias", None))
+        )
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, quantized)
+    for name in meta.get("low_rank", {}):
+        try:  # shapes only: load_state_dict below installs the tensors themselves
+            u, v = (tensors[f"{name}.{k}"].to("meta") for k in ("u", "v"))
+        except KeyError as e:
+            raise ModelFormatError(f"low-rank module {name!r} is missing tensor {e}") from e
+        bias = tensors.get(f"{name}.bias")
+        replace_module(model, name, LowRankLinear(u, v, None if bias is None else bias.to("meta")))
+    if spec.tie_word_embeddings and isinstance(model.embed_tokens, QuantEmbedding):
+        model.lm_head = QuantLinear(model.embed_tokens.quantized())
+    load_state_dict(model, tensors, device=device)
+    return model.eval()
+
+
+def _stored(
+    tensors: dict[str, torch.Tensor], name: str, scheme: QuantScheme, module: nn.Module
+) -> QuantizedWeight:
+    if isinstance(module, nn.Embedding):
+        shape = (module.num_embeddings, module.embedding_dim)
+    elif isinstance(module, nn.Linear):
+        shape = (module.out_features, module.in_features)
+    else:
+        raise ModelFormatError(f"{name!r} is marked quantized but is a {type(module).__name__}")
+    try:
+        return QuantizedWeight(
+            scheme,
+            tensors.pop(f"{name}.qweight"),
+            tensors.pop(f"{name}.scales"),
+            tensors.pop(f"{name}.zeros", None),
+            shape,
+        )
+    except KeyError as e:
+        raise ModelFormatError(f"quantized module {name!r} is missing tensor {e}") from e
