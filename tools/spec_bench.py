@@ -228,6 +228,7 @@ def diagnose(bundle: str, runtime: str, threads: int, draft_runtime: str = "") -
     import numpy as np
 
     import infopt
+    from infopt.decode.drafters import ModelDrafter
 
     m = infopt.load(bundle, runtime=runtime, threads=threads, draft_runtime=draft_runtime or None)
     t = m.runtime
@@ -271,7 +272,7 @@ def diagnose(bundle: str, runtime: str, threads: int, draft_runtime: str = "") -
     t.reset()
     t.forward(prompt, only_last=True)
     out["batch_vs_single_max_logit_diff"] = float(np.abs(t.forward(text[:8]) - single).max())
-    drafter = getattr(m.drafter, "runtime", None)
+    drafter = m.drafter.runtime if isinstance(m.drafter, ModelDrafter) else None
     if drafter is not None:
         out["draft_runtime"] = drafter.name
         out["draft_ms"] = round(pass_ms(drafter, [1])[0], 1)

@@ -53,12 +53,13 @@ SPEC_TYPES: dict[str, dict[str, Any]] = {
 
 
 def config_schema() -> dict[str, Any]:
-    """`ModelSpec.to_dict()`: every field typed, the ones without a default required."""
+    """`ModelSpec.to_dict()`: every field typed, the ones without a default required; other keys
+    are let through, as `spec_from_dict` ignores them."""
     props = {f.name: SPEC_TYPES[str(f.type)] for f in fields(ModelSpec)}
     required = tuple(
         f.name for f in fields(ModelSpec) if f.default is MISSING and f.default_factory is MISSING
     )
-    return strict(props, required)
+    return {"type": "object", "properties": props, "required": list(required)}
 
 
 REQUIRES = strict({"package": STR, "version": STR}, ("package", "version"))

@@ -360,3 +360,16 @@ def test_an_artifact_of_a_target_this_version_lacks_leaves_the_others_loadable(
 def test_a_bundle_refuses_a_dtype_instead_of_ignoring_it(host_bundle: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="dtype='float16'"):
         infopt.load(host_bundle, dtype="float16")
+
+
+def test_the_manifest_schema_is_valid_and_types_every_model_field() -> None:
+    from dataclasses import fields
+
+    import jsonschema
+
+    from infopt.bundle.manifest import schema
+    from infopt.core.spec import ModelSpec
+
+    jsonschema.Draft202012Validator.check_schema(schema())
+    config = schema()["properties"]["model"]["properties"]["config"]["properties"]
+    assert set(config) == {f.name for f in fields(ModelSpec)}
