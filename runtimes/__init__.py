@@ -4,7 +4,11 @@ a metadata record), found by `infopt.runtimes.registry`, behind one protocol.
 A runtime only turns token ids into logits and keeps its KV state; sampling, stop conditions,
 streaming, speculative decoding and statistics live once, in `infopt.decode`. What runtimes
 share (the checks on every call, long inputs split into passes, fixed windows padded) is in
-`infopt.runtimes.base`.
+`infopt.runtimes.base`. Each target's `runtime` module makes one three ways:
+`from_bundle(artifact, *, max_context, device, threads)` from a verified bundle's artifact,
+`from_source(source, *, max_context, device, dtype, threads)` from a model file (converted
+first where the target needs it), and `from_model(core, *, max_context, ...)` from a model core
+as compressed (its other keywords are the target's own).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from infopt.core.defaults import PREFILL_CHUNK
+from infopt.errors import InvalidArgumentError
 from infopt.runtimes.registry import Target, names, reference, target, targets
 
 __all__ = ["Runtime", "Target", "names", "reference", "run_prefill", "target", "targets"]
@@ -45,7 +50,7 @@ class Runtime(Protocol):
 def run_prefill(runtime: Runtime, ids: Sequence[int]) -> np.ndarray:
     """Feed a prompt in passes of PREFILL_CHUNK tokens; the logits [vocab] after its last one."""
     if not len(ids):
-        raise ValueError("run_prefill needs at least one token")
+        raise InvalidArgumentError("the prompt is empty: prefill needs at least one token")
     for start in range(0, len(ids), PREFILL_CHUNK):
         logits = runtime.forward(ids[start : start + PREFILL_CHUNK], only_last=True)[-1]
     return logits

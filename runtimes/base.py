@@ -158,7 +158,7 @@ class FixedWindowRuntime(BaseRuntime):
         self.windows = tuple(sorted(int(w) for w in windows))
         self.last_only = frozenset(int(w) for w in last_only)
         every = [w for w in self.windows if w not in self.last_only]
-        self.verify_window = next((w for w in every if w > 1), None)
+        self.verify_window = next((w for w in every if w > 1), 1)
 
     def window_for(self, remaining: int, only_last: bool) -> int:
         """The smallest usable window that holds `remaining` tokens, else the largest."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata as metadata
+import importlib.util
 import pkgutil
 import re
 from collections.abc import Callable, Mapping
@@ -40,6 +41,9 @@ class Target:
     requirement: str  # the distribution its runtime imports and the range tested, as pip says it
     name: str = ""  # its folder's name, the manifest's runtime name (the registry sets it)
     stand_ins: tuple[str, ...] = ()  # distributions that may replace `package` (own versions)
+    # what building its artifact imports beyond torch, and the pip extra that installs it
+    build_modules: tuple[str, ...] = ()
+    build_extra: str = ""
     symmetric_int4: bool = False  # its INT4 weights carry no zero points
     fixed_windows: bool = False  # compiled for a few fixed token windows, padded to them
     reference: bool = False  # runs the model core itself: model files load on it by default
@@ -75,9 +79,19 @@ class Target:
             if (e.name or "").startswith("infopt."):
                 raise
             raise RuntimeNotAvailableError(
-                f"runtime {self.name!r} needs a package that is not installed ({e}); "
-                f"install it with: pip install 'infopt[{self.extra}]'"
+                f"runtime {self.name!r} ({self.title}) needs a package that is not installed "
+                f"({e}); install it with: pip install 'infopt[{self.extra}]'"
             ) from e
+
+    def check_buildable(self) -> None:
+        """Refuse, before any work, a build whose exporter's packages are missing, naming the
+        pip extra."""
+        missing = [m for m in self.build_modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise RuntimeNotAvailableError(
+                f"building a {self.name} ({self.title}) artifact needs {', '.join(missing)}, "
+                f"which is not installed; install it with: pip install 'infopt[{self.build_extra}]'"
+            )
 
     def installed(self) -> bool:
         """Whether `package` (or a stand-in) is installed, without importing it."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from infopt.api import Model, load
 from infopt.bundle import Bundle, open_bundle
+from infopt.decode.drafters import DraftMismatchError
 from infopt.decode.generate import GenerateOptions, GenerationResult, Stats, TextStream
 from infopt.errors import (
     BundleError,
@@ -26,6 +27,8 @@ from infopt.errors import (
     InvalidArgumentError,
     ModelFormatError,
     ModelNotFoundError,
+    PlanError,
+    ProfileError,
     RuntimeNotAvailableError,
     UnsupportedModelError,
     UnsupportedPlatformError,
@@ -39,7 +42,8 @@ if TYPE_CHECKING:
     from infopt.measure.speed import bench
 
 __version__ = "0.1.0"
-# Imported on first use: they need torch (a bundle whose runtime is not torch loads without it).
+# Imported on first use: all but `bench` need torch, which a bundle whose runtime is not torch
+# loads without.
 _LAZY = {
     "build": "infopt.bundle.build",
     "distill": "infopt.compress.distill",
@@ -51,6 +55,7 @@ __all__ = [
     "BundleError",
     "ContextLengthError",
     "DefaultModelMissingError",
+    "DraftMismatchError",
     "GenerateOptions",
     "GenerationResult",
     "InfoptError",
@@ -59,6 +64,8 @@ __all__ = [
     "ModelFormatError",
     "ModelNotFoundError",
     "ModelSource",
+    "PlanError",
+    "ProfileError",
     "RuntimeNotAvailableError",
     "Stats",
     "TextStream",

@@ -53,6 +53,8 @@ TARGET = Target(
     title="Core ML",
     extra="coreml",
     requirement="coremltools>=9.0",
+    build_modules=("coremltools",),
+    build_extra="coreml",
     symmetric_int4=True,
     fixed_windows=True,
     overhead={"npu": 150e6},  # an estimate
@@ -69,5 +71,5 @@ TARGET = Target(
         "states": {"type": "object", "additionalProperties": INTS},
         "state_dtype": STR,
     },
-    artifact_required=("package", "windows", "states"),
+    artifact_required=("package", "windows", "states", "state_dtype", "deployment_target"),
 )

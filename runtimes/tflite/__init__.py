@@ -5,7 +5,7 @@ the app holds, for Android apps and the XNNPACK CPU path; INT8/INT4 weights as L
 from collections.abc import Mapping
 from typing import Any
 
-from infopt.core.schema import COUNT, INTS, STR, STRS, strict
+from infopt.core.schema import COUNT, INTS, STR, STRS, typed
 from infopt.runtimes.registry import Rows, Target
 
 
@@ -23,6 +23,8 @@ TARGET = Target(
     extra="tflite",
     requirement="ai-edge-litert>=2.3",
     stand_ins=("tflite-runtime",),  # the older package, same interpreter API
+    build_modules=("litert_torch", "ai_edge_quantizer"),  # converting needs no TensorFlow
+    build_extra="tflite-convert",
     symmetric_int4=True,
     fixed_windows=True,
     overhead={"cpu": 60e6, "npu": 60e6},  # estimates
@@ -30,7 +32,7 @@ TARGET = Target(
     artifact_fields={
         "signatures": {
             "type": "object",
-            "additionalProperties": strict(
+            "additionalProperties": typed(
                 {"window": COUNT, "inputs": STRS, "outputs": STRS}, ("window",)
             ),
         },
@@ -38,5 +40,5 @@ TARGET = Target(
         "cache_dtype": STR,
         "padding": STR,
     },
-    artifact_required=("signatures",),
+    artifact_required=("signatures", "cache_shape", "cache_dtype"),
 )

@@ -17,18 +17,18 @@ import torch
 from infopt.bundle.files import write_bundle
 from infopt.bundle.manifest import TOKENIZER, tokenizer_section
 from infopt.compress.apply import apply_plan, make_symmetric, symmetric
+from infopt.compress.calibration import CALIBRATION_LENGTH
 from infopt.core.model import Decoder, load_core
 from infopt.core.progress import Progress, silent
 from infopt.errors import InvalidArgumentError
 from infopt.importers import ModelSource, open_model
-from infopt.plan.planner import Plan, load_plan
+from infopt.plan.planner import SPECULATIVE, Plan, load_plan
 from infopt.runtimes.base import Writers
 from infopt.runtimes.registry import names, reference, target, targets
 
 DRAFT_DIR = "draft/"
-SPECULATIVE = ("none", "auto", "self", "ngram")
-CORE_CONTEXT = 256  # the KV cache of a core being compressed: calibration windows fit
-# (a core loads on CUDA when present)
+# the KV cache of a core being compressed: calibration windows fit (it loads on CUDA when present)
+CORE_CONTEXT = CALIBRATION_LENGTH
 
 
 def make_plan(
@@ -76,7 +76,7 @@ def build(
     draft model (GGUF, Hugging Face folder or an infopt weight file such as `distill` writes)
     sharing the tokenizer. calibration: a text file; given, quantization is GPTQ, else RTN."""
     from infopt import __version__
-    from infopt.compress.calibration import calibration_batches, default_calibration_text
+    from infopt.compress.calibration import calibration_ids
     from infopt.core.default_model import default_model_path
 
     if device is None and plan_file is None:
@@ -113,12 +113,11 @@ def build(
     chosen_runtime = requested[0] if requested else p.runtime
     built = [r for r in dict.fromkeys(requested or [p.runtime]) if r in names()]
     built = built or [reference().name]  # a hand-edited plan's unknown runtime: the reference
+    for name in built:  # a missing exporter package is said before any work
+        target(name).check_buildable()
     if symmetric_targets := [r for r in built if target(r).symmetric_int4]:
         make_symmetric(p, symmetric_targets)
-    cal_text = (
-        Path(calibration).read_text(encoding="utf-8") if calibration else default_calibration_text()
-    )
-    cal_ids = calibration_batches(source.tokenizer.encode(cal_text), 256, 128)
+    cal_ids = calibration_ids(source.tokenizer, calibration)
     step("load weights", 0, 1)
     core = load_core(source, CORE_CONTEXT, device=None)
     step("load weights", 1, 1)

@@ -7,7 +7,9 @@ Sections: format and version; the model (architecture, config, source and its ha
 and every runtime's artifact (files, package version range, the interface an app calls; each
 target's own keys come from its record, `Target.artifact_fields`); the KV cache; the tokenizer
 (file, special tokens, chat template); generation defaults; the draft for speculative decoding;
-and every file with its size and sha256. Unknown format versions are refused. No torch here.
+and every file with its size and sha256. Unknown format versions are refused; within a version,
+keys this infopt does not know are let through (a newer infopt may add one), and an artifact
+of a target it lacks leaves the others loadable. No torch here.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from infopt.core.schema import (
     STRS,
     nullable,
     open_object,
-    strict,
+    typed,
 )
 from infopt.core.spec import ModelSpec
 from infopt.errors import BundleError
@@ -53,16 +55,15 @@ SPEC_TYPES: dict[str, dict[str, Any]] = {
 
 
 def config_schema() -> dict[str, Any]:
-    """`ModelSpec.to_dict()`: every field typed, the ones without a default required; other keys
-    are let through, as `spec_from_dict` ignores them."""
+    """`ModelSpec.to_dict()`: every field typed, the ones without a default required."""
     props = {f.name: SPEC_TYPES[str(f.type)] for f in fields(ModelSpec)}
     required = tuple(
         f.name for f in fields(ModelSpec) if f.default is MISSING and f.default_factory is MISSING
     )
-    return {"type": "object", "properties": props, "required": list(required)}
+    return typed(props, required)
 
 
-REQUIRES = strict({"package": STR, "version": STR}, ("package", "version"))
+REQUIRES = typed({"package": STR, "version": STR}, ("package", "version"))
 COMMON_ARTIFACT = {
     "files": {"type": "array", "items": STR, "minItems": 1},
     "format": STR,
@@ -79,7 +80,7 @@ def artifacts_schema() -> dict[str, Any]:
     from infopt.runtimes.registry import targets
 
     known = {
-        name: strict({**COMMON_ARTIFACT, **t.artifact_fields}, ("files", *t.artifact_required))
+        name: typed({**COMMON_ARTIFACT, **t.artifact_fields}, ("files", *t.artifact_required))
         for name, t in targets().items()
     }
     return {
@@ -123,14 +124,14 @@ def plan_schema() -> dict[str, Any]:
             "usable_memory": NUM,
             "headroom_bytes": NUM,
             "reasons": STRS,
-            "rejected": {"type": "array", "items": strict({"option": STR, "reason": STR})},
+            "rejected": {"type": "array", "items": typed({"option": STR, "reason": STR})},
             "speculative": {"type": "object", "properties": {"kind": STR}},
         },
     }
 
 
 def draft_schema() -> dict[str, Any]:
-    model = strict(
+    model = typed(
         {
             "kind": {"const": "model"},
             "source": STR,
@@ -142,7 +143,7 @@ def draft_schema() -> dict[str, Any]:
         },
         ("kind", "config", "artifacts"),
     )
-    ngram = strict(
+    ngram = typed(
         {"kind": {"const": "ngram"}, "max_ngram": COUNT, "num_draft_tokens": COUNT}, ("kind",)
     )
     return {"anyOf": [{"type": "null"}, model, ngram]}
@@ -151,16 +152,16 @@ def draft_schema() -> dict[str, Any]:
 @functools.cache
 def schema() -> dict[str, Any]:
     """The manifest's JSON Schema (draft 2020-12)."""
-    model = strict(
+    model = typed(
         {
             "architecture": STR,
             "config": config_schema(),
             "parameters": INT,
-            "source": strict({"name": STR, "format": STR, "sha256": STR}),
+            "source": typed({"name": STR, "format": STR, "sha256": STR}, ("name",)),
         },
-        ("config",),
+        ("architecture", "config", "parameters", "source"),
     )
-    kv_cache = strict(
+    kv_cache = typed(
         {
             "max_context": COUNT,
             "batch": COUNT,
@@ -170,9 +171,9 @@ def schema() -> dict[str, Any]:
             "head_dim": COUNT,
             "layers": COUNT,
         },
-        ("max_context",),
+        ("max_context", "batch", "dtype"),
     )
-    tokenizer = strict(
+    tokenizer = typed(
         {
             "file": STR,
             "bos_token_id": nullable(INT),
@@ -182,8 +183,8 @@ def schema() -> dict[str, Any]:
             "chat_template": nullable(STR),
         }
     )
-    runtime = strict({"name": STR, "requires": REQUIRES, "artifact_built": BOOL}, ("name",))
-    compression = strict(
+    runtime = typed({"name": STR, "requires": REQUIRES, "artifact_built": BOOL}, ("name",))
+    compression = typed(
         {
             "stored_dtype": STR,
             "quantization": STR,
@@ -191,7 +192,7 @@ def schema() -> dict[str, Any]:
             "low_rank_layers": INT,
         }
     )
-    entry = strict(
+    entry = typed(
         {
             "path": STR,
             "size": {"type": "integer", "minimum": 0},
@@ -202,7 +203,7 @@ def schema() -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"{FORMAT} manifest, version {VERSION}",
-        **strict(
+        **typed(
             {
                 "format": {"const": FORMAT},
                 "version": {"const": VERSION},
@@ -218,7 +219,16 @@ def schema() -> dict[str, Any]:
                 "draft": draft_schema(),
                 "files": {"type": "array", "items": entry},
             },
-            ("format", "version", "model", "runtime", "artifacts", "kv_cache", "tokenizer"),
+            (
+                "format",
+                "version",
+                "model",
+                "runtime",
+                "artifacts",
+                "kv_cache",
+                "tokenizer",
+                "files",
+            ),
         ),
     }
 
@@ -233,6 +243,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the bundle at `path`, checked against the schema (no data file is
     opened): a `BundleError` naming the first key that is missing or of the wrong type."""
     root = Path(path)
+    if not root.exists() and not root.is_symlink():
+        raise BundleError(f"{root}: no such bundle (the path does not exist)")
     if root.is_symlink() or not root.is_dir():
         raise BundleError(f"{root}: a bundle is a directory (not a link or a file)")
     manifest_path = root / MANIFEST

@@ -118,6 +118,15 @@ class Bundle:
     ) -> Artifact:
         return Artifact(self.root, entry, config, weights, self.manifest["kv_cache"].get("dtype"))
 
+    def read_back(self) -> list[dict[str, Any]]:
+        """Each artifact whose target can read it back without running it, checked against what
+        the manifest tells an app (a `BundleError` naming each mismatch): one summary each."""
+        return [
+            t.module("check").check_package(self.root, self.manifest["artifacts"][name])
+            for name, t in targets().items()
+            if t.reads_back and name in self.manifest["artifacts"]
+        ]
+
     def load_runtime(
         self,
         runtime: str | None = None,

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from infopt.cli.output import Bars, emit_json, fmt_bytes, friendly_errors, json_option
+from infopt.measure.speed import DEFAULT_PEERS
 
 
 @click.command()
@@ -144,7 +145,7 @@ def unpack(archive: str, out: str) -> None:
 @click.option(
     "--peers",
     type=click.Path(file_okay=False),
-    default="/tmp/infopt-peers",
+    default=str(DEFAULT_PEERS),
     show_default=True,
     help="The directory `bash tools/peers/setup_peers.sh DIR` (in an infopt checkout) prepared "
     "for --compare: the peers' virtual environment, models and bench scripts.",
@@ -173,7 +174,6 @@ def bench(
     import infopt
     from infopt.measure.speed import table
 
-    infopt.open_bundle(bundle)
     rows = infopt.bench(
         [(Path(bundle).name, bundle)],
         runtime=runtime,
@@ -200,15 +200,10 @@ def verify(bundle: str, as_json: bool) -> None:
     the inputs, windows, outputs and states the manifest gives an app; needs coremltools, not
     macOS). Exit code 1 names the first file or field that fails."""
     from infopt.bundle import open_bundle
-    from infopt.runtimes.registry import targets
 
     opened = open_bundle(bundle)
     files = opened.manifest["files"]
-    packages = [
-        t.module("check").check_package(opened.root, opened.manifest["artifacts"][name])
-        for name, t in targets().items()
-        if t.reads_back and name in opened.manifest["artifacts"]
-    ]
+    packages = opened.read_back()
     if as_json:
         emit_json({"bundle": bundle, "ok": True, "files": files, "packages": packages})
         return

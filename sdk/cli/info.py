@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -81,7 +82,7 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
             f"{config['num_layers']} / {config['hidden_size']} / {config['intermediate_size']}",
         ),
         ("plan", f"{plan.get('compression', {}).get('name')} for {plan.get('device')}"),
-        ("runtime", f"{bundle.default_runtime} (needs {m['runtime'].get('requires')})"),
+        ("runtime", f"{bundle.default_runtime} (needs {_requirement(m['runtime'])})"),
         ("artifacts", ", ".join(bundle.runtimes)),
         ("KV cache", f"{kv['max_context']} tokens x batch {kv['batch']}, {kv['dtype']}"),
         ("chat template", "yes" if m["tokenizer"].get("chat_template") else "no"),
@@ -95,3 +96,8 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
         click.echo(f"  {f['path']:<24} {f['size']:>12,} bytes  sha256 {f['sha256'][:16]}")
     for reason in plan.get("reasons", []):
         click.echo(f"  why: {reason}")
+
+
+def _requirement(section: dict[str, Any]) -> str:
+    requires = section.get("requires")
+    return f"{requires['package']}{requires['version']}" if requires else "nothing recorded"

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from infopt.cli.output import friendly_errors
-from infopt.core.defaults import DEFAULT_MAX_NEW_TOKENS
+from infopt.core.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_NEW_TOKENS
 
 
 @click.command()
@@ -37,7 +37,10 @@ from infopt.core.defaults import DEFAULT_MAX_NEW_TOKENS
 @click.option("--seed", type=int, help="Seed for sampling; the same seed gives the same text.")
 @click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
 @click.option(
-    "--max-context", type=int, help="KV-cache size in tokens (default: min(model, 4096))."
+    "--max-context",
+    type=int,
+    help=f"KV-cache size in tokens (default: min(model, {DEFAULT_MAX_CONTEXT}); a bundle's: the "
+    "context it was built for).",
 )
 @click.option("--device", help="cpu, cuda, cuda:N (default: CUDA when present).")
 @click.option(

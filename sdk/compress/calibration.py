@@ -9,7 +9,8 @@ are rewritten, and its (rewritten) outputs feed block l+1.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import cast
+from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -18,9 +19,13 @@ from infopt.compress.gptq import Hessian
 from infopt.core.model import Block, Decoder, replace_module
 from infopt.errors import InvalidArgumentError
 
+if TYPE_CHECKING:
+    from infopt.core.tokenizer import Tokenizer
+
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 BLOCK_LINEARS = {"attention": ATTENTION, "mlp": MLP}
+CALIBRATION_LENGTH, CALIBRATION_WINDOWS = 256, 128  # tokens per window, windows at most
 Progress = Callable[[str], None]
 
 
@@ -29,6 +34,13 @@ def default_calibration_text() -> str:
     from importlib import resources
 
     return (resources.files("infopt") / "data" / "calibration.txt").read_text(encoding="utf-8")
+
+
+def calibration_ids(tokenizer: Tokenizer, text_file: str | Path | None = None) -> torch.Tensor:
+    """The token windows compression calibrates on: a text file's, or the shipped text's, in
+    CALIBRATION_WINDOWS windows of CALIBRATION_LENGTH tokens at most."""
+    text = Path(text_file).read_text(encoding="utf-8") if text_file else default_calibration_text()
+    return calibration_batches(tokenizer.encode(text), CALIBRATION_LENGTH, CALIBRATION_WINDOWS)
 
 
 def calibration_batches(ids: Sequence[int], seq_len: int, max_sequences: int) -> torch.Tensor:

@@ -18,14 +18,10 @@ def nullable(schema: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def strict(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
-    """An object with no keys but these (those in `required` present)."""
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": list(required),
-        "additionalProperties": False,
-    }
+def typed(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An object whose keys named here have these types (those in `required` present); other
+    keys are let through, so a newer writer of the same format version can add one."""
+    return {"type": "object", "properties": properties, "required": list(required)}
 
 
 def open_object(values: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -111,7 +111,8 @@ def evaluate(
     of `window` tokens (default 512, or the model's context if less) advance by `stride`
     (default: half a window)."""
     import infopt
-    from infopt.compress.calibration import calibration_batches, default_calibration_text
+    from infopt.bundle.manifest import is_bundle
+    from infopt.compress.calibration import calibration_ids
     from infopt.compress.quantize import quantize_model
     from infopt.core.default_model import default_model_path
     from infopt.core.model import load_core
@@ -128,7 +129,9 @@ def evaluate(
         spec = load_spec(model if model is not None else default_model_path())
         window = min(512, spec.max_position_embeddings)
     runtime = reference()
-    base = infopt.load(model, threads=threads, max_context=window, runtime=runtime.name)
+    # a model file is scored on the reference runtime, a bundle on the runtime it names
+    on = None if model is not None and is_bundle(model) else runtime.name
+    base = infopt.load(model, threads=threads, max_context=window, runtime=on)
     ids = base.tokenizer.encode(text)[:max_tokens]
     result: dict[str, Any] = {"model": base.source, "text": str(text_file), "tokens": len(ids)}
     if weights is not None:
@@ -147,14 +150,7 @@ def evaluate(
         return result
     source = open_model(model if model is not None else default_model_path())
     core = load_core(source, window, device=None)  # on CUDA when present
-    cal_text = (
-        Path(calibration).read_text(encoding="utf-8") if calibration else default_calibration_text()
-    )
-    cal = (
-        calibration_batches(source.tokenizer.encode(cal_text), 256, 128)
-        if method == "gptq"
-        else None
-    )
+    cal = calibration_ids(source.tokenizer, calibration) if method == "gptq" else None
     start = time.perf_counter()
     layers, done = len(core.layers), [0]
     label = f"{method} {quantize}"

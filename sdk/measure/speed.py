@@ -187,10 +187,10 @@ def systems(
     out: list[tuple[str, str | None, str | None]] = []
     for label, bundle in bundles:
         opened = open_bundle(bundle)
-        if opened.max_context < PREFILL + 1:
+        if opened.max_context < PREFILL:
             raise InvalidArgumentError(
                 f"{bundle}: a context of {opened.max_context} tokens; the measurement prefills "
-                f"{PREFILL}: build the bundle with --context {PREFILL + DECODE} or more"
+                f"{PREFILL}: build the bundle with --context {PREFILL} or more"
             )
         carried = opened.runtimes
         found = [n for n, t in targets().items() if n in carried and t.runs_here()]

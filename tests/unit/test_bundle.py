@@ -25,9 +25,14 @@ from tests.conftest import TINY
 PROMPT = [{"role": "user", "content": "hello there"}]
 CONFIG = spec_from_hf_config({**TINY, "model_type": "llama"}).to_dict()
 MINIMAL = {  # what the manifest schema requires, no more
-    "model": {"config": CONFIG},
+    "model": {
+        "architecture": "llama",
+        "config": CONFIG,
+        "parameters": 1,
+        "source": {"name": "tiny"},
+    },
     "runtime": {"name": "x"},
-    "kv_cache": {"max_context": 8},
+    "kv_cache": {"max_context": 8, "batch": 1, "dtype": None},
     "tokenizer": {},
     "artifacts": {"x": {"files": ["only.bin"]}},
 }
@@ -321,7 +326,7 @@ def test_a_zip_with_a_symlink_or_traversal_is_refused(tmp_path: Path) -> None:
             "artifacts.pytorch.files",
         ),
         (lambda m: m["runtime"].pop("name"), "runtime"),
-        (lambda m: m.update(drafts=None), "(top level)"),
+        (lambda m: m.pop("files"), "(top level)"),
         (lambda m: m.update(draft={"kind": "tree"}), "draft"),
         (lambda m: m["files"][0].update(sha256="abc"), "files.0.sha256"),
     ],
@@ -373,3 +378,21 @@ def test_the_manifest_schema_is_valid_and_types_every_model_field() -> None:
     jsonschema.Draft202012Validator.check_schema(schema())
     config = schema()["properties"]["model"]["properties"]["config"]["properties"]
     assert set(config) == {f.name for f in fields(ModelSpec)}
+
+
+def test_a_build_without_its_converter_stops_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_gguf: Path
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a)
+    )
+    stages: list[str] = []
+    with pytest.raises(RuntimeNotAvailableError, match=r"pip install 'infopt\[onnx\]'"):
+        build(tiny_gguf, tmp_path / "b", device="host", runtime="pytorch,onnxruntime",
+              progress=lambda stage, *_: stages.append(stage))  # fmt: skip
+    assert "load weights" not in stages and not (tmp_path / "b").exists()
+    with pytest.raises(BundleError, match="does not exist"):
+        infopt.open_bundle(tmp_path / "b")
