@@ -41,7 +41,8 @@ class Target:
     requirement: str  # the distribution its runtime imports and the range tested, as pip says it
     name: str = ""  # its folder's name, the manifest's runtime name (the registry sets it)
     stand_ins: tuple[str, ...] = ()  # distributions that may replace `package` (own versions)
-    # what building its artifact imports beyond torch, and the pip extra that installs it
+    # what building its artifact imports beyond torch, and the pip extra installing that (if not
+    # `extra`)
     build_modules: tuple[str, ...] = ()
     build_extra: str = ""
     symmetric_int4: bool = False  # its INT4 weights carry no zero points
@@ -90,7 +91,8 @@ class Target:
         if missing:
             raise RuntimeNotAvailableError(
                 f"building a {self.name} ({self.title}) artifact needs {', '.join(missing)}, "
-                f"which is not installed; install it with: pip install 'infopt[{self.build_extra}]'"
+                "which is not installed; install it with: "
+                f"pip install 'infopt[{self.build_extra or self.extra}]'"
             )
 
     def installed(self) -> bool:

@@ -54,7 +54,6 @@ TARGET = Target(
     extra="coreml",
     requirement="coremltools>=9.0",
     build_modules=("coremltools",),
-    build_extra="coreml",
     symmetric_int4=True,
     fixed_windows=True,
     overhead={"npu": 150e6},  # an estimate

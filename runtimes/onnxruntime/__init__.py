@@ -11,7 +11,6 @@ TARGET = Target(
     # builds of the same runtime for other hardware, importing as `onnxruntime` too
     stand_ins=("onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml"),
     build_modules=("onnx",),
-    build_extra="onnx",
     overhead={"cpu": 120e6, "gpu": 300e6},  # estimates
     draft_rank=0,  # its INT4 kernels decode fastest on a CPU (docs/benchmarks.md)
     host_rank=0,

@@ -9,7 +9,6 @@ TARGET = Target(
     extra="openvino",
     requirement="openvino>=2026.4",
     build_modules=("openvino",),
-    build_extra="openvino",
     overhead={"cpu": 180e6},  # an estimate
     draft_rank=1,
     host_rank=1,
