@@ -112,9 +112,16 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def write_gguf(
-    model: Any, tokenizer: Any, path: Path, arch: str = "llama", pre: str = "smollm"
+    model: Any,
+    tokenizer: Any,
+    path: Path,
+    arch: str = "llama",
+    pre: str = "smollm",
+    blocks: str | None = None,
 ) -> Path:
-    """A GGUF file as llama.cpp's converter writes it (F32 tensors, permuted q/k for llama)."""
+    """A GGUF file as llama.cpp's converter writes it (permuted q/k for llama): F32 tensors, or
+    with `blocks` ("Q4_1", "Q4_0") the blocks' matrices in that type and the embedding table in
+    Q8_0, as llama.cpp quantizes a small model (SmolLM2's Q4_1 file)."""
     import gguf
 
     cfg = model.config
@@ -174,7 +181,13 @@ def write_gguf(
             gname = f"blk.{parts[1]}.{block[module]}.{kind}"
         else:
             gname = f"{names[parts[0]]}.{parts[1]}"
-        w.add_tensor(gname, array)
+        kind = None
+        if blocks and array.ndim == 2:
+            kind = gguf.GGMLQuantizationType[blocks if parts[0] == "layers" else "Q8_0"]
+        if kind is None:
+            w.add_tensor(gname, array)
+        else:
+            w.add_tensor(gname, gguf.quants.quantize(array, kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -197,6 +210,15 @@ def tiny_folder(
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_hf: Any, tiny_tokenizer: Any) -> Path:
     return write_gguf(tiny_hf, tiny_tokenizer, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_q41(
+    tmp_path_factory: pytest.TempPathFactory, tiny_hf: Any, tiny_tokenizer: Any
+) -> Path:
+    """The tiny model as a Q4_1 GGUF (blocks Q4_1, embeddings Q8_0), like the default model."""
+    folder = tmp_path_factory.mktemp("gguf-q41")
+    return write_gguf(tiny_hf, tiny_tokenizer, folder / "tiny-q4_1.gguf", blocks="Q4_1")
 
 
 @pytest.fixture(scope="session")

@@ -169,6 +169,11 @@ def check_schemes(schemes: dict[str, QuantScheme]) -> None:
                 f"{name}: weight scheme {s.name}: infopt's Core ML export carries symmetric INT4 "
                 f"(the codes and scales unchanged); use int4s-g{s.group_size}"
             )
+        if s.bits == 8 and s.group_size:
+            raise InvalidArgumentError(
+                f"{name}: weight scheme {s.name}: infopt's Core ML export carries INT8 per "
+                "channel; use int8"
+            )
 
 
 def convert(core: Decoder, max_context: int) -> Any:

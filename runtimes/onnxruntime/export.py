@@ -5,8 +5,11 @@ onnxruntime-genai's model builder writes its own: every weight the core holds is
 as stored, never re-quantized.
 
 - linears: `nn.Linear` -> MatMul (fp32); `QuantLinear` -> `MatMulNBits` (4-bit groups as stored;
-  INT8 per-channel as 8-bit blocks sharing the row's scale, which is exact); `LowRankLinear` ->
-  two MatMuls. q/k/v are fused into one projection when they are stored alike.
+  INT8 per-channel as 8-bit blocks sharing the row's scale, which is exact; INT8 groups as
+  8-bit blocks); a float offset per group (`int4m`, a GGUF's Q4_1) is `MatMulNBits` with zero
+  zero-points plus the input's per-block sums times the offsets, x·W = Σ_b d_b (x_b·q_b) +
+  Σ_b m_b Σ x_b, exact in fp32; `LowRankLinear` -> two MatMuls. q/k/v are fused into one
+  projection when they are stored alike.
 - attention: `GroupQueryAttention` with rotary embedding, causal and sliding-window masks, and
   the KV cache in one buffer per layer and kind that is both `past` and `present` (bound to the
   same memory by the runtime, so nothing is copied per token).
@@ -111,16 +114,22 @@ def _nbits_weights(
     """(B [N, blocks, blob] uint8, scales [N, blocks] fp32, zero-points or None, block size) in
     MatMulNBits' layout, bit-exact with the stored weight."""
     out, inp = qw.shape
+    if qw.scheme.group_size is not None and qw.scheme.group_size < 16:
+        raise InvalidArgumentError(
+            f"{qw.scheme.name}: onnxruntime's MatMulNBits needs groups of at least 16"
+        )
     if qw.scheme.bits == 4:
         block = int(qw.scheme.group_size or 0)
-        if block < 16:
-            raise InvalidArgumentError(
-                f"{qw.scheme.name}: onnxruntime's MatMulNBits needs groups of at least 16"
-            )
         b = qw.qweight.cpu().numpy().reshape(out, inp // block, block // 2)
         scales = _f32(qw.scales)
         zeros = qw.zeros.cpu().numpy() if qw.zeros is not None else None  # [N, ceil(blocks/2)]
+        if qw.scheme.offset:  # zero-points 0: the offsets come as a term of their own
+            zeros = np.zeros((out, (inp // block + 1) // 2), np.uint8)
         return b, scales, zeros, block
+    if qw.scheme.group_size:  # INT8 groups: one block each, its own scale
+        block = qw.scheme.group_size
+        codes = (qw.qweight.cpu().numpy().astype(np.int16) + 128).astype(np.uint8)
+        return codes.reshape(out, inp // block, block), _f32(qw.scales), None, block
     block = next((s for s in int8_blocks if inp % s == 0), 0)
     if not block:
         raise InvalidArgumentError(
@@ -142,7 +151,7 @@ def _matmul_nbits(
     if bias is not None:
         inputs += ["", g.const(f"{name}.bias", _f32(bias))]
     out, inp = qw.shape
-    return g.one(
+    y = g.one(
         "MatMulNBits",
         inputs,
         domain=MS,
@@ -152,6 +161,19 @@ def _matmul_nbits(
         block_size=block,
         accuracy_level=ACCURACY_LEVEL,
     )
+    return _plus_offsets(g, x, y, qw, name, block)
+
+
+def _plus_offsets(g: _Graph, x: str, y: str, qw: QuantizedWeight, name: str, block: int) -> str:
+    """y + what float offsets per block add to x @ W^T: x's per-block sums [.., K/block] times
+    the offsets [K/block, N] (nothing to add without offsets)."""
+    if qw.offsets is None:
+        return y
+    blocks = qw.shape[1] // block
+    split = g.one("Reshape", [x, g.const(f"{name}.blocks", np.array([0, 0, blocks, block]))])
+    sums = g.one("ReduceSum", [split, g.const(f"{name}.sum_axis", np.array([-1]))], keepdims=0)
+    term = g.one("MatMul", [sums, g.const(f"{name}.offsets_t", _f32(qw.offsets).T)])
+    return g.one("Add", [y, term])
 
 
 def _matmul(g: _Graph, x: str, w: torch.Tensor, name: str, bias: torch.Tensor | None) -> str:
@@ -191,13 +213,14 @@ def _fused(mods: tuple[nn.Module, ...]) -> nn.Module | None:
         qws = [m.quantized() for m in mods if isinstance(m, QuantLinear)]
         if len({q.scheme for q in qws}) != 1:
             return None
-        zeros = [q.zeros for q in qws]
+        zeros, offsets = [q.zeros for q in qws], [q.offsets for q in qws]
         qw = QuantizedWeight(
             qws[0].scheme,
             torch.cat([q.qweight for q in qws]),
             torch.cat([q.scales for q in qws]),
             torch.cat([z for z in zeros if z is not None]) if zeros[0] is not None else None,
             (sum(q.shape[0] for q in qws), qws[0].shape[1]),
+            torch.cat([o for o in offsets if o is not None]) if offsets[0] is not None else None,
         )
         return QuantLinear(qw, bias)
     return None
@@ -279,6 +302,11 @@ def _embedding(g: _Graph, model: Decoder) -> tuple[str, Any]:
             gather_axis=0,
             quantize_axis=2,
         )  # [1, S, blocks, block]
+        if qw.offsets is not None:  # each row's blocks plus their offsets
+            table = g.const("embed_tokens.offsets", _f32(qw.offsets))  # [V, blocks]
+            row = g.one("Gather", [table, "input_ids"])  # [1, S, blocks]
+            axis = g.const("embed_tokens.offset_axis", np.array([-1]))
+            x = g.one("Add", [x, g.one("Unsqueeze", [row, axis])])
         x = g.one("Reshape", [x, g.const("embed_tokens.rows", np.array([1, -1, blocks * block]))])
         return x, ("nbits", data, scale, zp, qw, block) if tied else None
     if isinstance(emb, nn.Embedding):
@@ -299,7 +327,7 @@ def _lm_head(g: _Graph, h: str, model: Decoder, shared: Any) -> str:
         )
     _, data, scale, zp, qw, block = shared
     out, inp = qw.shape
-    return g.one(
+    logits = g.one(
         "MatMulNBits",
         [h, data, scale, zp],
         domain=MS,
@@ -309,6 +337,7 @@ def _lm_head(g: _Graph, h: str, model: Decoder, shared: Any) -> str:
         block_size=block,
         accuracy_level=ACCURACY_LEVEL,
     )
+    return _plus_offsets(g, h, logits, qw, "lm_head", block)
 
 
 def _skip_norm(

@@ -4,9 +4,11 @@ The graph is written module by module from the (possibly compressed) model core 
 opset API, in the patterns the CPU plugin fuses (those of optimum-intel's exports):
 
 - weights keep their stored form: INT4 groups as `u4` codes with `u4` zero-points (or `i4`
-  without, when symmetric) and fp16 scales, INT8 rows as `i8` with fp16 scales, each decompressed
-  right before its MatMul (Convert -> Subtract -> Multiply), which the plugin executes as a
-  low-bit kernel; float weights as fp32 constants; low-rank layers as two MatMuls;
+  without, when symmetric) and fp16 scales, INT8 rows or groups as `i8` with fp16 scales, each
+  decompressed right before its MatMul (Convert -> Subtract -> Multiply), which the plugin
+  executes as a low-bit kernel; a float offset per group (`int4m`, a GGUF's Q4_1) as `u4` codes
+  times their scales plus the input's per-block sums times the offsets (exact in fp32); float
+  weights as fp32 constants; low-rank layers as two MatMuls;
 - the KV cache is model state: per layer ReadValue -> Gather(beam_idx) -> Concat -> Assign,
   read by ScaledDotProductAttention (grouped KV heads broadcast as optimum-intel does), which
   the plugin turns into its own in-place cache;
@@ -57,17 +59,20 @@ def _decompressed(qw: QuantizedWeight) -> Any:
     ov, ops = _ov()
     out, inp = qw.shape
     f16 = ov.Type.f16
-    if qw.scheme.bits == 8:
-        codes = ops.constant(np.ascontiguousarray(qw.qweight.cpu().numpy()))  # i8 [N, K]
-        scale = ops.constant(np.ascontiguousarray(qw.scales.cpu().numpy()))  # f16 [N, 1]
-        w = ops.multiply(ops.convert(codes, f16), scale)
-        return ops.convert(w, ov.Type.f32)
     group = int(qw.scheme.group_size or inp)
     groups = inp // group
     shape = (out, groups, group)
+    if qw.scheme.bits == 8:
+        codes = ops.constant(np.ascontiguousarray(qw.qweight.cpu().numpy()).reshape(shape))  # i8
+        scale = ops.constant(np.ascontiguousarray(qw.scales.cpu().numpy()).reshape(out, groups, 1))
+        w = ops.multiply(ops.convert(codes, f16), scale)
+        w = ops.reshape(w, ops.constant(np.array([out, inp], np.int64)), False)
+        return ops.convert(w, ov.Type.f32)
     codes = unpack_int4(qw.qweight).cpu().numpy().reshape(shape)  # 0..15
     scale = ops.constant(np.ascontiguousarray(qw.scales.cpu().numpy()).reshape(out, groups, 1))
-    if qw.zeros is None:  # symmetric: the zero-point is 8, so the codes are signed nibbles
+    if qw.scheme.offset:  # codes times scales; the offsets are a term of their own
+        w = ops.multiply(ops.convert(_low_bit(codes, "u4"), f16), scale)
+    elif qw.zeros is None:  # symmetric: the zero-point is 8, so the codes are signed nibbles
         signed = _low_bit(codes.astype(np.int8) - 8, "i4")
         w = ops.multiply(ops.convert(signed, f16), scale)
     else:
@@ -82,7 +87,8 @@ def _linear(x: Any, module: nn.Module, name: str) -> Any:
     _, ops = _ov()
     bias = getattr(module, "bias", None)
     if isinstance(module, QuantLinear):
-        y = ops.matmul(x, _decompressed(module.quantized()), False, True)
+        qw = module.quantized()
+        y = _plus_offsets(x, ops.matmul(x, _decompressed(qw), False, True), qw)
     elif isinstance(module, LowRankLinear):
         h = ops.matmul(x, ops.constant(_f32(module.v)), False, True)
         y = ops.matmul(h, ops.constant(_f32(module.u)), False, True)
@@ -91,6 +97,18 @@ def _linear(x: Any, module: nn.Module, name: str) -> Any:
     else:
         raise InvalidArgumentError(f"{name}: cannot export a {type(module).__name__} to OpenVINO")
     return ops.add(y, ops.constant(_f32(bias))) if bias is not None else y
+
+
+def _plus_offsets(x: Any, y: Any, qw: QuantizedWeight) -> Any:
+    """y + what float offsets per group add to x @ W^T: x's per-group sums [.., groups] times
+    the offsets [groups, N] (nothing to add without offsets)."""
+    if qw.offsets is None:
+        return y
+    _, ops = _ov()
+    groups = qw.offsets.shape[1]
+    split = ops.reshape(x, np.array([0, 0, groups, qw.shape[1] // groups], np.int64), True)
+    sums = ops.reduce_sum(split, np.array([-1], np.int64), False)
+    return ops.add(y, ops.matmul(sums, ops.constant(_f32(qw.offsets)), False, True))
 
 
 def _rms_norm(x: Any, weight: torch.Tensor, eps: float) -> Any:
@@ -188,14 +206,24 @@ def _embedding(model: Decoder, ids: Any) -> tuple[Any, Any]:
     _, ops = _ov()
     emb = model.embed_tokens
     if isinstance(emb, QuantEmbedding):
-        table = _decompressed(emb.quantized())
+        qw = emb.quantized()
+        table = _decompressed(qw)
         tied = isinstance(model.lm_head, QuantLinear) and model.lm_head.qweight is emb.qweight
+        if qw.offsets is not None:  # rows gathered, then each group's offset added
+            groups, group = qw.offsets.shape[1], qw.shape[1] // qw.offsets.shape[1]
+            rows = ops.gather(table, ids, np.int64(0))
+            split = ops.reshape(rows, np.array([0, 0, groups, group], np.int64), True)
+            offs = ops.gather(ops.constant(_f32(qw.offsets)), ids, np.int64(0))
+            x = ops.add(split, ops.unsqueeze(offs, np.int64(-1)))
+            x = ops.reshape(x, np.array([0, 0, groups * group], np.int64), True)
+            return x, (table, qw) if tied else None
     elif isinstance(emb, nn.Embedding):
         table = ops.constant(_f32(emb.weight))
         tied = model.lm_head is emb or getattr(model.lm_head, "weight", None) is emb.weight
     else:
         raise InvalidArgumentError(f"cannot export an embedding of type {type(emb).__name__}")
-    return ops.gather(table, ids, np.int64(0)), table if tied else None
+    stored = emb.quantized() if isinstance(emb, QuantEmbedding) else None
+    return ops.gather(table, ids, np.int64(0)), (table, stored) if tied else None
 
 
 def _mask(model: Decoder, attention_mask: Any, position_ids: Any) -> Any:
@@ -256,7 +284,10 @@ def build_model(model: Decoder, max_context: int) -> Any:
     )
     h = _rms_norm(x, model.norm.weight, spec.rms_norm_eps)
     if table is not None:
-        logits = ops.matmul(h, table, False, True)
+        shared, qw = table
+        logits = ops.matmul(h, shared, False, True)
+        if qw is not None:
+            logits = _plus_offsets(h, logits, qw)
     else:
         logits = _linear(h, model.lm_head, "lm_head")
     logits.output(0).get_tensor().set_names({"logits"})

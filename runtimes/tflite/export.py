@@ -117,6 +117,11 @@ def check_schemes(schemes: dict[str, QuantScheme]) -> dict[str, QuantScheme]:
                 f"{name}: weight scheme {s.name}: LiteRT's INT4 kernels are symmetric (no "
                 f"zero-points); use int4s-g{s.group_size} for a tflite artifact"
             )
+        if s.bits == 8 and s.group_size:
+            raise InvalidArgumentError(
+                f"{name}: weight scheme {s.name}: infopt's LiteRT export carries INT8 per channel; "
+                "use int8"
+            )
         if s.bits == 4 and s.group_size not in (32, 64, 128, 256):
             raise InvalidArgumentError(
                 f"{name}: weight scheme {s.name}: LiteRT's INT4 blocks are 32, 64, 128 or 256 wide"

@@ -51,6 +51,11 @@ def gptq_quantize(
     check_finite(w, "weight")
     out, inp = w.shape
     scheme.check_shape(out, inp)
+    if scheme.offset:
+        raise InvalidArgumentError(
+            f"{scheme.name}: GPTQ quantizes to integer grids (int8, int4, int4s); offset INT4 "
+            "(a GGUF's Q4_1 blocks) is kept as the file has it, or made by RTN"
+        )
     if not 0 < damp < 1:
         raise InvalidArgumentError(f"damp={damp}: must be in (0, 1)")
     group = scheme.group_size or inp

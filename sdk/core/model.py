@@ -296,14 +296,44 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def load_core(
-    source: ModelSource, max_context: int, device: str | None = "cpu", dtype: str = "float32"
+    source: ModelSource,
+    max_context: int,
+    device: str | None = "cpu",
+    dtype: str = "float32",
+    stored: bool = False,
 ) -> Decoder:
     """The model core of an imported model, its weights read one tensor at a time, with a KV
-    cache of `max_context` positions."""
+    cache of `max_context` positions. With `stored`, matrices a file keeps in a block format
+    infopt stores too (a GGUF's Q4_0 / Q4_1 / Q8_0) stay so, as quantized modules holding the
+    file's codes and scales; the other weights come as `dtype`."""
+    from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear
+
     if dtype not in DTYPES:
         raise InvalidArgumentError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    target = pick_device(device)
     with torch.device("meta"):
         model = Decoder(source.spec)
-    load_state_dict(model, source.iter_weights(), dtype=DTYPES[dtype], device=pick_device(device))
+    weights: Iterable[tuple[str, torch.Tensor]] = source.iter_weights()
+    if stored:  # quantized modules first, so that the float tensors left are what they lack
+        floats = []
+        for name, w in source.iter_stored():
+            if not isinstance(w, QuantizedWeight):
+                floats.append((name, w))
+                continue
+            module = name.removeprefix("model.").rpartition(".")[0]  # "<module>.weight"
+            old = model.get_submodule(module)
+            bias = getattr(old, "bias", None)  # a placeholder: the file's bias comes with floats
+            qw = w.to(target)
+            replace_module(
+                model,
+                module,
+                QuantEmbedding(qw)
+                if isinstance(old, nn.Embedding)
+                else QuantLinear(qw, None if bias is None else torch.zeros(bias.shape)),
+            )
+        weights = floats
+    load_state_dict(model, weights, dtype=DTYPES[dtype], device=target)
+    if source.spec.tie_word_embeddings and isinstance(model.embed_tokens, QuantEmbedding):
+        model.lm_head = QuantLinear(model.embed_tokens.quantized())  # the same table, once
     model.setup_cache(max_context)
     return model.eval()

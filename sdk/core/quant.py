@@ -1,8 +1,12 @@
-"""Weight quantization storage: INT8 per output channel, INT4 group-wise (symmetric or
-asymmetric), packed two 4-bit values per byte, with round-to-nearest (RTN) quantizers.
+"""Weight quantization storage: INT8 per output channel or group-wise, INT4 group-wise
+(symmetric, asymmetric with integer zero-points, or with a float offset per group), packed two
+4-bit values per byte, with round-to-nearest (RTN) quantizers.
 
-A `QuantizedWeight` holds integer codes plus fp16 scales (and zero-points); `dequantize` gives
-the float matrix back. `QuantLinear` runs it in torch, dequantizing on the fly.
+A `QuantizedWeight` holds integer codes plus fp16 scales (and zero-points or offsets);
+`dequantize` gives the float matrix back. `QuantLinear` runs it in torch, dequantizing on the
+fly. The group-wise INT8 and the offset INT4 forms are a GGUF file's own Q8_0 and Q4_1 blocks
+(w = d·q and w = d·q + m per 32 weights; Q4_0 is symmetric INT4), so such a file keeps its
+precision, bit for bit.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from infopt.errors import InvalidArgumentError, ModelFormatError
 if TYPE_CHECKING:
     from infopt.core.model import Decoder
 
-SCHEME = re.compile(r"int8|int4(s?)-g(\d+)")
+SCHEME = re.compile(r"int8(?:-g(\d+))?|int4([sm]?)-g(\d+)")
 
 
 @dataclass(frozen=True)
@@ -29,27 +33,34 @@ class QuantScheme:
     bits: int  # 8 or 4
     group_size: int | None  # None: one scale per output row (int8)
     symmetric: bool
+    offset: bool = False  # a float offset per group, w = scale * q + offset (int4m)
 
     @classmethod
     def parse(cls, name: str) -> QuantScheme:
-        """`int8` (per-channel, symmetric), `int4-g32` (asymmetric), `int4s-g64` (symmetric)."""
+        """`int8` (per-channel, symmetric), `int8-g32` (per group of 32, symmetric: GGUF Q8_0),
+        `int4-g32` (asymmetric), `int4s-g64` (symmetric: GGUF Q4_0 at g32), `int4m-g32` (a float
+        offset per group: GGUF Q4_1)."""
         m = SCHEME.fullmatch(name)
         if not m:
             raise InvalidArgumentError(
-                f"quantization scheme {name!r}: expected int8, int4-g<group> or int4s-g<group>"
+                f"quantization scheme {name!r}: expected int8, int8-g<group>, int4-g<group>, "
+                "int4s-g<group> or int4m-g<group>"
             )
         if name == "int8":
             return cls(8, None, True)
-        group = int(m.group(2))
+        group = int(m.group(1) or m.group(3))
         if group < 2 or group & (group - 1):
             raise InvalidArgumentError(f"{name}: group size {group} must be a power of two >= 2")
-        return cls(4, group, m.group(1) == "s")
+        if name.startswith("int8"):
+            return cls(8, group, True)
+        return cls(4, group, m.group(2) == "s", m.group(2) == "m")
 
     @property
     def name(self) -> str:
-        return (
-            "int8" if self.bits == 8 else f"int4{'s' if self.symmetric else ''}-g{self.group_size}"
-        )
+        if self.bits == 8:
+            return f"int8-g{self.group_size}" if self.group_size else "int8"
+        kind = "s" if self.symmetric else "m" if self.offset else ""
+        return f"int4{kind}-g{self.group_size}"
 
     @property
     def qmax(self) -> int:
@@ -117,11 +128,18 @@ class QuantizedWeight:
     scales: torch.Tensor  # fp16 [out, groups]
     zeros: torch.Tensor | None  # uint8 [out, groups/2] packed 4-bit (asymmetric int4 only)
     shape: tuple[int, int]
+    offsets: torch.Tensor | None = None  # fp16 [out, groups], added after scaling (int4m only)
 
     @property
     def nbytes(self) -> int:
-        parts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
-        return sum(t.numel() * t.element_size() for t in parts)
+        parts = [self.qweight, self.scales, self.zeros, self.offsets]
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with its tensors on `device`."""
+        moved = [t.to(device) if t is not None else None for t in (self.zeros, self.offsets)]
+        qweight, scales = self.qweight.to(device), self.scales.to(device)
+        return QuantizedWeight(self.scheme, qweight, scales, moved[0], self.shape, moved[1])
 
     def codes(self) -> torch.Tensor:
         """Integer codes [out, in] as float (int8: -127..127, int4: 0..15)."""
@@ -134,13 +152,16 @@ class QuantizedWeight:
         out, groups = self.scales.shape
         if self.zeros is not None:
             return unpack_int4(self.zeros)[:, :groups].float()
-        return torch.full((out, groups), 0.0 if self.scheme.bits == 8 else 8.0)
+        centred = self.scheme.bits == 4 and not self.scheme.offset
+        return torch.full((out, groups), 8.0 if centred else 0.0)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out, inp = self.shape
         group = self.scheme.group_size or inp
         codes = self.codes().view(out, inp // group, group)
         w = (codes - self.zero_points()[..., None]) * self.scales.float()[..., None]
+        if self.offsets is not None:
+            w = w + self.offsets.float()[..., None]
         return w.view(out, inp).to(dtype)
 
 
@@ -169,6 +190,15 @@ def quantize_rtn(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     scheme.check_shape(out, inp)
     group = scheme.group_size or inp
     grouped = w.float().reshape(out, inp // group, group)
+    if scheme.offset:  # the min-max grid of GGUF's Q4_1: w ~ scale * q + min
+        lo, hi = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
+        lo16 = lo.to(torch.float16).float()
+        scale = ((hi - lo16) / scheme.qmax).clamp(min=1e-8).to(torch.float16).float()
+        codes = torch.clamp(torch.round((grouped - lo16) / scale), 0, scheme.qmax)
+        packed = pack_int4(codes.reshape(out, inp).to(torch.uint8))
+        return QuantizedWeight(
+            scheme, packed, scale[..., 0].half(), None, (out, inp), lo16[..., 0].half()
+        )
     scale, zero = group_params(grouped, scheme)  # [out, groups, 1]
     codes = quantize_codes(grouped, scale, zero, scheme).reshape(out, inp)
     return from_codes(codes, scale[..., 0], zero[..., 0], scheme)
@@ -193,11 +223,20 @@ class QuantStorage(nn.Module):
         self.register_buffer("scales", qw.scales)
         if qw.zeros is not None:
             self.register_buffer("zeros", qw.zeros)
+        if qw.offsets is not None:
+            self.register_buffer("offsets", qw.offsets)
 
     def quantized(self) -> QuantizedWeight:
         qweight, scales = self._buffers["qweight"], self._buffers["scales"]
         assert qweight is not None and scales is not None
-        return QuantizedWeight(self.scheme, qweight, scales, self._buffers.get("zeros"), self.shape)
+        return QuantizedWeight(
+            self.scheme,
+            qweight,
+            scales,
+            self._buffers.get("zeros"),
+            self.shape,
+            self._buffers.get("offsets"),
+        )
 
 
 class QuantLinear(QuantStorage):
@@ -226,8 +265,14 @@ class QuantEmbedding(QuantStorage):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         qw, flat = self.quantized(), ids.flatten()
         zeros = qw.zeros[flat] if qw.zeros is not None else None
+        offsets = qw.offsets[flat] if qw.offsets is not None else None
         rows = QuantizedWeight(
-            qw.scheme, qw.qweight[flat], qw.scales[flat], zeros, (flat.numel(), self.embedding_dim)
+            qw.scheme,
+            qw.qweight[flat],
+            qw.scales[flat],
+            zeros,
+            (flat.numel(), self.embedding_dim),
+            offsets,
         )
         return rows.dequantize().view(*ids.shape, self.embedding_dim)
 

@@ -122,6 +122,7 @@ def _stored(
             tensors.pop(f"{name}.scales"),
             tensors.pop(f"{name}.zeros", None),
             shape,
+            tensors.pop(f"{name}.offsets", None),
         )
     except KeyError as e:
         raise ModelFormatError(f"quantized module {name!r} is missing tensor {e}") from e

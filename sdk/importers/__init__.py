@@ -21,6 +21,8 @@ from infopt.importers.hf_folder import PICKLE_SUFFIXES, import_hf, read_json
 if TYPE_CHECKING:
     import torch
 
+    from infopt.core.quant import QuantizedWeight
+
 _PICKLE_MAGICS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
@@ -31,11 +33,17 @@ class ModelSource:
     spec: ModelSpec
     tokenizer: Tokenizer
     generation_defaults: dict[str, Any]
-    _iter_weights: Callable[[], Iterator[tuple[str, torch.Tensor]]] = field(repr=False)
+    _iter_weights: Callable[[bool], Iterator[tuple[str, Any]]] = field(repr=False)
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, tensor) pairs read from disk one at a time (float32 for GGUF)."""
-        return self._iter_weights()
+        return self._iter_weights(False)
+
+    def iter_stored(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+        """(HF name, weight) pairs at the file's own precision: a GGUF's Q4_0 / Q4_1 / Q8_0
+        matrices as `QuantizedWeight`s of the same values, every other tensor as `iter_weights`
+        gives it."""
+        return self._iter_weights(True)
 
     def read_weights(self) -> dict[str, torch.Tensor]:
         """All weights at once, under HF names."""

@@ -1,4 +1,10 @@
-"""Import a GGUF file: config, dequantized weights, tokenizer and chat template (via `gguf`)."""
+"""Import a GGUF file: config, weights, tokenizer and chat template (via `gguf`).
+
+Weights come dequantized to float32, or, asked to keep the file's precision, Q4_0 / Q4_1 / Q8_0
+matrices as infopt's own storage of the same codes and scales (`int4s-g32`, `int4m-g32`,
+`int8-g32`): the values are the file's, bit for bit. Other block types (the k-quants) come as
+float32, their exact values, larger.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +22,12 @@ if TYPE_CHECKING:
     import torch
     from gguf import GGUFReader
 
+    from infopt.core.quant import QuantizedWeight
+
 GGUF_MAGIC = b"GGUF"
+# GGML block types kept as they are: type -> (infopt scheme, bytes per block of 32 weights)
+BLOCK_SCHEMES = {"Q4_0": ("int4s-g32", 18), "Q4_1": ("int4m-g32", 20), "Q8_0": ("int8-g32", 34)}
+BLOCK = 32
 SUPPORTED = {"llama": "llama", "qwen2": "qwen2"}  # general.architecture -> our family
 # GGUF tensor names -> HF names (per block, then global).
 _BLOCK_NAMES = {
@@ -130,10 +141,12 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def iter_weights(
-    reader: GGUFReader, spec: ModelSpec, path: Path
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Tensors one at a time, dequantized to float32, under HF names, q/k rows un-permuted for
-    llama (one at a time, so a caller converting them keeps one float32 copy alive at most)."""
+    reader: GGUFReader, spec: ModelSpec, path: Path, keep_blocks: bool = False
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """Tensors one at a time, under HF names, q/k rows un-permuted for llama (one at a time, so
+    a caller converting them keeps one float32 copy alive at most): dequantized to float32, or
+    with `keep_blocks` the Q4_0 / Q4_1 / Q8_0 matrices as `QuantizedWeight`s of the same
+    values."""
     import torch
     from gguf.quants import dequantize
 
@@ -143,6 +156,9 @@ def iter_weights(
             raise ModelFormatError(
                 f"{path}: unexpected tensor {t.name!r} for a {spec.architecture}"
             )
+        if keep_blocks and t.tensor_type.name in BLOCK_SCHEMES and len(t.shape) == 2:
+            yield name, stored_blocks(t, name, spec, path)
+            continue
         expected = int(np.prod([int(d) for d in t.shape]))
         try:
             array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
@@ -162,6 +178,47 @@ def iter_weights(
         yield name, torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
 
 
+def stored_blocks(t: Any, name: str, spec: ModelSpec, path: Path) -> QuantizedWeight:
+    """A Q4_0 / Q4_1 / Q8_0 matrix as infopt's storage of the same codes and fp16 scales (and
+    Q4_1's fp16 mins as offsets): `dequantize()` gives the file's values exactly."""
+    import torch
+
+    from infopt.core.quant import QuantizedWeight, QuantScheme, pack_int4
+
+    scheme_name, size = BLOCK_SCHEMES[t.tensor_type.name]
+    k, rows = int(t.shape[0]), int(t.shape[1])
+    data = np.asarray(t.data)
+    if k % BLOCK or data.size != rows * (k // BLOCK) * size:
+        raise ModelFormatError(
+            f"{path}: tensor {t.name!r} ({t.tensor_type.name}) holds {data.size} bytes, its "
+            f"header says {rows} x {k} weights (truncated file?)"
+        )
+    blocks = data.reshape(rows, k // BLOCK, size)
+
+    def half(start: int) -> np.ndarray:  # [rows, blocks] fp16 at a byte offset of each block
+        return np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0]
+
+    scales, offsets = half(0), half(2) if t.tensor_type.name == "Q4_1" else None
+    if t.tensor_type.name == "Q8_0":
+        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, k)
+    else:  # byte j of a block: weight j in its low nibble, weight j + 16 in its high one
+        qs = blocks[..., 4:] if offsets is not None else blocks[..., 2:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, k)
+    if spec.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        heads = spec.num_heads if "q_proj" in name else spec.num_kv_heads
+        codes, scales = unpermute_qk(codes, heads), unpermute_qk(scales, heads)
+        offsets = unpermute_qk(offsets, heads) if offsets is not None else None
+    c = torch.from_numpy(np.ascontiguousarray(codes))
+    return QuantizedWeight(
+        QuantScheme.parse(scheme_name),
+        c if t.tensor_type.name == "Q8_0" else pack_int4(c),
+        torch.from_numpy(np.ascontiguousarray(scales)),
+        None,
+        (rows, k),
+        torch.from_numpy(np.ascontiguousarray(offsets)) if offsets is not None else None,
+    )
+
+
 def import_gguf(path: Path) -> tuple[ModelSpec, Any, Any, dict[str, Any]]:
     """(spec, tokenizer, weights reader function, generation defaults) for a GGUF file."""
     reader = open_reader(path)
@@ -169,4 +226,4 @@ def import_gguf(path: Path) -> tuple[ModelSpec, Any, Any, dict[str, Any]]:
     names = {t.name for t in reader.tensors}
     spec = spec_from_gguf(meta, names, path)
     tokenizer = tokenizer_from_gguf_metadata(meta)
-    return spec, tokenizer, lambda: iter_weights(reader, spec, path), {}
+    return spec, tokenizer, lambda keep: iter_weights(reader, spec, path, keep), {}

@@ -109,4 +109,4 @@ def import_hf(folder: Path) -> tuple[ModelSpec, Tokenizer, Any, dict[str, Any]]:
     if eos_ids:
         spec = replace(spec, eos_token_ids=eos_ids)
     files = safetensors_files(folder)
-    return spec, load_tokenizer(folder, spec), lambda: iter_weights(files), defaults
+    return spec, load_tokenizer(folder, spec), lambda _keep: iter_weights(files), defaults

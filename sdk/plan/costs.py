@@ -18,7 +18,8 @@ from infopt.errors import InvalidArgumentError
 
 GROUPS = ("embeddings", "lm_head", "attention", "mlp")
 FLOAT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
-SCHEME = re.compile(r"(fp32|fp16|bf16|int8|int4(s?)-g(\d+))")  # int4s: symmetric, no zeros
+# int4s: symmetric, no zero-points; int4m: a float offset per group (GGUF Q4_1); int8-gG: GGUF Q8_0
+SCHEME = re.compile(r"(fp32|fp16|bf16|int8(?:-g(\d+))?|int4([sm]?)-g(\d+))")
 # Resident memory of a runtime with no model (interpreter, libraries, tokenizer, loader
 # residue) where its target's record gives none for the device's kind.
 DEFAULT_OVERHEAD = 300e6
@@ -55,30 +56,35 @@ def pruned_width(width: int, keep: float) -> int:
 
 
 def scheme_bytes(scheme: str, rows: int, cols: int) -> float:
-    """Stored bytes of one [rows, cols] matrix: int8 = per-row fp16 scale; int4-gG = two values
-    per byte plus a fp16 scale and a 4-bit zero-point per group of G along the input dim."""
+    """Stored bytes of one [rows, cols] matrix: int8 = per-row fp16 scale, int8-gG = a fp16 scale
+    per group of G; int4-gG = two values per byte plus per group of G along the input dim a fp16
+    scale and a 4-bit zero-point (int4s: none; int4m: a fp16 offset)."""
     m = SCHEME.fullmatch(scheme)
     if not m:
         raise InvalidArgumentError(
-            f"weight scheme {scheme!r} is not one of fp32, fp16, bf16, int8, int4-g<group>, "
-            "int4s-g<group>"
+            f"weight scheme {scheme!r} is not one of fp32, fp16, bf16, int8, int8-g<group>, "
+            "int4-g<group>, int4s-g<group>, int4m-g<group>"
         )
     if scheme in FLOAT_BYTES:
         return rows * cols * FLOAT_BYTES[scheme]
     if scheme == "int8":
         return rows * cols + rows * 2.0
-    symmetric, group = m.group(2) == "s", int(m.group(3))
+    group = int(m.group(2) or m.group(4))
     if cols % group:
         raise InvalidArgumentError(
             f"{scheme}: group {group} does not divide the input size "
             f"{cols}; use a group size that does (e.g. 32 or 64)"
         )
-    return rows * cols / 2 + rows * (cols // group) * (2.0 if symmetric else 2.5)
+    if scheme.startswith("int8"):
+        return rows * cols + rows * (cols // group) * 2.0
+    per_group = {"s": 2.0, "m": 4.0, "": 2.5}[m.group(3)]
+    return rows * cols / 2 + rows * (cols // group) * per_group
 
 
 def group_fits(scheme: str, shapes: list[tuple[int, int]]) -> bool:
     m = SCHEME.fullmatch(scheme)
-    return not (m and m.group(3)) or all(c % int(m.group(3)) == 0 for _, c in shapes)
+    group = m and (m.group(2) or m.group(4))
+    return not group or all(c % int(group) == 0 for _, c in shapes)
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,19 @@ SCHEMES = {
         "embeddings": "int4-g32",
         "lm_head": "int4-g32",
     },
+    # a GGUF's own blocks: Q4_1 (a float offset per group) and Q8_0 (INT8 groups)
+    "int4 offset g32 (Q4_1), int8 g32 embeddings (Q8_0)": {
+        "attention": "int4m-g32",
+        "mlp": "int4m-g32",
+        "embeddings": "int8-g32",
+        "lm_head": "int8-g32",
+    },
+    "int8 g32 attention, int4 offset g32 elsewhere": {
+        "attention": "int8-g32",
+        "mlp": "int4m-g32",
+        "embeddings": "int4m-g32",
+        "lm_head": "int4m-g32",
+    },
 }
 
 

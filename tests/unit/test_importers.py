@@ -185,3 +185,52 @@ def test_weights_that_do_not_match_the_config(tmp_path: Path, tiny_folder: Path)
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelFormatError, match=r"mlp\.(gate|up|down)_proj\.weight. has shape"):
         infopt.load(folder, max_context=16)
+
+
+def test_a_gguf_keeps_its_q4_1_and_q8_0_blocks_bit_for_bit(tiny_gguf_q41: Path) -> None:
+    from gguf import GGUFReader
+
+    from infopt.core.model import load_core
+    from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear
+    from infopt.runtimes.pytorch.runtime import PyTorchRuntime
+
+    source = open_model(tiny_gguf_q41)
+    floats = dict(source.iter_weights())  # gguf's own dequantization (q/k un-permuted)
+    stored = dict(source.iter_stored())
+    kinds = {t.tensor_type.name for t in GGUFReader(tiny_gguf_q41).tensors}
+    assert {"Q4_1", "Q8_0"} <= kinds
+    schemes = {w.scheme.name for w in stored.values() if isinstance(w, QuantizedWeight)}
+    assert schemes == {"int4m-g32", "int8-g32"}
+    for name, w in stored.items():
+        value = w.dequantize() if isinstance(w, QuantizedWeight) else w
+        assert torch.equal(value, floats[name]), name
+    core = load_core(source, 64, stored=True)
+    assert isinstance(core.layers[0].self_attn.q_proj, QuantLinear)
+    assert isinstance(core.embed_tokens, QuantEmbedding)
+    ids = [5, 17, 42, 99, 3, 250, 77]
+    dense = PyTorchRuntime(load_core(source, 64), 64).forward(ids)
+    np.testing.assert_array_equal(PyTorchRuntime(core, 64).forward(ids), dense)
+
+
+@pytest.mark.usefixtures("exact_openvino")
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_q4_1_gguf_runs_exactly_on_the_exported_runtimes(
+    tiny_gguf_q41: Path, runtime: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Q4_1's float offsets go through MatMulNBits with zero zero-points plus the block sums
+    (ONNX Runtime) and through the decompressed codes plus the block sums (OpenVINO): with
+    fp32 activations the logits are the dequantized model's."""
+    from infopt.core.model import load_core
+    from infopt.runtimes import target
+    from infopt.runtimes.pytorch.runtime import PyTorchRuntime
+
+    monkeypatch.setattr("infopt.runtimes.onnxruntime.export.ACCURACY_LEVEL", 0)
+    source = open_model(tiny_gguf_q41)
+    ids = [5, 17, 42, 99, 3, 250, 77, 8, 120]
+    expected = PyTorchRuntime(load_core(source, 64), 64).forward(ids)
+    rt = (
+        target(runtime)
+        .module("runtime")
+        .from_model(load_core(source, 64, stored=True), max_context=64)
+    )
+    np.testing.assert_allclose(rt.forward(ids), expected, atol=5e-5)

@@ -9,7 +9,7 @@ from infopt.compress.gptq import Hessian, gptq_quantize
 from infopt.core.quant import QuantLinear, QuantScheme, pack_int4, quantize_rtn, unpack_int4
 from infopt.errors import InvalidArgumentError, ModelFormatError
 
-SCHEMES = ["int8", "int4-g32", "int4s-g32", "int4-g64", "int4s-g16"]
+SCHEMES = ["int8", "int4-g32", "int4s-g32", "int4-g64", "int4s-g16", "int8-g32", "int4m-g32"]
 
 
 def test_int4_packing_round_trips_bit_exactly() -> None:
@@ -31,8 +31,8 @@ def test_rtn_codes_round_trip_and_error_is_bounded(name: str) -> None:
     assert torch.equal(again.qweight, qw.qweight) and torch.equal(again.scales, qw.scales)
     step = qw.scales.float().repeat_interleave(scheme.group_size or 128, dim=1)
     assert ((qw.dequantize() - w).abs() <= step * 0.5 + 1e-3).all()  # at most half a step off
-    bits = qw.nbytes * 8 / w.numel()
-    assert bits < {8: 8.2, 4: 5.1}[scheme.bits]
+    bits = qw.nbytes * 8 / w.numel()  # codes, and fp16 scales (zero-points, offsets) per group
+    assert bits <= {8: 8.2, 4: 5.1}[scheme.bits] + (0.5 if scheme.name == "int8-g32" else 0)
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -92,3 +92,6 @@ def test_bad_input_is_typed() -> None:
         quantize_rtn(w, QuantScheme.parse("int8"))
     with pytest.raises(InvalidArgumentError, match="damp"):
         gptq_quantize(torch.randn(4, 32), torch.eye(32), QuantScheme.parse("int8"), damp=2.0)
+    with pytest.raises(InvalidArgumentError, match="int4m-g32: GPTQ quantizes to integer grids"):
+        gptq_quantize(torch.randn(4, 32), torch.eye(32), QuantScheme.parse("int4m-g32"))
+    assert QuantScheme.parse("int8-g32").name == "int8-g32"
