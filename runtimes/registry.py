@@ -47,7 +47,9 @@ class Target:
     build_extra: str = ""
     symmetric_int4: bool = False  # its INT4 weights carry no zero points
     fixed_windows: bool = False  # compiled for a few fixed token windows, padded to them
-    reference: bool = False  # runs the model core itself: model files load on it by default
+    reference: bool = False  # runs the model core itself (on CUDA, model files load on it)
+    # model files load on it through a cached conversion that keeps a GGUF's blocks as they are
+    converts_files: bool = False
     # resident memory with no model loaded, by device kind (the planner's overhead)
     overhead: Mapping[str, float] = field(default_factory=dict)
     draft_rank: int | None = None  # on a CPU, a bundle's INT4 draft prefers the lowest rank
@@ -94,6 +96,10 @@ class Target:
                 "which is not installed; install it with: "
                 f"pip install 'infopt[{self.build_extra or self.extra}]'"
             )
+
+    def buildable(self) -> bool:
+        """Whether its exporter's packages are installed (without importing them)."""
+        return all(importlib.util.find_spec(m) is not None for m in self.build_modules)
 
     def installed(self) -> bool:
         """Whether `package` (or a stand-in) is installed, without importing it."""

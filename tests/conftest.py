@@ -42,6 +42,17 @@ TINY: dict[str, Any] = dict(
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted model files go to a cache of the test session's own (subprocesses inherit it),
+    never to the user's."""
+    import os
+
+    folder = tmp_path_factory.mktemp("model-cache")
+    os.environ["INFOPT_CACHE"] = str(folder)
+    return folder
+
+
 def train_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 

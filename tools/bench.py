@@ -105,7 +105,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else default_model_path()
     systems: dict[str, tuple[Callable[[], float], Callable[[], float]]] = {
-        "infopt pytorch fp32": infopt_runner(infopt.load(path, threads=args.threads))
+        "infopt pytorch fp32": infopt_runner(
+            infopt.load(path, runtime="pytorch", threads=args.threads)
+        )
     }
     if not args.no_transformers:
         try:

@@ -158,7 +158,7 @@ def run(
     tokens: int, window: int, cal_windows: int, only: str | None, heal_steps: int = HEAL_STEPS
 ) -> list[dict[str, Any]]:
     torch.set_num_threads(2)
-    reference = infopt.load(threads=2, max_context=window)
+    reference = infopt.load(threads=2, max_context=window, runtime="pytorch")
     teacher = cast(PyTorchRuntime, reference.runtime).model
     ids = reference.tokenizer.encode(eval_text())[:tokens]
     docstrings = reference.tokenizer.encode(stdlib_docstrings())
@@ -174,7 +174,7 @@ def run(
         for v in VARIANTS:
             if only and only not in v.label:
                 continue
-            model = infopt.load(threads=2, max_context=window)
+            model = infopt.load(threads=2, max_context=window, runtime="pytorch")
             core = cast(PyTorchRuntime, model.runtime).model
             start = time.perf_counter()
             compress(core, v, calibration.get(v.calibration))

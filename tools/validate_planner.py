@@ -91,7 +91,7 @@ def status(key):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
 dtype, context, prompt, n = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), int(sys.argv[4])
-m = infopt.load(threads=2, dtype=dtype, max_context=context)
+m = infopt.load(threads=2, dtype=dtype, max_context=context, runtime='pytorch')
 load_peak = status('VmHWM')
 open('/proc/self/clear_refs', 'w').write('5')  # reset the peak counter: measure generation
 r = m.generate(prompt, max_new_tokens=n, stop_token_ids=[])

@@ -13,6 +13,7 @@ TARGET = Target(
     build_modules=("onnx",),
     overhead={"cpu": 120e6, "gpu": 300e6},  # estimates
     draft_rank=0,  # its INT4 kernels decode fastest on a CPU (docs/benchmarks.md)
+    converts_files=True,
     host_rank=0,
     artifact_fields={
         "inputs": STRS,

@@ -11,6 +11,7 @@ TARGET = Target(
     build_modules=("openvino",),
     overhead={"cpu": 180e6},  # an estimate
     draft_rank=1,
+    converts_files=True,
     host_rank=1,
     home_cpu="intel",  # its CPU plugin's home ground; ONNX Runtime decodes faster elsewhere
     artifact_fields={"states": STR, "inputs": STRS},

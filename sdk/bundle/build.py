@@ -9,6 +9,7 @@ writes the bundle atomically (`infopt.bundle.files.write_bundle`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,6 @@ def build(
     INT4 self-draft in the bundle), "auto" (the planner's choice between those) or the path of a
     draft model (GGUF, Hugging Face folder or an infopt weight file such as `distill` writes)
     sharing the tokenizer. calibration: a text file; given, quantization is GPTQ, else RTN."""
-    from infopt import __version__
     from infopt.compress.calibration import calibration_ids
     from infopt.core.default_model import default_model_path
 
@@ -128,45 +128,21 @@ def build(
     artifacts, writers = export_artifacts(core, built, max_context)
     draft, draft_writers = _draft(draft_kind, source, p, core, built, max_context, cal_ids, step)
     writers.update(draft_writers)
-    tokenizer = source.tokenizer
-    manifest = {
-        "infopt_version": __version__,
-        "model": {
-            "architecture": core.spec.architecture,
-            "config": core.spec.to_dict(),
-            "parameters": sum(t.numel() for t in core.state_dict().values()),
-            "source": {
-                "name": Path(source.path).name,
-                "format": source.format,
-                "sha256": source.content_hash(),
-            },
-        },
-        "plan": p.to_dict(),
-        "compression": done,
-        "runtime": {
-            "name": chosen_runtime,
-            "requires": (
-                target(chosen_runtime).installed_requirement()
-                if chosen_runtime in names()
-                else {"package": chosen_runtime, "version": ""}
-            ),
-            "artifact_built": chosen_runtime in artifacts,
-        },
-        "artifacts": artifacts,
-        "kv_cache": {
+    manifest = package_manifest(
+        core,
+        source,
+        chosen_runtime,
+        artifacts,
+        kv_cache={
             "max_context": max_context,
             "batch": p.batch,
             "dtype": p.compression.get("kv_dtype"),
-            "layout": "per layer: K and V [batch, kv_heads, max_context, head_dim]",
-            "kv_heads": core.spec.num_kv_heads,
-            "head_dim": core.spec.head_dim,
-            "layers": core.spec.num_layers,
         },
-        "tokenizer": tokenizer_section(tokenizer),
-        "generation_defaults": source.generation_defaults,
-        "draft": draft,
-    }
-    writers[TOKENIZER] = lambda path: path.write_text(tokenizer.backend.to_str(), encoding="utf-8")
+        plan=p.to_dict(),
+        compression=done,
+        draft=draft,
+    )
+    writers[TOKENIZER] = tokenizer_writer(source)
     step("package", 0, 1)
     full = write_bundle(out, manifest, writers)
     step("package", 1, 1)
@@ -183,6 +159,110 @@ def build(
         "seconds": round(time.perf_counter() - started, 1),
         **timings,
     }
+
+
+def convert(
+    source: ModelSource,
+    out: str | Path,
+    runtime: str,
+    max_context: int,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """A bundle of `source` for `runtime` at the file's own precision, nothing compressed: a
+    GGUF's Q4_0 / Q4_1 / Q8_0 blocks as they are (see `load_core(stored=True)`), every other
+    weight as float32; its graph exported for `max_context` positions. What `infopt.load` of a
+    model file caches for a runtime that runs an exported artifact."""
+    from infopt.core.quant import QuantStorage
+
+    step = progress or silent
+    target(runtime).check_buildable()
+    step("read weights", 0, 1)
+    core = load_core(source, CORE_CONTEXT, device="cpu", stored=True)
+    step("read weights", 1, 1)
+    artifacts, writers = export_artifacts(core, [runtime], max_context)
+    groups = {
+        "embeddings": core.embed_tokens,
+        "lm_head": core.lm_head,
+        "attention": core.blocks[0].self_attn.q_proj,
+        "mlp": core.blocks[0].mlp.gate_proj,
+    }
+    weights = {
+        g: m.scheme.name if isinstance(m, QuantStorage) else "fp32" for g, m in groups.items()
+    }
+    compression = {"stored_dtype": "float32", "quantization": "as in the file", "weights": weights}
+    manifest = package_manifest(
+        core,
+        source,
+        runtime,
+        artifacts,
+        kv_cache={"max_context": max_context, "batch": 1, "dtype": "fp32"},
+        plan=None,
+        compression=compression,
+        draft=None,
+    )
+    writers[TOKENIZER] = tokenizer_writer(source)
+    step("export", 0, 1)
+    full = write_bundle(out, manifest, writers)
+    step("export", 1, 1)
+    return full
+
+
+def package_manifest(
+    core: Decoder,
+    source: ModelSource,
+    runtime: str,
+    artifacts: dict[str, Any],
+    *,
+    kv_cache: dict[str, Any],
+    plan: dict[str, Any] | None,
+    compression: dict[str, Any],
+    draft: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The manifest of a bundle of `core` (made from `source`) carrying `artifacts`, loaded on
+    `runtime` by default; write_bundle adds its format, version and files."""
+    from infopt import __version__
+
+    spec = core.spec
+    return {
+        "infopt_version": __version__,
+        "model": {
+            "architecture": spec.architecture,
+            "config": spec.to_dict(),
+            "parameters": sum(t.numel() for t in core.state_dict().values()),
+            "source": {
+                "name": Path(source.path).name,
+                "format": source.format,
+                "sha256": source.content_hash(),
+            },
+        },
+        "plan": plan,
+        "compression": compression,
+        "runtime": {
+            "name": runtime,
+            "requires": (
+                target(runtime).installed_requirement()
+                if runtime in names()
+                else {"package": runtime, "version": ""}
+            ),
+            "artifact_built": runtime in artifacts,
+        },
+        "artifacts": artifacts,
+        "kv_cache": {
+            **kv_cache,
+            "layout": "per layer: K and V [batch, kv_heads, max_context, head_dim]",
+            "kv_heads": spec.num_kv_heads,
+            "head_dim": spec.head_dim,
+            "layers": spec.num_layers,
+        },
+        "tokenizer": tokenizer_section(source.tokenizer),
+        "generation_defaults": source.generation_defaults,
+        "draft": draft,
+    }
+
+
+def tokenizer_writer(source: ModelSource) -> Callable[[Path], object]:
+    backend = source.tokenizer.backend
+    return lambda path: path.write_text(backend.to_str(), encoding="utf-8")
 
 
 def export_artifacts(

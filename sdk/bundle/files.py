@@ -113,6 +113,8 @@ def write_bundle(
             target = safe_relative(tmp, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
             writers[rel](target)
+        for path in walk(tmp):  # readable by all, whatever mode a writer's library chose
+            path.chmod(0o755 if path.is_dir() else 0o644)
         files = [  # what the writers wrote (a writer may add siblings: ONNX external data)
             {
                 "path": p.relative_to(tmp).as_posix(),

@@ -190,6 +190,7 @@ def schema() -> dict[str, Any]:
             "quantization": STR,
             "mlp_intermediate_size": COUNT,
             "low_rank_layers": INT,
+            "weights": WEIGHTS,  # without a plan: the schemes of a model file kept as it is
         }
     )
     entry = typed(

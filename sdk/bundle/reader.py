@@ -60,9 +60,11 @@ class Bundle:
 
     @property
     def weights(self) -> dict[str, str]:
-        """Tensor group -> the scheme its weights are stored in."""
+        """Tensor group -> the scheme its weights are stored in (the plan's, or for a model
+        file converted as it is, the file's)."""
         plan = self.manifest.get("plan") or {}
-        return dict((plan.get("compression") or {}).get("weights") or {})
+        planned = (plan.get("compression") or {}).get("weights")
+        return dict(planned or (self.manifest.get("compression") or {}).get("weights") or {})
 
     @property
     def draft(self) -> dict[str, Any] | None:

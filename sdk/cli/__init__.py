@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from infopt.cli import bundle, info, plan, quality, run
+from infopt.cli import bundle, cache, info, plan, quality, run
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,5 +32,6 @@ for command in (
     bundle.unpack,
     bundle.verify,
     bundle.bench,
+    cache.cache,
 ):
     main.add_command(command)

@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
-from infopt.cli.output import friendly_errors
+from infopt.cli.output import Bars, friendly_errors
 from infopt.core.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_NEW_TOKENS
+from infopt.runtimes.registry import reference
 
 
 @click.command()
@@ -45,8 +46,16 @@ from infopt.core.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_NEW_TOKENS
 @click.option("--device", help="cpu, cuda, cuda:N (default: CUDA when present).")
 @click.option(
     "--runtime",
-    help="For a bundle: which of its artifacts to run (default: the manifest's); for a model "
-    "file, the runtime to convert it for (default: the reference runtime).",
+    help="For a bundle: which of its artifacts to run (default: the manifest's). For a model "
+    "file: the runtime to run it on (default: the fastest installed here, which converts the "
+    f"file once at its own precision and caches the result; {reference().name} reads it as "
+    "float32 with nothing converted).",
+)
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Convert a model file into a temporary directory instead of the cache "
+    "(see `infopt-pack cache`).",
 )
 @click.option(
     "--draft",
@@ -82,6 +91,7 @@ def run(
     max_context: int | None,
     device: str | None,
     runtime: str | None,
+    no_cache: bool,
     draft: str | None,
     draft_runtime: str | None,
     no_speculative: bool,
@@ -101,15 +111,21 @@ def run(
     """
     import infopt
 
-    m = infopt.load(
-        model,
-        threads=threads,
-        max_context=max_context,
-        device=device,
-        runtime=runtime,
-        draft=False if no_speculative else draft,
-        draft_runtime=draft_runtime,
-    )
+    bars = Bars(quiet=as_json)  # a model file's first conversion for its runtime
+    try:
+        m = infopt.load(
+            model,
+            threads=threads,
+            max_context=max_context,
+            device=device,
+            runtime=runtime,
+            draft=False if no_speculative else draft,
+            draft_runtime=draft_runtime,
+            cache=not no_cache,
+            progress=bars,
+        )
+    finally:
+        bars.close()
     messages: Any = prompt
     if not raw and m.tokenizer.chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [

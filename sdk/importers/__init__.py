@@ -73,17 +73,26 @@ class ModelSource:
 
     def content_hash(self) -> str:
         """sha256 of the GGUF file, or of config.json + weight files of a folder."""
-        h = hashlib.sha256()
-        files = (
-            [self.path]
-            if self.path.is_file()
-            else sorted(p for p in self.path.iterdir() if p.suffix in (".json", ".safetensors"))
-        )
-        for f in files:
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-        return h.hexdigest()
+        return content_hash(self.path)
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of a model file, or of a folder's *.json and *.safetensors files in name order
+    (what identifies a model without parsing it)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelNotFoundError(f"model path {str(p)!r} does not exist")
+    h = hashlib.sha256()
+    files = (
+        [p]
+        if p.is_file()
+        else sorted(f for f in p.iterdir() if f.suffix in (".json", ".safetensors"))
+    )
+    for f in files:
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 def open_model(path: str | Path) -> ModelSource:

@@ -27,7 +27,7 @@ def gguf_path() -> Path:
 
 @pytest.fixture(scope="session")
 def smol(gguf_path: Path) -> infopt.Model:
-    return infopt.load(gguf_path, threads=2, max_context=1024)
+    return infopt.load(gguf_path, runtime="pytorch", threads=2, max_context=1024)
 
 
 @pytest.fixture(scope="session")

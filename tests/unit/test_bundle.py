@@ -55,6 +55,8 @@ def test_a_bundle_generates_what_its_source_generates(host_bundle: Path, tiny_gg
     manifest = verify_bundle(host_bundle)
     assert manifest["runtime"]["name"] == "pytorch" and manifest["plan"]["device"] == "host"
     assert {f["path"] for f in manifest["files"]} == {"model.safetensors", "tokenizer.json"}
+    modes = {(host_bundle / f["path"]).stat().st_mode & 0o777 for f in manifest["files"]}
+    assert modes == {0o644}  # readable by every user of a shared bundle
     assert manifest["model"]["source"]["name"] == "tiny.gguf"
     assert manifest["tokenizer"]["eos_token_ids"] == [2] and manifest["tokenizer"]["chat_template"]
     bundled = infopt.load(host_bundle, max_context=128)

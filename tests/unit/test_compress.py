@@ -37,7 +37,7 @@ def logits(model: infopt.Model, ids: list[int]) -> np.ndarray:
 def test_quantized_model_saves_and_loads_bit_exactly(
     tmp_path: Path, tied_gguf: Path, method: str
 ) -> None:
-    m = infopt.load(tied_gguf, max_context=256)
+    m = infopt.load(tied_gguf, runtime="pytorch", max_context=256)
     fp = logits(m, IDS[:40])
     cal = calibration_batches(IDS, 64, 4) if method == "gptq" else None
     quantize_model(m.runtime.model, W4, method=method, calibration=cal)
@@ -54,13 +54,14 @@ def test_quantized_model_saves_and_loads_bit_exactly(
         again = loaded(torch.tensor([IDS[:40]]), torch.arange(40), 256)[0].numpy()
     np.testing.assert_array_equal(again, q)
     fp_size = save_model(
-        infopt.load(tied_gguf, max_context=256).runtime.model, tmp_path / "fp.safetensors"
+        infopt.load(tied_gguf, runtime="pytorch", max_context=256).runtime.model,
+        tmp_path / "fp.safetensors",
     )
     assert size < 0.45 * fp_size
 
 
 def test_bad_compression_requests(tied_gguf: Path) -> None:
-    m = infopt.load(tied_gguf, max_context=256)
+    m = infopt.load(tied_gguf, runtime="pytorch", max_context=256)
     with pytest.raises(InvalidArgumentError, match="group size 128 does not divide"):
         quantize_model(m.runtime.model, {"attention": "int4-g128", "mlp": "int4-g32"})
     assert not any(isinstance(x, QuantLinear) for x in m.runtime.model.modules())  # untouched
@@ -98,7 +99,7 @@ def test_windows_score_every_position_once() -> None:
 
 
 def test_evaluate_against_itself_and_a_quantized_copy(tied_gguf: Path) -> None:
-    ref = infopt.load(tied_gguf, max_context=64)
+    ref = infopt.load(tied_gguf, runtime="pytorch", max_context=64)
     same = score(ref.runtime, IDS[:150], ref.runtime, window=64, stride=32)
     assert same.kl == pytest.approx(0, abs=1e-9) and same.top1 == 1.0
     assert same.perplexity == pytest.approx(same.reference_perplexity)
@@ -108,7 +109,7 @@ def test_evaluate_against_itself_and_a_quantized_copy(tied_gguf: Path) -> None:
     assert score(ref.runtime, IDS[:40], window=64).perplexity == pytest.approx(
         float(torch.exp(nll)), rel=1e-6
     )
-    q = infopt.load(tied_gguf, max_context=64)
+    q = infopt.load(tied_gguf, runtime="pytorch", max_context=64)
     quantize_model(q.runtime.model, {**W4, "attention": "int4-g16", "mlp": "int4-g16"})
     worse = score(q.runtime, IDS[:150], ref.runtime, window=64, stride=32)
     assert worse.kl > 0 and worse.top1 < 1.0
@@ -163,7 +164,7 @@ def test_structured_mlp_pruning_really_shrinks_the_model(
 ) -> None:
     from infopt.compress.prune import prune_mlp_channels
 
-    m = infopt.load(tied_gguf, max_context=256)
+    m = infopt.load(tied_gguf, runtime="pytorch", max_context=256)
     core = m.runtime.model
     before = sum(p.numel() for p in core.parameters())
     cal = calibration_batches(IDS, 64, 4) if with_calibration else None
@@ -192,7 +193,7 @@ def test_structured_head_pruning_rewires_exactly(tmp_path: Path, tied_gguf: Path
     then one query head per group) must leave the logits unchanged, and the model smaller."""
     from infopt.compress.prune import prune_attention_heads
 
-    m = infopt.load(tied_gguf, max_context=256)
+    m = infopt.load(tied_gguf, runtime="pytorch", max_context=256)
     core = m.runtime.model
     d = core.spec.head_dim  # tiny: 4 query heads over 2 KV heads, head_dim 16
     with torch.no_grad():
@@ -224,7 +225,7 @@ def test_structured_head_pruning_rewires_exactly(tmp_path: Path, tied_gguf: Path
 def test_structured_pruning_refusals(tied_gguf: Path) -> None:
     from infopt.compress.prune import prune_attention_heads, prune_mlp_channels
 
-    core = infopt.load(tied_gguf, max_context=256).runtime.model
+    core = infopt.load(tied_gguf, runtime="pytorch", max_context=256).runtime.model
     with pytest.raises(InvalidArgumentError, match="kv_heads=3"):
         prune_attention_heads(core, kv_heads=3)
     with pytest.raises(InvalidArgumentError, match="heads_per_group=0"):

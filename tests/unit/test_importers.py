@@ -26,7 +26,7 @@ IDS = [1, 40, 77, 120, 5, 300, 12, 9, 64, 200, 31, 2]
 
 
 def infopt_logits(path: Path) -> np.ndarray:
-    return infopt.load(path, max_context=64).runtime.forward(IDS)
+    return infopt.load(path, runtime="pytorch", max_context=64).runtime.forward(IDS)
 
 
 def hf_logits(model: Any) -> np.ndarray:

@@ -95,7 +95,7 @@ def block_linears(model: nn.Module) -> list[nn.Linear]:
 
 @pytest.mark.parametrize("kind", ["magnitude", "wanda", "2:4"])
 def test_prune_model(tiny_gguf: Path, kind: str) -> None:
-    m = infopt.load(tiny_gguf, max_context=128)
+    m = infopt.load(tiny_gguf, runtime="pytorch", max_context=128)
     core = m.runtime.model
     cal = calibration_batches(IDS, 64, 4) if kind != "magnitude" else None
     prune_model(core, kind, 0.5, cal)
@@ -119,7 +119,7 @@ def test_prune_model(tiny_gguf: Path, kind: str) -> None:
 def test_low_rank_model_stores_fewer_parameters_and_round_trips(
     tmp_path: Path, tiny_gguf: Path, calibrated: bool
 ) -> None:
-    m = infopt.load(tiny_gguf, max_context=128)
+    m = infopt.load(tiny_gguf, runtime="pytorch", max_context=128)
     core = m.runtime.model
     before = sum(p.numel() for p in core.parameters())
     low_rank_model(core, 0.5, calibration_batches(IDS, 64, 4) if calibrated else None)
@@ -156,7 +156,7 @@ def test_low_rank_by_energy_and_by_global_budget(tiny_gguf: Path, calibrated: bo
     from infopt.compress.low_rank import _spectra
 
     cal = calibration_batches(IDS, 64, 4) if calibrated else None
-    core = infopt.load(tiny_gguf, max_context=128).runtime.model
+    core = infopt.load(tiny_gguf, runtime="pytorch", max_context=128).runtime.model
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
     names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     spectra = _spectra(core, names, cal)
@@ -169,7 +169,7 @@ def test_low_rank_by_energy_and_by_global_budget(tiny_gguf: Path, calibrated: bo
         module = core.get_submodule(key)
         assert isinstance(module, LowRankLinear if ranks[key] else nn.Linear)
 
-    core = infopt.load(tiny_gguf, max_context=128).runtime.model
+    core = infopt.load(tiny_gguf, runtime="pytorch", max_context=128).runtime.model
     dense = sum(m * n for _, m, n in spectra.values())
     ranks = low_rank_model(core, 0.6, cal, allocation="global")
     kept = sum(
@@ -187,7 +187,7 @@ def cast_rank(rank: int | None) -> int:
 
 
 def test_low_rank_model_refusals(tiny_gguf: Path) -> None:
-    core = infopt.load(tiny_gguf, max_context=128).runtime.model
+    core = infopt.load(tiny_gguf, runtime="pytorch", max_context=128).runtime.model
     with pytest.raises(InvalidArgumentError, match="exactly one of keep_params or energy"):
         low_rank_model(core)
     with pytest.raises(InvalidArgumentError, match="exactly one"):

@@ -1,0 +1,125 @@
+"""The cache of converted model files: `infopt.load("model.gguf")` on a runtime that runs an
+exported artifact converts the file once (`infopt.bundle.build.convert`: its own precision,
+nothing compressed) and keeps the result as a bundle in the user's cache directory, keyed by the
+file's sha256 and the versions of infopt and of the runtime's package. Later loads verify that
+bundle and load it: no conversion, no torch. A damaged entry is rebuilt, never loaded; two
+processes converting the same file at once each write a whole bundle and the last one's swap
+wins (both are the same bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from infopt.bundle.manifest import MANIFEST, is_bundle
+from infopt.core.progress import Progress
+from infopt.errors import BundleError
+from infopt.runtimes.registry import target
+
+ENV = "INFOPT_CACHE"  # a directory to cache in instead of the user's cache directory
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: $INFOPT_CACHE, else the platform's user cache
+    directory (e.g. ~/.cache/infopt/models on Linux)."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV]).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("infopt")) / "models"
+
+
+def entry_name(model: str | Path, sha256: str, runtime: str) -> str:
+    """The entry of a model file on a runtime: its name, hash, runtime, and the versions that
+    made the artifact (a new infopt or a new runtime package converts again)."""
+    from infopt import __version__
+
+    package = target(runtime).installed_requirement()["version"].removeprefix(">=") or "none"
+    stem = Path(model).name.replace(" ", "_")[:48]
+    return f"{stem}-{sha256[:16]}-{runtime}{package}-infopt{__version__}"
+
+
+def cached(
+    model: str | Path,
+    runtime: str,
+    *,
+    sha256: str,
+    progress: Progress | None = None,
+) -> Path:
+    """The verified bundle of `model` converted for `runtime`, converting it first when the
+    cache has no sound entry for it."""
+    from infopt.bundle.reader import open_bundle
+
+    entry = cache_root() / entry_name(model, sha256, runtime)
+    if is_bundle(entry):
+        try:
+            open_bundle(entry)
+            return entry
+        except BundleError:  # damaged or incomplete: rebuilt below, never loaded
+            shutil.rmtree(entry, ignore_errors=True)
+    _convert(model, entry, runtime, progress)
+    return entry
+
+
+@contextmanager
+def converted(model: str | Path, runtime: str, progress: Progress | None = None) -> Iterator[Path]:
+    """A bundle of `model` for `runtime` in a temporary directory, removed afterwards (for
+    `load(..., cache=False)`)."""
+    with tempfile.TemporaryDirectory(prefix="infopt-convert-") as tmp:
+        out = Path(tmp) / "bundle"
+        _convert(model, out, runtime, progress)
+        yield out
+
+
+def _convert(model: str | Path, out: Path, runtime: str, progress: Progress | None) -> None:
+    from infopt.bundle.build import convert
+    from infopt.importers import open_model
+
+    source = open_model(model)
+    convert(source, out, runtime, source.spec.max_position_embeddings, progress)
+
+
+def entries() -> list[dict[str, Any]]:
+    """What the cache holds: each entry's path, model file, runtime, bytes and when it was
+    made."""
+    import json
+
+    root = cache_root()
+    found = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if not is_bundle(entry):
+            continue
+        try:
+            manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
+            model, runtime = manifest["model"]["source"]["name"], manifest["runtime"]["name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            model, runtime = "?", "?"
+        found.append(
+            {
+                "path": str(entry),
+                "model": model,
+                "runtime": runtime,
+                "bytes": sum(f.stat().st_size for f in entry.rglob("*") if f.is_file()),
+                "created": time.strftime(
+                    "%Y-%m-%d %H:%M", time.localtime((entry / MANIFEST).stat().st_mtime)
+                ),
+            }
+        )
+    return found
+
+
+def clear() -> list[dict[str, Any]]:
+    """Remove every entry (and what killed conversions left); returns what was removed."""
+    removed = entries()
+    root = cache_root()
+    for path in root.iterdir() if root.is_dir() else []:
+        if path.is_dir() and (is_bundle(path) or ".partial-" in path.name or ".old-" in path.name):
+            shutil.rmtree(path, ignore_errors=True)
+    return removed

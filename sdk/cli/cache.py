@@ -1,0 +1,49 @@
+"""`infopt-pack cache ls|clear`: the model files converted for a runtime and kept (see
+`infopt.bundle.cache`)."""
+
+from __future__ import annotations
+
+import click
+
+from infopt.cli.output import emit_json, friendly_errors, json_option
+
+
+@click.group()
+def cache() -> None:
+    """The converted model files kept in the cache ($INFOPT_CACHE, else the user cache
+    directory): `run model.gguf` converts a file once for its runtime and loads the result
+    afterwards."""
+
+
+@cache.command(name="ls")
+@json_option
+@friendly_errors
+def list_entries(as_json: bool) -> None:
+    """List the cached conversions: model, runtime, size, when made, where."""
+    from infopt.bundle.cache import cache_root, entries
+
+    found = entries()
+    if as_json:
+        emit_json({"root": str(cache_root()), "entries": found})
+        return
+    click.echo(
+        f"{cache_root()}: {len(found)} entries, {sum(e['bytes'] for e in found) / 1e6:.1f} MB"
+    )
+    for e in found:
+        click.echo(f"  {e['model']}  {e['runtime']}  {e['bytes'] / 1e6:.1f} MB  {e['created']}")
+
+
+@cache.command()
+@json_option
+@friendly_errors
+def clear(as_json: bool) -> None:
+    """Remove every cached conversion (they are made again on the next load)."""
+    from infopt.bundle.cache import cache_root
+    from infopt.bundle.cache import clear as clear_cache
+
+    removed = clear_cache()
+    if as_json:
+        emit_json({"root": str(cache_root()), "removed": removed})
+        return
+    freed = sum(e["bytes"] for e in removed) / 1e6
+    click.echo(f"{cache_root()}: removed {len(removed)} entries, {freed:.1f} MB")

@@ -1,0 +1,141 @@
+"""A model file loads on the fastest runtime installed here, at its own precision, converted once
+and cached: the cache's keys, hits, damaged entries, concurrent conversions and commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+import infopt
+from infopt.api import default_runtime
+from infopt.bundle import open_bundle
+from infopt.bundle.cache import entries
+from infopt.cli import main
+
+PROMPT = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+def empty_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("INFOPT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def stages(seen: list[str]) -> Any:
+    return lambda stage, done, total, detail="": seen.append(stage)
+
+
+def test_a_model_file_runs_converted_at_its_precision_and_later_from_the_cache(
+    tiny_gguf_q41: Path, empty_cache: Path
+) -> None:
+    assert default_runtime("cpu") in ("onnxruntime", "openvino")  # the host's fast CPU runtimes
+    assert default_runtime("cuda") == "pytorch"
+    seen: list[str] = []
+    m = infopt.load(tiny_gguf_q41, max_context=64, progress=stages(seen))
+    assert m.runtime.name == default_runtime() and {"read weights", "export"} <= set(seen)
+    (entry,) = entries()
+    assert entry["model"] == "tiny-q4_1.gguf" and entry["runtime"] == m.runtime.name
+    bundle = open_bundle(entry["path"])
+    assert bundle.weights == {  # the file's own blocks: Q4_1 blocks, Q8_0 tables
+        "embeddings": "int8-g32",
+        "lm_head": "int8-g32",
+        "attention": "int4m-g32",
+        "mlp": "int4m-g32",
+    }
+    assert bundle.max_context == bundle.spec.max_position_embeddings  # any smaller load fits
+    first = m.generate(PROMPT, max_new_tokens=8, stop_token_ids=[]).token_ids
+    again: list[str] = []
+    m2 = infopt.load(tiny_gguf_q41, max_context=32, progress=stages(again))
+    assert again == [] and len(entries()) == 1  # a hit: nothing converted
+    assert m2.generate(PROMPT, max_new_tokens=8, stop_token_ids=[]).token_ids == first
+
+
+@pytest.mark.usefixtures("exact_openvino")
+def test_with_fp32_activations_the_fast_default_is_the_dequantized_model(
+    tiny_gguf_q41: Path, empty_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("infopt.runtimes.onnxruntime.export.ACCURACY_LEVEL", 0)
+    fast = infopt.load(tiny_gguf_q41, max_context=64, cache=False)
+    reference = infopt.load(tiny_gguf_q41, max_context=64, runtime="pytorch")
+    for prompt in (PROMPT, "The quick brown fox"):
+        a = fast.generate(prompt, max_new_tokens=16, stop_token_ids=[])
+        b = reference.generate(prompt, max_new_tokens=16, stop_token_ids=[])
+        assert a.token_ids == b.token_ids
+    assert entries() == []  # cache=False: converted into a temporary directory
+
+
+def test_a_damaged_cache_entry_is_rebuilt_never_loaded(
+    tiny_gguf_q41: Path, empty_cache: Path
+) -> None:
+    infopt.load(tiny_gguf_q41, max_context=32)
+    (entry,) = entries()
+    data = max(Path(entry["path"]).rglob("*"), key=lambda p: p.stat().st_size)  # the weights
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    seen: list[str] = []
+    infopt.load(tiny_gguf_q41, max_context=32, progress=stages(seen))
+    assert "export" in seen  # converted again
+    open_bundle(entry["path"])  # and sound
+
+
+def test_two_processes_converting_at_once_both_get_a_sound_entry(
+    tiny_gguf_q41: Path, tmp_path: Path
+) -> None:
+    env = {**os.environ, "INFOPT_CACHE": str(tmp_path / "shared-cache")}
+    code = (
+        "import json, sys, infopt\n"
+        "m = infopt.load(sys.argv[1], max_context=32)\n"
+        "print(json.dumps(m.generate('hello', max_new_tokens=6, stop_token_ids=[]).token_ids))\n"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tiny_gguf_q41)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [r.communicate(timeout=300) for r in runs]
+    assert all(r.returncode == 0 for r in runs), [o[1][-800:] for o in outputs]
+    assert outputs[0][0] == outputs[1][0]
+    folders = [p for p in (tmp_path / "shared-cache").iterdir()]
+    assert len(folders) == 1  # one entry, no partial directory left
+    open_bundle(folders[0])
+
+
+def test_the_cache_commands_and_run_without_the_cache(
+    tiny_gguf_q41: Path, empty_cache: Path
+) -> None:
+    runner = CliRunner()
+    args = ["run", str(tiny_gguf_q41), "--raw", "-p", "hi", "-n", "3", "--max-context", "32"]
+    done = runner.invoke(main, [*args, "--no-cache", "--json"])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["token_ids"]  # stdout is the JSON alone
+    listed = json.loads(runner.invoke(main, ["cache", "ls", "--json"]).stdout)
+    assert listed["entries"] == [] and listed["root"] == str(empty_cache)
+    assert runner.invoke(main, args).exit_code == 0
+    listed = json.loads(runner.invoke(main, ["cache", "ls", "--json"]).stdout)
+    assert len(listed["entries"]) == 1 and listed["entries"][0]["bytes"] > 0
+    shown = runner.invoke(main, ["cache", "ls"])
+    assert "tiny-q4_1.gguf" in shown.stdout
+    cleared = json.loads(runner.invoke(main, ["cache", "clear", "--json"]).stdout)
+    assert len(cleared["removed"]) == 1 and entries() == []
+
+
+def test_the_reference_runtime_and_bad_settings(tiny_gguf_q41: Path, empty_cache: Path) -> None:
+    m = infopt.load(tiny_gguf_q41, max_context=32, runtime="pytorch")
+    assert m.runtime.name == "pytorch" and entries() == []  # read as float32, nothing cached
+    with pytest.raises(infopt.InvalidArgumentError, match="dtype 'float16'"):
+        infopt.load(tiny_gguf_q41, max_context=32, dtype="float16")
+    with pytest.raises(infopt.InvalidArgumentError, match="runs on the CPU"):
+        infopt.load(tiny_gguf_q41, max_context=32, device="cuda", runtime="onnxruntime")
