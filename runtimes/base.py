@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -79,7 +79,7 @@ class BaseRuntime:
     `_pass` (one pass of the underlying model) and, if they keep state beyond the position,
     `_rewound` and `_reset`."""
 
-    name: ClassVar[str]
+    name: str
     device = "cpu"
     batch_exact = True
     verify_window: int | None = None

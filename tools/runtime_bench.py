@@ -3,12 +3,16 @@
     python -m infopt.tools.runtime_bench BUNDLE [BUNDLE ...] [--runtime R] [--threads 2]
         [--repeat 3] [--compare] [--peers /tmp/infopt-peers] [--json | --markdown]
     python -m infopt.tools.runtime_bench --matrix DIR [--tflite] [--compare] --markdown  # docs
+    python -m infopt.tools.runtime_bench --default [MODEL] [--compare] --markdown  # load()
 
 What each figure is: `infopt.measure.speed` (`infopt-pack bench` runs the same code on one
 bundle). `--matrix DIR` builds (once) fp32, INT8, INT4 and all-INT4 bundles of the default model,
 each with an artifact for every desktop CPU runtime, under DIR and benchmarks every runtime of
-each; `--tflite` adds fp32, INT8 and INT4 (symmetric) bundles with a LiteRT artifact. `--peers`
-is the directory `tools/peers/setup_peers.sh` prepared.
+each; `--tflite` adds fp32, INT8 and INT4 (symmetric) bundles with a LiteRT artifact.
+`--default` measures what `infopt.load(MODEL)` does with a model file (the default model unless
+named): the first load in a fresh process with an empty cache (conversion included) and a later
+one, each its own process, then benchmarks the bundle it cached. `--peers` is the directory
+`tools/peers/setup_peers.sh` prepared.
 """
 
 from __future__ import annotations
@@ -78,6 +82,38 @@ def build_matrix(folder: Path, tflite: bool = False) -> list[tuple[str, str]]:
     return pairs
 
 
+LOAD = """
+import sys, time
+start = time.perf_counter()
+import infopt
+m = infopt.load(sys.argv[1] or None, threads=2)
+print(time.perf_counter() - start, m.runtime.name)
+"""
+
+
+def default_load(model: str, cache: Path, repeat: int) -> tuple[dict[str, Any], str]:
+    """(first and later load times of `infopt.load(model)` in fresh processes, the bundle it
+    cached): the first with `cache` emptied, so it converts; the later ones hit."""
+    import os
+    import shutil
+
+    env = {**os.environ, "INFOPT_CACHE": str(cache)}
+    times: dict[str, list[float]] = {"first_load_s": [], "later_load_s": []}
+    runtime = ""
+    for _ in range(repeat):
+        shutil.rmtree(cache, ignore_errors=True)
+        for key in ("first_load_s", "later_load_s"):
+            cmd = [sys.executable, "-c", LOAD, model]
+            out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+            seconds, runtime = out.stdout.split()
+            times[key].append(float(seconds))
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    import statistics
+
+    figures = {k: statistics.median(v) for k, v in times.items()}
+    return {"runtime": runtime, **figures}, str(entry)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("bundles", nargs="*")
@@ -86,11 +122,19 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--matrix", type=Path, help="build and bench fp32/INT8/INT4 bundles here")
     ap.add_argument("--tflite", action="store_true", help="with --matrix: LiteRT bundles too")
+    ap.add_argument(
+        "--default", nargs="?", const="", help="infopt.load() of a model file (none: the default)"
+    )
     ap.add_argument("--compare", action="store_true", help="run the peers too")
     ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    loads = None
+    if args.default is not None:
+        loads, entry = default_load(args.default, Path("/tmp/infopt-bench-cache"), args.repeat)
+        print(json.dumps(loads), file=sys.stderr, flush=True)
+        args.bundles = [entry]
     pairs: list[Any] = (
         build_matrix(args.matrix, args.tflite)
         if args.matrix
@@ -105,7 +149,16 @@ def main() -> None:
         peers=args.peers,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
-    print(json.dumps(rows, indent=2) if args.json else table(rows, args.threads, args.markdown))
+    if args.json:
+        print(json.dumps({"rows": rows, "loads": loads} if loads else rows, indent=2))
+        return
+    print(table(rows, args.threads, args.markdown))
+    if loads:
+        print(
+            f"\ninfopt.load() on {loads['runtime']}: first load (converting) "
+            f"{loads['first_load_s']:.1f} s, later loads {loads['later_load_s']:.1f} s "
+            "(fresh processes, medians)"
+        )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Runtime agreement: every artifact of a bundle against the bundle's own PyTorch artifact (the
-same weights, run by the model core), on held-out text, position by position.
+same weights, run by the model core), or a model file as `infopt.load` runs it by default
+against the same file on PyTorch (its dequantized weights), on held-out text, position by
+position.
 
     python -m infopt.tools.runtime_check BUNDLE [BUNDLE ...] [--tokens 512] [--markdown]
     python -m infopt.tools.runtime_check --matrix DIR [--tflite] --markdown  # runtime_bench's
+    python -m infopt.tools.runtime_check --model [MODEL] --markdown  # the fast default
 
-Reports, per runtime: top-1 agreement of the next-token predictions, the largest logit
-difference (absolute, and relative to the largest logit), and greedy continuations of a few
-prompts compared token by token. Evaluation text: Python's language reference, as shipped with
-this interpreter (the quality table's held-out text).
+Reports, per runtime: top-1 agreement of the next-token predictions, the mean KL divergence
+KL(reference || runtime) over them, the largest logit difference (absolute, and relative to the
+largest logit), and greedy continuations of a few prompts compared token by token. Evaluation
+text: Python's language reference, as shipped with this interpreter (the quality table's
+held-out text).
 """
 
 from __future__ import annotations
@@ -53,50 +57,82 @@ def compare(
     ids = eval_ids(reference.tokenizer, tokens)
     expected = reference.runtime.forward(ids)
     greedy = [reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
-    rows = []
-    for name in runtimes or sorted(a for a in artifacts if a != "pytorch"):
-        model = infopt.load(bundle, runtime=name, threads=2, device=device)
-        got = model.runtime.forward(ids)
-        diff = np.abs(got - expected)
-        outputs = [model.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
-        same = [a.token_ids == b.token_ids for a, b in zip(outputs, greedy, strict=True)]
-        prefix = [
-            next(
-                (
-                    i
-                    for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False))
-                    if x != y
-                ),
-                new_tokens,
-            )
-            for a, b in zip(outputs, greedy, strict=True)
-        ]
-        rows.append(
-            {
-                "bundle": Path(bundle).name,
-                "runtime": name,
-                "positions": len(ids),
-                "top1": float((got.argmax(-1) == expected.argmax(-1)).mean()),
-                "max_abs": float(diff.max()),
-                "max_rel": float(diff.max() / np.abs(expected).max()),
-                "greedy_identical": sum(same),
-                "prompts": len(PROMPTS),
-                "first_divergence": prefix,
-            }
+    return [
+        agreement(Path(bundle).name, infopt.load(bundle, runtime=name, threads=2, device=device),
+                  ids, expected, greedy, new_tokens)
+        for name in runtimes or sorted(a for a in artifacts if a != "pytorch")
+    ]  # fmt: skip
+
+
+def compare_default(model: str | None, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> dict:
+    """A model file as `infopt.load` runs it by default (the fastest runtime here, the file's own
+    precision) against the same file on PyTorch (its weights dequantized to float32)."""
+    import infopt
+    from infopt.core.default_model import default_model_path
+
+    path = model or default_model_path()
+    reference = infopt.load(path, runtime="pytorch", threads=2, max_context=1024)
+    ids = eval_ids(reference.tokenizer, tokens)
+    expected = reference.runtime.forward(ids)
+    greedy = [reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
+    fast = infopt.load(path, threads=2, max_context=1024)
+    return agreement(Path(path).name, fast, ids, expected, greedy, new_tokens)
+
+
+def agreement(
+    label: str,
+    model: Any,
+    ids: list[int],
+    expected: np.ndarray,
+    greedy: list[Any],
+    new_tokens: int,
+) -> dict[str, Any]:
+    """One row: `model` against the reference's logits `expected` on `ids` and its greedy
+    continuations of PROMPTS."""
+    got = model.runtime.forward(ids)
+    diff = np.abs(got - expected)
+    outputs = [model.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
+    same = [a.token_ids == b.token_ids for a, b in zip(outputs, greedy, strict=True)]
+    prefix = [
+        next(
+            (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y),
+            new_tokens,
         )
-    return rows
+        for a, b in zip(outputs, greedy, strict=True)
+    ]
+    ref_logp, logp = _log_softmax(expected), _log_softmax(got)
+    kl = float((np.exp(ref_logp) * (ref_logp - logp)).sum(-1).mean())
+    return {
+        "bundle": label,
+        "runtime": model.runtime.name,
+        "positions": len(ids),
+        "top1": float((got.argmax(-1) == expected.argmax(-1)).mean()),
+        "kl": kl,
+        "max_abs": float(diff.max()),
+        "max_rel": float(diff.max() / np.abs(expected).max()),
+        "greedy_identical": sum(same),
+        "prompts": len(PROMPTS),
+        "first_divergence": prefix,
+    }
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     out = [
-        "| bundle | runtime | top-1 agreement | max abs logit diff | relative | greedy prompts "
-        "identical (of 64 tokens) | first differing token |",
-        "|---|---|---|---|---|---|---|",
+        "| bundle | runtime | top-1 agreement | KL (nats/token) | max abs logit diff | relative | "
+        "greedy prompts identical (of 64 tokens) | first differing token |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
             f"| {r['bundle']} | {r['runtime']} | {r['top1']:.3f} ({r['positions']} positions) | "
-            f"{r['max_abs']:.2e} | {r['max_rel']:.1e} | {r['greedy_identical']}/{r['prompts']} | "
+            f"{r['kl']:.2e} | {r['max_abs']:.2e} | {r['max_rel']:.1e} | "
+            f"{r['greedy_identical']}/{r['prompts']} | "
             f"{', '.join(str(p) for p in r['first_divergence'])} |"
         )
     return "\n".join(out)
@@ -108,8 +144,15 @@ def main() -> None:
     ap.add_argument("--matrix", type=Path, help="the bundles runtime_bench --matrix built here")
     ap.add_argument("--tflite", action="store_true", help="with --matrix: LiteRT bundles too")
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument(
+        "--model", nargs="?", const="", help="a model file's fast default (none: the default model)"
+    )
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    if args.model is not None:
+        rows = [compare_default(args.model or None, args.tokens)]
+        print(markdown(rows) if args.markdown else json.dumps(rows, indent=2))
+        return
     bundles = list(args.bundles)
     if args.matrix:
         from infopt.tools.runtime_bench import build_matrix

@@ -17,9 +17,9 @@ import torch
 
 from infopt.bundle.files import write_bundle
 from infopt.bundle.manifest import TOKENIZER, tokenizer_section
-from infopt.compress.apply import apply_plan, make_symmetric, symmetric
+from infopt.compress.apply import apply_plan, check_plan, make_symmetric, symmetric
 from infopt.compress.calibration import CALIBRATION_LENGTH
-from infopt.core.model import Decoder, load_core
+from infopt.core.model import Decoder, load_core, parameter_count
 from infopt.core.progress import Progress, silent
 from infopt.errors import InvalidArgumentError
 from infopt.importers import ModelSource, open_model
@@ -39,6 +39,7 @@ def make_plan(
     batch: int,
     latency_ms: float | None,
     speculative: str = "none",
+    quantize: str | None = None,
 ) -> Plan:
     from infopt.device_profiles import load_profile
     from infopt.plan.planner import plan
@@ -50,6 +51,8 @@ def make_plan(
         batch=batch,
         latency_ms=latency_ms,
         speculative=speculative,
+        quantize=quantize,
+        file_weights=source.stored_weights() if quantize else None,
     )
 
 
@@ -65,17 +68,26 @@ def build(
     latency_ms: float | None = None,
     calibration: str | Path | None = None,
     speculative: str | None = None,
+    quantize: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Build a bundle of `model` (None: the default model) for `device` (or from `plan_file`)
     at `out`. Returns a summary: bundle, plan, runtime, artifacts, bytes, files, predicted
-    figures, what compression did, the draft, and the seconds it took.
+    figures, what compression did, the quality it kept (perplexity on a short shipped text
+    against the model's, or that the file's own values were kept), the draft, and the seconds
+    it took. The plan the bundle records describes what it holds: re-estimated after any edit
+    (a plan file), any runtime override and any change a target needs.
+
+    quantize: the weights' storage instead of the planner's choice (`infopt.plan.planner.
+    requested`: int8, int4, int4-gptq, a float, or a scheme); `int4` of a GGUF stored in INT4
+    keeps its blocks as they are.
 
     runtime: the runtime to load by default, or a comma-separated list of runtimes to export
     (the first is the default); otherwise the plan's. speculative: "none", "ngram", "self" (an
     INT4 self-draft in the bundle), "auto" (the planner's choice between those) or the path of a
     draft model (GGUF, Hugging Face folder or an infopt weight file such as `distill` writes)
-    sharing the tokenizer. calibration: a text file; given, quantization is GPTQ, else RTN."""
+    sharing the tokenizer. calibration: a text file; given, quantization is GPTQ (on the text
+    shipped with infopt when the plan asks for GPTQ without one), else RTN."""
     from infopt.compress.calibration import calibration_ids
     from infopt.core.default_model import default_model_path
 
@@ -83,6 +95,10 @@ def build(
         raise InvalidArgumentError("give a device to plan for (--device) or a plan file (--plan)")
     if device is not None and plan_file is not None:
         raise InvalidArgumentError("give a device to plan for or a plan file, not both")
+    if quantize is not None and plan_file is not None:
+        raise InvalidArgumentError(
+            "--quantize chooses a plan's weights; with --plan, edit its compression.weights"
+        )
     requested = [r.strip() for r in runtime.split(",")] if runtime else []
     for name in requested:
         if name not in names():
@@ -100,7 +116,7 @@ def build(
     p = (
         load_plan(plan_file)
         if plan_file
-        else make_plan(source, str(device), context, batch, latency_ms, planned)
+        else make_plan(source, str(device), context, batch, latency_ms, planned, quantize)
     )
     if draft_kind in ("auto", "self", "ngram"):
         draft_kind = _resolve_draft_kind(p, draft_kind)
@@ -110,19 +126,33 @@ def build(
             f"{source.path} has {source.spec.num_layers}"
         )
     step("plan", 1, 1)
-    chosen_runtime = requested[0] if requested else p.runtime
     built = [r for r in dict.fromkeys(requested or [p.runtime]) if r in names()]
     built = built or [reference().name]  # a hand-edited plan's unknown runtime: the reference
+    chosen_runtime = requested[0] if requested else p.runtime
     for name in built:  # a missing exporter package is said before any work
         target(name).check_buildable()
+    check_plan(p)  # a hand-edited plan's bad values refused before any work
+    symmetric_reason = None
     if symmetric_targets := [r for r in built if target(r).symmetric_int4]:
-        make_symmetric(p, symmetric_targets)
+        symmetric_reason = make_symmetric(p, symmetric_targets)
+    if plan_file or chosen_runtime != p.runtime or symmetric_reason:
+        p = _as_built(p, source, chosen_runtime, symmetric_reason)
     cal_ids = calibration_ids(source.tokenizer, calibration)
+    file_weights = source.stored_weights()
+    keep_blocks = (
+        file_weights == p.compression["weights"]
+        and not p.pruning.get("sparsity")
+        and p.low_rank_ratio is None
+    )
     step("load weights", 0, 1)
-    core = load_core(source, CORE_CONTEXT, device=None)
+    core = load_core(source, CORE_CONTEXT, device=None, stored=keep_blocks)
     step("load weights", 1, 1)
-    done = apply_plan(core, p, cal_ids, gptq=calibration is not None, progress=progress)
+    gptq = calibration is not None or p.method == "gptq"
+    done = apply_plan(core, p, cal_ids, gptq=gptq, progress=progress)
     done["stored_dtype"] = str(core.norm.weight.dtype).removeprefix("torch.")
+    step("quality", 0, 1)
+    done["quality"] = quality(core, source, exact=keep_blocks or _lossless(p, file_weights))
+    step("quality", 1, 1)
     timings = {"compress_s": round(time.perf_counter() - started, 1)}
     max_context = min(p.context, core.spec.max_position_embeddings)
     artifacts, writers = export_artifacts(core, built, max_context)
@@ -155,9 +185,76 @@ def build(
         "files": full["files"],
         "predicted": p.predicted,
         "compression": done,
+        "quality": done["quality"],
         "draft": None if draft is None else draft.get("source", draft["kind"]),
         "seconds": round(time.perf_counter() - started, 1),
         **timings,
+    }
+
+
+def _as_built(p: Plan, source: ModelSource, runtime: str, extra_reason: str | None) -> Plan:
+    """The plan re-estimated and re-explained as it will be built (see `replan`), on its own
+    device profile; kept as it is, said so, where that profile is not one here."""
+    from infopt.device_profiles import load_profile
+    from infopt.errors import ProfileError
+    from infopt.plan.planner import replan
+
+    try:
+        profile = load_profile(p.device)
+    except ProfileError:
+        p.reasons.append(
+            f"predictions as the plan file gives them: its device {p.device!r} is not a "
+            "profile here"
+        )
+        if runtime != p.runtime:
+            p.reasons.append(f"runtime {runtime}: asked for (--runtime), instead of {p.runtime}")
+            p.runtime = runtime
+        again = p
+    else:
+        again = replan(p, source.spec, profile, runtime)
+    if extra_reason:
+        again.reasons.append(extra_reason)
+    return again
+
+
+def _lossless(p: Plan, file_weights: dict[str, str] | None) -> bool:
+    """Whether the plan stores the model's own values: every group fp32 (or the file's own
+    scheme), nothing pruned or factorized."""
+    weights = p.compression["weights"]
+    same = all(s == "fp32" or s == (file_weights or {}).get(g) for g, s in weights.items())
+    return same and not p.pruning.get("sparsity") and p.low_rank_ratio is None
+
+
+QUALITY_TOKENS, QUALITY_WINDOW = 512, 256
+
+
+def quality(core: Decoder, source: ModelSource, exact: bool) -> dict[str, Any]:
+    """What compression cost, in numbers a build can print: perplexity of the compressed core
+    and of the model as the file has it on a short text shipped with infopt (not the calibration
+    text), their relative difference, KL divergence and top-1 agreement; or, when the core
+    holds the file's own values, just that."""
+    if exact:
+        return {"kind": "exact", "note": "the model file's own values, nothing rounded again"}
+    from infopt.compress.calibration import shipped_text
+    from infopt.measure.quality import score
+    from infopt.runtimes.registry import reference
+
+    ids = source.tokenizer.encode(shipped_text("quality.txt"))[:QUALITY_TOKENS]
+    window = min(QUALITY_WINDOW, core.spec.max_position_embeddings)
+    runs = reference().module("runtime")
+    model = runs.from_model(load_core(source, window, device=None), max_context=window)
+    # the core keeps its cache length: the export that follows reads it
+    compressed = runs.from_model(core, max_context=max(window, core.max_len))
+    q = score(compressed, ids, model, window=window)
+    base = q.reference_perplexity or q.perplexity
+    return {
+        "kind": "measured",
+        "tokens": q.tokens,
+        "perplexity": round(q.perplexity, 4),
+        "reference_perplexity": round(base, 4),
+        "change": round(q.perplexity / base - 1, 4),
+        "kl": round(q.kl or 0.0, 5),
+        "top1": round(q.top1 or 0.0, 4),
     }
 
 
@@ -228,7 +325,7 @@ def package_manifest(
         "model": {
             "architecture": spec.architecture,
             "config": spec.to_dict(),
-            "parameters": sum(t.numel() for t in core.state_dict().values()),
+            "parameters": parameter_count(core),
             "source": {
                 "name": Path(source.path).name,
                 "format": source.format,
@@ -336,7 +433,7 @@ def _draft(
         "kind": "model",
         "source": label,
         "config": core.spec.to_dict(),
-        "parameters": sum(t.numel() for t in core.state_dict().values()),
+        "parameters": parameter_count(core),
         "weights": weights,
         "num_draft_tokens": 4,
         "artifacts": artifacts,

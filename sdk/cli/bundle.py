@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from infopt.cli.output import Bars, emit_json, fmt_bytes, friendly_errors, json_option
+from infopt.cli.output import (
+    Bars,
+    emit_json,
+    fmt_bytes,
+    friendly_errors,
+    json_option,
+    quality_text,
+    quantize_option,
+)
 from infopt.measure.speed import DEFAULT_PEERS
 
 
@@ -27,6 +35,7 @@ from infopt.measure.speed import DEFAULT_PEERS
     "device's profile picks its own); a comma-separated list puts several artifacts in the "
     "bundle (the first is the default).",
 )
+@quantize_option
 @click.option("--context", type=int, help="Tokens the KV cache must hold.")
 @click.option("--batch", type=int, default=1, show_default=True)
 @click.option("--latency-ms", type=float, help="Per-token decode latency target.")
@@ -56,6 +65,7 @@ def build(
     plan_file: str | None,
     out: str,
     runtime: str | None,
+    quantize: str | None,
     context: int | None,
     batch: int,
     latency_ms: float | None,
@@ -72,6 +82,7 @@ def build(
     \b
     Examples:
       infopt-pack build --device host -o smollm2-host
+      infopt-pack build --device host --quantize int4 -o smollm2-int4
       infopt-pack plan --device rtx4090-24gb --json > plan.json   # edit, then:
       infopt-pack build --plan plan.json -o smollm2-4090
       infopt-pack build --device host --runtime onnxruntime,pytorch -o smollm2-ort
@@ -95,6 +106,7 @@ def build(
             latency_ms=latency_ms,
             calibration=calibration,
             speculative=speculative,
+            quantize=quantize,
             progress=bars,
         )
     finally:
@@ -115,6 +127,7 @@ def build(
     click.echo(
         f"predicted {fmt_bytes(est['total'])} memory, {est['decode_tok_s']:.1f} tok/s decode"
     )
+    click.echo(f"quality  {quality_text(summary['quality'])}")
     for f in summary["files"]:
         click.echo(f"  {f['path']:<24} {f['size'] / 1e6:>9.1f} MB  sha256 {f['sha256'][:16]}")
     click.echo(f"built in {summary['seconds']:.1f} s")

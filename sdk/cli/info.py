@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from infopt.cli.output import emit_json, friendly_errors, json_option, rows
+from infopt.cli.output import emit_json, friendly_errors, json_option, quality_text, rows
 
 
 @click.command()
@@ -76,12 +76,14 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
             f"{path} (format {m['format']} {m['version']}, infopt {m.get('infopt_version')})",
         ),
         ("model", f"{m['model']['source']['name']} ({m['model']['architecture']})"),
-        ("parameters", f"{m['model']['parameters']:,}"),
+        ("parameters", f"{m['model']['parameters']:,} ({m['model']['parameters'] / 1e6:.1f} M)"),
+        ("stored", f"{sum(f['size'] for f in m['files']) / 1e6:.1f} MB in {len(m['files'])} files"),
         (
             "layers / hidden / mlp",
             f"{config['num_layers']} / {config['hidden_size']} / {config['intermediate_size']}",
         ),
         ("plan", f"{plan.get('compression', {}).get('name')} for {plan.get('device')}"),
+        ("quality", quality_text(m.get("compression", {}).get("quality"))),
         ("runtime", f"{bundle.default_runtime} (needs {_requirement(m['runtime'])})"),
         ("artifacts", ", ".join(bundle.runtimes)),
         ("KV cache", f"{kv['max_context']} tokens x batch {kv['batch']}, {kv['dtype']}"),

@@ -38,6 +38,18 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(fn)
 
 
+def quantize_option(fn: F) -> F:
+    """`--quantize`, as `plan` and `build` take it (`infopt.plan.planner.requested`)."""
+    return click.option(
+        "--quantize",
+        metavar="int8|int4|int4-gptq|SCHEME",
+        help="Store the weights so instead of the planner's choice: int8 (per channel), int4 "
+        "(the blocks in groups of 32, embeddings and LM head int8; a GGUF stored in INT4 keeps "
+        "its own blocks), int4-gptq (the same by GPTQ, on build's --calibration text or the one "
+        "shipped with infopt), fp16/bf16, or a scheme (int4s-g64, int8-g32, ...).",
+    )(fn)
+
+
 def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2))
 
@@ -86,3 +98,16 @@ class Bars:
         for bar in self.bars.values():
             if bar.pos < bar.length:
                 bar.__exit__(None, None, None)
+
+
+def quality_text(q: dict[str, Any] | None) -> str:
+    """A build's quality record (`infopt.bundle.build.quality`) in one line."""
+    if not q:
+        return "not measured (built before infopt measured it)"
+    if q["kind"] == "exact":
+        return str(q["note"])
+    return (
+        f"perplexity {q['perplexity']:.2f} against {q['reference_perplexity']:.2f} for the "
+        f"model as given ({q['change']:+.1%}), top-1 agreement {q['top1']:.0%}, on a "
+        f"{q['tokens']}-token text shipped with infopt"
+    )

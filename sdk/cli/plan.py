@@ -6,7 +6,15 @@ from typing import Any
 
 import click
 
-from infopt.cli.output import MODEL_HELP, emit_json, fmt_bytes, friendly_errors, json_option, rows
+from infopt.cli.output import (
+    MODEL_HELP,
+    emit_json,
+    fmt_bytes,
+    friendly_errors,
+    json_option,
+    quantize_option,
+    rows,
+)
 
 
 def _speculative_row(choice: dict[str, Any]) -> str:
@@ -69,6 +77,7 @@ def devices(measure_bandwidth: bool, as_json: bool) -> None:
     help="Plan room for a speculative draft: self = an INT4 copy of the model beside it; "
     "ngram = prompt lookup (no memory); auto = self when it fits and the model is above INT4.",
 )
+@quantize_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @friendly_errors
 def plan(
@@ -80,6 +89,7 @@ def plan(
     scenario: str | None,
     measure_bandwidth: bool,
     speculative: str,
+    quantize: str | None,
     as_json: bool,
 ) -> None:
     """Choose quantization, pruning and low-rank for MODEL on DEVICE, and explain why.
@@ -87,20 +97,29 @@ def plan(
     \b
     Examples:
       infopt-pack plan --device host
+      infopt-pack plan --device host --quantize int4
       infopt-pack plan --model llama-2-70b/config.json --device rtx4090-24gb --context 4096
       infopt-pack plan --model m.gguf --device apple-ane --scenario chat --json
     """
     from infopt.core.default_model import default_model_path
     from infopt.device_profiles import load_profile
-    from infopt.importers import load_spec
+    from infopt.importers import load_spec, stored_weights
     from infopt.plan.planner import SCENARIOS
     from infopt.plan.planner import plan as make_plan
 
     spec = load_spec(model if model is not None else default_model_path())
     profile = load_profile(device, measure_bandwidth=measure_bandwidth)
     target = latency_ms if latency_ms is not None else SCENARIOS.get(scenario or "")
+    path = model if model is not None else default_model_path()
     p = make_plan(
-        spec, profile, context=context, batch=batch, latency_ms=target, speculative=speculative
+        spec,
+        profile,
+        context=context,
+        batch=batch,
+        latency_ms=target,
+        speculative=speculative,
+        quantize=quantize,
+        file_weights=stored_weights(path) if quantize else None,
     )
     if as_json:
         click.echo(p.to_json())

@@ -17,6 +17,34 @@ from infopt.plan.planner import Plan
 FLOAT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def check_plan(p: Plan) -> float:
+    """Every refusal a (hand-edited) plan earns before any work: unknown groups or schemes, a
+    pruning or low-rank value out of range. Returns the MLP pruning sparsity."""
+    from infopt.compress.quantize import FLOATS
+    from infopt.core.quant import QuantScheme
+
+    weights = p.compression.get("weights")
+    groups = {"embeddings", "lm_head", "attention", "mlp"}
+    if not isinstance(weights, dict) or set(weights) != groups:
+        raise InvalidArgumentError(
+            f"plan compression.weights {weights!r}: give a scheme for each of {sorted(groups)}"
+        )
+    for group, scheme in weights.items():
+        if not isinstance(scheme, str):
+            raise InvalidArgumentError(f"plan compression.weights.{group}: {scheme!r} is no scheme")
+        if scheme not in FLOATS:
+            QuantScheme.parse(scheme)  # raises naming the scheme
+    kind, sparsity = p.pruning.get("kind", "none"), p.pruning.get("sparsity") or 0.0
+    if kind not in ("none", "structured-mlp-channels"):
+        raise InvalidArgumentError(f"plan pruning kind {kind!r} is not buildable")
+    if not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise InvalidArgumentError(f"plan pruning sparsity {sparsity!r}: must be in [0, 1)")
+    ratio = p.low_rank_ratio
+    if ratio is not None and (not isinstance(ratio, (int, float)) or not 0 < ratio <= 1):
+        raise InvalidArgumentError(f"plan low_rank_ratio {ratio!r}: must be in (0, 1]")
+    return float(sparsity)
+
+
 def apply_plan(
     core: Decoder,
     p: Plan,
@@ -30,15 +58,12 @@ def apply_plan(
     from infopt.compress.quantize import FLOATS, check_quantization, quantize_model
 
     done: dict[str, Any] = {}
-    weights = dict(p.compression["weights"])
-    sparsity = float(p.pruning.get("sparsity") or 0.0)
-    # a bad (hand-edited) plan fails here, before any work
-    if p.pruning.get("kind", "none") not in ("none", "structured-mlp-channels"):
-        raise InvalidArgumentError(f"plan pruning kind {p.pruning.get('kind')!r} is not buildable")
-    if not 0 <= sparsity < 1:
-        raise InvalidArgumentError(f"plan pruning sparsity {sparsity}: must be in [0, 1)")
-    if p.low_rank_ratio is not None and not 0 < p.low_rank_ratio <= 1:
-        raise InvalidArgumentError(f"plan low_rank_ratio {p.low_rank_ratio}: must be in (0, 1]")
+    kept = stored_groups(core, p.compression["weights"])
+    # groups the core holds in their planned scheme already (a model file's blocks) stay so
+    weights = {g: "fp32" if g in kept else s for g, s in p.compression["weights"].items()}
+    if kept:
+        done["kept_from_file"] = sorted(kept)
+    sparsity = check_plan(p)
     check_quantization(core, weights)
     if sparsity:
         done["mlp_intermediate_size"] = prune_mlp_channels(core, sparsity, calibration)
@@ -68,6 +93,28 @@ def apply_plan(
     return done
 
 
+def stored_groups(core: Decoder, weights: dict[str, str]) -> set[str]:
+    """The tensor groups whose every matrix `core` already stores in the scheme `weights` gives
+    it (a model file loaded with its blocks kept)."""
+    from infopt.core.quant import QuantStorage
+
+    modules = {
+        "embeddings": [core.embed_tokens],
+        "lm_head": [core.lm_head],
+        "attention": [b.self_attn.get_submodule(n) for b in core.blocks for n in ATTENTION],
+        "mlp": [b.mlp.get_submodule(n) for b in core.blocks for n in MLP],
+    }
+    return {
+        group
+        for group, mods in modules.items()
+        if all(isinstance(m, QuantStorage) and m.scheme.name == weights.get(group) for m in mods)
+    }
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
 def _cast_float_groups(core: Decoder, weights: dict[str, str]) -> None:
     """A plan with every group fp16 (or bf16) stores the whole model in that dtype, the
     precision the runtime computes in. Where some groups are quantized, the float parts stay
@@ -78,21 +125,31 @@ def _cast_float_groups(core: Decoder, weights: dict[str, str]) -> None:
 
 
 def symmetric(weights: dict[str, str]) -> dict[str, str]:
-    """Asymmetric INT4 groups made symmetric ones of the same group size (int4-g32 ->
-    int4s-g32), for targets whose INT4 weights carry no zero points."""
-    return {
-        g: s.replace("int4-", "int4s-", 1) if s.startswith("int4-") else s
-        for g, s in weights.items()
-    }
+    """The forms targets whose INT4 weights carry no zero points take: INT4 groups with zero
+    points or offsets made symmetric ones of the same group size (int4-g32, int4m-g32 ->
+    int4s-g32), INT8 groups per channel (int8-g32 -> int8)."""
+
+    def plain(s: str) -> str:
+        if s.startswith(("int4-", "int4m-")):
+            return "int4s-" + s.split("-", 1)[1]
+        return "int8" if s.startswith("int8-") else s
+
+    return {g: plain(s) for g, s in weights.items()}
 
 
-def make_symmetric(p: Plan, targets: Iterable[str]) -> None:
-    """The plan's INT4 groups made symmetric for `targets`, said in the plan's reasons."""
+def make_symmetric(p: Plan, targets: Iterable[str]) -> str | None:
+    """The plan's INT4 groups made symmetric for `targets`; the reason to give, if any
+    changed."""
     weights = p.compression["weights"]
-    changed = sorted(g for g, s in weights.items() if s.startswith("int4-"))
-    weights.update(symmetric(weights))
-    if changed:
-        p.reasons.append(
-            f"{' and '.join(targets)}: {', '.join(changed)} quantized symmetric INT4 "
-            f"({weights[changed[0]]}), the form these runtimes' INT4 weights take"
-        )
+    wanted = symmetric(weights)
+    changed = sorted(g for g, s in weights.items() if wanted[g] != s)
+    weights.update(wanted)
+    if not changed:
+        return None
+    reason = (
+        f"{' and '.join(targets)}: {', '.join(changed)} quantized as "
+        f"{', '.join(sorted({weights[g] for g in changed}))}, the forms these runtimes' weights "
+        "take (symmetric INT4, INT8 per channel)"
+    )
+    p.reasons.append(reason)
+    return reason

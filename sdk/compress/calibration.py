@@ -31,9 +31,14 @@ Progress = Callable[[str], None]
 
 def default_calibration_text() -> str:
     """The calibration text shipped with infopt (original prose, Apache-2.0 like the code)."""
+    return shipped_text("calibration.txt")
+
+
+def shipped_text(name: str) -> str:
+    """A text file shipped with infopt (`infopt/data/`: original prose, Apache-2.0)."""
     from importlib import resources
 
-    return (resources.files("infopt") / "data" / "calibration.txt").read_text(encoding="utf-8")
+    return (resources.files("infopt.data") / name).read_text(encoding="utf-8")
 
 
 def calibration_ids(tokenizer: Tokenizer, text_file: str | Path | None = None) -> torch.Tensor:

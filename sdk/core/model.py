@@ -280,6 +280,27 @@ def load_state_dict(
         model.tie_weights()
 
 
+def parameter_count(model: nn.Module) -> int:
+    """The model's logical parameters: every weight value once (a quantized matrix counts its
+    rows x columns, a low-rank one its two factors, a tied table once), not the stored
+    tensors' elements (packed codes, scales)."""
+    from infopt.core.quant import QuantStorage
+
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantStorage):
+            key = module._buffers["qweight"]
+            if key is not None and id(key) not in seen:
+                seen.add(id(key))
+                total += module.shape[0] * module.shape[1]
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
 def replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` at dotted `name` under `root`."""
     parent, _, attr = name.rpartition(".")

@@ -75,6 +75,24 @@ class ModelSource:
         """sha256 of the GGUF file, or of config.json + weight files of a folder."""
         return content_hash(self.path)
 
+    def stored_weights(self) -> dict[str, str] | None:
+        """Tensor group -> the scheme the file keeps it in where infopt can keep it so too (a
+        GGUF's Q4_0 / Q4_1 / Q8_0 matrices; "fp32" for the others); None when nothing in the
+        file is stored that way."""
+        return stored_weights(self.path)
+
+
+def stored_weights(path: str | Path) -> dict[str, str] | None:
+    """`ModelSource.stored_weights` of a model path, from the file's tensor types alone."""
+    from infopt.importers import gguf_file
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return None
+    with p.open("rb") as f:
+        magic = f.read(4)
+    return gguf_file.stored_weights(p) if magic == GGUF_MAGIC else None
+
 
 def content_hash(path: str | Path) -> str:
     """sha256 of a model file, or of a folder's *.json and *.safetensors files in name order

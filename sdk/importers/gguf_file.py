@@ -219,6 +219,24 @@ def stored_blocks(t: Any, name: str, spec: ModelSpec, path: Path) -> QuantizedWe
     )
 
 
+def stored_weights(path: Path) -> dict[str, str] | None:
+    """The scheme infopt keeps each tensor group in when it keeps the file's blocks (see
+    `stored_blocks`), read from the tensor types alone; None when it keeps none of them."""
+    reader = open_reader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    first = {
+        "embeddings": "token_embd.weight",
+        "lm_head": "output.weight" if "output.weight" in types else "token_embd.weight",
+        "attention": "blk.0.attn_q.weight",
+        "mlp": "blk.0.ffn_gate.weight",
+    }
+    weights = {
+        group: BLOCK_SCHEMES[types[name]][0] if types.get(name) in BLOCK_SCHEMES else "fp32"
+        for group, name in first.items()
+    }
+    return weights if set(weights.values()) != {"fp32"} else None
+
+
 def import_gguf(path: Path) -> tuple[ModelSpec, Any, Any, dict[str, Any]]:
     """(spec, tokenizer, weights reader function, generation defaults) for a GGUF file."""
     reader = open_reader(path)

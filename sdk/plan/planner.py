@@ -7,7 +7,7 @@ Needs only the model config: a 70B `config.json` plans without weights.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ from infopt.errors import InvalidArgumentError, PlanError
 from infopt.plan.costs import (
     Compression,
     Estimate,
-    compute_precision,
     draft_bytes,
     estimate,
     group_fits,
@@ -25,12 +24,14 @@ from infopt.plan.costs import (
     self_draft,
     with_kv,
 )
+from infopt.plan.explain import GB, HEADROOM, Plan, _gb, explain, refusal
 
-HEADROOM = 0.10  # of usable memory kept free: fragmentation, other allocations, OS pressure
 # Named scenarios, as per-token decode latency targets in milliseconds.
 SCENARIOS = {"code-completion": 50.0, "chat": 200.0, "batch": None}
 SPECULATIVE = ("none", "auto", "self", "ngram")
-GB = 1e9
+FLOATS = ("fp32", "fp16", "bf16")
+QUANTIZE = ("int8", "int4", "int4-gptq")  # and any scheme name, e.g. int4s-g64
+__all__ = ["GB", "HEADROOM", "Plan", "load_plan", "plan", "replan", "requested"]
 
 
 def _int4(group: int, head: str = "int8") -> dict[str, str]:
@@ -86,38 +87,6 @@ def ladder(spec: ModelSpec, profile: DeviceProfile) -> list[Compression]:
     return steps
 
 
-@dataclass
-class Plan:
-    model: dict[str, Any]
-    device: str
-    runtime: str
-    compute_precision: str
-    compression: dict[str, Any]
-    context: int
-    batch: int
-    latency_target_ms: float | None
-    static_shapes: bool
-    pruning: dict[str, Any]  # {"kind": "none" | "structured-mlp-channels", "sparsity": x}
-    low_rank_ratio: float | None  # fraction of block parameters kept, None = not factorized
-    predicted: dict[str, Any]
-    usable_memory: float
-    headroom_bytes: float
-    reasons: list[str]
-    rejected: list[dict[str, str]] = field(default_factory=list)
-    # speculative decoding: {"kind": none|ngram|self, "draft": scheme name, "bytes", "reason"}
-    speculative: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-
-def _gb(x: float) -> str:
-    return f"{x / GB:.2f} GB"
-
-
 def _why_rejected(
     spec: ModelSpec, c: Compression, est: Estimate | None, budget: float, latency_ms: float | None
 ) -> str | None:
@@ -137,6 +106,59 @@ def _why_rejected(
     return None
 
 
+def requested(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    quantize: str,
+    file_weights: dict[str, str] | None = None,
+) -> tuple[Compression, str]:
+    """(the compression `quantize` asks for, its method: "rtn" or "gptq"). Spellings:
+    `int8` (every group INT8 per channel); `int4` and `int4-gptq` (the blocks INT4 in the finest
+    group that divides them, 32 where it can, the embeddings and LM head INT8; by GPTQ for the
+    latter), or the file's own blocks where it stores INT4 already (`file_weights`, a GGUF's
+    Q4_0 / Q4_1 / Q8_0: kept as they are, not rounded twice); a float (`fp16`, ...: everything
+    that); or a scheme name (`int4s-g64`, `int8-g32`, ...: the blocks in it, the embeddings and
+    LM head INT8, or that scheme when it is an INT8 one)."""
+    from infopt.core.quant import QuantScheme
+
+    kv = next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
+    name, method = quantize, "rtn"
+    if quantize in FLOATS:
+        return Compression(quantize, dict.fromkeys(_GROUPS, quantize), kv_dtype=quantize), method
+    if quantize == "int8":
+        return Compression("int8 (requested)", dict.fromkeys(_GROUPS, "int8"), kv_dtype=kv), method
+    if quantize in ("int4", "int4-gptq"):
+        method = "gptq" if quantize == "int4-gptq" else "rtn"
+        blocks = (file_weights or {}).get("attention", "")
+        if method == "rtn" and file_weights and blocks.startswith("int4"):
+            weights = dict(file_weights)
+            return Compression(f"{blocks} as stored in the file", weights, kv_dtype=kv), method
+        shapes = matrices(spec)
+        group = next(
+            (
+                g
+                for g in (32, 64, 128)
+                if group_fits(f"int4-g{g}", shapes["attention"] + shapes["mlp"])
+            ),
+            32,
+        )
+        return Compression(f"int4 g{group} ({quantize})", _int4(group), kv_dtype=kv), method
+    try:
+        scheme = QuantScheme.parse(name)
+    except InvalidArgumentError:
+        raise InvalidArgumentError(
+            f"--quantize {quantize!r}: expected one of {list(QUANTIZE)}, a float "
+            f"({', '.join(FLOATS)}) or a scheme (int8, int8-g<group>, int4-g<group>, "
+            "int4s-g<group>, int4m-g<group>)"
+        ) from None
+    head = scheme.name if scheme.bits == 8 else "int8"
+    weights = {"embeddings": head, "lm_head": head, "attention": name, "mlp": name}
+    return Compression(f"{name} (requested)", weights, kv_dtype=kv), method
+
+
+_GROUPS = ("embeddings", "lm_head", "attention", "mlp")
+
+
 def plan(
     spec: ModelSpec,
     profile: DeviceProfile,
@@ -145,12 +167,16 @@ def plan(
     batch: int = 1,
     latency_ms: float | None = None,
     speculative: str = "none",
+    quantize: str | None = None,
+    file_weights: dict[str, str] | None = None,
 ) -> Plan:
     """Choose and explain a compression plan; PlanError when nothing fits.
 
     speculative: "none", "ngram" (no memory), "self" (an INT4 self-draft whose weights and KV
     cache must fit beside the target's) or "auto" (the self-draft where the target is above
-    INT4 and both fit, else prompt lookup)."""
+    INT4 and both fit, else prompt lookup). quantize: take this weight storage (`requested`)
+    instead of searching for the least lossy one that fits; `file_weights` are the schemes a
+    model file stores its groups in, when it stores them quantized."""
     if speculative not in SPECULATIVE:
         raise InvalidArgumentError(f"speculative={speculative!r}: expected one of {SPECULATIVE}")
     context = context or spec.max_position_embeddings
@@ -167,7 +193,12 @@ def plan(
     runtime = pick_runtime(profile)
     rejected: list[dict[str, str]] = []
     tried: list[tuple[Compression, Estimate]] = []
-    for c in ladder(spec, profile):
+    method = "rtn"
+    candidates = ladder(spec, profile)
+    if quantize is not None:
+        asked, method = requested(spec, profile, quantize, file_weights)
+        candidates = [asked]
+    for c in candidates:
         shapes = matrices(spec, 1.0 - c.mlp_prune).items()
         divisible = all(group_fits(c.weights[g], s) for g, s in shapes if s)
         est = (
@@ -182,7 +213,10 @@ def plan(
                 spec, c, est, speculative, budget, context, batch
             )
         if reason is None and est is not None:
-            chosen = _explain(spec, profile, c, est, context, batch, latency_ms, runtime, rejected)
+            chosen = explain(
+                spec, profile, c, est, context, batch, latency_ms, runtime, rejected, quantize
+            )
+            chosen.method = method
             chosen.speculative = spec_choice
             if spec_choice.get("reason"):
                 chosen.reasons.append(spec_choice["reason"])
@@ -190,7 +224,7 @@ def plan(
         rejected.append({"option": c.name, "reason": reason or ""})
         if est is not None:
             tried.append((c, est))
-    raise PlanError(_refusal(spec, profile, tried, context, batch, latency_ms, budget))
+    raise PlanError(refusal(spec, profile, tried, context, batch, latency_ms, budget))
 
 
 def _draft_choice(
@@ -245,139 +279,6 @@ def pick_runtime(profile: DeviceProfile) -> tuple[str, str]:
     return profile.runtimes[0], f"runtime {profile.runtimes[0]}: {profile.name}'s preferred runtime"
 
 
-def choice_reasons(c: Compression, profile: DeviceProfile) -> list[str]:
-    """One sentence per decision of the chosen option."""
-    w = c.weights
-    if w["attention"].startswith("int4"):
-        weights = (
-            f"weights: blocks {w['attention']} (4-bit, the finest group size that fits, "
-            f"for accuracy), embeddings and LM head {w['embeddings']}: they set every "
-            "logit and are a small share of the bytes"
-        )
-    elif w["attention"] == "int8":
-        weights = "weights: int8 per output channel everywhere, near-lossless at half of 16-bit"
-    else:
-        weights = f"weights: {w['attention']} everywhere, no quantization loss"
-    kv = (
-        f"KV cache {c.kv_dtype}: int8 with a scale per token and head, halving the cache"
-        if c.kv_dtype == "int8"
-        else f"KV cache {c.kv_dtype}: the device's working precision; not quantized"
-    )
-    structural = []
-    if c.mlp_prune:
-        structural.append(
-            f"MLP channels pruned {c.mlp_prune:.0%} (structured: smaller matrices, not zeros)"
-        )
-    if c.low_rank:
-        structural.append(f"blocks factorized by SVD keeping {c.low_rank:.0%} of their parameters")
-    if structural:
-        structural.append(
-            "pruning and low-rank cost quality that only distillation recovers: "
-            "measure perplexity on held-out text before shipping it"
-        )
-    else:
-        structural.append("pruning and low-rank: none, a less lossy option fits")
-    return [weights, kv, *structural]
-
-
-def _explain(
-    spec: ModelSpec,
-    profile: DeviceProfile,
-    c: Compression,
-    est: Estimate,
-    context: int,
-    batch: int,
-    latency_ms: float | None,
-    runtime_choice: tuple[str, str],
-    rejected: list[dict[str, str]],
-) -> Plan:
-    runtime, runtime_reason = runtime_choice
-    reasons = [
-        f"{c.name}: the least lossy option that fits {profile.name} "
-        f"({_gb(est.total)} of {_gb(profile.usable_bytes)} usable, keeping "
-        f"{HEADROOM:.0%} headroom)" + (f" and meets {latency_ms:g} ms/token" if latency_ms else ""),
-        f"memory: weights {_gb(est.weights)} + KV cache {_gb(est.kv_cache)} ({context} tokens x "
-        f"batch {batch}, {c.kv_dtype}) + activations {_gb(est.activations)} + {runtime} overhead "
-        f"{_gb(est.overhead)}"
-        + (f" + speculative draft {_gb(est.draft)}" if est.draft else "")
-        + "; the quick formula (params x bytes x 1.2) says "
-        f"{_gb(est.quick_formula)}",
-        f"speed: {est.decode_tok_s:.1f} tok/s decode ({est.ms_per_token:.1f} ms/token, "
-        f"{est.bound}-bound), {est.prefill_tok_s:.0f} tok/s prefill",
-        runtime_reason,
-    ]
-    reasons += choice_reasons(c, profile)
-    if profile.static_shapes:
-        reasons.append(
-            f"{profile.name} compiles static shapes: fixed {context}-token KV window, "
-            "fixed prefill chunk and single-token decode"
-        )
-    if not rejected:
-        reasons.append("no less lossy option exists on this device")
-    return Plan(
-        model={
-            "architecture": spec.architecture,
-            "parameters": spec.num_params,
-            "layers": spec.num_layers,
-            "hidden_size": spec.hidden_size,
-        },
-        device=profile.name,
-        runtime=runtime,
-        compute_precision=compute_precision(profile),
-        compression=c.to_dict(),
-        context=context,
-        batch=batch,
-        latency_target_ms=latency_ms,
-        static_shapes=profile.static_shapes,
-        pruning={
-            "kind": "structured-mlp-channels" if c.mlp_prune else "none",
-            "sparsity": c.mlp_prune,
-        },
-        low_rank_ratio=c.low_rank,
-        predicted=est.to_dict(),
-        usable_memory=profile.usable_bytes,
-        headroom_bytes=profile.usable_bytes - est.total,
-        reasons=reasons,
-        rejected=rejected,
-    )
-
-
-def _refusal(
-    spec: ModelSpec,
-    profile: DeviceProfile,
-    tried: list[tuple[Compression, Estimate]],
-    context: int,
-    batch: int,
-    latency_ms: float | None,
-    budget: float,
-) -> str:
-    if not tried:
-        return f"no compression option is storable on {profile.name}"
-    smallest_c, smallest = min(tried, key=lambda t: t[1].total)
-    if smallest.total <= budget:  # memory fits; latency does not
-        fastest_c, fastest = max(tried, key=lambda t: t[1].decode_tok_s)
-        return (
-            f"no plan meets {latency_ms:g} ms/token on {profile.name}: the fastest that fits "
-            f"({fastest_c.name}) predicts {fastest.ms_per_token:.1f} ms/token. Relax the "
-            "target, or choose a device with more memory bandwidth"
-        )
-    short = smallest.total - budget
-    fixed = smallest.total - smallest.kv_cache
-    per_token = smallest.kv_cache / context
-    fits_ctx = int((budget - fixed) / per_token) if budget > fixed else 0
-    hints = [f"a device with at least {_gb(smallest.total / (1 - HEADROOM))} usable memory"]
-    if fits_ctx >= 1:
-        hints.insert(0, f"--context {fits_ctx} (instead of {context})")
-    if batch > 1:
-        hints.insert(0, "--batch 1")
-    return (
-        f"{spec.num_params / 1e9:.1f}B-parameter model does not fit {profile.name}: even "
-        f"{smallest_c.name} needs {_gb(smallest.total)}, {short:,.0f} bytes ({_gb(short)}) "
-        f"more than the {_gb(budget)} budget ({_gb(profile.usable_bytes)} usable less "
-        f"{HEADROOM:.0%} headroom). It would fit with: " + "; or ".join(hints)
-    )
-
-
 def load_plan(path: str | Path) -> Plan:
     """A plan saved by `infopt-pack plan --json` (possibly edited); unknown keys refused."""
     try:
@@ -387,10 +288,76 @@ def load_plan(path: str | Path) -> Plan:
     names = {f.name for f in fields(Plan)}
     if not isinstance(data, dict):
         raise InvalidArgumentError(f"{path}: a plan is a JSON object")
-    optional = {"rejected", "speculative"}  # older plan files lack the speculative choice
+    optional = {"rejected", "speculative", "method"}  # older plan files lack these
     unknown, missing = set(data) - names, names - optional - set(data)
     if unknown or missing:
         raise InvalidArgumentError(
             f"{path}: not a plan (unknown keys {sorted(unknown)}, missing {sorted(missing)})"
         )
     return Plan(**data)
+
+
+def replan(p: Plan, spec: ModelSpec, profile: DeviceProfile, runtime: str | None = None) -> Plan:
+    """`p` as it will be built, re-estimated and re-explained: its compression (edited by hand,
+    made symmetric for a target, ...) on `profile`, loaded on `runtime` (default: its own; another
+    is one asked for with --runtime), so that the plan a bundle records describes what it holds."""
+    from dataclasses import fields as dataclass_fields
+
+    known = {f.name for f in dataclass_fields(Compression)}
+    c = Compression(**{k: v for k, v in p.compression.items() if k in known})
+    # the fields the build applies, not the compression record's copies of them
+    c = replace(c, mlp_prune=float(p.pruning.get("sparsity") or 0.0), low_rank=p.low_rank_ratio)
+    c = replace(c, name=describe_weights(c))
+    name = runtime or p.runtime
+    est = estimate(spec, profile, c, context=p.context, batch=p.batch, runtime=name)
+    if p.speculative.get("bytes"):
+        est = replace(
+            est, total=est.total + float(p.speculative["bytes"]), draft=p.speculative["bytes"]
+        )
+    from infopt.runtimes.registry import names
+
+    preferred, reason = pick_runtime(profile)
+    if name != p.runtime:
+        reason = f"runtime {name}: asked for (--runtime), instead of the plan's {p.runtime}"
+    elif name != preferred:
+        reason = f"runtime {name}: the plan file's choice, instead of {profile.name}'s {preferred}"
+    if name not in names():
+        reason += "; infopt has no such runtime, so the bundle carries the reference artifact"
+    again = explain(
+        spec,
+        profile,
+        c,
+        est,
+        p.context,
+        p.batch,
+        p.latency_target_ms,
+        (name, reason),
+        [],
+        "as built",
+    )
+    again.method, again.speculative = p.method, p.speculative
+    if p.speculative.get("reason"):
+        again.reasons.append(p.speculative["reason"])
+    return again
+
+
+def describe_weights(c: Compression) -> str:
+    """A compression's name from its weights: one scheme for all, else the blocks' and the
+    embeddings'."""
+    w = c.weights
+    if len(set(w.values())) == 1:
+        base = next(iter(w.values()))
+    else:
+        blocks = w["attention"] if w["attention"] == w["mlp"] else f"{w['attention']}/{w['mlp']}"
+        heads = (
+            w["embeddings"]
+            if w["embeddings"] == w["lm_head"]
+            else f"{w['embeddings']}/{w['lm_head']}"
+        )
+        base = f"{blocks} (embeddings/LM head {heads})"
+    extras = [f"kv {c.kv_dtype}"] if c.kv_dtype == "int8" else []
+    if c.mlp_prune:
+        extras.append(f"MLP channels pruned {c.mlp_prune:.0%}")
+    if c.low_rank:
+        extras.append(f"low-rank {c.low_rank:.0%}")
+    return " + ".join([base, *extras])

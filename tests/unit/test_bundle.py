@@ -18,6 +18,7 @@ from infopt.bundle import MANIFEST, verify_bundle, write_bundle
 from infopt.bundle.build import build, make_plan
 from infopt.cli import main
 from infopt.core.spec import spec_from_hf_config
+from infopt.device_profiles import load_profile
 from infopt.errors import BundleError, InvalidArgumentError, RuntimeNotAvailableError
 from infopt.importers import open_model
 from tests.conftest import TINY
@@ -54,6 +55,10 @@ def copy(bundle: Path, tmp_path: Path) -> Path:
 def test_a_bundle_generates_what_its_source_generates(host_bundle: Path, tiny_gguf: Path) -> None:
     manifest = verify_bundle(host_bundle)
     assert manifest["runtime"]["name"] == "pytorch" and manifest["plan"]["device"] == "host"
+    # the plan recorded is the one built: on the runtime asked for, and says so
+    assert manifest["plan"]["runtime"] == "pytorch"
+    if load_profile("host").runtimes[0] != "pytorch":
+        assert any("asked for (--runtime)" in r for r in manifest["plan"]["reasons"])
     assert {f["path"] for f in manifest["files"]} == {"model.safetensors", "tokenizer.json"}
     modes = {(host_bundle / f["path"]).stat().st_mode & 0o777 for f in manifest["files"]}
     assert modes == {0o644}  # readable by every user of a shared bundle
@@ -91,12 +96,21 @@ def test_build_from_an_edited_plan_quantizes(tmp_path: Path, tiny_gguf: Path) ->
         m["compression"]["quantization"] == "rtn"
         and m["model"]["config"]["intermediate_size"] == 64
     )
+    # the manifest's plan is the one built, re-estimated: not the file's figures
+    as_built = m["plan"]
+    assert as_built["reasons"][0].startswith("int4-g32") and "as built" in as_built["reasons"][0]
+    assert as_built["compression"]["mlp_prune"] == 0.5 and as_built["runtime"] == "onnxruntime"
+    assert as_built["predicted"]["weights"] < plan["predicted"]["weights"] / 2
+    assert m["model"]["parameters"] < open_model(tiny_gguf).spec.num_params
+    assert m["compression"]["quality"]["kind"] == "measured"
     model = infopt.load(out, max_context=64)
     assert model.runtime.name == "onnxruntime"
     r = model.generate(PROMPT, max_new_tokens=5, stop_token_ids=[])
     assert len(r.token_ids) == 5
     shown = runner.invoke(main, ["inspect", str(out)])
     assert shown.exit_code == 0 and "for host" in shown.stdout and "model.onnx.data" in shown.stdout
+    assert "MLP channels pruned 50%: as built" in shown.stdout
+    assert re.search(r"quality +perplexity [\d.]+ against [\d.]+", shown.stdout)
     ok = runner.invoke(main, ["verify", str(out), "--json"])
     assert ok.exit_code == 0 and json.loads(ok.stdout)["ok"]
     run = runner.invoke(main, ["run", str(out), "--prompt", "hi", "-n", "3", "--json"])
@@ -398,3 +412,46 @@ def test_a_build_without_its_converter_stops_before_any_work(
     assert "load weights" not in stages and not (tmp_path / "b").exists()
     with pytest.raises(BundleError, match="does not exist"):
         infopt.open_bundle(tmp_path / "b")
+
+
+def test_build_quantize_int4_keeps_a_q4_1_files_blocks(tmp_path: Path, tiny_gguf_q41: Path) -> None:
+    out = tmp_path / "q4"
+    summary = build(tiny_gguf_q41, out, device="host", runtime="pytorch", quantize="int4")
+    m = verify_bundle(out)
+    weights = m["plan"]["compression"]["weights"]
+    assert weights["attention"] == weights["mlp"] == "int4m-g32"
+    assert set(m["compression"]["kept_from_file"]) >= {"attention", "mlp"}
+    assert summary["quality"]["kind"] == m["compression"]["quality"]["kind"] == "exact"
+    assert m["plan"]["runtime"] == "pytorch" and m["plan"]["method"] == "rtn"
+    bundled = infopt.load(out, max_context=64)
+    source = infopt.load(tiny_gguf_q41, max_context=64, runtime="pytorch")
+    a = bundled.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
+    b = source.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
+    assert a.token_ids == b.token_ids
+
+
+def test_build_quantize_int8_measures_what_it_cost(tmp_path: Path, tiny_gguf: Path) -> None:
+    out = tmp_path / "int8"
+    args = ["build", str(tiny_gguf), "-d", "host", "--runtime", "pytorch", "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--quantize", "int8", "--json"])
+    assert result.exit_code == 0, result.stderr
+    q = json.loads(result.stdout)["quality"]
+    assert q["kind"] == "measured" and q["tokens"] >= 100
+    assert q["perplexity"] == pytest.approx(q["reference_perplexity"] * (1 + q["change"]), rel=1e-3)
+    assert abs(q["change"]) < 0.05 and q["top1"] > 0.8 and q["kl"] >= 0
+    m = verify_bundle(out)
+    assert set(m["plan"]["compression"]["weights"].values()) == {"int8"}
+    assert m["compression"]["quality"] == q
+    assert m["model"]["parameters"] == open_model(tiny_gguf).spec.num_params
+
+
+def test_build_quantize_refusals(tmp_path: Path, tiny_gguf: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "never"
+    args = ["build", str(tiny_gguf), "-o", str(out)]
+    bad = runner.invoke(main, [*args, "-d", "host", "--quantize", "int3"])
+    assert bad.exit_code == 1 and "'int3'" in bad.stderr
+    (tmp_path / "plan.json").write_text("{}")
+    both = runner.invoke(main, [*args, "--plan", str(tmp_path / "plan.json"), "--quantize", "int8"])
+    assert both.exit_code == 1 and "--quantize" in both.stderr
+    assert not out.exists()

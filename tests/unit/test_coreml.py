@@ -218,7 +218,7 @@ def test_an_int4_plan_is_built_symmetric_for_core_ml(tiny_gguf: Path, tmp_path: 
     manifest = verify_bundle(tmp_path / "b")
     weights = manifest["plan"]["compression"]["weights"]
     assert weights == {**groups, "attention": "int4s-g32", "mlp": "int4s-g32"}
-    assert any("attention, mlp quantized symmetric INT4" in r for r in manifest["plan"]["reasons"])
+    assert any("attention, mlp quantized as int4s-g32" in r for r in manifest["plan"]["reasons"])
     package = check_package(tmp_path / "b", manifest["artifacts"]["coreml"])
     layers = manifest["model"]["config"]["num_layers"]
     assert package["quantized_weights"] == {"int4": 7 * layers, "int8": 2}

@@ -257,3 +257,55 @@ def test_the_planner_accounts_for_a_self_drafts_memory() -> None:
     assert any("self-draft" in r["reason"] for r in forced.rejected)
     with pytest.raises(InvalidArgumentError, match="speculative"):
         plan(spec, profile, speculative="fast")
+
+
+@pytest.mark.parametrize(
+    ("quantize", "blocks", "heads", "method"),
+    [
+        ("int8", "int8", "int8", "rtn"),
+        ("int4", "int4-g32", "int8", "rtn"),
+        ("int4-gptq", "int4-g32", "int8", "gptq"),
+        ("fp16", "fp16", "fp16", "rtn"),
+        ("int4s-g64", "int4s-g64", "int8", "rtn"),
+        ("int8-g32", "int8-g32", "int8-g32", "rtn"),
+    ],
+)
+def test_quantize_takes_the_storage_asked_for_and_says_so(
+    quantize: str, blocks: str, heads: str, method: str
+) -> None:
+    spec = load_spec(CONFIGS / "smollm2-135m.json")
+    p = plan(spec, load_profile("intel-cpu"), context=2048, quantize=quantize)
+    w = p.compression["weights"]
+    assert (w["attention"], w["mlp"]) == (blocks, blocks)
+    assert (w["embeddings"], w["lm_head"]) == (heads, heads)
+    assert p.method == method and f"asked for (--quantize {quantize})" in p.reasons[0]
+    assert p.predicted["weights"] == pytest.approx(
+        sum(weight_bytes(spec, Compression("x", w, kv_dtype="fp16")).values())
+    )
+
+
+def test_quantize_int4_keeps_a_files_int4_blocks_and_refuses_what_does_not_fit() -> None:
+    spec = load_spec(CONFIGS / "smollm2-135m.json")
+    profile = load_profile("intel-cpu")
+    q4_1 = {"embeddings": "int8-g32", "lm_head": "int8-g32", "attention": "int4m-g32"}
+    q4_1["mlp"] = "int4m-g32"
+    kept = plan(spec, profile, context=2048, quantize="int4", file_weights=q4_1)
+    assert kept.compression["weights"] == q4_1 and "as stored in the file" in kept.reasons[0]
+    # GPTQ rounds from floats again: the file's blocks are not its input
+    again = plan(spec, profile, context=2048, quantize="int4-gptq", file_weights=q4_1)
+    assert again.compression["weights"]["attention"] == "int4-g32" and again.method == "gptq"
+    with pytest.raises(InvalidArgumentError, match="'int3'"):
+        plan(spec, profile, quantize="int3")
+    with pytest.raises(PlanError, match="does not fit"):
+        plan(load_spec(CONFIGS / "llama-2-70b.json"), profile, context=4096, quantize="fp16")
+
+
+def test_cli_plan_quantize() -> None:
+    runner = CliRunner()
+    model = str(CONFIGS / "smollm2-135m.json")
+    args = ["plan", "-m", model, "-d", "intel-cpu", "--context", "2048"]
+    ok = runner.invoke(main, [*args, "--quantize", "int8", "--json"])
+    assert ok.exit_code == 0, ok.stderr
+    assert set(json.loads(ok.stdout)["compression"]["weights"].values()) == {"int8"}
+    bad = runner.invoke(main, [*args, "--quantize", "int3"])
+    assert bad.exit_code == 1 and "InvalidArgumentError" in bad.stderr and "'int3'" in bad.stderr
