@@ -53,15 +53,30 @@ def compare(
     artifacts = verify_bundle(bundle)["artifacts"]
     if "pytorch" not in artifacts:
         raise SystemExit(f"{bundle}: no pytorch artifact to compare with")
+    from infopt.bundle import open_bundle
+    from infopt.runtimes.pytorch.runtime import from_bundle
+
+    served = infopt.load(bundle, runtime="pytorch", threads=2)
     reference = infopt.load(bundle, runtime="pytorch", threads=2)
+    # the reference computes the stored weights exactly (dequantized, float32), not on the packed
+    # bfloat16 kernels the PyTorch runtime serves quantized layers with: those get a row
+    artifact = open_bundle(bundle).artifact("pytorch")
+    reference.runtime = from_bundle(
+        artifact, max_context=reference.runtime.max_context, threads=2, packed=False
+    )
     ids = eval_ids(reference.tokenizer, tokens)
     expected = reference.runtime.forward(ids)
     greedy = [reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
-    return [
+    names = runtimes or sorted(a for a in artifacts if a != "pytorch")
+    rows = [
         agreement(Path(bundle).name, infopt.load(bundle, runtime=name, threads=2, device=device),
                   ids, expected, greedy, new_tokens)
-        for name in runtimes or sorted(a for a in artifacts if a != "pytorch")
+        for name in names
     ]  # fmt: skip
+    if runtimes is None and getattr(served.runtime, "kernels", None):
+        rows.append(agreement(Path(bundle).name, served, ids, expected, greedy, new_tokens))
+        rows[-1]["runtime"] = "pytorch (packed bf16 kernels)"
+    return rows
 
 
 def compare_default(model: str | None, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> dict:

@@ -25,6 +25,7 @@ class PyTorchRuntime(BaseRuntime):
         super().__init__(max_context, model.spec.vocab_size)
         self.model = model.eval()
         self.device = str(model.norm.weight.device)
+        self.kernels: dict[str, int] = {}  # quantized layers by the packed form they run in
         if model.max_len != max_context:
             model.setup_cache(max_context)
 
@@ -68,10 +69,18 @@ def from_bundle(
     max_context: int,
     device: str | None = None,
     threads: int | None = None,
+    packed: bool = True,
 ) -> PyTorchRuntime:
-    """The model core from a verified bundle's infopt weight file."""
+    """The model core from a verified bundle's infopt weight file. packed: quantized layers on
+    the CPU run on PyTorch's packed kernels in bfloat16 (`kernels.pack_model`); False keeps them
+    dequantizing on the fly in float32 (exact, slower than float32)."""
     from infopt.core.weights import load_model
+    from infopt.runtimes.pytorch.kernels import pack_model
 
     if threads is not None:
         torch.set_num_threads(threads)
-    return PyTorchRuntime(load_model(artifact.file(), device=pick_device(device)), max_context)
+    core = load_model(artifact.file(), device=pick_device(device))
+    kernels = pack_model(core) if packed else {}
+    runtime = PyTorchRuntime(core, max_context)
+    runtime.kernels = kernels
+    return runtime

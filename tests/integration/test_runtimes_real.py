@@ -31,10 +31,17 @@ def test_fp32_bundles_generate_the_pytorch_tokens(matrix: dict[str, str]) -> Non
 def test_quantized_bundles_stay_close_to_the_same_weights_in_pytorch(
     matrix: dict[str, str], label: str
 ) -> None:
-    for r in compare(matrix[label], tokens=256):
+    rows = compare(matrix[label], tokens=256)
+    assert {r["runtime"] for r in rows} == {
+        "onnxruntime",
+        "openvino",
+        "pytorch (packed bf16 kernels)",
+    }
+    for r in rows:
         # OpenVINO with fp32 activations computes the stored weights as close as fp32; onnxruntime
-        # quantizes activations to int8 inside MatMulNBits (accuracy level 4): close, not equal
-        limit = (0.93, 0.1) if r["runtime"] == "onnxruntime" else (0.995, 1e-3)
+        # quantizes activations to int8 inside MatMulNBits (accuracy level 4), PyTorch's packed
+        # kernels compute in bfloat16: close, not equal
+        limit = (0.995, 1e-3) if r["runtime"] == "openvino" else (0.93, 0.1)
         assert r["top1"] >= limit[0] and r["max_rel"] < limit[1], r
 
 
