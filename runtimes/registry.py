@@ -52,6 +52,10 @@ class Target:
     converts_files: bool = False
     # resident memory with no model loaded, by device kind (the planner's overhead)
     overhead: Mapping[str, float] = field(default_factory=dict)
+    # achieved fraction of a CPU's copy bandwidth while decoding, by how the blocks are stored
+    # ("fp32", "fp16", "int8", "int4"), from tools/validate_planner on this project's machine
+    # kind (docs/planner.md); the device profile's own figure stands in for a storage without one
+    cpu_decode_efficiency: Mapping[str, float] = field(default_factory=dict)
     draft_rank: int | None = None  # on a CPU, a bundle's INT4 draft prefers the lowest rank
     host_rank: int | None = None  # its place in the `host` profile's runtimes (None: absent)
     home_cpu: str | None = None  # the CPU vendor on which `host` lists it first

@@ -150,9 +150,8 @@ def build(
     gptq = calibration is not None or p.method == "gptq"
     done = apply_plan(core, p, cal_ids, gptq=gptq, progress=progress)
     done["stored_dtype"] = str(core.norm.weight.dtype).removeprefix("torch.")
-    step("quality", 0, 1)
-    done["quality"] = quality(core, source, exact=keep_blocks or _lossless(p, file_weights))
-    step("quality", 1, 1)
+    exact = keep_blocks or _lossless(p, file_weights)
+    done["quality"] = quality(core, source, exact=exact, progress=step)
     timings = {"compress_s": round(time.perf_counter() - started, 1)}
     max_context = min(p.context, core.spec.max_position_embeddings)
     artifacts, writers = export_artifacts(core, built, max_context)
@@ -173,9 +172,7 @@ def build(
         draft=draft,
     )
     writers[TOKENIZER] = tokenizer_writer(source)
-    step("package", 0, 1)
-    full = write_bundle(out, manifest, writers)
-    step("package", 1, 1)
+    full = write_bundle(out, manifest, writers, progress=step)  # the exporters run here
     return {
         "bundle": str(out),
         "plan": p.compression["name"],
@@ -228,7 +225,9 @@ def _lossless(p: Plan, file_weights: dict[str, str] | None) -> bool:
 QUALITY_TOKENS, QUALITY_WINDOW = 512, 256
 
 
-def quality(core: Decoder, source: ModelSource, exact: bool) -> dict[str, Any]:
+def quality(
+    core: Decoder, source: ModelSource, exact: bool, progress: Progress | None = None
+) -> dict[str, Any]:
     """What compression cost, in numbers a build can print: perplexity of the compressed core
     and of the model as the file has it on a short text shipped with infopt (not the calibration
     text), their relative difference, KL divergence and top-1 agreement; or, when the core
@@ -245,7 +244,7 @@ def quality(core: Decoder, source: ModelSource, exact: bool) -> dict[str, Any]:
     model = runs.from_model(load_core(source, window, device=None), max_context=window)
     # the core keeps its cache length: the export that follows reads it
     compressed = runs.from_model(core, max_context=max(window, core.max_len))
-    q = score(compressed, ids, model, window=window)
+    q = score(compressed, ids, model, window=window, progress=progress)
     base = q.reference_perplexity or q.perplexity
     return {
         "kind": "measured",
@@ -298,9 +297,7 @@ def convert(
         draft=None,
     )
     writers[TOKENIZER] = tokenizer_writer(source)
-    step("export", 0, 1)
-    full = write_bundle(out, manifest, writers)
-    step("export", 1, 1)
+    full = write_bundle(out, manifest, writers, progress=step)
     return full
 
 

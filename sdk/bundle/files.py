@@ -23,6 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from infopt.bundle.manifest import FORMAT, MANIFEST, VERSION, is_bundle, read_manifest
+from infopt.core.progress import Progress, silent
 from infopt.errors import BundleError
 
 
@@ -96,12 +97,16 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
 
 
 def write_bundle(
-    out: str | Path, manifest: dict[str, Any], writers: dict[str, Callable[[Path], object]]
+    out: str | Path,
+    manifest: dict[str, Any],
+    writers: dict[str, Callable[[Path], object]],
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write a bundle atomically. `writers` maps each relative file path to a function writing
-    that file (and any siblings it needs); `manifest` gets format, version and the sizes and
-    hashes of every file written. OUT is replaced
-    only when everything is written and verified; on any failure it is left as it was."""
+    that file (and any siblings it needs: an exporter converts as it writes); `manifest` gets
+    format, version and the sizes and hashes of every file written. OUT is replaced
+    only when everything is written and verified; on any failure it is left as it was.
+    `progress` hears of each file as it is written ("write files") and of the check."""
     out = Path(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise BundleError(f"{out}: exists and is not a bundle directory; not replacing it")
@@ -109,10 +114,13 @@ def write_bundle(
         raise BundleError(f"{out}: a non-empty directory that is not a bundle; not replacing it")
     tmp = partial_dir(out)
     try:
-        for rel in sorted(writers):
+        step = progress or silent
+        for i, rel in enumerate(sorted(writers)):
+            step("write files", i, len(writers), rel)
             target = safe_relative(tmp, rel)
             target.parent.mkdir(parents=True, exist_ok=True)
             writers[rel](target)
+        step("write files", len(writers), len(writers))
         for path in walk(tmp):  # readable by all, whatever mode a writer's library chose
             path.chmod(0o755 if path.is_dir() else 0o644)
         files = [  # what the writers wrote (a writer may add siblings: ONNX external data)

@@ -15,6 +15,7 @@ from infopt.cli.output import (
     json_option,
     quality_text,
     quantize_option,
+    table,
 )
 from infopt.measure.speed import DEFAULT_PEERS
 
@@ -185,7 +186,7 @@ def bench(
       infopt-pack bench smollm2-int4 --runtime onnxruntime --compare
     """
     import infopt
-    from infopt.measure.speed import table
+    from infopt.measure.speed import table_cells
 
     rows = infopt.bench(
         [(Path(bundle).name, bundle)],
@@ -199,7 +200,8 @@ def bench(
     if as_json:
         emit_json(rows)
         return
-    click.echo(table(rows, threads, markdown=False))
+    head, columns, cells = table_cells(rows, threads)
+    table(columns, cells, title=head)
 
 
 @click.command()

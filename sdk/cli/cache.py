@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from infopt.cli.output import emit_json, friendly_errors, json_option
+from infopt.cli.output import emit_json, friendly_errors, json_option, table
 
 
 @click.group()
@@ -26,11 +26,10 @@ def list_entries(as_json: bool) -> None:
     if as_json:
         emit_json({"root": str(cache_root()), "entries": found})
         return
-    click.echo(
-        f"{cache_root()}: {len(found)} entries, {sum(e['bytes'] for e in found) / 1e6:.1f} MB"
-    )
-    for e in found:
-        click.echo(f"  {e['model']}  {e['runtime']}  {e['bytes'] / 1e6:.1f} MB  {e['created']}")
+    total = sum(e["bytes"] for e in found) / 1e6
+    title = f"{cache_root()}: {len(found)} entries, {total:.1f} MB"
+    cells = [(e["model"], e["runtime"], f"{e['bytes'] / 1e6:.1f} MB", e["created"]) for e in found]
+    table(["model", "runtime", "size", "made"], cells, title=title)
 
 
 @cache.command()

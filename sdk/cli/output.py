@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -75,29 +76,79 @@ def fmt_bytes(x: float) -> str:
 
 
 class Bars:
-    """A progress bar per stage on stderr, drawn as a library step reports it (`Progress`);
-    silent when `quiet` (--json keeps stdout and stderr clean for scripts)."""
+    """Progress on stderr, drawn as a library step reports it (`Progress`): a bar per stage
+    with its count, elapsed time and the time left (rich), a stage of one unit (a conversion
+    that reports nothing inside) shows its elapsed time; on a stderr that is not a terminal (a log
+    file), the final state once. Silent when `quiet`: --json keeps stdout and stderr clean for
+    scripts."""
 
     def __init__(self, quiet: bool = False) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         self.quiet = quiet
-        self.bars: dict[str, Any] = {}
+        self.tasks: dict[str, Any] = {}
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            disable=quiet,
+            transient=False,
+        )
+        self.started = False
 
     def __call__(self, stage: str, done: int, total: int, detail: str = "") -> None:
         if self.quiet:
             return
-        bar = self.bars.get(stage)
-        if bar is None:
-            bar = self.bars[stage] = click.progressbar(length=total, label=stage, file=sys.stderr)
-            bar.__enter__()
-        bar.label = f"{stage} ({detail})" if detail else stage
-        bar.update(done - bar.pos)
-        if bar.pos >= total:
-            bar.__exit__(None, None, None)
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        label = f"{stage} ({detail})" if detail else stage
+        task = self.tasks.get(stage)
+        if task is None:
+            task = self.tasks[stage] = self.progress.add_task(label, total=total)
+        self.progress.update(task, completed=done, total=total, description=label)
 
     def close(self) -> None:
-        for bar in self.bars.values():
-            if bar.pos < bar.length:
-                bar.__exit__(None, None, None)
+        if self.started:
+            self.progress.stop()
+            self.started = False
+
+
+def table(columns: Sequence[str], cells: Sequence[Sequence[object]], title: str = "") -> None:
+    """A table on stdout, laid out by rich to the terminal's width (160 columns when stdout is
+    not a terminal, so that a file or pipe gets the same layout)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False, soft_wrap=False)
+    t = Table(title=title or None, title_justify="left", box=None, pad_edge=False)
+    widest = [max((len(str(row[i])) for row in cells), default=0) for i in range(len(columns))]
+    fits = sum(max(len(c), w) + 2 for c, w in zip(columns, widest, strict=True)) <= console.width
+    for name, w in zip(columns, widest, strict=True):
+        # short cells are never wrapped: their headers are, when the table is too wide
+        if w > 40:
+            t.add_column(name)
+        else:
+            words = max(len(word) for word in name.split())
+            head = name if fits else "\n".join(textwrap.wrap(name, max(w, words, 8)))
+            t.add_column(head, min_width=w, no_wrap=True)
+    for row in cells:
+        t.add_row(*(str(c) for c in row))
+    with console.capture() as captured:
+        console.print(t)
+    print("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 
 def quality_text(q: dict[str, Any] | None) -> str:

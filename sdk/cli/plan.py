@@ -14,6 +14,7 @@ from infopt.cli.output import (
     json_option,
     quantize_option,
     rows,
+    table,
 )
 
 
@@ -39,17 +40,22 @@ def devices(measure_bandwidth: bool, as_json: bool) -> None:
     if as_json:
         emit_json([p.to_dict() for p in profiles])
         return
-    click.echo(
-        f"{'name':<14}{'kind':<5}{'usable':>10}{'bandwidth':>12}  "
-        f"{'weights':<26}{'compute':<24}runtimes"
+    table(
+        ["name", "kind", "usable", "bandwidth", "weights", "compute", "runtimes", "description"],
+        [
+            (
+                p.name,
+                p.kind,
+                fmt_bytes(p.usable_bytes),
+                f"{p.bandwidth / 1e9:.0f} GB/s",
+                ", ".join(p.weight_precisions),
+                ", ".join(p.compute_precisions),
+                ", ".join(p.runtimes),
+                p.description,
+            )
+            for p in profiles
+        ],
     )
-    for p in profiles:
-        click.echo(
-            f"{p.name:<14}{p.kind:<5}{fmt_bytes(p.usable_bytes):>10}"
-            f"{p.bandwidth / 1e9:>8.0f} GB/s  {','.join(p.weight_precisions):<26}"
-            f"{','.join(p.compute_precisions):<24}{','.join(p.runtimes)}"
-        )
-        click.echo(f"{'':<19}{p.description}")
 
 
 @click.command()

@@ -62,13 +62,18 @@ def score(
     *,
     window: int = 512,
     stride: int | None = None,
+    progress: Progress | None = None,
 ) -> Quality:
     """Perplexity of `ids` under `runtime` (and KL / top-1 against `reference`); windows of
-    `window` tokens (at most the runtime's context) advance by `stride` (default: half)."""
+    `window` tokens (at most the runtime's context) advance by `stride` (default: half);
+    `progress` hears of each window ("perplexity")."""
     window = min(window, runtime.max_context)
     stride = stride or window // 2
     nll, kl, agree, ref_nll, count = 0.0, 0.0, 0, 0.0, 0
-    for start, end, first in windows(len(ids), window, stride):
+    spans = list(windows(len(ids), window, stride))
+    for i, (start, end, first) in enumerate(spans):
+        if progress:
+            progress("perplexity", i, len(spans), f"window {i + 1}/{len(spans)}")
         chunk = list(ids[start:end])
         runtime.reset()
         logp = _log_softmax(runtime.forward(chunk))[first - start - 1 : end - start - 1]
@@ -82,6 +87,8 @@ def score(
             ref_nll -= ref[rows, targets].sum()
             kl += (np.exp(ref) * (ref - logp)).sum()
             agree += int((ref.argmax(-1) == logp.argmax(-1)).sum())
+    if progress:
+        progress("perplexity", len(spans), len(spans))
     if reference is None:
         return Quality(float(np.exp(nll / count)), count)
     return Quality(
@@ -143,10 +150,12 @@ def evaluate(
             )
         result["weights"] = str(weights)
         compressed = runtime.module("runtime").from_model(core, max_context=window)
-        result.update(score(compressed, ids, base.runtime, window=window, stride=stride).to_dict())
+        q = score(compressed, ids, base.runtime, window=window, stride=stride, progress=progress)
+        result.update(q.to_dict())
         return result
     if quantize is None:
-        result.update(score(base.runtime, ids, window=window, stride=stride).to_dict())
+        q = score(base.runtime, ids, window=window, stride=stride, progress=progress)
+        result.update(q.to_dict())
         return result
     source = open_model(model if model is not None else default_model_path())
     core = load_core(source, window, device=None)  # on CUDA when present
@@ -171,5 +180,6 @@ def evaluate(
     compressed = runtime.module("runtime").from_model(core, max_context=window, threads=threads)
     result["quantize_seconds"] = round(time.perf_counter() - start, 1)
     result["scheme"], result["method"] = quantize, method
-    result.update(score(compressed, ids, base.runtime, window=window, stride=stride).to_dict())
+    q = score(compressed, ids, base.runtime, window=window, stride=stride, progress=progress)
+    result.update(q.to_dict())
     return result

@@ -239,7 +239,7 @@ def bench(
                 continue
             runs[label].append(r)
             if log:
-                log(f"{label}: {json.dumps(r)}")
+                log(f"{label}: {one_line(r)}")
     rows = []
     for label, results in runs.items():
         if not results:
@@ -252,7 +252,31 @@ def bench(
     return rows
 
 
+def one_line(r: dict[str, Any]) -> str:
+    """One measurement, as a progress line says it."""
+    parts = [
+        f"TTFT {r['ttft_ms']:.1f} ms" if "ttft_ms" in r else "",
+        f"pp512 {r['pp512']:.0f} tok/s" if "pp512" in r else "",
+        f"tg128 {r['tg128']:.1f} tok/s" if "tg128" in r else "",
+        f"peak RSS {r['peak_rss'] / 1e6:.0f} MB" if "peak_rss" in r else "",
+    ]
+    return ", ".join(p for p in parts if p)
+
+
 def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
+    """The benchmark table as Markdown (or, not markdown, tab-separated), under a line naming
+    the machine."""
+    head, cols, cells = table_cells(rows, threads)
+    sep = " | " if markdown else "\t"
+    lines = [head, "", sep.join(cols)]
+    if markdown:
+        lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += [("| " + " | ".join(c) + " |") if markdown else sep.join(c) for c in cells]
+    return "\n".join(lines)
+
+
+def table_cells(rows: list[dict[str, Any]], threads: int) -> tuple[str, list[str], list[list[str]]]:
+    """(the line naming the machine, the columns, the cells) of the benchmark table."""
     peers = [r for r in rows if r["peer"]]
     best_tg = max((r["tg128"] for r in peers if "tg128" in r), default=None)
     best_pp = max((r["pp512"] for r in peers if "pp512" in r), default=None)
@@ -269,7 +293,7 @@ def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
         "tg128 vs best peer",
         "pp512 vs best peer",
     ]
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    cells: list[list[str]] = []
 
     def fmt(r: dict[str, Any], key: str, spec: str) -> str:
         return format(r[key], spec) if key in r else ""
@@ -289,7 +313,7 @@ def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
             )
         tg_ratio = f"{r['tg128'] / best_tg:.2f}×" if best_tg and "tg128" in r else ""
         pp_ratio = f"{r['pp512'] / best_pp:.2f}×" if best_pp and "pp512" in r else ""
-        cells = [
+        row = [
             r["system"],
             fmt(r, "ttft_ms", ".1f"),
             fmt(r, "pp512", ".0f"),
@@ -301,8 +325,8 @@ def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
             tg_ratio,
             pp_ratio,
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) if markdown else "\n".join(lines).replace("|", " ")
+        cells.append(row)
+    return head, cols, cells
 
 
 def machine() -> str:

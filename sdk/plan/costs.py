@@ -157,6 +157,34 @@ def runtime_overhead(runtime: str, kind: str) -> float:
     return known.overhead.get(kind, DEFAULT_OVERHEAD) if known else DEFAULT_OVERHEAD
 
 
+def storage_class(c: Compression) -> str:
+    """How the blocks of `c` are stored, as runtimes' efficiencies are keyed: fp32, fp16 (bf16
+    too), int8, int4, or int4m (INT4 with float offsets, a GGUF's Q4_1: some runtimes need
+    extra work for the offsets)."""
+    scheme = c.weights["mlp"]
+    if scheme.startswith("int4m"):
+        return "int4m"
+    if scheme.startswith(("int4", "int8")):
+        return scheme[:4]
+    return "fp32" if scheme == "fp32" else "fp16"
+
+
+def decode_efficiency(runtime: str, profile: DeviceProfile, c: Compression) -> float:
+    """The achieved fraction of `profile`'s bandwidth decoding `c` on `runtime`: the runtime's
+    own measurement on a CPU where it has one, else the profile's figure."""
+    from infopt.runtimes.registry import targets
+
+    known = targets().get(runtime)
+    if profile.kind == "cpu" and known is not None:
+        kind = storage_class(c)
+        own = known.cpu_decode_efficiency.get(kind)
+        if own is None and kind == "int4m":
+            own = known.cpu_decode_efficiency.get("int4")
+        if own is not None:
+            return own
+    return profile.decode_efficiency
+
+
 def compute_precision(profile: DeviceProfile) -> str:
     """Activations/compute precision the device runs this plan in."""
     if profile.kind == "cpu":
@@ -193,7 +221,7 @@ def estimate(
     read = weights - (per_group["embeddings"] if per_group["lm_head"] else 0.0)
     filled = context / 2 if decode_context is None else decode_context
     read += kv * filled / context
-    mem_time = read / (profile.bandwidth * profile.decode_efficiency)
+    mem_time = read / (profile.bandwidth * decode_efficiency(runtime, profile, c))
     matmul_params = sum(
         r * k for shapes in matrices(spec, 1 - c.mlp_prune).values() for r, k in shapes
     ) - (spec.vocab_size * spec.hidden_size if not spec.tie_word_embeddings else 0)

@@ -3,6 +3,7 @@ tokens; INT8 and INT4 bundles stay close to the PyTorch runtime running the same
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,22 @@ def test_the_tied_int8_table_is_not_resident_twice(matrix: dict[str, str]) -> No
     out = subprocess.run(command, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) < 1024, f"{out.stdout.strip()} kB of the table resident"
+
+
+def test_bench_prints_json_alone_with_json_and_a_table_without(matrix: dict[str, str]) -> None:
+    from infopt.measure.speed import table
+
+    cli = [sys.executable, "-m", "infopt.cli", "bench", matrix["int4"], "--repeat", "1"]
+    as_json = subprocess.run([*cli, "--runtime", "onnxruntime", "--json"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+    (row,) = json.loads(as_json.stdout)  # stdout is the JSON and nothing else
+    assert row["tg128"] > 0 and row["ttft_ms"] > 0 and as_json.stderr == ""
+    shown = subprocess.run(cli, capture_output=True, text=True, check=True)
+    lines = shown.stdout.splitlines()
+    assert "flags" in lines[0] and "threads, medians" in lines[0]  # the machine, then the table
+    row_at = next(i for i, line in enumerate(lines) if line.startswith("infopt onnxruntime int4"))
+    assert lines[row_at - 1].split()[0] == "system" and "tg128" in "".join(lines[1:row_at])
+    assert len(lines[row_at].split()) >= 12  # the whole row on one line, none of it wrapped
+    assert "{" not in shown.stderr and "tg128" in shown.stderr  # progress lines, not JSON
+    markdown = table([{**row, "system": "x", "peer": False}], 2, markdown=True).splitlines()
+    assert "flags" in markdown[0] and markdown[4].count("|") == markdown[2].count("|") == 11

@@ -39,7 +39,7 @@ def test_a_model_file_runs_converted_at_its_precision_and_later_from_the_cache(
     assert default_runtime("cuda") == "pytorch"
     seen: list[str] = []
     m = infopt.load(tiny_gguf_q41, max_context=64, progress=stages(seen))
-    assert m.runtime.name == default_runtime() and {"read weights", "export"} <= set(seen)
+    assert m.runtime.name == default_runtime() and {"read weights", "write files"} <= set(seen)
     (entry,) = entries()
     assert entry["model"] == "tiny-q4_1.gguf" and entry["runtime"] == m.runtime.name
     bundle = open_bundle(entry["path"])
@@ -82,7 +82,7 @@ def test_a_damaged_cache_entry_is_rebuilt_never_loaded(
     data.write_bytes(bytes(raw))
     seen: list[str] = []
     infopt.load(tiny_gguf_q41, max_context=32, progress=stages(seen))
-    assert "export" in seen  # converted again
+    assert "write files" in seen  # converted again
     open_bundle(entry["path"])  # and sound
 
 

@@ -186,7 +186,10 @@ def test_group_size_that_does_not_divide_576_is_rejected_by_name() -> None:
 def test_cli_plan_and_devices() -> None:
     runner = CliRunner()
     out = runner.invoke(main, ["devices"]).stdout
-    assert all(d in out for d in DEVICES) and "host" in out
+    lines = out.splitlines()  # a table: a header, then each profile's row starting with its name
+    assert lines[0].split()[:4] == ["name", "kind", "usable", "bandwidth"]
+    starts = {line.split()[0] for line in lines[1:] if line and not line.startswith(" ")}
+    assert starts == {*DEVICES, "host"}
     result = runner.invoke(
         main,
         [
@@ -309,3 +312,29 @@ def test_cli_plan_quantize() -> None:
     assert set(json.loads(ok.stdout)["compression"]["weights"].values()) == {"int8"}
     bad = runner.invoke(main, [*args, "--quantize", "int3"])
     assert bad.exit_code == 1 and "InvalidArgumentError" in bad.stderr and "'int3'" in bad.stderr
+
+
+def test_a_runtimes_own_decode_efficiency_drives_its_cpu_prediction() -> None:
+    from infopt.plan.costs import decode_efficiency, estimate, storage_class
+    from infopt.runtimes.registry import targets
+
+    spec = load_spec(CONFIGS / "smollm2-135m.json")
+    cpu, gpu = load_profile("intel-cpu"), load_profile("a100-80gb")
+    int4 = Compression("int4", {"embeddings": "int8", "lm_head": "int8"} | W4)
+    q4_1 = Compression("q4_1", {"embeddings": "int8-g32", "lm_head": "int8-g32"} | Q41)
+    assert (storage_class(int4), storage_class(q4_1)) == ("int4", "int4m")
+    ort, ov = targets()["onnxruntime"], targets()["openvino"]
+    assert decode_efficiency("onnxruntime", cpu, int4) == ort.cpu_decode_efficiency["int4"]
+    assert decode_efficiency("onnxruntime", cpu, q4_1) == ort.cpu_decode_efficiency["int4m"]
+    assert decode_efficiency("openvino", cpu, q4_1) == ov.cpu_decode_efficiency["int4"]
+    assert decode_efficiency("onnxruntime", gpu, int4) == gpu.decode_efficiency  # not measured
+    assert decode_efficiency("tensorrt", cpu, int4) == cpu.decode_efficiency
+    # memory-bound decode scales with the efficiency, runtime for runtime
+    a, b = (estimate(spec, cpu, int4, context=1024, runtime=r) for r in ("onnxruntime", "pytorch"))
+    assert a.bound == b.bound == "memory"
+    ratio = ort.cpu_decode_efficiency["int4"] / targets()["pytorch"].cpu_decode_efficiency["int4"]
+    assert a.decode_tok_s / b.decode_tok_s == pytest.approx(ratio)
+
+
+W4 = {"attention": "int4-g32", "mlp": "int4-g32"}
+Q41 = {"attention": "int4m-g32", "mlp": "int4m-g32"}
