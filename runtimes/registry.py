@@ -56,6 +56,9 @@ class Target:
     # ("fp32", "fp16", "int8", "int4"), from tools/validate_planner on this project's machine
     # kind (docs/planner.md); the device profile's own figure stands in for a storage without one
     cpu_decode_efficiency: Mapping[str, float] = field(default_factory=dict)
+    # the precision its KV cache is held in whatever the plan asks ("weights": the model's float
+    # dtype, fp32 where any group is quantized); None: the plan's own (kv_cache.dtype)
+    kv_dtype: str | None = None
     draft_rank: int | None = None  # on a CPU, a bundle's INT4 draft prefers the lowest rank
     host_rank: int | None = None  # its place in the `host` profile's runtimes (None: absent)
     home_cpu: str | None = None  # the CPU vendor on which `host` lists it first

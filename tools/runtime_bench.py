@@ -4,6 +4,7 @@
         [--repeat 3] [--compare] [--peers /tmp/infopt-peers] [--json | --markdown]
     python -m infopt.tools.runtime_bench --matrix DIR [--tflite] [--compare] --markdown  # docs
     python -m infopt.tools.runtime_bench --default [MODEL] [--compare] --markdown  # load()
+    python -m infopt.tools.runtime_bench --default --matrix DIR --compare --markdown  # both
 
 What each figure is: `infopt.measure.speed` (`infopt-pack bench` runs the same code on one
 bundle). `--matrix DIR` builds (once) fp32, INT8, INT4 and all-INT4 bundles of the default model,
@@ -131,15 +132,13 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     loads = None
+    pairs: list[Any] = [(Path(b).name, b) for b in args.bundles]
     if args.default is not None:
         loads, entry = default_load(args.default, Path("/tmp/infopt-bench-cache"), args.repeat)
         print(json.dumps(loads), file=sys.stderr, flush=True)
-        args.bundles = [entry]
-    pairs: list[Any] = (
-        build_matrix(args.matrix, args.tflite)
-        if args.matrix
-        else [(Path(b).name, b) for b in args.bundles]
-    )
+        pairs.insert(0, ("load() default", entry))
+    if args.matrix:
+        pairs += build_matrix(args.matrix, args.tflite)
     rows = bench(
         pairs,
         runtime=args.runtime,

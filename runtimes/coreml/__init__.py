@@ -50,6 +50,7 @@ def describe(artifact: Mapping[str, Any]) -> Rows:
 
 
 TARGET = Target(
+    kv_dtype="fp16",  # the model's state tensors (the Neural Engine computes in fp16)
     title="Core ML",
     extra="coreml",
     requirement="coremltools>=9.0",

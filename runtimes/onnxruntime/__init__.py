@@ -14,6 +14,7 @@ TARGET = Target(
     overhead={"cpu": 120e6, "gpu": 300e6},  # estimates
     # tools/validate_planner on an AVX-512 machine of the CI kind (docs/planner.md)
     cpu_decode_efficiency={"fp32": 0.96, "int8": 0.68, "int4": 0.60, "int4m": 0.45},
+    kv_dtype="fp32",  # GroupQueryAttention's cache in the exported graph
     draft_rank=0,  # its INT4 kernels decode fastest on a CPU (docs/benchmarks.md)
     converts_files=True,
     host_rank=0,

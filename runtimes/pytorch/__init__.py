@@ -5,6 +5,7 @@ against, and where model files load unless told otherwise."""
 from infopt.runtimes.registry import Target
 
 TARGET = Target(
+    kv_dtype="weights",  # the cache buffers take the model's float dtype
     title="PyTorch",
     extra="torch",
     requirement="torch>=2.4",

@@ -19,6 +19,7 @@ def describe(artifact: Mapping[str, Any]) -> Rows:
 
 
 TARGET = Target(
+    kv_dtype="fp32",  # the cache tensors of the exported signatures
     title="LiteRT (TFLite)",
     extra="tflite",
     requirement="ai-edge-litert>=2.3",

@@ -155,7 +155,7 @@ def plan(
         (
             "decode",
             f"{est['decode_tok_s']:.1f} tok/s ({est['ms_per_token']:.1f} ms/token, "
-            f"{est['bound']}-bound)",
+            f"{est['bound']}-bound, {p.context // 2} tokens in the cache)",
         ),
         ("prefill", f"{est['prefill_tok_s']:.0f} tok/s"),
     ]

@@ -48,7 +48,15 @@ def _gb(x: float) -> str:
     return f"{x / GB:.2f} GB"
 
 
-def choice_reasons(c: Compression, profile: DeviceProfile) -> list[str]:
+def _kv_source(c: Compression, runtime: str) -> str:
+    from infopt.runtimes.registry import names, target
+
+    if runtime in names() and target(runtime).kv_dtype is not None:
+        return f"the precision {runtime} holds its cache in"
+    return "the device's working precision"
+
+
+def choice_reasons(c: Compression, profile: DeviceProfile, runtime: str) -> list[str]:
     """One sentence per decision of the chosen option."""
     w = c.weights
     if w["attention"].startswith("int4"):
@@ -64,7 +72,7 @@ def choice_reasons(c: Compression, profile: DeviceProfile) -> list[str]:
     kv = (
         f"KV cache {c.kv_dtype}: int8 with a scale per token and head, halving the cache"
         if c.kv_dtype == "int8"
-        else f"KV cache {c.kv_dtype}: the device's working precision; not quantized"
+        else f"KV cache {c.kv_dtype}: {_kv_source(c, runtime)}; not quantized"
     )
     structural = []
     if c.mlp_prune:
@@ -115,10 +123,11 @@ def explain(
         + "; the quick formula (params x bytes x 1.2) says "
         f"{_gb(est.quick_formula)}",
         f"speed: {est.decode_tok_s:.1f} tok/s decode ({est.ms_per_token:.1f} ms/token, "
-        f"{est.bound}-bound), {est.prefill_tok_s:.0f} tok/s prefill",
+        f"{est.bound}-bound, with the cache half full: {context // 2} tokens), "
+        f"{est.prefill_tok_s:.0f} tok/s prefill",
         runtime_reason,
     ]
-    reasons += choice_reasons(c, profile)
+    reasons += choice_reasons(c, profile, runtime)
     if profile.static_shapes:
         reasons.append(
             f"{profile.name} compiles static shapes: fixed {context}-token KV window, "

@@ -198,7 +198,16 @@ def plan(
     if quantize is not None:
         asked, method = requested(spec, profile, quantize, file_weights)
         candidates = [asked]
-    for c in candidates:
+    seen: set[str] = set()
+    for asked_for in candidates:
+        c = runtime_kv(asked_for, runtime[0], built=False)
+        if asked_for.kv_dtype == "int8" and c.kv_dtype != "int8":
+            c = replace(c, name=c.name.replace(" + kv int8", ""))
+            if c.name in seen:  # the same option without its int8 cache: tried already
+                why = f"{runtime[0]} holds its KV cache in {c.kv_dtype}, not int8"
+                rejected.append({"option": asked_for.name, "reason": why})
+                continue
+        seen.add(c.name)
         shapes = matrices(spec, 1.0 - c.mlp_prune).items()
         divisible = all(group_fits(c.weights[g], s) for g, s in shapes if s)
         est = (
@@ -273,6 +282,22 @@ def _draft_choice(
     return chosen, with_draft, None
 
 
+def runtime_kv(c: Compression, runtime: str, built: bool = True) -> Compression:
+    """`c` with the KV-cache precision `runtime` really holds its cache in (some take the plan's,
+    others have their own, whatever the plan asks). built: False while planning, where a
+    runtime whose cache follows the weights' dtype is taken at the plan's precision (the PyTorch
+    runtime's own cache precision is not yet a build option: docs/planner.md)."""
+    from infopt.runtimes.registry import names, target
+
+    own = target(runtime).kv_dtype if runtime in names() else None
+    if own == "weights" and not built:
+        return c
+    if own == "weights":
+        kinds = set(c.weights.values())
+        own = kinds.pop() if len(kinds) == 1 and kinds <= {"fp32", "fp16", "bf16"} else "fp32"
+    return c if own is None or own == c.kv_dtype else replace(c, kv_dtype=own)
+
+
 def pick_runtime(profile: DeviceProfile) -> tuple[str, str]:
     """(runtime, why): the device's most preferred runtime (a profile names only the targets
     infopt ships: `infopt.device_profiles` checks that on load)."""
@@ -309,6 +334,7 @@ def replan(p: Plan, spec: ModelSpec, profile: DeviceProfile, runtime: str | None
     c = replace(c, mlp_prune=float(p.pruning.get("sparsity") or 0.0), low_rank=p.low_rank_ratio)
     c = replace(c, name=describe_weights(c))
     name = runtime or p.runtime
+    c = runtime_kv(c, name)
     est = estimate(spec, profile, c, context=p.context, batch=p.batch, runtime=name)
     if p.speculative.get("bytes"):
         est = replace(

@@ -17,7 +17,7 @@ from infopt.device_profiles import builtin_names, load_profile
 from infopt.errors import InvalidArgumentError, PlanError, ProfileError
 from infopt.importers import load_spec
 from infopt.plan.costs import Compression, kv_cache_bytes, scheme_bytes, weight_bytes
-from infopt.plan.planner import HEADROOM, plan
+from infopt.plan.planner import HEADROOM, plan, replan
 from tests.conftest import TINY
 
 CONFIGS = Path(__file__).parents[1] / "data" / "configs"
@@ -180,7 +180,25 @@ def test_group_size_that_does_not_divide_576_is_rejected_by_name() -> None:
     p = plan(spec, replace(profile, usable_bytes=0.28e9), context=512)
     assert any("int4-g128 does not divide" in r["reason"] for r in p.rejected)
     assert p.compression["weights"]["mlp"] == "int4-g64"  # the coarsest group dividing 576
-    assert p.compression["kv_dtype"] == "int8"
+    # Core ML holds its cache in fp16 whatever a plan asks: no int8-KV option is offered
+    assert p.compression["kv_dtype"] == "fp16" and p.compression["mlp_prune"] == 0.25
+    assert any("coreml holds its KV cache in fp16" in r["reason"] for r in p.rejected)
+
+
+def test_plans_state_the_kv_precision_the_runtime_holds() -> None:
+    spec = load_spec(CONFIGS / "smollm2-135m.json")
+    host = replace(load_profile("host"), runtimes=["onnxruntime", "openvino", "pytorch"])
+    on_ort = plan(spec, host, quantize="int8")
+    assert on_ort.runtime == "onnxruntime" and on_ort.compression["kv_dtype"] == "fp32"
+    assert any("KV cache fp32: the precision onnxruntime holds its cache in" in r
+               for r in on_ort.reasons)  # fmt: skip
+    as_built = replan(on_ort, spec, host, runtime="pytorch")  # model fp32 where quantized
+    assert as_built.compression["kv_dtype"] == "fp32"
+    on_ov = replan(on_ort, spec, host, runtime="openvino")  # OpenVINO takes the plan's
+    assert on_ov.compression["kv_dtype"] == "fp32"
+    bf16 = replace(on_ort, compression={**on_ort.compression, "kv_dtype": "bf16"})
+    assert replan(bf16, spec, host, runtime="openvino").compression["kv_dtype"] == "bf16"
+    assert replan(bf16, spec, host).compression["kv_dtype"] == "fp32"  # onnxruntime's own
 
 
 def test_cli_plan_and_devices() -> None:
