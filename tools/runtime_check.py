@@ -79,11 +79,16 @@ def compare(
     return rows
 
 
-def compare_default(model: str | None, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> dict:
+def compare_default(
+    model: str | None, tokens: int = 512, new_tokens: int = NEW_TOKENS
+) -> list[dict[str, Any]]:
     """A model file as `infopt.load` runs it by default (the fastest runtime here, the file's own
-    precision) against the same file on PyTorch (its weights dequantized to float32)."""
+    precision) against the same file on PyTorch (its weights dequantized to float32); on ONNX
+    Runtime, a second row converts it again with fp32 activations in `MatMulNBits` (accuracy
+    level 0, not cached), which separates the weights' mapping from the kernels' rounding."""
     import infopt
     from infopt.core.default_model import default_model_path
+    from infopt.runtimes.onnxruntime import export
 
     path = model or default_model_path()
     reference = infopt.load(path, runtime="pytorch", threads=2, max_context=1024)
@@ -91,7 +96,16 @@ def compare_default(model: str | None, tokens: int = 512, new_tokens: int = NEW_
     expected = reference.runtime.forward(ids)
     greedy = [reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
     fast = infopt.load(path, threads=2, max_context=1024)
-    return agreement(Path(path).name, fast, ids, expected, greedy, new_tokens)
+    rows = [agreement(Path(path).name, fast, ids, expected, greedy, new_tokens)]
+    if fast.runtime.name == "onnxruntime":
+        saved, export.ACCURACY_LEVEL = export.ACCURACY_LEVEL, 0
+        try:
+            exact = infopt.load(path, threads=2, max_context=1024, cache=False)
+        finally:
+            export.ACCURACY_LEVEL = saved
+        label = f"{Path(path).name}, fp32 activations (accuracy level 0)"
+        rows.append(agreement(label, exact, ids, expected, greedy, new_tokens))
+    return rows
 
 
 def agreement(
@@ -165,7 +179,7 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     if args.model is not None:
-        rows = [compare_default(args.model or None, args.tokens)]
+        rows = compare_default(args.model or None, args.tokens)
         print(markdown(rows) if args.markdown else json.dumps(rows, indent=2))
         return
     bundles = list(args.bundles)
