@@ -53,12 +53,16 @@ class Target:
     # resident memory with no model loaded, by device kind (the planner's overhead)
     overhead: Mapping[str, float] = field(default_factory=dict)
     # achieved fraction of a CPU's copy bandwidth while decoding, by how the blocks are stored
-    # ("fp32", "fp16", "int8", "int4"), from tools/validate_planner on this project's machine
-    # kind (docs/planner.md); the device profile's own figure stands in for a storage without one
+    # ("fp32", "fp16", "int8", "int4", "int4m": INT4 with a GGUF's Q4_1 offsets, else its
+    # "int4"), from tools/validate_planner on this project's machine kind (docs/planner.md);
+    # the device profile's own figure stands in for a storage without one
     cpu_decode_efficiency: Mapping[str, float] = field(default_factory=dict)
     # the precision its KV cache is held in whatever the plan asks ("weights": the model's float
     # dtype, fp32 where any group is quantized); None: the plan's own (kv_cache.dtype)
     kv_dtype: str | None = None
+    # weight schemes (prefixes) it holds dequantized to float32 on a CPU, having no kernel of
+    # its own for them: priced at four bytes a weight
+    float_schemes: tuple[str, ...] = ()
     draft_rank: int | None = None  # on a CPU, a bundle's INT4 draft prefers the lowest rank
     host_rank: int | None = None  # its place in the `host` profile's runtimes (None: absent)
     home_cpu: str | None = None  # the CPU vendor on which `host` lists it first

@@ -56,8 +56,8 @@ def compare(
     from infopt.bundle import open_bundle
     from infopt.runtimes.pytorch.runtime import from_bundle
 
-    served = infopt.load(bundle, runtime="pytorch", threads=2)
     reference = infopt.load(bundle, runtime="pytorch", threads=2)
+    served = reference.runtime
     # the reference computes the stored weights exactly (dequantized, float32), not on the packed
     # bfloat16 kernels the PyTorch runtime serves quantized layers with: those get a row
     artifact = open_bundle(bundle).artifact("pytorch")
@@ -73,8 +73,9 @@ def compare(
                   ids, expected, greedy, new_tokens)
         for name in names
     ]  # fmt: skip
-    if runtimes is None and getattr(served.runtime, "kernels", None):
-        rows.append(agreement(Path(bundle).name, served, ids, expected, greedy, new_tokens))
+    if runtimes is None and getattr(served, "kernels", None):
+        reference.runtime = served  # the same model, now on the packed kernels
+        rows.append(agreement(Path(bundle).name, reference, ids, expected, greedy, new_tokens))
         rows[-1]["runtime"] = "pytorch (packed bf16 kernels)"
     return rows
 

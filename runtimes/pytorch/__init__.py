@@ -6,6 +6,7 @@ from infopt.runtimes.registry import Target
 
 TARGET = Target(
     kv_dtype="weights",  # the cache buffers take the model's float dtype
+    float_schemes=("int8-g",),  # group-wise INT8 (a GGUF's Q8_0): kernels.DequantizedLinear
     title="PyTorch",
     extra="torch",
     requirement="torch>=2.4",

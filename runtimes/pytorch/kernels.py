@@ -2,7 +2,7 @@
 (INT8 per output channel) and `_weight_int4pack_mm_for_cpu` (INT4 in groups of 32 to 256, any of
 infopt's zero-point forms). Both are vectorized (AVX2, AVX-512) only for bfloat16 inputs, so a
 packed layer computes in bfloat16: activations, scales and zero points rounded to it, sums in
-float32. The other kernels' float32 paths are scalar loops, slower than dequantizing.
+float32 (their float32 paths are not vectorized, which defeats the point of packing).
 
 `QuantLinear` (the model core's storage) dequantizes its whole matrix on every call: exact, and
 what quality is measured on, but slower than float32. `pack_model` swaps each quantized Linear
@@ -10,7 +10,8 @@ for the fastest exact-weight form the CPU has, when the model is loaded to serve
 
 - INT8 per channel and INT4 group-wise: the packed kernels above, the codes and scales as stored;
 - anything else (group-wise INT8 such as a GGUF's Q8_0, shapes a kernel does not take): the
-  matrix dequantized once to float32, as fast as a float32 model's layer, four bytes a weight.
+  matrix dequantized once to float32, a float32 layer's speed for four bytes a weight (the
+  planner prices it so: `Target.float_schemes`).
 
 The INT4 kernel's packed layout depends on the CPU's vector width, so it is made at load, never
 stored in a bundle."""

@@ -132,8 +132,10 @@ def table(columns: Sequence[str], cells: Sequence[Sequence[object]], title: str 
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False, soft_wrap=False)
-    t = Table(title=title or None, title_justify="left", box=None, pad_edge=False)
+    console = Console(
+        width=None if sys.stdout.isatty() else 160, highlight=False, markup=False, soft_wrap=False
+    )
+    t = Table(box=None, pad_edge=False)
     widest = [max((len(str(row[i])) for row in cells), default=0) for i in range(len(columns))]
     fits = sum(max(len(c), w) + 2 for c, w in zip(columns, widest, strict=True)) <= console.width
     for name, w in zip(columns, widest, strict=True):
@@ -147,7 +149,9 @@ def table(columns: Sequence[str], cells: Sequence[Sequence[object]], title: str 
     for row in cells:
         t.add_row(*(str(c) for c in row))
     with console.capture() as captured:
-        console.print(t)
+        console.print(t, crop=False)  # a terminal narrower than the cells wraps, never cuts
+    if title:  # on a line of its own: a table's title would wrap at the table's width
+        print(title)
     print("\n".join(line.rstrip() for line in captured.get().splitlines()))
 
 

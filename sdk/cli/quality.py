@@ -64,7 +64,7 @@ def evaluate_cmd(
     """
     import infopt
 
-    bars = Bars()
+    bars = Bars(quiet=as_json)
     try:
         result = infopt.evaluate(
             model,
@@ -171,7 +171,7 @@ def distill(
         seed=seed,
         warmup=min(10, steps // 10),
     )
-    bars = Bars()
+    bars = Bars(quiet=as_json)
     try:
         summary = infopt.distill(
             teacher,

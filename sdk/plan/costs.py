@@ -157,6 +157,17 @@ def runtime_overhead(runtime: str, kind: str) -> float:
     return known.overhead.get(kind, DEFAULT_OVERHEAD) if known else DEFAULT_OVERHEAD
 
 
+def as_held(c: Compression, runtime: str, profile: DeviceProfile) -> Compression:
+    """`c` with the groups `runtime` holds as float32 on this device said so (for pricing)."""
+    from infopt.runtimes.registry import targets
+
+    known = targets().get(runtime)
+    if profile.kind != "cpu" or known is None or not known.float_schemes:
+        return c
+    held = {g: "fp32" if s.startswith(known.float_schemes) else s for g, s in c.weights.items()}
+    return c if held == c.weights else replace(c, weights=held)
+
+
 def storage_class(c: Compression) -> str:
     """How the blocks of `c` are stored, as runtimes' efficiencies are keyed: fp32, fp16 (bf16
     too), int8, int4, or int4m (INT4 with float offsets, a GGUF's Q4_1: some runtimes need
@@ -210,7 +221,7 @@ def estimate(
     `context` sizes the KV cache; `decode_context` is the average number of tokens in it while
     decoding (default: half of `context`)."""
     runtime = runtime or profile.runtimes[0]
-    per_group = weight_bytes(spec, c)
+    per_group = weight_bytes(spec, as_held(c, runtime, profile))
     weights = sum(per_group.values())
     kv = kv_cache_bytes(spec, context, batch, c.kv_dtype)
     precision = compute_precision(profile)

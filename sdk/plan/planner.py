@@ -200,7 +200,7 @@ def plan(
         candidates = [asked]
     seen: set[str] = set()
     for asked_for in candidates:
-        c = runtime_kv(asked_for, runtime[0], built=False)
+        c = runtime_kv(asked_for, runtime[0])
         if asked_for.kv_dtype == "int8" and c.kv_dtype != "int8":
             c = replace(c, name=c.name.replace(" + kv int8", ""))
             if c.name in seen:  # the same option without its int8 cache: tried already
@@ -282,16 +282,12 @@ def _draft_choice(
     return chosen, with_draft, None
 
 
-def runtime_kv(c: Compression, runtime: str, built: bool = True) -> Compression:
+def runtime_kv(c: Compression, runtime: str) -> Compression:
     """`c` with the KV-cache precision `runtime` really holds its cache in (some take the plan's,
-    others have their own, whatever the plan asks). built: False while planning, where a
-    runtime whose cache follows the weights' dtype is taken at the plan's precision (the PyTorch
-    runtime's own cache precision is not yet a build option: docs/planner.md)."""
+    others have their own, whatever the plan asks)."""
     from infopt.runtimes.registry import names, target
 
     own = target(runtime).kv_dtype if runtime in names() else None
-    if own == "weights" and not built:
-        return c
     if own == "weights":
         kinds = set(c.weights.values())
         own = kinds.pop() if len(kinds) == 1 and kinds <= {"fp32", "fp16", "bf16"} else "fp32"

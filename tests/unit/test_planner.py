@@ -16,7 +16,7 @@ from infopt.core.spec import spec_from_hf_config
 from infopt.device_profiles import builtin_names, load_profile
 from infopt.errors import InvalidArgumentError, PlanError, ProfileError
 from infopt.importers import load_spec
-from infopt.plan.costs import Compression, kv_cache_bytes, scheme_bytes, weight_bytes
+from infopt.plan.costs import Compression, estimate, kv_cache_bytes, scheme_bytes, weight_bytes
 from infopt.plan.planner import HEADROOM, plan, replan
 from tests.conftest import TINY
 
@@ -356,3 +356,18 @@ def test_a_runtimes_own_decode_efficiency_drives_its_cpu_prediction() -> None:
 
 W4 = {"attention": "int4-g32", "mlp": "int4-g32"}
 Q41 = {"attention": "int4m-g32", "mlp": "int4m-g32"}
+
+
+def test_a_runtime_prices_the_groups_it_holds_as_float32() -> None:
+    # the PyTorch runtime has no kernel for group-wise INT8 (a GGUF's Q8_0) and dequantizes it
+    # once at load: four bytes a weight, where ONNX Runtime keeps the blocks
+    spec = load_spec(CONFIGS / "smollm2-135m.json")  # tied: the table is the LM head
+    host = load_profile("host")
+    c = Compression("file", {"embeddings": "int8-g32", "lm_head": "int8-g32", **Q41}, "fp32")
+    on_pytorch = estimate(spec, host, c, context=1024, runtime="pytorch")
+    on_ort = estimate(spec, host, c, context=1024, runtime="onnxruntime")
+    table = spec.vocab_size * spec.hidden_size
+    extra = 4 * table - scheme_bytes("int8-g32", spec.vocab_size, spec.hidden_size)
+    assert on_pytorch.weights - on_ort.weights == pytest.approx(extra)
+    on_gpu = estimate(spec, load_profile("a100-80gb"), c, context=1024, runtime="pytorch")
+    assert on_gpu.weights == on_ort.weights  # on CUDA it keeps the codes
