@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -29,11 +30,12 @@ from infopt.decode.drafters import (
 from infopt.decode.generate import (
     GenerateOptions,
     GenerationResult,
+    Response,
     Speculative,
     TextStream,
     stream_generate,
 )
-from infopt.errors import InvalidArgumentError
+from infopt.errors import InvalidArgumentError, ModelBusyError
 from infopt.importers import ModelSource, open_model
 from infopt.runtimes import Runtime
 from infopt.runtimes.base import cpu_only
@@ -46,7 +48,13 @@ Prompt = str | Sequence[dict[str, Any]]  # plain text, or chat messages [{"role"
 
 
 class Model:
-    """A loaded model: a runtime, its tokenizer and generation defaults."""
+    """A loaded model: a runtime, its tokenizer and generation defaults.
+
+    Safe to share between threads: the runtime holds one KV state, so generations take turns
+    (a call from another thread waits until the running one ends, then runs as if alone). A
+    stream holds the turn from its first token until it ends or is closed; a second stream
+    started in the thread that holds the first would wait for itself, so it raises
+    `ModelBusyError` instead."""
 
     def __init__(
         self,
@@ -61,6 +69,8 @@ class Model:
         self.defaults = dict(defaults or {})
         self.source = source
         self.drafter = drafter  # speculative decoding's draft, used unless speculative=False
+        self._turn = threading.Lock()
+        self._holder: int | None = None  # the thread whose generation holds the turn
 
     def __repr__(self) -> str:
         return (
@@ -126,7 +136,23 @@ class Model:
             drafter=drafter,
             num_draft_tokens=k if k is not None else (drafter.default_tokens if drafter else 1),
         )
-        return TextStream(responses)
+        return TextStream(self._in_turn(responses))
+
+    def _in_turn(self, responses: Iterator[Response]) -> Iterator[Response]:
+        """`responses`, run while holding the model's turn (see the class)."""
+        me = threading.get_ident()
+        if self._holder == me:
+            raise ModelBusyError(
+                f"{self.source or 'this model'}: a stream of this Model is still open in this "
+                "thread; read it to its end or close() it before starting another (one KV "
+                "state per Model: load the model twice for two conversations at once)"
+            )
+        with self._turn:
+            self._holder = me
+            try:
+                yield from responses
+            finally:
+                self._holder = None
 
     def generate(
         self, prompt: Prompt, options: GenerateOptions | None = None, **settings: Any

@@ -50,3 +50,7 @@ class BundleError(InfoptError, ValueError):
 class UnsupportedPlatformError(RuntimeNotAvailableError):
     """The runtime exists for this bundle but cannot run on this operating system (a target
     that predicts on one OS only)."""
+
+
+class ModelBusyError(InfoptError, RuntimeError):
+    """A Model's one generation state is held by a stream this thread has open."""

@@ -254,6 +254,19 @@ class TextStream:
         assert self.result is not None, "stream_generate always ends with a finish_reason"
         return self.result
 
+    def close(self) -> None:
+        """Stop early, freeing the model for the next generation (a stream read to its end
+        frees it by itself)."""
+        close = getattr(self._responses, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def generate(
     runtime: Runtime,
