@@ -118,9 +118,7 @@ class Model:
         opts = replace(options or GenerateOptions(), **settings)
         params = opts.sampling(self.defaults)
         stops = opts.stop_strings()
-        stop_ids = (
-            self.tokenizer.eos_token_ids if opts.stop_token_ids is None else opts.stop_token_ids
-        )
+        stop_ids = opts.stop_ids(self.tokenizer.eos_token_ids, self.runtime.vocab_size)
         drafter = self._drafter(opts.speculative)
         k = opts.num_draft_tokens
         if k is not None:

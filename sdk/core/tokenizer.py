@@ -7,15 +7,18 @@ Jinja's immutable sandbox, so a template shipped inside a model cannot reach Pyt
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import json
-from collections.abc import Sequence
+import re
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
@@ -59,6 +62,7 @@ class Tokenizer:
         return int(self.backend.get_vocab_size(with_added_tokens=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text, "the prompt")
         ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
@@ -77,13 +81,19 @@ class Tokenizer:
             raise InvalidArgumentError(
                 "this model has no chat template; pass a plain prompt string instead of messages"
             )
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        env = _BoundedEnvironment(
+            trim_blocks=True,
+            lstrip_blocks=True,
+            extensions=["jinja2.ext.loopcontrols"],
+            finalize=_counted_output,
         )
         env.filters["tojson"] = lambda v, indent=None: json.dumps(
             v, ensure_ascii=False, indent=indent
         )
         env.globals["raise_exception"] = _raise_template_error
+        env.globals["range"] = _BudgetedRange
+        for name in ("center", "indent", "wordwrap", "truncate", "format", "join"):
+            env.filters[name] = _bounded_filter(name, env.filters[name])
         env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
             return env.from_string(self.chat_template)
@@ -95,27 +105,208 @@ class Tokenizer:
     ) -> str:
         """The chat template rendered for `messages` ([{"role": ..., "content": ...}, ...])."""
         check_messages(messages)
+        template = self._template
+        token = _budget.set(_Budget())
         try:
-            return str(
-                self._template.render(
+            text = str(
+                template.render(
                     messages=list(messages),
                     add_generation_prompt=add_generation_prompt,
                     bos_token=self.special_tokens.get("bos", ""),
                     eos_token=self.special_tokens.get("eos", ""),
                 )
             )
+        except TemplateLimitError as e:
+            raise ModelFormatError(f"chat template refused: {e}") from None
         except jinja2.TemplateError as e:  # SecurityError included: the sandbox said no
             raise ModelFormatError(
                 f"chat template failed to render: {type(e).__name__}: {e}"
             ) from e
+        except (RecursionError, OverflowError, MemoryError) as e:  # a hostile or broken one
+            raise ModelFormatError(
+                f"chat template failed to render: {type(e).__name__}: {e}"
+            ) from None
+        finally:
+            _budget.reset(token)
+        if len(text) > TEMPLATE_LIMITS["characters"]:
+            raise ModelFormatError(
+                f"chat template refused: its output passed the limit of "
+                f"{TEMPLATE_LIMITS['characters']:,} characters"
+            )
+        return text
 
     def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         # The template writes any BOS itself, as HF's apply_chat_template assumes.
         return self.encode(self.render_chat(messages), add_special_tokens=False)
 
 
+# What rendering a chat template (untrusted: it comes with the model file) may spend. Real
+# templates loop over the messages and emit about their length; these leave them wide room.
+TEMPLATE_LIMITS = {"seconds": 2.0, "steps": 1_000_000, "characters": 4_000_000}
+
+
+class TemplateLimitError(Exception):
+    """A chat template passed one of TEMPLATE_LIMITS (turned into a ModelFormatError)."""
+
+
+class _Budget:
+    """What one rendering has spent: operations (calls, attribute and item reads, operators,
+    loop steps over range()), output characters, and time."""
+
+    def __init__(self) -> None:
+        self.deadline = time.monotonic() + TEMPLATE_LIMITS["seconds"]
+        self.steps = 0
+        self.characters = 0
+
+    def step(self, n: int = 1) -> None:
+        self.steps += n
+        if self.steps > TEMPLATE_LIMITS["steps"]:
+            raise TemplateLimitError(
+                f"it passed the limit of {TEMPLATE_LIMITS['steps']:,} operations"
+            )
+        if self.steps % 256 == 0 and time.monotonic() > self.deadline:
+            raise TemplateLimitError(f"it ran past the limit of {TEMPLATE_LIMITS['seconds']:g} s")
+
+    def output(self, size: int) -> None:
+        self.characters += size
+        if size > TEMPLATE_LIMITS["characters"] or self.characters > TEMPLATE_LIMITS["characters"]:
+            raise TemplateLimitError(
+                f"its output passed the limit of {TEMPLATE_LIMITS['characters']:,} characters"
+            )
+
+
+_budget: contextvars.ContextVar[_Budget] = contextvars.ContextVar("template_budget")
+
+
+def _spend(n: int = 1) -> _Budget:
+    budget = _budget.get(None)
+    if budget is None:  # rendered outside render_chat: a budget of its own
+        budget = _Budget()
+        _budget.set(budget)
+    budget.step(n)
+    return budget
+
+
+def _counted_output(value: Any) -> Any:
+    _spend().output(len(str(value)) if value is not None else 0)
+    return value
+
+
+def _sized(value: Any) -> int:
+    return len(value) if isinstance(value, (str, bytes, list, tuple)) else 1
+
+
+class _BudgetedRange:
+    """range() for templates: the sandbox's size cap, and a step of the budget per item."""
+
+    def __init__(self, *args: int) -> None:
+        self.items = range(*args)
+        if len(self.items) > MAX_RANGE:
+            raise TemplateLimitError(
+                f"range() of {len(self.items):,} items (at most {MAX_RANGE:,})"
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[int]:
+        for i in self.items:
+            _spend()
+            yield i
+
+
+_WIDE = re.compile(r"\d{7,}")  # a width or precision of a million or more in a format string
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """The sandbox, with every operation counted against the rendering's budget and the
+    operations that can build a huge value checked before they run."""
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _spend()
+        limit = TEMPLATE_LIMITS["characters"]
+        if operator == "*" and isinstance(right, int) and isinstance(left, (str, list, tuple)):
+            left, right = right, left
+        repeats = operator == "*" and isinstance(left, int)
+        if repeats and isinstance(right, (str, list, tuple)) and left * len(right) > limit:
+            raise TemplateLimitError(f"a repetition of {left:,} × {len(right):,} items")
+        if operator == "+" and _sized(left) + _sized(right) > limit:
+            raise TemplateLimitError(f"a value of more than {limit:,} items")
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
+            raise TemplateLimitError(f"a power of {right}")
+        return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _spend()
+        if getattr(__obj, "__name__", "") in ("format", "format_map", "center", "ljust",
+                                               "rjust", "zfill", "expandtabs"):  # fmt: skip
+            owner = getattr(__obj, "__self__", None)
+            numbers = [a for a in (*args, *kwargs.values()) if isinstance(a, int)]
+            if (isinstance(owner, str) and _WIDE.search(owner)) or any(
+                n > TEMPLATE_LIMITS["characters"] for n in numbers
+            ):
+                raise TemplateLimitError(f"a {__obj.__name__}() that would build a huge string")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _spend()
+        return super().getattr(obj, attribute)
+
+    def wrap_str_format(self, value: Any) -> Any:
+        owner = getattr(value, "__self__", None)
+        if isinstance(owner, str) and _WIDE.search(owner):
+
+            def refuse(*args: Any, **kwargs: Any) -> str:
+                raise TemplateLimitError("a str.format() that would build a huge string")
+
+            return refuse
+        return super().wrap_str_format(value)
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _spend()
+        return super().getitem(obj, argument)
+
+
+def _bounded_filter(name: str, original: Any) -> Any:
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _spend()
+        given = (*args, *kwargs.values())
+        sizes = [a for a in given if isinstance(a, int) and not isinstance(a, bool)]
+        texts = [a for a in given if isinstance(a, str)]
+        if any(n > TEMPLATE_LIMITS["characters"] for n in sizes) or (
+            name == "format" and any(_WIDE.search(t) for t in texts)
+        ):
+            raise TemplateLimitError(f"a |{name} filter that would build a huge string")
+        return original(*args, **kwargs)
+
+    # the environment or context some filters take first (jinja2's pass_environment marks)
+    if hasattr(original, "jinja_pass_arg"):
+        bounded.jinja_pass_arg = original.jinja_pass_arg  # type: ignore[attr-defined]
+
+    return bounded
+
+
 def _raise_template_error(message: str) -> None:
     raise InvalidArgumentError(f"chat template refused the messages: {message}")
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def check_text(text: object, what: str) -> None:
+    """A string that can be encoded: text with a lone surrogate (half of a UTF-16 pair, as a
+    bad decode can leave) has no UTF-8 form, so no tokens."""
+    if not isinstance(text, str):
+        raise InvalidArgumentError(f"{what} = {text!r}: expected a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(
+            f"{what} holds {text[e.start : e.end]!r} at {e.start}, a lone surrogate with no UTF-8 "
+            "form; decode the text with errors='replace' first"
+        ) from None
 
 
 def check_messages(messages: Sequence[dict[str, Any]]) -> None:
@@ -126,6 +317,11 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
             raise InvalidArgumentError(
                 f"messages[{i}] = {m!r} is not a {{'role': str, 'content': str}} dict"
             )
+        if m["role"] not in ROLES:
+            raise InvalidArgumentError(
+                f"messages[{i}]['role'] = {m['role']!r}: expected one of {list(ROLES)}"
+            )
+        check_text(m["content"], f"messages[{i}]['content']")
 
 
 class StreamDecoder:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,24 @@ class GenerateOptions:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if not all(isinstance(s, str) for s in stops):
             raise InvalidArgumentError(f"stop={self.stop!r}: must be a string or a list of strings")
+        if "" in stops:  # it would match before any text
+            raise InvalidArgumentError(f"stop={self.stop!r}: a stop string cannot be empty")
         return stops
+
+    def stop_ids(self, default: Sequence[int], vocab_size: int) -> list[int]:
+        """The token ids that end generation: `stop_token_ids`, else `default` (EOS)."""
+        if self.stop_token_ids is None:
+            return list(default)
+        given = list(self.stop_token_ids)
+        bad = [i for i in given if not isinstance(i, Integral) or isinstance(i, bool)]
+        ids = [int(i) for i in given if isinstance(i, Integral)]
+        bad += [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise InvalidArgumentError(
+                f"stop_token_ids={self.stop_token_ids!r}: {bad[0]!r} is not a token id of this "
+                f"vocabulary (0 to {vocab_size - 1})"
+            )
+        return ids
 
 
 @dataclass
