@@ -42,6 +42,7 @@ def safe_relative(root: Path, name: object) -> Path:
     pure = PurePosixPath(name)
     if (
         pure.is_absolute()
+        or any(ord(c) < 32 for c in name)  # NUL and other control characters
         or "\\" in name
         or any(part in ("..", ".", "") for part in name.split("/"))
         or name == MANIFEST
@@ -68,10 +69,13 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
         if target in listed:
             raise BundleError(f"{root}: {entry['path']!r} is listed twice")
         listed[target] = entry
+    holders = {p for t in listed for p in t.relative_to(root).parents}
     for entry_path in walk(root):
         if entry_path.is_symlink():
             raise BundleError(f"{entry_path}: links are not allowed in a bundle")
         if entry_path.is_dir():
+            if entry_path.relative_to(root) not in holders:  # holds no listed file
+                raise BundleError(f"{entry_path}: a directory the manifest does not list")
             continue
         if entry_path != root / MANIFEST and entry_path not in listed:
             raise BundleError(f"{entry_path}: not listed in the manifest")
@@ -86,6 +90,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
             raise BundleError(f"{target}: {st.st_size} bytes, the manifest says {entry['size']}")
         if sha256_file(target) != entry["sha256"]:
             raise BundleError(f"{target}: sha256 does not match the manifest (changed)")
+    check_vocabulary(root, manifest)
     names = {str(PurePosixPath(e["path"])) for e in manifest["files"]}
     drafts = (manifest.get("draft") or {}).get("artifacts") or {}
     for label, arts in (("artifact", manifest["artifacts"]), ("draft artifact", drafts)):
@@ -94,6 +99,26 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
                 if f not in names:
                     raise BundleError(f"{root}: {label} {runtime!r} names unlisted file {f!r}")
     return manifest
+
+
+def check_vocabulary(root: Path, manifest: dict[str, Any]) -> None:
+    """The tokenizer's vocabulary fits the model's (its ids index the embedding and logits)."""
+    from tokenizers import Tokenizer
+
+    name = (manifest.get("tokenizer") or {}).get("file")
+    vocab = ((manifest.get("model") or {}).get("config") or {}).get("vocab_size")
+    if name is None or vocab is None:
+        return
+    path = safe_relative(root, name)
+    try:
+        size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # tokenizers raises its own untyped exceptions on bad files
+        raise BundleError(f"{path}: not a tokenizer the tokenizers library reads ({e})") from None
+    if size > vocab:
+        raise BundleError(
+            f"{path}: {size} tokens, more than the model's vocabulary (model.config.vocab_size "
+            f"{vocab})"
+        )
 
 
 def write_bundle(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import stat
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -261,6 +262,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{manifest_path}: not valid JSON ({e})") from e
+    except RecursionError:  # nested deeper than any manifest is
+        raise BundleError(f"{manifest_path}: JSON nested too deeply for a manifest") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path}: not an {FORMAT} manifest")
     if manifest.get("version") != VERSION:
@@ -269,7 +272,75 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"version {VERSION} (upgrade infopt, or rebuild the bundle)"
         )
     check_manifest(manifest, str(manifest_path))
+    check_claims(manifest, str(manifest_path))
     return manifest
+
+
+_CLAUSE = re.compile(r"(>=|<=|==|<|>)\d+(\.\d+)*")
+
+
+def check_claims(manifest: dict[str, Any], where: str) -> None:
+    """What the schema cannot say: the manifest's parts agree with each other (token ids inside
+    the vocabulary, the plan's and the cache's shapes the model's, a runtime infopt has and the
+    bundle carries, version ranges that can be read, the tokenizer a listed file, generation
+    defaults that generate). A `BundleError` naming the key and both values."""
+    from infopt.decode.generate import GenerateOptions
+    from infopt.errors import InvalidArgumentError
+    from infopt.runtimes.registry import names
+
+    config = (manifest.get("model") or {}).get("config") or {}
+    vocab = config.get("vocab_size", 2**63)
+    tok = manifest.get("tokenizer") or {}
+    ids = {
+        "tokenizer.eos_token_ids": tok.get("eos_token_ids") or [],
+        "tokenizer.bos_token_id": [tok.get("bos_token_id")],
+    }
+    ids |= {"model.config.eos_token_ids": config.get("eos_token_ids") or [],
+            "model.config.bos_token_id": [config.get("bos_token_id")]}  # fmt: skip
+    for key, values in ids.items():
+        for i in values:
+            if i is not None and not (isinstance(i, int) and 0 <= i < vocab):
+                raise BundleError(f"{where}: {key}: {i!r} is not a token id of the model's "
+                                  f"vocabulary (model.config.vocab_size {vocab})")  # fmt: skip
+    planned = (manifest.get("plan") or {}).get("model") or {}
+    kv = manifest.get("kv_cache") or {}
+    pairs = [
+        ("plan.model.hidden_size", planned.get("hidden_size"), config.get("hidden_size")),
+        ("plan.model.layers", planned.get("layers"), config.get("num_layers")),
+        ("kv_cache.layers", kv.get("layers"), config.get("num_layers")),
+        ("kv_cache.head_dim", kv.get("head_dim"), config.get("head_dim")),
+    ]
+    for key, claimed, model in pairs:
+        if None not in (claimed, model) and claimed != model:
+            raise BundleError(f"{where}: {key} is {claimed!r} where the model's config says "
+                              f"{model!r}")  # fmt: skip
+    runtime = manifest["runtime"]["name"]
+    built = manifest["runtime"].get("artifact_built", True)
+    if built and runtime not in names():  # a plan's unknown runtime says it built none
+        raise BundleError(f"{where}: runtime.name {runtime!r}: infopt has no such runtime "
+                          f"({', '.join(names())})")  # fmt: skip
+    if built and runtime not in manifest["artifacts"]:
+        raise BundleError(f"{where}: runtime.name {runtime!r} has no artifact in the bundle")
+    drafts = (manifest.get("draft") or {}).get("artifacts") or {}
+    requires = [("runtime", manifest["runtime"].get("requires") or {})]
+    requires += [
+        (f"artifacts.{n}", a.get("requires") or {}) for n, a in manifest["artifacts"].items()
+    ]
+    requires += [(f"draft.artifacts.{n}", a.get("requires") or {}) for n, a in drafts.items()]
+    for key, req in requires:
+        spec = req.get("version", "")
+        clauses = [c.strip() for c in spec.split(",") if c.strip()] if isinstance(spec, str) else []
+        if not isinstance(spec, str) or not all(_CLAUSE.fullmatch(c) for c in clauses):
+            raise BundleError(f"{where}: {key}.requires.version {spec!r}: not a version range "
+                              "(comma-separated >=, <=, ==, <, > clauses)")  # fmt: skip
+    listed = {e.get("path") for e in manifest["files"]}
+    if "file" in tok and tok["file"] not in listed:
+        raise BundleError(f"{where}: tokenizer.file {tok['file']!r} is not one of the bundle's "
+                          "files")  # fmt: skip
+    try:
+        GenerateOptions().sampling(manifest.get("generation_defaults") or {})
+    except (InvalidArgumentError, TypeError) as e:
+        raise BundleError(f"{where}: generation_defaults: {e}") from None
 
 
 def check_manifest(manifest: object, where: str) -> None:

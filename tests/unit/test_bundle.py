@@ -32,7 +32,7 @@ MINIMAL = {  # what the manifest schema requires, no more
         "parameters": 1,
         "source": {"name": "tiny"},
     },
-    "runtime": {"name": "x"},
+    "runtime": {"name": "x", "artifact_built": False},  # a runtime infopt lacks: no artifact
     "kv_cache": {"max_context": 8, "batch": 1, "dtype": None},
     "tokenizer": {},
     "artifacts": {"x": {"files": ["only.bin"]}},
@@ -226,7 +226,7 @@ def test_replacing_a_bundle_swaps_it_whole(host_bundle: Path, tmp_path: Path) ->
     b = copy(host_bundle, tmp_path)
     write_bundle(b, MINIMAL, {"only.bin": lambda p: p.write_bytes(b"new")})
     assert sorted(p.name for p in b.iterdir()) == [MANIFEST, "only.bin"]
-    assert verify_bundle(b)["runtime"] == {"name": "x"}
+    assert verify_bundle(b)["runtime"]["name"] == "x"
     assert [p.name for p in tmp_path.iterdir()] == ["copy"]
 
 

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,3 +104,90 @@ def test_a_real_chat_template_renders_as_before(model: Any) -> None:
     text = tokenizer.render_chat(messages)
     assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>")
     assert text.endswith("<|im_start|>user\nagain<|im_end|>\n<|im_start|>assistant\n")
+
+
+LEGACY = Path(__file__).parents[1] / "data" / "legacy" / "tiny-v1"
+
+
+def _set(*path: str, value: Any) -> Any:
+    def edit(manifest: dict[str, Any], _: Path) -> None:
+        node = manifest
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+
+    return edit
+
+
+BAD_BUNDLES = {  # (an edit of a sound bundle, what the refusal names)
+    "no files list": (lambda m, _: m.pop("files"), r"'files' is a required property"),
+    "a NUL in a path": (
+        lambda m, _: m["files"].append({"path": "model.onnx\x00x", "size": 1, "sha256": "0" * 64}),
+        r"'model.onnx\\x00x' leaves the bundle or is not canonical",
+    ),
+    "vocabulary smaller than the tokenizer's": (
+        _set("model", "config", "vocab_size", value=100),
+        r"384 tokens, more than the model's vocabulary",
+    ),
+    "EOS outside the vocabulary": (
+        _set("tokenizer", "eos_token_ids", value=[10**12]),
+        r"tokenizer.eos_token_ids: 1000000000000 is not a token id",
+    ),
+    "layers changed": (
+        _set("model", "config", "num_layers", value=7),
+        r"plan.model.layers is 2 where the model's config says 7",
+    ),
+    "the plan's width changed": (
+        _set("plan", "model", "hidden_size", value=99),
+        r"plan.model.hidden_size is 99",
+    ),
+    "a runtime infopt lacks": (_set("runtime", "name", value="bogus"), r"no such runtime"),
+    "an unreadable version range": (
+        lambda m, _: m["artifacts"]["onnxruntime"]["requires"].__setitem__("version", "=!=x"),
+        r"artifacts.onnxruntime.requires.version '=!=x': not a version range",
+    ),
+    "a tokenizer outside the bundle": (
+        _set("tokenizer", "file", value="/etc/passwd"),
+        r"tokenizer.file '/etc/passwd' is not one of the bundle's files",
+    ),
+    "a tokenizer beside it": (
+        _set("tokenizer", "file", value="../b/tokenizer.json"),
+        r"is not one of the bundle's files",
+    ),
+    "a negative temperature": (
+        _set("generation_defaults", "temperature", value=-5),
+        r"generation_defaults: temperature=-5",
+    ),
+    "an extra empty directory": (
+        lambda _, b: (b / "extra").mkdir(),
+        r"extra: a directory the manifest does not list",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_BUNDLES)
+def test_a_bundle_that_contradicts_itself_is_refused_by_verify(case: str, tmp_path: Path) -> None:
+    from infopt import BundleError
+    from infopt.bundle import verify_bundle
+    from infopt.bundle.manifest import MANIFEST
+
+    bundle = tmp_path / "b"
+    shutil.copytree(LEGACY, bundle)
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    edit, message = BAD_BUNDLES[case]
+    edit(manifest, bundle)
+    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=message):
+        verify_bundle(bundle)
+
+
+def test_a_manifest_nested_100000_deep_is_refused(tmp_path: Path) -> None:
+    from infopt import BundleError
+    from infopt.bundle import verify_bundle
+    from infopt.bundle.manifest import MANIFEST
+
+    bundle = tmp_path / "b"
+    shutil.copytree(LEGACY, bundle)
+    (bundle / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match="nested too deeply"):
+        verify_bundle(bundle)
