@@ -60,11 +60,26 @@ def extract_archive(archive: str | Path, out: str | Path) -> dict[str, Any]:
     """Unpack a bundle archive into directory `out` (atomically, replacing a previous bundle
     there) and verify it. Refused before anything is written: absolute paths, `..`, links of
     any kind, devices and other non-files, more than MAX_ARCHIVE_MEMBERS members or
-    MAX_ARCHIVE_BYTES bytes, and members outside one top-level directory."""
+    MAX_ARCHIVE_BYTES bytes, members outside one top-level directory, compressed members
+    expanding more than MAX_RATIO times, and any member the archive's own manifest does not
+    list at that size; a truncated or malformed archive is a BundleError too."""
+    import tarfile
+    import zipfile
+    import zlib
+
+    try:
+        return _extract(Path(archive), Path(out))
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as e:
+        raise BundleError(f"{archive}: a damaged or truncated archive ({e})") from None
+
+
+MAX_RATIO = 100  # bundles are stored uncompressed; weights barely compress
+
+
+def _extract(archive: Path, out: Path) -> dict[str, Any]:
     import tarfile
     import zipfile
 
-    archive, out = Path(archive), Path(out)
     members: list[tuple[str, int]] = []  # (name, size)
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
@@ -76,6 +91,11 @@ def extract_archive(archive: str | Path, out: str | Path) -> dict[str, Any]:
                     continue
                 if kind not in (0, stat.S_IFREG):
                     raise BundleError(f"{archive}: member {zi.filename!r} is not a regular file")
+                if zi.file_size > MAX_RATIO * max(zi.compress_size, 1 << 10):
+                    raise BundleError(
+                        f"{archive}: member {zi.filename!r} expands {zi.compress_size} bytes to "
+                        f"{zi.file_size} (more than {MAX_RATIO}×); refused"
+                    )
                 members.append((zi.filename, zi.file_size))
     elif tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
@@ -105,6 +125,7 @@ def extract_archive(archive: str | Path, out: str | Path) -> dict[str, Any]:
     if total > MAX_ARCHIVE_BYTES:
         raise BundleError(f"{archive}: {total} bytes unpacked exceeds {MAX_ARCHIVE_BYTES}")
     (top,) = tops
+    _check_listed(archive, top, members)
     if out.is_symlink() or (out.exists() and any(out.iterdir()) and not is_bundle(out)):
         raise BundleError(f"{out}: exists and is not a bundle; not replacing it")
     tmp = partial_dir(out)
@@ -123,6 +144,34 @@ def extract_archive(archive: str | Path, out: str | Path) -> dict[str, Any]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _check_listed(archive: Path, top: str, members: list[tuple[str, int]]) -> None:
+    """Every member is a file the archive's manifest lists, at the size it lists (read from the
+    archive, bounded, before any byte is written)."""
+    import json
+
+    from infopt.bundle.manifest import MAX_MANIFEST_BYTES
+
+    sizes = dict(members)
+    name = f"{top}/{MANIFEST}"
+    if name not in sizes:
+        raise BundleError(f"{archive}: no {name}; not a bundle archive")
+    if sizes[name] > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{archive}: {name} is {sizes[name]} bytes, too large for a manifest")
+    with _open_member(archive, name) as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    try:
+        files = json.loads(raw)["files"]
+        listed = {f"{top}/{e['path']}": int(e["size"]) for e in files}
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise BundleError(f"{archive}: {name} is not a readable bundle manifest") from None
+    for member, size in members:
+        if member != name and listed.get(member) != size:
+            raise BundleError(
+                f"{archive}: member {member!r} ({size} bytes) is not a file its manifest lists "
+                "at that size; refused before unpacking"
+            )
 
 
 def _check_count(archive: Path, n: int) -> None:

@@ -191,3 +191,46 @@ def test_a_manifest_nested_100000_deep_is_refused(tmp_path: Path) -> None:
     (bundle / MANIFEST).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(BundleError, match="nested too deeply"):
         verify_bundle(bundle)
+
+
+def _packed(tmp_path: Path, kind: str) -> Path:
+    from infopt.bundle import write_archive
+
+    bundle = tmp_path / "b"
+    shutil.copytree(LEGACY, bundle)
+    return write_archive(bundle, kind)
+
+
+def test_a_truncated_archive_is_a_typed_error_and_writes_nothing(tmp_path: Path) -> None:
+    from infopt import BundleError
+    from infopt.bundle import extract_archive
+
+    packed = _packed(tmp_path, "tar")
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(BundleError, match="damaged or truncated|not .* bytes as declared"):
+        extract_archive(cut, work / "out")
+    assert list(work.iterdir()) == []
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_an_unlisted_or_bomb_member_is_refused_before_a_byte_is_written(
+    tmp_path: Path, compressed: bool
+) -> None:
+    import zipfile
+
+    from infopt import BundleError
+    from infopt.bundle import extract_archive
+
+    packed = _packed(tmp_path, "zip")
+    with zipfile.ZipFile(packed, "a") as zf:  # 8 MB of zeros: 8 kB deflated
+        method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+        zf.writestr(zipfile.ZipInfo("b/extra.bin"), b"\0" * (8 << 20), compress_type=method)
+    work = tmp_path / "work"
+    work.mkdir()
+    message = r"more than 100×" if compressed else r"'b/extra.bin' .* not a file its manifest lists"
+    with pytest.raises(BundleError, match=message):
+        extract_archive(packed, work / "out")
+    assert list(work.iterdir()) == []  # refused from the headers: nothing unpacked
