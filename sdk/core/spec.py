@@ -5,6 +5,7 @@ Built from a Hugging Face `config.json` dict or from GGUF metadata; the planner 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -63,6 +64,19 @@ class ModelSpec:
             )
         if self.head_dim % 2:
             raise ModelFormatError(f"model config: head_dim={self.head_dim} must be even for RoPE")
+        for name, top in (("rms_norm_eps", 1.0), ("rope_theta", math.inf)):
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or not math.isfinite(value) or not 0 < value < top:
+                raise ModelFormatError(
+                    f"model config: {name} must be a finite number in (0, {top:g}), got {value!r}"
+                )
+        for i in (self.bos_token_id, *self.eos_token_ids):
+            if i is not None and not (isinstance(i, int) and 0 <= i < self.vocab_size):
+                raise ModelFormatError(
+                    f"model config: token id {i!r} (BOS/EOS) is outside the vocabulary of "
+                    f"{self.vocab_size}"
+                )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(

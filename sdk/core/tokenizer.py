@@ -365,9 +365,30 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
         raise UnsupportedModelError(
             f"GGUF pre-tokenizer {pre!r} is not supported; supported: {sorted(GGUF_PRE_TOKENIZERS)}"
         )
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    backend = _HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    raw_merges = meta.get("tokenizer.ggml.merges")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ModelFormatError("GGUF 'tokenizer.ggml.tokens' is missing or not a list of strings")
+    if not isinstance(raw_merges, list) or not raw_merges:  # BPE without them is another tokenizer
+        raise ModelFormatError(
+            "GGUF 'tokenizer.ggml.merges' is missing or empty: a byte-level BPE vocabulary "
+            "needs its merges"
+        )
+    if not all(isinstance(m, str) and m.count(" ") >= 1 for m in raw_merges):
+        raise ModelFormatError("GGUF 'tokenizer.ggml.merges' holds an entry that is not 'a b'")
+    merges = [tuple(m.split(" ", 1)) for m in raw_merges]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    missing = next((m for m in merges for part in (m[0], m[1], m[0] + m[1]) if part not in vocab),
+                   None)  # fmt: skip
+    if missing is not None:
+        raise ModelFormatError(
+            f"GGUF merge {' '.join(missing)!r} names a token the vocabulary does not have "
+            "(a damaged vocabulary)"
+        )
+    try:
+        backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    except Exception as e:  # tokenizers raises its own untyped exceptions
+        raise ModelFormatError(f"GGUF vocabulary cannot be read as BPE ({e})") from None
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in GGUF_PRE_TOKENIZERS[pre]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]

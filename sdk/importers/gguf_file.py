@@ -8,6 +8,7 @@ float32, their exact values, larger.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,11 +56,36 @@ def open_reader(path: Path) -> GGUFReader:
             f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})"
         )
     try:
-        return GGUFReader(path)
+        with warnings.catch_warnings():  # numpy's overflow warning on a wild offset: an error
+            warnings.simplefilter("error", RuntimeWarning)
+            reader = GGUFReader(path)
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged files
         raise ModelFormatError(
             f"{path}: damaged or truncated GGUF file ({type(e).__name__}: {e})"
         ) from e
+    check_tensor_ranges(reader, path)
+    return reader
+
+
+def check_tensor_ranges(reader: GGUFReader, path: Path) -> None:
+    """The tensors' bytes (as their types and shapes size them) tile the data section, each
+    one's after the previous one's but for alignment padding, inside the file: a relabelled
+    type or shape, or a wild offset, is refused, not read as garbage."""
+    size, align = path.stat().st_size, max(int(reader.alignment), 1)
+    spans = sorted((int(t.data_offset), int(t.n_bytes), t.name) for t in reader.tensors)
+    end, previous = int(reader.data_offset), "the header"
+    for start, length, name in spans:
+        if start < end or start >= end + align:
+            raise ModelFormatError(
+                f"{path}: tensor {name!r} starts at byte {start}, where {previous!r} ends at "
+                f"{end} (a type, shape or offset that does not match the data)"
+            )
+        end, previous = start + length, name
+        if end > size:
+            raise ModelFormatError(
+                f"{path}: tensor {name!r} ends at byte {end}, past the file's {size} bytes "
+                "(truncated, or a wrong offset, type or shape)"
+            )
 
 
 def read_metadata(reader: GGUFReader) -> dict[str, Any]:
@@ -81,11 +107,18 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> 
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {sorted(SUPPORTED)}"
         )
 
-    def key(name: str, default: Any = None) -> Any:
-        value = meta.get(f"{arch}.{name}", default)
+    def key(name: str, default: Any = None, kind: type = int) -> Any:
+        full = name if name.startswith("tokenizer.") else f"{arch}.{name}"
+        value = meta.get(full, default)
         if value is None:
-            raise ModelFormatError(f"{path}: GGUF metadata key '{arch}.{name}' is missing")
-        return value
+            raise ModelFormatError(f"{path}: GGUF metadata key '{full}' is missing")
+        numeric = isinstance(value, (int, float, np.integer, np.floating))
+        if isinstance(value, bool) or not numeric or (kind is int and value != int(value)):
+            raise ModelFormatError(
+                f"{path}: GGUF metadata key '{full}' = {value!r}: expected "
+                f"{'an integer' if kind is int else 'a number'}"
+            )
+        return kind(value)
 
     if "rope_freqs.weight" in tensor_names:
         raise UnsupportedModelError(
@@ -99,29 +132,83 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> 
         )
     hidden, heads = key("embedding_length"), key("attention.head_count")
     tokens = meta.get("tokenizer.ggml.tokens") or []
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    if heads <= 0 or hidden % heads:
+        raise ModelFormatError(
+            f"{path}: GGUF '{arch}.attention.head_count' = {heads} does not divide "
+            f"'{arch}.embedding_length' = {hidden}"
+        )
+    eos = key("tokenizer.ggml.eos_token_id", -1)
+    bos = key("tokenizer.ggml.bos_token_id", -1)
     return ModelSpec(
         architecture=SUPPORTED[arch],
-        vocab_size=int(meta.get(f"{arch}.vocab_size", len(tokens))),
-        hidden_size=int(hidden),
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
-        num_heads=int(heads),
-        num_kv_heads=int(key("attention.head_count_kv", heads)),
-        head_dim=int(key("rope.dimension_count", hidden // heads)),
-        max_position_embeddings=int(key("context_length")),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
+        vocab_size=key("vocab_size", len(tokens)),
+        hidden_size=hidden,
+        intermediate_size=key("feed_forward_length"),
+        num_layers=key("block_count"),
+        num_heads=heads,
+        num_kv_heads=key("attention.head_count_kv", heads),
+        head_dim=key("rope.dimension_count", hidden // heads),
+        max_position_embeddings=key("context_length"),
+        rms_norm_eps=key("attention.layer_norm_rms_epsilon", kind=float),
+        rope_theta=key("rope.freq_base", 10000.0, kind=float),
         rope_scaling=(
-            {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+            {"rope_type": "linear", "factor": key("rope.scaling.factor", kind=float)}
             if scaling == "linear"
             else None
         ),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias=arch == "qwen2",
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=(int(eos),) if eos is not None else (),
+        bos_token_id=bos if bos >= 0 else None,
+        eos_token_ids=(eos,) if eos >= 0 else (),
     )
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The shape (HF order: [out, in]) every tensor of `spec` has, by HF name."""
+    h, hd, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed_tokens.weight": (spec.vocab_size, h),
+        "norm.weight": (h,),
+        "lm_head.weight": (spec.vocab_size, h),
+    }
+    for i in range(spec.num_layers):
+        p = f"layers.{i}."
+        q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, q),
+            p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.bias": (kv,),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
+    return shapes
+
+
+def check_shapes(reader: GGUFReader, spec: ModelSpec, path: Path) -> None:
+    """Every tensor has the shape the metadata implies (a head count or width that does not
+    match the weights is refused here, not met as a reshape error while loading)."""
+    shapes = expected_shapes(spec)
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            raise ModelFormatError(
+                f"{path}: unexpected tensor {t.name!r} for a {spec.architecture}"
+            )
+        shape = tuple(int(d) for d in reversed(t.shape))
+        if shapes.get(name) != shape:
+            raise ModelFormatError(
+                f"{path}: tensor {t.name!r} is {list(shape)}, where the metadata (hidden "
+                f"{spec.hidden_size}, heads {spec.num_heads}/{spec.num_kv_heads} of "
+                f"{spec.head_dim}, MLP {spec.intermediate_size}, vocabulary {spec.vocab_size}) "
+                f"makes it {list(shapes.get(name, ()))}"
+            )
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -243,5 +330,6 @@ def import_gguf(path: Path) -> tuple[ModelSpec, Any, Any, dict[str, Any]]:
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
     spec = spec_from_gguf(meta, names, path)
+    check_shapes(reader, spec, path)
     tokenizer = tokenizer_from_gguf_metadata(meta)
     return spec, tokenizer, lambda keep: iter_weights(reader, spec, path, keep), {}

@@ -234,3 +234,132 @@ def test_an_unlisted_or_bomb_member_is_refused_before_a_byte_is_written(
     with pytest.raises(BundleError, match=message):
         extract_archive(packed, work / "out")
     assert list(work.iterdir()) == []  # refused from the headers: nothing unpacked
+
+
+def _rewrite(src: Path, dst: Path, changes: dict[str, Any]) -> Path:
+    """`src` written again with metadata `changes`: key -> (value, GGUFValueType) to set, or
+    None to drop; tensors as they are."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        if key in changes:
+            if changes[key] is not None:
+                writer.add_key_value(key, *changes[key])
+            continue
+        kind = fld.types[0]
+        sub = fld.types[1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, fld.contents(), kind, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def _patch_tensor_info(src: Path, dst: Path, name: str, field: str, value: int) -> Path:
+    """`src` with one tensor's type or data offset overwritten in its header."""
+    import struct
+
+    raw = bytearray(src.read_bytes())
+    at = raw.index(struct.pack("<Q", len(name)) + name.encode()) + 8 + len(name)
+    (dims,) = struct.unpack_from("<I", raw, at)
+    at += 4 + 8 * dims
+    if field == "type":
+        struct.pack_into("<I", raw, at, value)
+    else:
+        struct.pack_into("<Q", raw, at + 4, value)
+    dst.write_bytes(bytes(raw))
+    return dst
+
+
+def _gguf_value(name: str) -> Any:
+    import gguf
+
+    return gguf.GGUFValueType[name]
+
+
+BAD_GGUFS = {  # (how to make it from the tiny file, what the refusal names)
+    "EOS id stored as a string": (
+        lambda src, dst: _rewrite(
+            src, dst, {"tokenizer.ggml.eos_token_id": ("x", _gguf_value("STRING"))}
+        ),
+        r"'tokenizer.ggml.eos_token_id' = 'x': expected an integer",
+    ),
+    "EOS outside the vocabulary": (
+        lambda src, dst: _rewrite(
+            src, dst, {"tokenizer.ggml.eos_token_id": (10**6, _gguf_value("UINT32"))}
+        ),
+        r"token id 1000000 \(BOS/EOS\) is outside the vocabulary",
+    ),
+    "KV heads that do not match the weights": (
+        lambda src, dst: _rewrite(
+            src, dst, {"llama.attention.head_count_kv": (4, _gguf_value("UINT32"))}
+        ),
+        r"tensor 'blk.0.attn_k.weight' is \[\d+, \d+\], where the metadata .* makes it",
+    ),
+    "a negative RoPE base": (
+        lambda src, dst: _rewrite(
+            src, dst, {"llama.rope.freq_base": (-1.0, _gguf_value("FLOAT32"))}
+        ),
+        r"rope_theta must be a finite number in \(0, inf\), got -1.0",
+    ),
+    "a NaN norm epsilon": (
+        lambda src, dst: _rewrite(
+            src,
+            dst,
+            {"llama.attention.layer_norm_rms_epsilon": (float("nan"), _gguf_value("FLOAT32"))},
+        ),
+        r"rms_norm_eps must be a finite number",
+    ),
+    "no merges": (
+        lambda src, dst: _rewrite(src, dst, {"tokenizer.ggml.merges": None}),
+        r"'tokenizer.ggml.merges' is missing or empty",
+    ),
+    "a tensor's type relabelled": (
+        lambda src, dst: _patch_tensor_info(src, dst, "token_embd.weight", "type", 1),  # F16
+        r"tensor '.*' starts at byte \d+, where 'token_embd.weight' ends at \d+",
+    ),
+    "an offset of 2**64 - 1": (
+        lambda src, dst: _patch_tensor_info(src, dst, "output_norm.weight", "offset", 2**64 - 1),
+        r"damaged or truncated GGUF file|starts at byte|past the file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GGUFS)
+def test_a_damaged_gguf_is_refused_by_name_before_any_work(
+    case: str, tiny_gguf: Path, tmp_path: Path
+) -> None:
+    import infopt
+    from infopt import ModelFormatError
+
+    make, message = BAD_GGUFS[case]
+    bad = make(tiny_gguf, tmp_path / "bad.gguf")
+    with pytest.raises(ModelFormatError, match=message):
+        infopt.open_model(bad)  # what inspect reads
+    with pytest.raises(ModelFormatError, match=message):
+        infopt.load(bad, runtime="pytorch", max_context=16)
+
+
+def test_a_flipped_bit_in_the_vocabulary_is_refused(tiny_gguf: Path, tmp_path: Path) -> None:
+    import struct
+
+    import gguf
+
+    from infopt import ModelFormatError, open_model
+
+    merges = gguf.GGUFReader(tiny_gguf).fields["tokenizer.ggml.merges"].contents()
+    token = merges[0].split(" ")[0].encode()
+    raw = bytearray(tiny_gguf.read_bytes())
+    at = raw.index(struct.pack("<Q", len(token)) + token) + 8  # its entry in the token list
+    raw[at] ^= 0x01
+    bad = tmp_path / "flipped.gguf"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(ModelFormatError, match="names a token the vocabulary does not have"):
+        open_model(bad)
