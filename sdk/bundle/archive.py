@@ -11,7 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from infopt.bundle.files import partial_dir, swap_into_place, verify_bundle
+from infopt.bundle.files import (
+    owner_tag,
+    partial_dir,
+    remove_stale,
+    swap_into_place,
+    verify_bundle,
+)
 from infopt.bundle.manifest import MANIFEST, is_bundle
 from infopt.errors import BundleError
 
@@ -33,7 +39,8 @@ def write_archive(bundle: str | Path, kind: str = "tar") -> Path:
     manifest = verify_bundle(root)
     names = [MANIFEST] + [e["path"] for e in manifest["files"]]
     target = root.with_name(f"{root.name}.{kind}")
-    tmp = target.with_name(f".{target.name}.partial-{uuid.uuid4().hex[:8]}")
+    remove_stale(root)
+    tmp = target.with_name(f".{target.name}.partial-{owner_tag()}-{uuid.uuid4().hex[:8]}")
     try:
         if kind == "tar":
             with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:

@@ -169,17 +169,58 @@ def write_bundle(
 
 
 def partial_dir(out: Path) -> Path:
-    """A fresh work directory beside `out`, named after this process; those left by killed
-    processes (their pid gone) are removed first."""
+    """A fresh work directory beside `out`, named after this process; what killed processes
+    left beside `out` (work directories, a replaced bundle being removed, an archive being
+    written) is removed first, never what a live process is writing."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{out.name}.partial-"
-    for stale in out.parent.glob(f"{prefix}*"):
-        pid = stale.name[len(prefix) :].split("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    remove_stale(out)
+    tmp = out.parent / f".{out.name}.partial-{owner_tag()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
+
+
+def owner_tag() -> str:
+    """This process in a temporary name: its pid and start time (a pid alone can be reused by
+    another process after a kill, which would keep the leftover forever)."""
+    pid = os.getpid()
+    return f"{pid}.{_start_time(pid)}"
+
+
+def remove_stale(out: Path) -> None:
+    """Remove `.OUT.partial-*`, `.OUT.old-*` and `.OUT.<kind>.partial-*` entries beside `out`
+    whose process is gone."""
+    for kind in ("partial", "old"):
+        for prefix in (
+            f".{out.name}.{kind}-",
+            f".{out.name}.tar.{kind}-",
+            f".{out.name}.zip.{kind}-",
+        ):
+            for stale in out.parent.glob(f"{prefix}*"):
+                if not _owner_alive(stale.name[len(prefix) :].split("-")[0]):
+                    if stale.is_dir() and not stale.is_symlink():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink(missing_ok=True)
+
+
+def _owner_alive(tag: str) -> bool:
+    """Whether the process a temporary name's tag (`pid` or `pid.start`) names still runs; a
+    name without a readable tag is kept (not ours to judge)."""
+    pid, _, start = tag.partition(".")
+    if not pid.isdigit():
+        return True
+    if not _alive(int(pid)):
+        return False
+    return not start or start == _start_time(int(pid))
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), or "" where unknown."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat_line.rsplit(")", 1)[-1].split()[19]  # field 22, after the command's parentheses
 
 
 def _alive(pid: int) -> bool:
@@ -211,7 +252,7 @@ def swap_into_place(tmp: Path, out: Path) -> None:
     if _exchange(tmp, out):
         shutil.rmtree(tmp)  # now holds the previous bundle
         return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    old = out.parent / f".{out.name}.old-{owner_tag()}-{uuid.uuid4().hex[:8]}"
     os.rename(out, old)
     os.rename(tmp, out)
     shutil.rmtree(old, ignore_errors=True)

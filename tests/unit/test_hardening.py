@@ -363,3 +363,35 @@ def test_a_flipped_bit_in_the_vocabulary_is_refused(tiny_gguf: Path, tmp_path: P
     bad.write_bytes(bytes(raw))
     with pytest.raises(ModelFormatError, match="names a token the vocabulary does not have"):
         open_model(bad)
+
+
+def test_a_build_removes_what_killed_processes_left_and_nothing_of_a_live_one(
+    tmp_path: Path,
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from infopt.bundle.files import owner_tag, partial_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    out = tmp_path / "bundle"
+    left = {
+        f".bundle.partial-{dead}-0a1b2c3d": True,  # the old name: pid only, process gone
+        f".bundle.partial-{dead}.123-0a1b2c3d": True,
+        f".bundle.partial-{os.getpid()}.1-0a1b2c3d": True,  # this pid, reused: another start
+        f".bundle.old-{dead}.5-0a1b2c3d": True,  # a replaced bundle being removed
+        f".bundle.tar.partial-{dead}.7-0a1b2c3d": False,  # an archive being written (a file)
+        f".bundle.partial-{owner_tag()}-0a1b2c3d": None,  # a live build: kept
+        ".bundle.partial-notapid": None,  # not ours to judge: kept
+    }
+    for name, is_dir in left.items():
+        if is_dir is False:
+            (tmp_path / name).write_bytes(b"x")
+        else:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "weights.bin").write_bytes(b"x")
+    fresh = partial_dir(out)
+    kept = {p.name for p in tmp_path.iterdir()} - {fresh.name}
+    assert kept == {n for n, d in left.items() if d is None}
