@@ -179,10 +179,7 @@ _budget: contextvars.ContextVar[_Budget] = contextvars.ContextVar("template_budg
 
 
 def _spend(n: int = 1) -> _Budget:
-    budget = _budget.get(None)
-    if budget is None:  # rendered outside render_chat: a budget of its own
-        budget = _Budget()
-        _budget.set(budget)
+    budget = _budget.get(None) or _Budget()  # outside render_chat: unbounded, never carried
     budget.step(n)
     return budget
 
