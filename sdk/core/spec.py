@@ -6,7 +6,7 @@ Built from a Hugging Face `config.json` dict or from GGUF metadata; the planner 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from infopt.errors import ModelFormatError, UnsupportedModelError
@@ -77,6 +77,11 @@ class ModelSpec:
                     f"model config: token id {i!r} (BOS/EOS) is outside the vocabulary of "
                     f"{self.vocab_size}"
                 )
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ModelFormatError(f"model config: rope_scaling = {self.rope_scaling!r}")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or window <= 0):
+            raise ModelFormatError(f"model config: sliding_window = {window!r}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise UnsupportedModelError(
@@ -164,7 +169,17 @@ def spec_from_hf_config(config: dict[str, Any]) -> ModelSpec:
 
 def spec_from_dict(data: dict[str, object]) -> ModelSpec:
     """ModelSpec from `ModelSpec.to_dict()` output (a bundle manifest, a weight file header)."""
+    if not isinstance(data, dict):
+        raise ModelFormatError(f"model config: {data!r} is not an object")
     known = {f.name for f in fields(ModelSpec)}
     values = {k: v for k, v in data.items() if k in known}
-    values["eos_token_ids"] = tuple(values.get("eos_token_ids") or ())  # type: ignore[arg-type]
+    required = [f.name for f in fields(ModelSpec) if f.default is MISSING and
+                f.default_factory is MISSING]  # fmt: skip
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ModelFormatError(f"model config: missing {missing}")
+    eos = values.get("eos_token_ids") or ()
+    if not isinstance(eos, (list, tuple)):
+        raise ModelFormatError(f"model config: eos_token_ids = {eos!r} is not a list")
+    values["eos_token_ids"] = tuple(eos)
     return ModelSpec(**values)  # type: ignore[arg-type]

@@ -22,7 +22,12 @@ from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from infopt.errors import InvalidArgumentError, ModelFormatError, UnsupportedModelError
+from infopt.errors import (
+    InfoptError,
+    InvalidArgumentError,
+    ModelFormatError,
+    UnsupportedModelError,
+)
 
 # llama.cpp's split regexes for byte-level BPE vocabularies, keyed by `tokenizer.ggml.pre`.
 _GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -122,7 +127,9 @@ class Tokenizer:
             raise ModelFormatError(
                 f"chat template failed to render: {type(e).__name__}: {e}"
             ) from e
-        except (RecursionError, OverflowError, MemoryError) as e:  # a hostile or broken one
+        except InfoptError:  # raise_exception(): the template's own refusal, already typed
+            raise
+        except Exception as e:  # untrusted code: any failure of it is the model file's
             raise ModelFormatError(
                 f"chat template failed to render: {type(e).__name__}: {e}"
             ) from None

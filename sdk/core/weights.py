@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from infopt.core.quant import (
     QuantStorage,
 )
 from infopt.core.spec import spec_from_dict
-from infopt.errors import ModelFormatError
+from infopt.errors import InfoptError, ModelFormatError
 
 FORMAT, VERSION = "infopt-weights", "1"
 
@@ -71,13 +72,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
         raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from e
     try:
         meta = json.loads(meta["infopt"]) if "infopt" in meta else {}
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ModelFormatError(f"{path}: unreadable infopt header ({e})") from e
+    if not isinstance(meta, dict):
+        raise ModelFormatError(f"{path}: the infopt header is not an object")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ModelFormatError(
             f"{path}: format {meta.get('format')!r} version "
             f"{meta.get('version')!r}; this infopt reads {FORMAT} {VERSION}"
         )
+    if not isinstance(meta.get("spec"), dict) or not isinstance(meta.get("schemes"), dict):
+        raise ModelFormatError(f"{path}: the infopt header lacks its 'spec' or 'schemes' object")
+    try:
+        return _rebuild(meta, tensors, device)
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        # a header and tensors that disagree (names, shapes): the file's fault, said as such
+        if isinstance(e, InfoptError):
+            raise
+        raise ModelFormatError(
+            f"{path}: weights and header disagree ({type(e).__name__}: {e})"
+        ) from e
+
+
+def _rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], device: Any) -> Decoder:
     spec = spec_from_dict(meta["spec"])
     with torch.device("meta"):
         model = Decoder(spec)

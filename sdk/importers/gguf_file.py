@@ -55,6 +55,7 @@ def open_reader(path: Path) -> GGUFReader:
         raise ModelFormatError(
             f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})"
         )
+    scan_header(path)
     try:
         with warnings.catch_warnings():  # numpy's overflow warning on a wild offset: an error
             warnings.simplefilter("error", RuntimeWarning)
@@ -65,6 +66,64 @@ def open_reader(path: Path) -> GGUFReader:
         ) from e
     check_tensor_ranges(reader, path)
     return reader
+
+
+# GGUF value types: fixed sizes of the scalar ones (8 is a string, 9 an array)
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def scan_header(path: Path) -> None:
+    """Walk the header's counts and lengths before gguf's reader does: a count or length that
+    runs past the file (which would have the reader loop for hours or allocate without bound)
+    is a ModelFormatError naming where."""
+    import mmap
+
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        size, pos = len(m), 4
+
+        def take(n: int, what: str) -> int:
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise ModelFormatError(
+                    f"{path}: {what} at byte {pos} runs past the end of the file ({size} bytes)"
+                )
+            start, pos = pos, pos + n
+            return start
+
+        def u(n: int, what: str) -> int:
+            start = take(n, what)
+            return int.from_bytes(m[start : start + n], "little")
+
+        def string(what: str) -> None:
+            take(u(8, what), what)
+
+        u(4, "the version")
+        tensors, kvs = u(8, "the tensor count"), u(8, "the metadata count")
+        for i in range(kvs):
+            if pos >= size:
+                raise ModelFormatError(f"{path}: metadata entry {i} of {kvs} is past the file")
+            string("a metadata key")
+            kind = u(4, "a metadata type")
+            count, item = 1, kind
+            if kind == 9:  # array: element type, count
+                item, count = u(4, "an array type"), u(8, "an array length")
+            if item == 8:
+                if count > (size - pos) // 8:
+                    raise ModelFormatError(f"{path}: an array of {count} strings at byte {pos}")
+                for _ in range(count):
+                    string("a string")
+            elif item in _SCALAR_SIZES:
+                take(count * _SCALAR_SIZES[item], "a metadata value")
+            else:
+                raise ModelFormatError(f"{path}: metadata value type {item} at byte {pos}")
+        for i in range(tensors):
+            if pos >= size:
+                raise ModelFormatError(f"{path}: tensor entry {i} of {tensors} is past the file")
+            string("a tensor name")
+            dims = u(4, "a tensor's dimension count")
+            if dims > 8:
+                raise ModelFormatError(f"{path}: a tensor with {dims} dimensions at byte {pos}")
+            take(8 * dims + 4 + 8, "a tensor's shape, type and offset")
 
 
 def check_tensor_ranges(reader: GGUFReader, path: Path) -> None:
@@ -163,38 +222,47 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> 
     )
 
 
-def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The shape (HF order: [out, in]) every tensor of `spec` has, by HF name."""
+def expected_shape(spec: ModelSpec, name: str) -> tuple[int, ...] | None:
+    """The shape (HF order: [out, in]) tensor `name` has in `spec`; None for an unknown name."""
     h, hd, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {
+    q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
+    whole = {
         "embed_tokens.weight": (spec.vocab_size, h),
         "norm.weight": (h,),
         "lm_head.weight": (spec.vocab_size, h),
     }
-    for i in range(spec.num_layers):
-        p = f"layers.{i}."
-        q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
-        shapes |= {
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.bias": (kv,),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-        }
-    return shapes
+    if name in whole:
+        return whole[name]
+    parts = name.split(".", 2)
+    if parts[0] != "layers" or len(parts) < 3 or not parts[1].isdigit():
+        return None
+    if int(parts[1]) >= spec.num_layers:
+        return None
+    return {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "mlp.gate_proj.weight": (inter, h),
+        "mlp.up_proj.weight": (inter, h),
+        "mlp.down_proj.weight": (h, inter),
+    }.get(parts[2])
 
 
 def check_shapes(reader: GGUFReader, spec: ModelSpec, path: Path) -> None:
     """Every tensor has the shape the metadata implies (a head count or width that does not
     match the weights is refused here, not met as a reshape error while loading)."""
-    shapes = expected_shapes(spec)
+    blocks = {t.name.split(".")[1] for t in reader.tensors if t.name.startswith("blk.")}
+    if len(blocks) != spec.num_layers:
+        raise ModelFormatError(
+            f"{path}: {len(blocks)} blocks of tensors, where the metadata says "
+            f"{spec.num_layers} ('block_count')"
+        )
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
@@ -202,12 +270,13 @@ def check_shapes(reader: GGUFReader, spec: ModelSpec, path: Path) -> None:
                 f"{path}: unexpected tensor {t.name!r} for a {spec.architecture}"
             )
         shape = tuple(int(d) for d in reversed(t.shape))
-        if shapes.get(name) != shape:
+        expected = expected_shape(spec, name)
+        if expected != shape:
             raise ModelFormatError(
                 f"{path}: tensor {t.name!r} is {list(shape)}, where the metadata (hidden "
                 f"{spec.hidden_size}, heads {spec.num_heads}/{spec.num_kv_heads} of "
                 f"{spec.head_dim}, MLP {spec.intermediate_size}, vocabulary {spec.vocab_size}) "
-                f"makes it {list(shapes.get(name, ()))}"
+                f"makes it {list(expected or ())}"
             )
 
 

@@ -303,6 +303,12 @@ BAD_GGUFS = {  # (how to make it from the tiny file, what the refusal names)
         ),
         r"tensor 'blk.0.attn_k.weight' is \[\d+, \d+\], where the metadata .* makes it",
     ),
+    "a block count of two billion": (  # found by tools/fuzz: it sized a dict per layer
+        lambda src, dst: _rewrite(
+            src, dst, {"llama.block_count": (2130706434, _gguf_value("UINT32"))}
+        ),
+        r"2 blocks of tensors, where the metadata says 2130706434",
+    ),
     "a negative RoPE base": (
         lambda src, dst: _rewrite(
             src, dst, {"llama.rope.freq_base": (-1.0, _gguf_value("FLOAT32"))}
@@ -395,3 +401,45 @@ def test_a_build_removes_what_killed_processes_left_and_nothing_of_a_live_one(
     fresh = partial_dir(out)
     kept = {p.name for p in tmp_path.iterdir()} - {fresh.name}
     assert kept == {n for n, d in left.items() if d is None}
+
+
+def test_what_the_fuzzer_found_is_typed(model: Any) -> None:
+    # a template whose operators fail (str + list, unary + on a str), and a weight file's spec
+    # missing keys or with a scaling that is not an object: TypeErrors before
+    import dataclasses
+
+    from infopt import ModelFormatError
+    from infopt.core.spec import spec_from_dict
+
+    for template in ("{{ 'a' + ['b'] }}", "{{ +'a' }}", "{{ 'a' + {} }}"):
+        tokenizer = dataclasses.replace(model.tokenizer, chat_template=template)
+        with pytest.raises(ModelFormatError, match="TypeError"):
+            tokenizer.render_chat([{"role": "user", "content": "hi"}])
+    good = model.spec.to_dict()
+    with pytest.raises(ModelFormatError, match=r"missing \['hidden_size'\]"):
+        spec_from_dict({k: v for k, v in good.items() if k != "hidden_size"})
+    with pytest.raises(ModelFormatError, match="rope_scaling = 'x'"):
+        spec_from_dict({**good, "rope_scaling": "x"})
+    with pytest.raises(ModelFormatError, match="eos_token_ids = 5 is not a list"):
+        spec_from_dict({**good, "eos_token_ids": 5})
+
+
+def test_a_gguf_array_longer_than_the_file_is_refused_at_once(
+    tiny_gguf: Path, tmp_path: Path
+) -> None:
+    # found by tools/fuzz: gguf's reader walked such an array for hours
+    import struct
+    import time
+
+    from infopt import ModelFormatError, open_model
+
+    key = b"tokenizer.ggml.tokens"
+    raw = bytearray(tiny_gguf.read_bytes())
+    at = raw.index(struct.pack("<Q", len(key)) + key) + 8 + len(key) + 4 + 4  # its count
+    struct.pack_into("<Q", raw, at, 2**62)
+    bad = tmp_path / "long.gguf"
+    bad.write_bytes(bytes(raw))
+    start = time.perf_counter()
+    with pytest.raises(ModelFormatError, match=r"an array of 4611686018427387904 strings"):
+        open_model(bad)
+    assert time.perf_counter() - start < 5
