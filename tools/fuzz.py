@@ -1,7 +1,7 @@
 """Fuzz infopt's readers with seeded mutants of sound inputs.
 
-    python -m infopt.tools.fuzz --gguf FILE --bundle DIR [--readers gguf,safetensors,manifest,
-        archive,template] [--minutes 10] [--seed 0] [--out DIR] [--json]
+    python -m infopt.tools.fuzz --gguf FILE --bundle DIR --hf DIR [--readers gguf,hf,
+        safetensors,manifest,archive,template] [--minutes 10] [--seed 0] [--out DIR] [--json]
 
 Each reader gets mutants of a sound input (bit flips, bytes overwritten with edge values,
 little-endian integers set to 0 / 2^31-1 / 2^32-1 / 2^63-1 / 2^64-1, truncations, chunks
@@ -13,7 +13,9 @@ its input is written to --out. `tests/unit/test_fuzz.py` runs a few hundred seed
 same mutators in process.
 
 --gguf: a small GGUF to mutate (the default model's 98 MB file works, slowly); --bundle: a
-verified bundle (its manifest, its safetensors weights, and a tar of it are the seeds).
+verified bundle (its manifest, its safetensors weights, and a tar of it are the seeds); --hf: a
+Hugging Face model folder (one of its JSON files or safetensors shards is mutated per case; a
+sharded folder with an index covers more).
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def mutate_template(template: str, rng: random.Random) -> str:
 class Seeds:
     """The sound inputs, read once."""
 
-    def __init__(self, gguf: Path, bundle: Path, work: Path) -> None:
+    def __init__(self, gguf: Path, bundle: Path, work: Path, hf: Path | None = None) -> None:
         from infopt.bundle import write_archive
         from infopt.bundle.manifest import MANIFEST, read_manifest
         from infopt.importers import open_model
@@ -129,6 +131,10 @@ class Seeds:
         self.tar = write_archive(self.bundle, "tar").read_bytes()
         self.tokenizer = open_model(gguf).tokenizer
         self.template = self.tokenizer.chat_template or "{{ messages[0]['content'] }}"
+        self.hf = hf
+        self.hf_files = sorted(
+            f.name for f in (hf.iterdir() if hf else ()) if f.suffix in (".json", ".safetensors")
+        )
 
 
 def run_case(reader: str, seeds: Seeds, rng: random.Random, work: Path) -> tuple[str, bytes]:
@@ -169,6 +175,28 @@ def _prepare(
                 pass
 
         return data, gguf
+    if reader == "hf":
+        if seeds.hf is None:
+            raise ValueError("the hf reader needs a Hugging Face folder seed (--hf)")
+        folder = case / "hf"
+        shutil.copytree(seeds.hf, folder)
+        target = folder / rng.choice(seeds.hf_files)
+        sound = target.read_bytes()
+        if target.suffix == ".json" and rng.random() < 0.7:
+            data = json.dumps(mutate_json(json.loads(sound), rng)).encode()
+        else:
+            data = mutate_header(sound, rng, 4 << 10)
+        target.write_bytes(data)
+
+        def hf() -> None:
+            from infopt.core.model import load_core
+
+            source = infopt.open_model(folder)
+            source.tokenizer.encode("hello world")
+            source.tokenizer.render_chat([{"role": "user", "content": "hi"}])
+            load_core(source, max_context=16)
+
+        return target.name.encode() + b"\n" + data, hf
     if reader == "safetensors":
         data = mutate_header(seeds.safetensors, rng, 4 << 10)
         path = case / "model.safetensors"
@@ -198,15 +226,15 @@ def _prepare(
     raise ValueError(f"reader {reader!r}: expected one of {READERS}")
 
 
-READERS = ("gguf", "safetensors", "manifest", "archive", "template")
+READERS = ("gguf", "hf", "safetensors", "manifest", "archive", "template")
 
 
 def _worker(args: tuple[str, str, str, str], jobs: Any, results: Any) -> None:
     import resource
 
     resource.setrlimit(resource.RLIMIT_AS, (MEMORY_BYTES, MEMORY_BYTES))
-    gguf, bundle, work, _ = args
-    seeds = Seeds(Path(gguf), Path(bundle), Path(work))
+    gguf, bundle, work, hf = args
+    seeds = Seeds(Path(gguf), Path(bundle), Path(work), Path(hf) if hf else None)
     while True:
         job = jobs.get()
         if job is None:
@@ -220,14 +248,20 @@ def _worker(args: tuple[str, str, str, str], jobs: Any, results: Any) -> None:
 
 
 def fuzz(
-    gguf: Path, bundle: Path, readers: list[str], minutes: float, seed: int, out: Path
+    gguf: Path,
+    bundle: Path,
+    hf: Path | None,
+    readers: list[str],
+    minutes: float,
+    seed: int,
+    out: Path,
 ) -> dict[str, Counter[str]]:
     """Cases for `minutes` per reader; failing inputs under `out`; counts per outcome."""
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, Counter[str]] = {r: Counter() for r in readers}
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="infopt-fuzz-") as work:
-        args = (str(gguf), str(bundle), work, "")
+        args = (str(gguf), str(bundle), work, str(hf) if hf else "")
         for reader in readers:
             jobs, results = ctx.Queue(), ctx.Queue()
             proc = ctx.Process(target=_worker, args=(args, jobs, results), daemon=True)
@@ -261,6 +295,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--gguf", type=Path, required=True)
     ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--hf", type=Path, help="a Hugging Face model folder (the hf reader's seed)")
     ap.add_argument("--readers", default=",".join(READERS))
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -268,7 +303,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     readers = [r for r in args.readers.split(",") if r]
-    counts = fuzz(args.gguf, args.bundle, readers, args.minutes, args.seed, args.out)
+    unknown = sorted(set(readers) - set(READERS))
+    if unknown:
+        ap.error(f"unknown readers {unknown}; expected some of {list(READERS)}")
+    if "hf" in readers and args.hf is None:
+        ap.error("the hf reader needs --hf FOLDER (or leave hf out of --readers)")
+    counts = fuzz(args.gguf, args.bundle, args.hf, readers, args.minutes, args.seed, args.out)
     if args.json:
         print(json.dumps({r: dict(c) for r, c in counts.items()}, indent=2))
         return

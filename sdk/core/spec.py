@@ -19,6 +19,11 @@ ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_KEYS: dict[str, tuple[str, ...]] = {  # the numbers each scaling type reads
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,19 @@ class ModelSpec:
             raise UnsupportedModelError(
                 f"rope_scaling type {rope_type!r} is not supported; supported: {list(ROPE_TYPES)}"
             )
+        for key in ROPE_KEYS[rope_type]:
+            value = (self.rope_scaling or {}).get(key)
+            if not _positive_finite(value):
+                raise ModelFormatError(
+                    f"model config: rope_scaling {rope_type} needs {key} > 0, got {value!r}"
+                )
+        if rope_type == "llama3" and self.rope_scaling is not None:
+            low, high = (self.rope_scaling[k] for k in ("low_freq_factor", "high_freq_factor"))
+            if high <= low:
+                raise ModelFormatError(
+                    f"model config: rope_scaling llama3 needs high_freq_factor ({high!r}) > "
+                    f"low_freq_factor ({low!r})"
+                )
 
     @property
     def num_params(self) -> int:
@@ -104,6 +122,12 @@ class ModelSpec:
         return asdict(self)
 
 
+def _positive_finite(value: object) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return math.isfinite(value) and value > 0
+
+
 def _get(config: dict[str, Any], key: str, default: Any = None, *, required: bool = False) -> Any:
     if key in config and config[key] is not None:
         return config[key]
@@ -115,7 +139,8 @@ def _get(config: dict[str, Any], key: str, default: Any = None, *, required: boo
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(value) if isinstance(value, list) else (int(value),)
+    ids = value if isinstance(value, list) else [value]
+    return tuple(_token_id(i) for i in ids)  # type: ignore[misc]
 
 
 def _normalize_rope_scaling(raw: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -127,44 +152,75 @@ def _normalize_rope_scaling(raw: dict[str, Any] | None) -> dict[str, Any] | None
 
 
 def spec_from_hf_config(config: dict[str, Any]) -> ModelSpec:
-    """ModelSpec from a parsed HF `config.json`; unsupported architectures get a typed error."""
+    """ModelSpec from a parsed HF `config.json`; unsupported architectures get a typed error,
+    a key of the wrong type or range a `ModelFormatError` naming it."""
     names = config.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ModelFormatError(f"config.json: architectures = {names!r}, not a list of names")
     family = next((ARCHITECTURES[n] for n in names if n in ARCHITECTURES), None)
-    if family is None and not names and config.get("model_type") in ARCHITECTURES.values():
-        family = config["model_type"]  # configs saved without `architectures`
+    model_type = config.get("model_type")
+    if family is None and not names and model_type in ARCHITECTURES.values():
+        family = model_type  # configs saved without `architectures`
     if family is None:
-        shown = names or config.get("model_type")
+        shown = names or model_type
         raise UnsupportedModelError(
             f"architecture {shown!r} is not supported; supported: {sorted(ARCHITECTURES)}"
         )
-    hidden = _get(config, "hidden_size", required=True)
-    heads = _get(config, "num_attention_heads", required=True)
-    window = _get(config, "sliding_window")
+    hidden = _int(config, "hidden_size")
+    heads = _int(config, "num_attention_heads")
+    window = _int(config, "sliding_window", None)
     if family == "qwen2" and not config.get("use_sliding_window", False):
         window = None
-    rope = config.get("rope_parameters") or config.get("rope_scaling")
+    rope_key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+    rope = config.get(rope_key)
+    if rope is not None and not isinstance(rope, dict):
+        raise ModelFormatError(f"config.json: {rope_key} = {rope!r}, not an object")
     theta = _get(config, "rope_theta", None) or (rope or {}).get("rope_theta", 10000.0)
     return ModelSpec(
         architecture=family,
-        vocab_size=_get(config, "vocab_size", required=True),
+        vocab_size=_int(config, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=_get(config, "intermediate_size", required=True),
-        num_layers=_get(config, "num_hidden_layers", required=True),
+        intermediate_size=_int(config, "intermediate_size"),
+        num_layers=_int(config, "num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=_get(config, "num_key_value_heads", heads),
-        head_dim=_get(config, "head_dim", hidden // heads),
-        max_position_embeddings=_get(config, "max_position_embeddings", 2048),
-        rms_norm_eps=float(_get(config, "rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
+        num_kv_heads=_int(config, "num_key_value_heads", heads),
+        head_dim=_int(config, "head_dim", hidden // heads),
+        max_position_embeddings=_int(config, "max_position_embeddings", 2048),
+        rms_norm_eps=_number(config, "rms_norm_eps", _get(config, "rms_norm_eps", 1e-6)),
+        rope_theta=_number(config, "rope_theta", theta),
         rope_scaling=_normalize_rope_scaling(
             {k: v for k, v in (rope or {}).items() if k != "rope_theta"}
         ),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         attention_bias=family == "qwen2" or bool(config.get("attention_bias", False)),
         sliding_window=window,
-        bos_token_id=config.get("bos_token_id"),
+        bos_token_id=_token_id(config.get("bos_token_id")),
         eos_token_ids=_eos_ids(config.get("eos_token_id")),
     )
+
+
+_REQUIRED = object()
+
+
+def _int(config: dict[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """A positive integer under `key` (or `default` when absent or null)."""
+    value = _get(config, key, None if default is _REQUIRED else default,
+                 required=default is _REQUIRED)  # fmt: skip
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ModelFormatError(f"config.json: {key} = {value!r}, not a positive integer")
+    return value
+
+
+def _number(config: dict[str, Any], key: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ModelFormatError(f"config.json: {key} = {value!r}, not a number")
+    return float(value)
+
+
+def _token_id(value: Any) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ModelFormatError(f"config.json: token id {value!r} is not an integer")
+    return value
 
 
 def spec_from_dict(data: dict[str, object]) -> ModelSpec:

@@ -437,7 +437,11 @@ def tokenizer_from_hf_files(
     eos_token_ids: tuple[int, ...],
 ) -> Tokenizer:
     """Tokenizer from an HF folder's `tokenizer.json` + `tokenizer_config.json`."""
-    backend = _HFTokenizer.from_str(tokenizer_json)
+    try:
+        backend = _HFTokenizer.from_str(tokenizer_json)
+    except Exception as e:  # tokenizers raises bare Exceptions for files it cannot read
+        raise ModelFormatError(f"tokenizer.json: not a tokenizer the tokenizers library reads "
+                               f"({str(e)[:200]})") from None  # fmt: skip
     specials: dict[str, str] = {}
     for name in ("bos", "eos", "unk", "pad"):
         value = tokenizer_config.get(f"{name}_token")
@@ -450,7 +454,15 @@ def tokenizer_from_hf_files(
         eos_token_ids = (eos,) if eos is not None else ()
     template = chat_template or tokenizer_config.get("chat_template")
     if isinstance(template, list):  # the named-template form: [{"name": ..., "template": ...}]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") ==
+             "default"),
+            None,
+        )  # fmt: skip
+    if template is not None and not isinstance(template, str):
+        raise ModelFormatError(
+            f"tokenizer_config.json: chat_template is {type(template).__name__}, not a string"
+        )
     return Tokenizer(
         backend=backend,
         chat_template=template,

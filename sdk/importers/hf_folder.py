@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from infopt.core.spec import ModelSpec, spec_from_hf_config
 from infopt.core.tokenizer import Tokenizer, tokenizer_from_hf_files
-from infopt.errors import ModelFormatError
+from infopt.errors import InfoptError, ModelFormatError
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,13 @@ def safetensors_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelFormatError(f"{index}: no 'weight_map' object")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
+        bad = next((n for n in weight_map.values() if not _plain_file_name(n)), None)
+        names = set(weight_map.values()) if bad is None else set()
+        if bad is not None or not names:
+            raise ModelFormatError(
+                f"{index}: weight_map names {bad!r}, not a file name inside the folder"
+            )
+        files = [folder / name for name in sorted(names)]
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -56,6 +62,16 @@ def safetensors_files(folder: Path) -> list[Path]:
         if not f.is_file():
             raise ModelFormatError(f"{folder}: shard {f.name!r} named in the index is missing")
     return files
+
+
+def _plain_file_name(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and all(c.isprintable() for c in name)
+    )
 
 
 def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -81,10 +97,15 @@ def load_tokenizer(folder: Path, spec: ModelSpec) -> Tokenizer:
     config_path = folder / "tokenizer_config.json"
     config = read_json(config_path) if config_path.is_file() else {}
     template_path = folder / "chat_template.jinja"
-    template = template_path.read_text(encoding="utf-8") if template_path.is_file() else None
-    return tokenizer_from_hf_files(
-        path.read_text(encoding="utf-8"), config, template, spec.eos_token_ids
-    )
+    template = read_text(template_path) if template_path.is_file() else None
+    return tokenizer_from_hf_files(read_text(path), config, template, spec.eos_token_ids)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelFormatError(f"{path}: not readable UTF-8 text ({e})") from e
 
 
 def generation_defaults(folder: Path) -> tuple[dict[str, Any], tuple[int, ...]]:
@@ -92,12 +113,21 @@ def generation_defaults(folder: Path) -> tuple[dict[str, Any], tuple[int, ...]]:
     path = folder / "generation_config.json"
     if not path.is_file():
         return {}, ()
+    from infopt.decode.generate import GenerateOptions
+
     config = read_json(path)
     eos = config.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in eos_ids):
+        raise ModelFormatError(f"{path}: eos_token_id = {eos!r}, not token ids")
     if not config.get("do_sample", False):
         return {}, eos_ids
-    return {k: config[k] for k in GENERATION_KEYS if config.get(k) is not None}, eos_ids
+    defaults = {k: config[k] for k in GENERATION_KEYS if config.get(k) is not None}
+    try:
+        GenerateOptions().sampling(defaults)
+    except InfoptError as e:
+        raise ModelFormatError(f"{path}: {e}") from None
+    return defaults, eos_ids
 
 
 def import_hf(folder: Path) -> tuple[ModelSpec, Tokenizer, Any, dict[str, Any]]:
@@ -109,4 +139,10 @@ def import_hf(folder: Path) -> tuple[ModelSpec, Tokenizer, Any, dict[str, Any]]:
     if eos_ids:
         spec = replace(spec, eos_token_ids=eos_ids)
     files = safetensors_files(folder)
-    return spec, load_tokenizer(folder, spec), lambda _keep: iter_weights(files), defaults
+    tokenizer = load_tokenizer(folder, spec)
+    if tokenizer.vocab_size > spec.vocab_size:  # its ids would index past the embedding
+        raise ModelFormatError(
+            f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens, more than config.json's "
+            f"vocab_size {spec.vocab_size}"
+        )
+    return spec, tokenizer, lambda _keep: iter_weights(files), defaults

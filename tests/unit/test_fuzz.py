@@ -7,18 +7,24 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from infopt.tools.fuzz import READERS, Seeds, run_case
 
 LEGACY = Path(__file__).parents[1] / "data" / "legacy" / "tiny-v1"
-CASES = {"gguf": 60, "safetensors": 60, "manifest": 80, "archive": 40, "template": 80}
+CASES = {"gguf": 60, "hf": 60, "safetensors": 60, "manifest": 80, "archive": 40, "template": 80}
 
 
 @pytest.fixture(scope="module")
-def seeds(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Seeds:
-    return Seeds(tiny_gguf, LEGACY, tmp_path_factory.mktemp("fuzz"))
+def seeds(
+    tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory, tiny_hf: Any, tiny_tokenizer: Any
+) -> Seeds:
+    from tests.conftest import save_hf_folder
+
+    folder = save_hf_folder(tiny_hf, tiny_tokenizer, tmp_path_factory.mktemp("hf") / "t", True)
+    return Seeds(tiny_gguf, LEGACY, tmp_path_factory.mktemp("fuzz"), folder)
 
 
 @pytest.mark.parametrize("reader", READERS)

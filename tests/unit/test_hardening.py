@@ -443,3 +443,109 @@ def test_a_gguf_array_longer_than_the_file_is_refused_at_once(
     with pytest.raises(ModelFormatError, match=r"an array of 4611686018427387904 strings"):
         open_model(bad)
     assert time.perf_counter() - start < 5
+
+
+def _edit_json(name: str, change: Any) -> Any:
+    """An edit of the sound folder: `change(parsed)` returns the new content of file `name`."""
+
+    def edit(folder: Path) -> None:
+        path = folder / name
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+
+    return edit
+
+
+def _write(name: str, data: bytes) -> Any:
+    return lambda folder: (folder / name).write_bytes(data)
+
+
+def _with(**values: Any) -> Any:
+    return lambda d: {**d, **values}
+
+
+BAD_FOLDERS = {  # (an edit of a sound HF folder, what the refusal names): found by the fuzzer
+    "hidden size a string": (_edit_json("config.json", _with(hidden_size="x")), "hidden_size"),
+    "no heads": (_edit_json("config.json", _with(num_attention_heads=0)), "num_attention_heads"),
+    "architectures not a list": (
+        _edit_json("config.json", _with(architectures=5)),
+        "architectures",
+    ),
+    "rope parameters a string": (
+        _edit_json("config.json", _with(rope_parameters="x")),
+        "rope_parameters",
+    ),
+    "llama3 rope without factors": (
+        _edit_json("config.json", _with(rope_parameters={"rope_type": "llama3", "factor": 8.0})),
+        "low_freq_factor",
+    ),
+    "eps a string": (_edit_json("config.json", _with(rms_norm_eps="x")), "rms_norm_eps"),
+    "eos a string": (_edit_json("config.json", _with(eos_token_id="x")), "token id"),
+    "tokenizer not a tokenizer": (_write("tokenizer.json", b'{"a": 1}'), "tokenizers library"),
+    "tokenizer not UTF-8": (_write("tokenizer.json", b'{"version": "\xff"}'), "UTF-8"),
+    "template a number": (
+        _edit_json("tokenizer_config.json", _with(chat_template=5)),
+        "chat_template",
+    ),
+    "sampling default out of range": (
+        _edit_json("generation_config.json", _with(do_sample=True, temperature=-5)),
+        "temperature",
+    ),
+    "generation eos a string": (
+        _edit_json("generation_config.json", _with(eos_token_id=["x"])),
+        "eos_token_id",
+    ),
+    "vocabulary smaller than the tokenizer's": (
+        _edit_json("config.json", _with(vocab_size=100)),
+        "more than config.json's vocab_size",
+    ),
+    "index naming a path outside": (
+        _edit_json(
+            "model.safetensors.index.json",
+            lambda d: {**d, "weight_map": {k: "../x.safetensors" for k in d["weight_map"]}},
+        ),
+        "not a file name",
+    ),
+    "index naming an object": (
+        _edit_json(
+            "model.safetensors.index.json",
+            lambda d: {**d, "weight_map": {k: {"a": 1} for k in d["weight_map"]}},
+        ),
+        "not a file name",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_folder(
+    tmp_path_factory: pytest.TempPathFactory, tiny_hf: Any, tiny_tokenizer: Any
+) -> Path:
+    from tests.conftest import save_hf_folder
+
+    folder = tmp_path_factory.mktemp("hf-shards") / "tiny"
+    save_hf_folder(tiny_hf, tiny_tokenizer, folder, shard=True)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 1}))
+    return folder
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_a_damaged_hf_folder_is_refused_by_name_before_any_work(
+    case: str, sharded_folder: Path, tmp_path: Path
+) -> None:
+    import infopt
+    from infopt import ModelFormatError
+
+    edit, message = BAD_FOLDERS[case]
+    folder = tmp_path / "bad"
+    shutil.copytree(sharded_folder, folder)
+    edit(folder)
+    with pytest.raises(ModelFormatError, match=message):
+        infopt.open_model(folder)  # what inspect reads
+    with pytest.raises(ModelFormatError, match=message):
+        infopt.load(folder, runtime="pytorch", max_context=16)
+
+
+def test_the_sound_sharded_folder_loads(sharded_folder: Path) -> None:
+    import infopt
+
+    model = infopt.load(sharded_folder, runtime="pytorch", max_context=16)
+    assert len(model.generate("hello", max_new_tokens=2).token_ids) == 2
