@@ -186,6 +186,7 @@ def load(
     draft_runtime: str | None = None,
     cache: bool = True,
     progress: Progress | None = None,
+    public_key: str | Path | None = None,
 ) -> Model:
     """Load a model for generation.
 
@@ -207,6 +208,10 @@ def load(
     (True: and requires it); False loads none; "ngram" drafts by prompt lookup; a path or a
     loaded `Model` is a draft model sharing the target's tokenizer, loaded on `draft_runtime`
     (default: the target's; a bundle's own draft: `Bundle.draft_runtime_for`).
+
+    public_key: a PEM public key; the bundle must be signed by it (`infopt-pack build --sign`),
+    else `BundleError`. A signed bundle's signature is checked against the key it names even
+    without one; a model file cannot be signed, so giving a key for one is refused.
     """
     from infopt.bundle.manifest import is_bundle
     from infopt.core.default_model import default_model_path
@@ -220,7 +225,7 @@ def load(
                 "dtype applies to a GGUF file or a Hugging Face folder"
             )
         loaded = _load_bundle(
-            open_bundle(model),
+            open_bundle(model, public_key=public_key),
             runtime=runtime,
             threads=threads,
             max_context=max_context,
@@ -229,6 +234,11 @@ def load(
             draft_runtime=draft_runtime,
         )
     else:
+        if public_key is not None:
+            raise InvalidArgumentError(
+                f"public_key applies to a signed bundle; {model or 'the default model'} is a "
+                "model file (build a bundle with --sign to ship it signed)"
+            )
         path = model if model is not None else default_model_path()
         name = runtime or default_runtime(device)
         if target(name).converts_files:

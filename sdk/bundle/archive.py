@@ -19,6 +19,7 @@ from infopt.bundle.files import (
     verify_bundle,
 )
 from infopt.bundle.manifest import MANIFEST, is_bundle
+from infopt.bundle.signing import MAX_SIGNATURE_BYTES, SIGNATURE
 from infopt.errors import BundleError
 
 ARCHIVE_KINDS = ("tar", "zip")
@@ -38,6 +39,8 @@ def write_archive(bundle: str | Path, kind: str = "tar") -> Path:
     root = Path(bundle)
     manifest = verify_bundle(root)
     names = [MANIFEST] + [e["path"] for e in manifest["files"]]
+    if (root / SIGNATURE).is_file():
+        names.append(SIGNATURE)
     target = root.with_name(f"{root.name}.{kind}")
     remove_stale(root)
     tmp = target.with_name(f".{target.name}.partial-{owner_tag()}-{uuid.uuid4().hex[:8]}")
@@ -63,19 +66,22 @@ def write_archive(bundle: str | Path, kind: str = "tar") -> Path:
     return target
 
 
-def extract_archive(archive: str | Path, out: str | Path) -> dict[str, Any]:
+def extract_archive(
+    archive: str | Path, out: str | Path, public_key: str | Path | None = None
+) -> dict[str, Any]:
     """Unpack a bundle archive into directory `out` (atomically, replacing a previous bundle
     there) and verify it. Refused before anything is written: absolute paths, `..`, links of
     any kind, devices and other non-files, more than MAX_ARCHIVE_MEMBERS members or
     MAX_ARCHIVE_BYTES bytes, members outside one top-level directory, compressed members
     expanding more than MAX_RATIO times, and any member the archive's own manifest does not
-    list at that size; a truncated or malformed archive is a BundleError too."""
+    list at that size; a truncated or malformed archive is a BundleError too. With
+    `public_key`, the bundle must be signed by that key (checked before it is swapped in)."""
     import tarfile
     import zipfile
     import zlib
 
     try:
-        return _extract(Path(archive), Path(out))
+        return _extract(Path(archive), Path(out), public_key)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise BundleError(f"{archive}: a damaged or truncated archive ({e})") from None
 
@@ -83,7 +89,7 @@ def extract_archive(archive: str | Path, out: str | Path) -> dict[str, Any]:
 MAX_RATIO = 100  # bundles are stored uncompressed; weights barely compress
 
 
-def _extract(archive: Path, out: Path) -> dict[str, Any]:
+def _extract(archive: Path, out: Path, public_key: str | Path | None) -> dict[str, Any]:
     import tarfile
     import zipfile
 
@@ -145,7 +151,7 @@ def _extract(archive: Path, out: Path) -> dict[str, Any]:
                 copied = _copy_capped(src, dst, size)
             if copied != size:
                 raise BundleError(f"{archive}: member {name!r} is not {size} bytes as declared")
-        manifest = verify_bundle(tmp)
+        manifest = verify_bundle(tmp, public_key)
         swap_into_place(tmp, out)
     finally:
         if tmp.exists():
@@ -173,6 +179,9 @@ def _check_listed(archive: Path, top: str, members: list[tuple[str, int]]) -> No
         listed = {f"{top}/{e['path']}": int(e["size"]) for e in files}
     except (ValueError, KeyError, TypeError, RecursionError):
         raise BundleError(f"{archive}: {name} is not a readable bundle manifest") from None
+    listed[f"{top}/{SIGNATURE}"] = sizes.get(f"{top}/{SIGNATURE}", 0)
+    if listed[f"{top}/{SIGNATURE}"] > MAX_SIGNATURE_BYTES:
+        raise BundleError(f"{archive}: {top}/{SIGNATURE} is too large for a signature")
     for member, size in members:
         if member != name and listed.get(member) != size:
             raise BundleError(

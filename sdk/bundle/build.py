@@ -17,6 +17,7 @@ import torch
 
 from infopt.bundle.files import write_bundle
 from infopt.bundle.manifest import TOKENIZER, tokenizer_section
+from infopt.bundle.signing import key_id, load_private_key
 from infopt.compress.apply import apply_plan, check_plan, make_symmetric, symmetric
 from infopt.compress.calibration import CALIBRATION_LENGTH
 from infopt.core.model import Decoder, load_core, parameter_count
@@ -69,6 +70,7 @@ def build(
     calibration: str | Path | None = None,
     speculative: str | None = None,
     quantize: str | None = None,
+    sign: str | Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Build a bundle of `model` (None: the default model) for `device` (or from `plan_file`)
@@ -87,7 +89,9 @@ def build(
     INT4 self-draft in the bundle), "auto" (the planner's choice between those) or the path of a
     draft model (GGUF, Hugging Face folder or an infopt weight file such as `distill` writes)
     sharing the tokenizer. calibration: a text file; given, quantization is GPTQ (on the text
-    shipped with infopt when the plan asks for GPTQ without one), else RTN."""
+    shipped with infopt when the plan asks for GPTQ without one), else RTN. sign: an Ed25519
+    private key (PEM) to sign the manifest with (`infopt.bundle.signing`), read before any
+    work."""
     from infopt.compress.calibration import calibration_ids
     from infopt.core.default_model import default_model_path
 
@@ -103,6 +107,7 @@ def build(
     for name in requested:
         if name not in names():
             raise InvalidArgumentError(f"runtime {name!r}: expected one of {names()}")
+    signing_key = load_private_key(sign) if sign is not None else None
     draft_kind = speculative or "none"
     if draft_kind not in SPECULATIVE and not Path(draft_kind).exists():
         raise InvalidArgumentError(
@@ -172,7 +177,7 @@ def build(
         draft=draft,
     )
     writers[TOKENIZER] = tokenizer_writer(source)
-    full = write_bundle(out, manifest, writers, progress=step)  # the exporters run here
+    full = write_bundle(out, manifest, writers, progress=step, sign=signing_key)  # exporters run
     return {
         "bundle": str(out),
         "plan": p.compression["name"],
@@ -180,6 +185,7 @@ def build(
         "artifacts": sorted(artifacts),
         "bytes": sum(f["size"] for f in full["files"]),
         "files": full["files"],
+        "signed_by": key_id(signing_key.public_key()) if signing_key else None,
         "predicted": p.predicted,
         "compression": done,
         "quality": done["quality"],

@@ -20,11 +20,15 @@ import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from infopt.bundle.manifest import FORMAT, MANIFEST, VERSION, is_bundle, read_manifest
+from infopt.bundle.signing import SIGNATURE, check_signature, sign_bundle
 from infopt.core.progress import Progress, silent
 from infopt.errors import BundleError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 
 def sha256_file(path: Path) -> str:
@@ -45,7 +49,7 @@ def safe_relative(root: Path, name: object) -> Path:
         or any(ord(c) < 32 for c in name)  # NUL and other control characters
         or "\\" in name
         or any(part in ("..", ".", "") for part in name.split("/"))
-        or name == MANIFEST
+        or name in (MANIFEST, SIGNATURE)
     ):
         raise BundleError(f"{root}: file path {name!r} leaves the bundle or is not canonical")
     return root.joinpath(*pure.parts)
@@ -58,9 +62,11 @@ def walk(root: Path) -> Iterator[Path]:
             yield Path(dirpath) / name
 
 
-def verify_bundle(path: str | Path) -> dict[str, Any]:
+def verify_bundle(path: str | Path, public_key: str | Path | None = None) -> dict[str, Any]:
     """The manifest of a bundle whose every file checks out; a BundleError naming the first file
-    that does not (changed, truncated, missing, unlisted, a link, outside the bundle)."""
+    that does not (changed, truncated, missing, unlisted, a link, outside the bundle). A signed
+    bundle's signature must match its manifest; with `public_key` (a PEM file) the bundle must
+    be signed by that key (`infopt.bundle.signing`)."""
     root = Path(path)
     manifest = read_manifest(root)
     listed: dict[Path, dict[str, Any]] = {}
@@ -77,7 +83,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
             if entry_path.relative_to(root) not in holders:  # holds no listed file
                 raise BundleError(f"{entry_path}: a directory the manifest does not list")
             continue
-        if entry_path != root / MANIFEST and entry_path not in listed:
+        if entry_path not in (root / MANIFEST, root / SIGNATURE) and entry_path not in listed:
             raise BundleError(f"{entry_path}: not listed in the manifest")
     for target, entry in listed.items():
         try:
@@ -90,6 +96,7 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
             raise BundleError(f"{target}: {st.st_size} bytes, the manifest says {entry['size']}")
         if sha256_file(target) != entry["sha256"]:
             raise BundleError(f"{target}: sha256 does not match the manifest (changed)")
+    check_signature(root, public_key)
     check_vocabulary(root, manifest)
     names = {str(PurePosixPath(e["path"])) for e in manifest["files"]}
     drafts = (manifest.get("draft") or {}).get("artifacts") or {}
@@ -126,12 +133,14 @@ def write_bundle(
     manifest: dict[str, Any],
     writers: dict[str, Callable[[Path], object]],
     progress: Progress | None = None,
+    sign: Ed25519PrivateKey | None = None,
 ) -> dict[str, Any]:
     """Write a bundle atomically. `writers` maps each relative file path to a function writing
     that file (and any siblings it needs: an exporter converts as it writes); `manifest` gets
     format, version and the sizes and hashes of every file written. OUT is replaced
     only when everything is written and verified; on any failure it is left as it was.
-    `progress` hears of each file as it is written ("write files") and of the check."""
+    `progress` hears of each file as it is written ("write files") and of the check. With
+    `sign`, the manifest is signed before the bundle is swapped in."""
     out = Path(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise BundleError(f"{out}: exists and is not a bundle directory; not replacing it")
@@ -159,6 +168,8 @@ def write_bundle(
         ]
         full = {"format": FORMAT, "version": VERSION, **manifest, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
+        if sign is not None:
+            sign_bundle(tmp, sign)
         fsync_tree(tmp)
         verify_bundle(tmp)
         swap_into_place(tmp, out)

@@ -24,12 +24,18 @@ if TYPE_CHECKING:
     from infopt.runtimes import Runtime
 
 
-def open_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+def open_bundle(
+    path: str | Path, *, verify: bool = True, public_key: str | Path | None = None
+) -> Bundle:
     """The bundle at `path`. With `verify` (the default) every file is checked against the
-    manifest (size, sha256, nothing missing, extra, linked or outside) before anything reads
-    it; without, only the manifest is read and checked against its schema (`inspect`)."""
+    manifest (size, sha256, nothing missing, extra, linked or outside) and a signed manifest
+    against its signature before anything reads it; without, only the manifest is read and
+    checked against its schema (`inspect`). `public_key`: a PEM file; the bundle must be
+    signed by that key (implies `verify`)."""
     root = Path(path)
-    return Bundle(root, verify_bundle(root) if verify else read_manifest(root))
+    if public_key is not None or verify:
+        return Bundle(root, verify_bundle(root, public_key))
+    return Bundle(root, read_manifest(root))
 
 
 @dataclass

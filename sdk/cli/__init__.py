@@ -31,6 +31,7 @@ for command in (
     bundle.build,
     bundle.unpack,
     bundle.verify,
+    bundle.keygen,
     bundle.bench,
     cache.cache,
 ):

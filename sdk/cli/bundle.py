@@ -19,6 +19,13 @@ from infopt.cli.output import (
 )
 from infopt.measure.speed import DEFAULT_PEERS
 
+key_option = click.option(
+    "--key",
+    metavar="PUB",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A public key (PEM): the bundle must be signed by it (see `build --sign`).",
+)
+
 
 @click.command()
 @click.argument("model", required=False)
@@ -58,6 +65,15 @@ from infopt.measure.speed import DEFAULT_PEERS
     type=click.Choice(["tar", "zip"]),
     help="Also write the bundle as one file, OUT.tar or OUT.zip (see `infopt-pack unpack`).",
 )
+@click.option(
+    "--sign",
+    "sign",
+    metavar="KEY",
+    type=click.Path(dir_okay=False),
+    help="Sign the manifest (which holds every file's sha256) with this Ed25519 private key "
+    "(PEM; `infopt-pack keygen` makes one; an encrypted key reads its passphrase from "
+    "$INFOPT_KEY_PASSPHRASE). `verify --key` and `run --key` then require it.",
+)
 @json_option
 @friendly_errors
 def build(
@@ -73,6 +89,7 @@ def build(
     calibration: str | None,
     speculative: str | None,
     archive: str | None,
+    sign: str | None,
     as_json: bool,
 ) -> None:
     """Plan, compress and package MODEL into a self-contained, checksummed bundle directory.
@@ -90,6 +107,7 @@ def build(
       infopt-pack build --device apple-ane -o smollm2-ane        # Core ML .mlpackage
       infopt-pack build --device host --runtime tflite -o smollm2-tflite
       infopt-pack build --device host --speculative self -o smollm2-spec
+      infopt-pack build --device host --sign release.key -o smollm2-signed
       infopt-pack run smollm2-host --prompt "Hi"
     """
     import infopt
@@ -108,6 +126,7 @@ def build(
             calibration=calibration,
             speculative=speculative,
             quantize=quantize,
+            sign=sign,
             progress=bars,
         )
     finally:
@@ -125,6 +144,8 @@ def build(
     click.echo(f"plan     {summary['plan']}, runtime {summary['runtime']}")
     if summary["draft"]:
         click.echo(f"draft    {summary['draft']} (speculative decoding)")
+    if summary["signed_by"]:
+        click.echo(f"signed   by key {summary['signed_by']} (manifest.sig)")
     click.echo(
         f"predicted {fmt_bytes(est['total'])} memory, {est['decode_tok_s']:.1f} tok/s decode"
     )
@@ -139,15 +160,27 @@ def build(
 @click.command()
 @click.argument("archive", type=click.Path(exists=True, dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Bundle dir.")
+@key_option
+@json_option
 @friendly_errors
-def unpack(archive: str, out: str) -> None:
+def unpack(archive: str, out: str, key: str | None, as_json: bool) -> None:
     """Extract a bundle archive (.tar or .zip from `build --archive`) into OUT and verify it.
     Links, devices, absolute or `..` paths and oversized archives are refused before anything
-    is written; OUT is replaced only by a verified bundle."""
+    is written; OUT is replaced only by a verified bundle (with --key: one signed by it)."""
     from infopt.bundle.archive import extract_archive
+    from infopt.bundle.signing import read_signature
 
-    manifest = extract_archive(archive, out)
-    click.echo(f"{out}: ok, {len(manifest['files'])} files verified")
+    manifest = extract_archive(archive, out, public_key=key)
+    signature = read_signature(Path(out))
+    signer = signature["key_id"] if signature else None
+    if as_json:
+        emit_json({"bundle": out, "ok": True, "files": manifest["files"], "signed_by": signer})
+        return
+    click.echo(f"{out}: ok, {len(manifest['files'])} files verified{_signed(signer)}")
+
+
+def _signed(signer: str | None) -> str:
+    return f", signed by key {signer}" if signer else ", not signed"
 
 
 @click.command()
@@ -206,26 +239,69 @@ def bench(
 
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@key_option
 @json_option
 @friendly_errors
-def verify(bundle: str, as_json: bool) -> None:
+def verify(bundle: str, key: str | None, as_json: bool) -> None:
     """Check every file of BUNDLE against its manifest (sizes, sha256, nothing extra or missing,
-    no links, no path outside) and the manifest against its schema, and read back the
-    artifacts whose target can be read back without running them (a Core ML package against
-    the inputs, windows, outputs and states the manifest gives an app; needs coremltools, not
-    macOS). Exit code 1 names the first file or field that fails."""
-    from infopt.bundle import open_bundle
+    no links, no path outside), the manifest against its schema and its claims against the
+    files, a signed manifest against its signature (with --key: signed by that key, else
+    refused), and read back the artifacts whose target can be read back without running them
+    (a Core ML package against the inputs, windows, outputs and states the manifest gives an
+    app; needs coremltools, not macOS). Exit code 1 names the first file or field that fails.
 
-    opened = open_bundle(bundle)
+    
+    Examples:
+      infopt-pack verify smollm2-host
+      infopt-pack verify smollm2-signed --key release.key.pub"""
+    from infopt.bundle import open_bundle
+    from infopt.bundle.signing import read_signature
+
+    opened = open_bundle(bundle, public_key=key)
     files = opened.manifest["files"]
     packages = opened.read_back()
+    signature = read_signature(Path(bundle))
+    signer = signature["key_id"] if signature else None
     if as_json:
-        emit_json({"bundle": bundle, "ok": True, "files": files, "packages": packages})
+        emit_json(
+            {
+                "bundle": bundle,
+                "ok": True,
+                "files": files,
+                "packages": packages,
+                "signed_by": signer,
+            }
+        )
         return
-    click.echo(f"{bundle}: ok, {len(files)} files verified")
+    click.echo(f"{bundle}: ok, {len(files)} files verified{_signed(signer)}")
     for p in packages:
         click.echo(
             f"{p['package']}: inputs, windows {p['windows']}, outputs and states "
             f"{p['states']} match the manifest; quantized weights: "
             f"{p['quantized_weights'] or 'none'}"
         )
+
+
+@click.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@json_option
+@friendly_errors
+def keygen(out: str, as_json: bool) -> None:
+    """Make an Ed25519 key pair for signing bundles: OUT (the private key, PEM, readable by you
+    only) and OUT.pub (the public key to hand to whoever verifies). Neither may exist.
+
+    \b
+    Examples:
+      infopt-pack keygen release.key
+      infopt-pack build --device host --sign release.key -o smollm2-signed
+      infopt-pack verify smollm2-signed --key release.key.pub
+    (`openssl genpkey -algorithm ed25519 -out release.key` makes a key that works too.)"""
+    from infopt.bundle.signing import generate_key
+
+    private, public, kid = generate_key(out)
+    if as_json:
+        emit_json({"private_key": str(private), "public_key": str(public), "key_id": kid})
+        return
+    click.echo(f"private key {private} (keep it secret)")
+    click.echo(f"public key  {public}")
+    click.echo(f"key id      {kid}")

@@ -72,6 +72,12 @@ from infopt.runtimes.registry import reference
     "--no-speculative", is_flag=True, help="Decode without the bundle's draft (plain decoding)."
 )
 @click.option("--num-draft-tokens", type=int, help="Draft length to start from, 1-16 (it adapts).")
+@click.option(
+    "--key",
+    metavar="PUB",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A public key (PEM): run the bundle only if it is signed by it (see `build --sign`).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @friendly_errors
 def run(
@@ -96,6 +102,7 @@ def run(
     draft_runtime: str | None,
     no_speculative: bool,
     num_draft_tokens: int | None,
+    key: str | None,
     as_json: bool,
 ) -> None:
     """Generate from MODEL (a bundle, a GGUF file or a Hugging Face folder), streaming the
@@ -123,6 +130,7 @@ def run(
             draft_runtime=draft_runtime,
             cache=not no_cache,
             progress=bars,
+            public_key=key,
         )
     finally:
         bars.close()
