@@ -57,6 +57,26 @@ class Artifact:
             )
 
 
+# How a runtime computes against quantized weights. "fast": the runtime's fastest CPU kernels,
+# which may round activations (ONNX Runtime's MatMulNBits to int8, OpenVINO's dynamic
+# quantization on CPUs with VNNI/AMX, PyTorch's packed bfloat16 kernels); "exact": float32
+# activations against the stored weights, so results differ between CPUs only by float32
+# summation order. Float weights compute in float32 either way.
+NUMERICS = ("fast", "exact")
+
+
+def check_numerics(numerics: object) -> str:
+    if numerics not in NUMERICS:
+        raise InvalidArgumentError(f"numerics={numerics!r}: expected one of {list(NUMERICS)}")
+    return str(numerics)
+
+
+def no_exact_numerics(runtime: str, numerics: str, why: str) -> None:
+    """A typed refusal of numerics="exact" on a runtime that has no such mode (`why`)."""
+    if check_numerics(numerics) == "exact":
+        raise InvalidArgumentError(f"numerics='exact' is not available on {runtime}: {why}")
+
+
 def cpu_only(runtime: str, device: str | None) -> None:
     if device not in (None, "cpu", "auto"):
         raise InvalidArgumentError(f"device {device!r}: the {runtime} runtime runs on the CPU")
@@ -81,6 +101,7 @@ class BaseRuntime:
 
     name: str
     device = "cpu"
+    numerics = "fast"  # NUMERICS: how it was loaded
     batch_exact = True
     verify_window: int | None = None
     max_pass: int | None = PREFILL_CHUNK  # tokens per pass of the underlying model; None: any

@@ -38,7 +38,7 @@ from infopt.decode.generate import (
 from infopt.errors import InvalidArgumentError, ModelBusyError
 from infopt.importers import ModelSource, open_model
 from infopt.runtimes import Runtime
-from infopt.runtimes.base import cpu_only
+from infopt.runtimes.base import check_numerics, cpu_only
 from infopt.runtimes.registry import reference, target
 
 if TYPE_CHECKING:
@@ -187,6 +187,7 @@ def load(
     cache: bool = True,
     progress: Progress | None = None,
     public_key: str | Path | None = None,
+    numerics: str = "fast",
 ) -> Model:
     """Load a model for generation.
 
@@ -209,6 +210,14 @@ def load(
     loaded `Model` is a draft model sharing the target's tokenizer, loaded on `draft_runtime`
     (default: the target's; a bundle's own draft: `Bundle.draft_runtime_for`).
 
+    numerics: how quantized weights are computed. "fast" (the default): each runtime's fastest
+    CPU kernels, which round activations (ONNX Runtime's MatMulNBits to int8, OpenVINO's
+    dynamic quantization on CPUs with VNNI or AMX, PyTorch's packed bfloat16 kernels): logits
+    close to the stored weights' and varying slightly between CPUs. "exact": float32
+    activations against the stored weights on every CPU (much slower on ONNX Runtime; refused
+    on Core ML, which computes in float16, and on a quantized LiteRT model). docs/quality.md
+    gives the measured difference. Float weights compute in float32 either way.
+
     public_key: a PEM public key; the bundle must be signed by it (`infopt-pack build --sign`),
     else `BundleError`. A signed bundle's signature is checked against the key it names even
     without one; a model file cannot be signed, so giving a key for one is refused.
@@ -216,6 +225,7 @@ def load(
     from infopt.bundle.manifest import is_bundle
     from infopt.core.default_model import default_model_path
 
+    check_numerics(numerics)
     if model is not None and is_bundle(model):
         from infopt.bundle.reader import open_bundle
 
@@ -226,6 +236,7 @@ def load(
             )
         loaded = _load_bundle(
             open_bundle(model, public_key=public_key),
+            numerics=numerics,
             runtime=runtime,
             threads=threads,
             max_context=max_context,
@@ -243,10 +254,10 @@ def load(
         name = runtime or default_runtime(device)
         if target(name).converts_files:
             loaded = _load_converted(
-                path, name, threads, max_context, device, dtype, cache, progress
+                path, name, threads, max_context, device, dtype, cache, progress, numerics
             )
         else:
-            loaded = _load_source(path, name, threads, max_context, device, dtype)
+            loaded = _load_source(path, name, threads, max_context, device, dtype, numerics)
     if draft is not None and draft is not False and draft is not True:
         loaded.drafter = _load_draft(loaded, draft, draft_runtime, threads, device)
     if draft is True and loaded.drafter is None:
@@ -265,6 +276,7 @@ def _load_source(
     max_context: int | None,
     device: str | None,
     dtype: str | None,
+    numerics: str,
 ) -> Model:
     """A model file read into a runtime that takes it as it is (converted on the fly if the
     runtime needs it, nothing cached)."""
@@ -277,7 +289,12 @@ def _load_source(
     )
     module = target(runtime).module("runtime")
     rt = module.from_source(
-        source, max_context=ctx, device=device, dtype=dtype or "float32", threads=threads
+        source,
+        max_context=ctx,
+        device=device,
+        dtype=dtype or "float32",
+        threads=threads,
+        numerics=check_numerics(numerics),
     )
     return Model(rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path))
 
@@ -291,6 +308,7 @@ def _load_converted(
     dtype: str | None,
     cache: bool,
     progress: Progress | None,
+    numerics: str,
 ) -> Model:
     """A model file on a runtime that runs an exported artifact: converted at its own
     precision, from the cache (converted into it first if needed), or into a temporary
@@ -305,6 +323,7 @@ def _load_converted(
             "precision; dtype applies to the reference runtime (runtime=...)"
         )
     cpu_only(runtime, device)
+    check_numerics(numerics)
     where: contextlib.AbstractContextManager[Path]
     if cache:
         where = contextlib.nullcontext(
@@ -319,7 +338,9 @@ def _load_converted(
         ctx = _check_load_args(
             max_context or min(trained, DEFAULT_MAX_CONTEXT), trained, threads, max_context
         )
-        rt = bundle.load_runtime(runtime, max_context=ctx, device=device, threads=threads)
+        rt = bundle.load_runtime(
+            runtime, max_context=ctx, device=device, threads=threads, numerics=numerics
+        )
         return Model(rt, bundle.tokenizer, spec, bundle.generation_defaults, str(path))
 
 
@@ -363,6 +384,7 @@ def _load_bundle(
     device: str | None,
     draft: bool,
     draft_runtime: str | None,
+    numerics: str = "fast",
 ) -> Model:
     """A verified bundle's tokenizer and the runtime of the artifact the manifest (or
     `runtime`) names, and (with `draft`) the draft it carries for speculative decoding."""
@@ -371,7 +393,9 @@ def _load_bundle(
     ctx = _check_load_args(
         max_context or bundle.max_context, spec.max_position_embeddings, threads, max_context
     )
-    rt = bundle.load_runtime(runtime, max_context=ctx, device=device, threads=threads)
+    rt = bundle.load_runtime(
+        runtime, max_context=ctx, device=device, threads=threads, numerics=numerics
+    )
     drafter = (
         bundle.load_drafter(rt, draft_runtime, threads=threads, device=device) if draft else None
     )

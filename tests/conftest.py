@@ -262,12 +262,3 @@ def load_tiny(tiny_gguf: Path, request: pytest.FixtureRequest) -> Any:
         return infopt.load(bundle, max_context=max_context)
 
     return load
-
-
-@pytest.fixture
-def exact_openvino(monkeypatch: pytest.MonkeyPatch) -> None:
-    """OpenVINO's CPU plugin with fp32 activations: on CPUs with VNNI it quantizes them before
-    INT8/INT4 weights by default, so a test that means exactness pins that off."""
-    from infopt.runtimes.openvino import runtime
-
-    monkeypatch.setitem(runtime.COMPILE_CONFIG, "DYNAMIC_QUANTIZATION_GROUP_SIZE", 0)

@@ -45,8 +45,10 @@ def compare(
     new_tokens: int = NEW_TOKENS,
     runtimes: list[str] | None = None,
     device: str | None = None,
+    numerics: str = "fast",
 ) -> list[dict[str, Any]]:
-    """One row per non-PyTorch artifact of `bundle` (or per one of `runtimes`, on `device`)."""
+    """One row per non-PyTorch artifact of `bundle` (or per one of `runtimes`, on `device`),
+    loaded with `numerics`; with "fast", a row for the PyTorch runtime's packed kernels too."""
     import infopt
     from infopt.bundle import verify_bundle
 
@@ -62,21 +64,25 @@ def compare(
     # bfloat16 kernels the PyTorch runtime serves quantized layers with: those get a row
     artifact = open_bundle(bundle).artifact("pytorch")
     reference.runtime = from_bundle(
-        artifact, max_context=reference.runtime.max_context, threads=2, packed=False
+        artifact, max_context=reference.runtime.max_context, threads=2, numerics="exact"
     )
     ids = eval_ids(reference.tokenizer, tokens)
     expected = reference.runtime.forward(ids)
     greedy = [reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
     names = runtimes or sorted(a for a in artifacts if a != "pytorch")
     rows = [
-        agreement(Path(bundle).name, infopt.load(bundle, runtime=name, threads=2, device=device),
+        agreement(Path(bundle).name,
+                  infopt.load(bundle, runtime=name, threads=2, device=device, numerics=numerics),
                   ids, expected, greedy, new_tokens)
         for name in names
     ]  # fmt: skip
-    if runtimes is None and getattr(served, "kernels", None):
+    for row in rows:
+        row["numerics"] = numerics
+    if runtimes is None and numerics == "fast" and getattr(served, "kernels", None):
         reference.runtime = served  # the same model, now on the packed kernels
         rows.append(agreement(Path(bundle).name, reference, ids, expected, greedy, new_tokens))
         rows[-1]["runtime"] = "pytorch (packed bf16 kernels)"
+        rows[-1]["numerics"] = "fast"
     return rows
 
 
@@ -84,12 +90,11 @@ def compare_default(
     model: str | None, tokens: int = 512, new_tokens: int = NEW_TOKENS
 ) -> list[dict[str, Any]]:
     """A model file as `infopt.load` runs it by default (the fastest runtime here, the file's own
-    precision) against the same file on PyTorch (its weights dequantized to float32); on ONNX
-    Runtime, a second row converts it again with fp32 activations in `MatMulNBits` (accuracy
-    level 0, not cached), which separates the weights' mapping from the kernels' rounding."""
+    precision) against the same file on PyTorch (its weights dequantized to float32), and a
+    second row with numerics "exact" (fp32 activations: on ONNX Runtime, `MatMulNBits` at
+    accuracy level 0), which separates the weights' mapping from the kernels' rounding."""
     import infopt
     from infopt.core.default_model import default_model_path
-    from infopt.runtimes.onnxruntime import export
 
     path = model or default_model_path()
     reference = infopt.load(path, runtime="pytorch", threads=2, max_context=1024)
@@ -97,15 +102,12 @@ def compare_default(
     expected = reference.runtime.forward(ids)
     greedy = [reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
     fast = infopt.load(path, threads=2, max_context=1024)
-    rows = [agreement(Path(path).name, fast, ids, expected, greedy, new_tokens)]
-    if fast.runtime.name == "onnxruntime":
-        saved, export.ACCURACY_LEVEL = export.ACCURACY_LEVEL, 0
-        try:
-            exact = infopt.load(path, threads=2, max_context=1024, cache=False)
-        finally:
-            export.ACCURACY_LEVEL = saved
-        label = f"{Path(path).name}, fp32 activations (accuracy level 0)"
-        rows.append(agreement(label, exact, ids, expected, greedy, new_tokens))
+    exact = infopt.load(path, threads=2, max_context=1024, numerics="exact")
+    rows = [
+        {**agreement(Path(path).name, fast, ids, expected, greedy, new_tokens), "numerics": "fast"},
+        {**agreement(Path(path).name, exact, ids, expected, greedy, new_tokens),
+         "numerics": "exact"},
+    ]  # fmt: skip
     return rows
 
 
@@ -154,13 +156,14 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     out = [
-        "| bundle | runtime | top-1 agreement | KL (nats/token) | max abs logit diff | relative | "
-        "greedy prompts identical (of 64 tokens) | first differing token |",
-        "|---|---|---|---|---|---|---|---|",
+        "| bundle | runtime | numerics | top-1 agreement | KL (nats/token) | max abs logit diff | "
+        "relative | greedy prompts identical (of 64 tokens) | first differing token |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r['bundle']} | {r['runtime']} | {r['top1']:.3f} ({r['positions']} positions) | "
+            f"| {r['bundle']} | {r['runtime']} | {r.get('numerics', 'fast')} | "
+            f"{r['top1']:.3f} ({r['positions']} positions) | "
             f"{r['kl']:.2e} | {r['max_abs']:.2e} | {r['max_rel']:.1e} | "
             f"{r['greedy_identical']}/{r['prompts']} | "
             f"{', '.join(str(p) for p in r['first_divergence'])} |"
@@ -177,6 +180,11 @@ def main() -> None:
     ap.add_argument(
         "--model", nargs="?", const="", help="a model file's fast default (none: the default model)"
     )
+    ap.add_argument(
+        "--numerics",
+        default="fast",
+        help="fast, exact, or both (comma-separated): how the compared runtimes are loaded",
+    )
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
     if args.model is not None:
@@ -188,7 +196,8 @@ def main() -> None:
         from infopt.tools.runtime_bench import build_matrix
 
         bundles += [b for _, b in build_matrix(args.matrix, args.tflite)]
-    rows = [r for b in bundles for r in compare(b, args.tokens)]
+    modes = [m for m in args.numerics.split(",") if m]
+    rows = [r for b in bundles for m in modes for r in compare(b, args.tokens, numerics=m)]
     print(markdown(rows) if args.markdown else json.dumps(rows, indent=2))
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from infopt.core.quiet import quiet_native
 from infopt.errors import InvalidArgumentError
-from infopt.runtimes.base import Artifact, FixedWindowRuntime
+from infopt.runtimes.base import Artifact, FixedWindowRuntime, no_exact_numerics
 from infopt.runtimes.coreml import require_macos
 from infopt.runtimes.coreml.layout import causal_mask
 
@@ -96,14 +96,19 @@ def _compute_units(device: str | None) -> Any:
     return getattr(ct.ComputeUnit, COMPUTE_UNITS[device])
 
 
+FP16 = "it computes in float16 (the compute precision its package is converted with)"
+
+
 def from_bundle(
     artifact: Artifact,
     *,
     max_context: int,
     device: str | None = None,
     threads: int | None = None,
+    numerics: str = "fast",
 ) -> CoreMLRuntime:
     """The Core ML model of a verified bundle (macOS 15+ only; elsewhere a typed refusal)."""
+    no_exact_numerics("Core ML", numerics, FP16)
     entry = artifact.entry
     units = _compute_units(device)
     require_macos(f"{artifact.root}: the Core ML artifact {entry['package']}")
@@ -119,20 +124,25 @@ def from_source(
     device: str | None = None,
     dtype: str = "float32",
     threads: int | None = None,
+    numerics: str = "fast",
 ) -> CoreMLRuntime:
     """Convert an imported model (needs torch) and load it (macOS 15+ only). Core ML computes
     in fp16 whatever `dtype` says."""
     from infopt.core.model import load_core
 
+    no_exact_numerics("Core ML", numerics, FP16)
     require_macos(f"{source.path}")
     core = load_core(source, max_context, device="cpu")
     return from_model(core, max_context=max_context, device=device)
 
 
-def from_model(core: Any, *, max_context: int, device: str | None = None) -> CoreMLRuntime:
+def from_model(
+    core: Any, *, max_context: int, device: str | None = None, numerics: str = "fast"
+) -> CoreMLRuntime:
     """Convert a model core (as compressed, if it is) and load it (macOS 15+ only)."""
     from infopt.runtimes.coreml.export import FILE, coreml_io, export_coreml
 
+    no_exact_numerics("Core ML", numerics, FP16)
     require_macos("a Core ML model")
     units = _compute_units(device)
     tmp = tempfile.mkdtemp(prefix="infopt-coreml-")  # Core ML reads the package lazily: kept

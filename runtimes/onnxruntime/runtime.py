@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from infopt.errors import BundleError
-from infopt.runtimes.base import Artifact, BaseRuntime, cpu_only, exportable_core
+from infopt.errors import BundleError, RuntimeNotAvailableError
+from infopt.runtimes.base import Artifact, BaseRuntime, check_numerics, cpu_only, exportable_core
 
 if TYPE_CHECKING:
     from infopt.importers import ModelSource
@@ -88,13 +88,46 @@ class ONNXRuntime(BaseRuntime):
         return out[0].copy() if keep == 1 else out[0]
 
 
-def load_session(path: Path, threads: int | None) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(
-            str(path), session_options(threads), providers=["CPUExecutionProvider"]
+def load_session(path: Path, threads: int | None, numerics: str = "fast") -> ort.InferenceSession:
+    """A session of the graph at `path`; with numerics "exact", every MatMulNBits computes with
+    float32 activations (accuracy level 0) whatever level the graph was exported with."""
+    options = session_options(threads)
+    graph: str | bytes = str(path)
+    if check_numerics(numerics) == "exact" and (exact := _fp32_activations(path)) is not None:
+        graph = exact
+        # the graph comes as bytes; its weights stay in the external data file beside it
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(path.parent)
         )
+    try:
+        return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own untyped exceptions on bad graphs
         raise BundleError(f"{path}: onnxruntime cannot load this graph ({e})") from e
+
+
+def _fp32_activations(path: Path) -> bytes | None:
+    """The graph (without its external weights) with accuracy level 0 on every MatMulNBits;
+    None when no node needs the change."""
+    try:
+        import onnx
+    except ImportError:
+        raise RuntimeNotAvailableError(
+            "numerics='exact' on ONNX Runtime rewrites the graph with the onnx package: "
+            "pip install 'infopt[onnx]'"
+        ) from None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and others on damaged files
+        raise BundleError(f"{path}: not a readable ONNX graph ({e})") from e
+    changed = False
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "accuracy_level" and attribute.i != 0:
+                attribute.i = 0
+                changed = True
+    return model.SerializeToString() if changed else None
 
 
 def from_bundle(
@@ -103,14 +136,16 @@ def from_bundle(
     max_context: int,
     device: str | None = None,
     threads: int | None = None,
+    numerics: str = "fast",
 ) -> ONNXRuntime:
-    """The session of a verified bundle's ONNX artifact."""
+    """The session of a verified bundle's ONNX artifact (`numerics`: `load_session`'s)."""
     cpu_only("onnxruntime", device)
     artifact.check_context(max_context, "ONNX graph (its rotary tables)")
-    session = load_session(artifact.file(), threads)
-    return ONNXRuntime(
-        session, max_context, artifact.vocab_size, batch_exact=not artifact.quantized
-    )
+    session = load_session(artifact.file(), threads, numerics)
+    exact = numerics == "exact" or not artifact.quantized
+    rt = ONNXRuntime(session, max_context, artifact.vocab_size, batch_exact=exact)
+    rt.numerics = numerics
+    return rt
 
 
 def from_source(
@@ -120,20 +155,26 @@ def from_source(
     device: str | None = None,
     dtype: str = "float32",
     threads: int | None = None,
+    numerics: str = "fast",
 ) -> ONNXRuntime:
     """Export an imported model (needs torch) to a temporary ONNX file and load it."""
     cpu_only("onnxruntime", device)
     core = exportable_core(source, "onnxruntime", max_context, dtype)
-    return from_model(core, max_context=max_context, threads=threads)
+    return from_model(core, max_context=max_context, threads=threads, numerics=numerics)
 
 
-def from_model(core: Any, *, max_context: int, threads: int | None = None) -> ONNXRuntime:
+def from_model(
+    core: Any, *, max_context: int, threads: int | None = None, numerics: str = "fast"
+) -> ONNXRuntime:
     """Export a model core (as compressed, if it is) and load it on onnxruntime."""
     from infopt.core.quant import QuantStorage
     from infopt.runtimes.onnxruntime.export import FILE, export_onnx
 
     with tempfile.TemporaryDirectory(prefix="infopt-onnx-") as tmp:
         export_onnx(core, Path(tmp) / FILE, max_context)
-        session = load_session(Path(tmp) / FILE, threads)
+        session = load_session(Path(tmp) / FILE, threads, numerics)
     quantized = any(isinstance(m, QuantStorage) for m in core.modules())
-    return ONNXRuntime(session, max_context, core.spec.vocab_size, batch_exact=not quantized)
+    exact = numerics == "exact" or not quantized
+    rt = ONNXRuntime(session, max_context, core.spec.vocab_size, batch_exact=exact)
+    rt.numerics = numerics
+    return rt

@@ -17,24 +17,29 @@ import numpy as np
 import openvino as ov
 
 from infopt.errors import BundleError
-from infopt.runtimes.base import Artifact, BaseRuntime, cpu_only, exportable_core
+from infopt.runtimes.base import Artifact, BaseRuntime, check_numerics, cpu_only, exportable_core
 
 if TYPE_CHECKING:
     from infopt.importers import ModelSource
 
 KV_PRECISION = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "u8"}
-# Latency settings, fp32 compute. On CPUs with VNNI the plugin also quantizes activations
-# dynamically before INT8/INT4 weights (its default there): close to fp32, not equal, and faster.
+# Latency settings, fp32 compute. On CPUs with VNNI or AMX the plugin also quantizes
+# activations dynamically before INT8/INT4 weights (its default there: numerics "fast"), so its
+# results depend on the CPU; numerics "exact" turns that off.
 COMPILE_CONFIG: dict[str, Any] = {
     "PERFORMANCE_HINT": "LATENCY",
     "NUM_STREAMS": 1,
     "INFERENCE_PRECISION_HINT": "f32",
 }
+EXACT_CONFIG: dict[str, Any] = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
 
 
-def compile_model(path: Path, threads: int | None, kv_dtype: str | None) -> Any:
+def compile_model(
+    path: Path, threads: int | None, kv_dtype: str | None, numerics: str = "fast"
+) -> Any:
     config: dict[str, Any] = {
         **COMPILE_CONFIG,
+        **(EXACT_CONFIG if check_numerics(numerics) == "exact" else {}),
         "KV_CACHE_PRECISION": KV_PRECISION.get(kv_dtype or "fp32", "f32"),
     }
     if threads is not None:
@@ -91,12 +96,15 @@ def from_bundle(
     max_context: int,
     device: str | None = None,
     threads: int | None = None,
+    numerics: str = "fast",
 ) -> OpenVINORuntime:
     """The compiled model of a verified bundle's OpenVINO artifact."""
     cpu_only("openvino", device)
     artifact.check_context(max_context, "OpenVINO model (its rotary tables)")
-    compiled = compile_model(artifact.file(), threads, artifact.kv_dtype)
-    return OpenVINORuntime(compiled, max_context, artifact.vocab_size)
+    compiled = compile_model(artifact.file(), threads, artifact.kv_dtype, numerics)
+    rt = OpenVINORuntime(compiled, max_context, artifact.vocab_size)
+    rt.numerics = numerics
+    return rt
 
 
 def from_source(
@@ -106,20 +114,28 @@ def from_source(
     device: str | None = None,
     dtype: str = "float32",
     threads: int | None = None,
+    numerics: str = "fast",
 ) -> OpenVINORuntime:
     """Export an imported model (needs torch) to a temporary IR and compile it."""
     cpu_only("openvino", device)
     core = exportable_core(source, "openvino", max_context, dtype)
-    return from_model(core, max_context=max_context, threads=threads)
+    return from_model(core, max_context=max_context, threads=threads, numerics=numerics)
 
 
 def from_model(
-    core: Any, *, max_context: int, threads: int | None = None, kv_dtype: str | None = None
+    core: Any,
+    *,
+    max_context: int,
+    threads: int | None = None,
+    kv_dtype: str | None = None,
+    numerics: str = "fast",
 ) -> OpenVINORuntime:
     """Export a model core (as compressed, if it is) and compile it on OpenVINO's CPU plugin."""
     from infopt.runtimes.openvino.export import XML, export_openvino
 
     with tempfile.TemporaryDirectory(prefix="infopt-ov-") as tmp:
         export_openvino(core, Path(tmp) / XML, max_context)
-        compiled = compile_model(Path(tmp) / XML, threads, kv_dtype)
-    return OpenVINORuntime(compiled, max_context, core.spec.vocab_size)
+        compiled = compile_model(Path(tmp) / XML, threads, kv_dtype, numerics)
+    rt = OpenVINORuntime(compiled, max_context, core.spec.vocab_size)
+    rt.numerics = numerics
+    return rt

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from infopt.core.model import Decoder, load_core, pick_device
-from infopt.runtimes.base import Artifact, BaseRuntime
+from infopt.runtimes.base import Artifact, BaseRuntime, check_numerics
 
 if TYPE_CHECKING:
     from infopt.importers import ModelSource
@@ -48,19 +48,30 @@ def from_source(
     device: str | None = None,
     dtype: str = "float32",
     threads: int | None = None,
+    numerics: str = "fast",
 ) -> PyTorchRuntime:
-    """Build the model core from an imported model's weights."""
+    """Build the model core from an imported model's weights (float: exact in either
+    `numerics`, at `dtype`)."""
+    check_numerics(numerics)
     if threads is not None:
         torch.set_num_threads(threads)
     core = load_core(source, max_context, device=device, dtype=dtype)
-    return PyTorchRuntime(core, max_context)
+    rt = PyTorchRuntime(core, max_context)
+    rt.numerics = numerics
+    return rt
 
 
-def from_model(core: Decoder, *, max_context: int, threads: int | None = None) -> PyTorchRuntime:
-    """Run a model core (as compressed, if it is) as it is."""
+def from_model(
+    core: Decoder, *, max_context: int, threads: int | None = None, numerics: str = "fast"
+) -> PyTorchRuntime:
+    """Run a model core (as compressed, if it is) as it is: quantized layers dequantize on the
+    fly in float32, exact in either `numerics`."""
+    check_numerics(numerics)
     if threads is not None:
         torch.set_num_threads(threads)
-    return PyTorchRuntime(core, max_context)
+    rt = PyTorchRuntime(core, max_context)
+    rt.numerics = numerics
+    return rt
 
 
 def from_bundle(
@@ -69,18 +80,20 @@ def from_bundle(
     max_context: int,
     device: str | None = None,
     threads: int | None = None,
-    packed: bool = True,
+    numerics: str = "fast",
 ) -> PyTorchRuntime:
-    """The model core from a verified bundle's infopt weight file. packed: quantized layers on
-    the CPU run on PyTorch's packed kernels in bfloat16 (`kernels.pack_model`); False keeps them
-    dequantizing on the fly in float32 (exact, slower than float32)."""
+    """The model core from a verified bundle's infopt weight file. numerics "fast": quantized
+    layers on the CPU run on PyTorch's packed kernels in bfloat16 (`kernels.pack_model`);
+    "exact": they dequantize on the fly in float32 (slower than float32)."""
     from infopt.core.weights import load_model
     from infopt.runtimes.pytorch.kernels import pack_model
 
+    check_numerics(numerics)
     if threads is not None:
         torch.set_num_threads(threads)
     core = load_model(artifact.file(), device=pick_device(device))
-    kernels = pack_model(core) if packed else {}
+    kernels = pack_model(core) if numerics == "fast" else {}
     runtime = PyTorchRuntime(core, max_context)
     runtime.kernels = kernels
+    runtime.numerics = numerics
     return runtime

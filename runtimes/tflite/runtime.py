@@ -20,7 +20,14 @@ import numpy as np
 
 from infopt.core.quiet import quiet_native
 from infopt.errors import BundleError, InvalidArgumentError
-from infopt.runtimes.base import Artifact, FixedWindowRuntime, cpu_only, exportable_core
+from infopt.runtimes.base import (
+    Artifact,
+    FixedWindowRuntime,
+    check_numerics,
+    cpu_only,
+    exportable_core,
+    no_exact_numerics,
+)
 
 try:
     from ai_edge_litert.interpreter import Interpreter
@@ -101,6 +108,13 @@ class TFLiteRuntime(FixedWindowRuntime):
         return np.asarray(logits[n - 1 : n] if only_last else logits[:n], dtype=np.float32)
 
 
+# XNNPACK runs quantized weights with dynamic-range kernels only (activations rounded to int8)
+DYNAMIC_RANGE = (
+    "its kernels for quantized weights round activations to int8 (dynamic range); a float "
+    "bundle computes in float32"
+)
+
+
 def load_interpreter(path: Path, threads: int | None, in_memory: bool = False) -> Any:
     try:
         if in_memory:  # a temporary file: read it before it goes
@@ -116,12 +130,18 @@ def from_bundle(
     max_context: int,
     device: str | None = None,
     threads: int | None = None,
+    numerics: str = "fast",
 ) -> TFLiteRuntime:
     """The interpreter of a verified bundle's LiteRT artifact, on the XNNPACK CPU delegate."""
     cpu_only("tflite", device)
+    if artifact.quantized:
+        no_exact_numerics("LiteRT", numerics, DYNAMIC_RANGE)
+    check_numerics(numerics)
     with quiet_native("LiteRT"):  # it logs the XNNPACK delegate's creation to stderr
         interpreter = load_interpreter(artifact.file(), threads)
-        return TFLiteRuntime(interpreter, max_context, artifact.vocab_size)
+        rt = TFLiteRuntime(interpreter, max_context, artifact.vocab_size)
+    rt.numerics = numerics
+    return rt
 
 
 def from_source(
@@ -131,18 +151,27 @@ def from_source(
     device: str | None = None,
     dtype: str = "float32",
     threads: int | None = None,
+    numerics: str = "fast",
 ) -> TFLiteRuntime:
     """Convert an imported model (needs torch and litert-torch) to a temporary .tflite."""
     cpu_only("tflite", device)
     core = exportable_core(source, "tflite", max_context, dtype)
-    return from_model(core, max_context=max_context, threads=threads)
+    return from_model(core, max_context=max_context, threads=threads, numerics=numerics)
 
 
-def from_model(core: Any, *, max_context: int, threads: int | None = None) -> TFLiteRuntime:
+def from_model(
+    core: Any, *, max_context: int, threads: int | None = None, numerics: str = "fast"
+) -> TFLiteRuntime:
     """Convert a model core (as compressed, if it is) and load it on LiteRT."""
+    from infopt.core.quant import QuantStorage
     from infopt.runtimes.tflite.export import FILE, export_tflite
 
+    if any(isinstance(m, QuantStorage) for m in core.modules()):
+        no_exact_numerics("LiteRT", numerics, DYNAMIC_RANGE)
+    check_numerics(numerics)
     with tempfile.TemporaryDirectory(prefix="infopt-tflite-") as tmp, quiet_native("LiteRT"):
         export_tflite(core, Path(tmp) / FILE, max_context)
         interpreter = load_interpreter(Path(tmp) / FILE, threads, in_memory=True)
-        return TFLiteRuntime(interpreter, max_context, core.spec.vocab_size)
+        rt = TFLiteRuntime(interpreter, max_context, core.spec.vocab_size)
+    rt.numerics = numerics
+    return rt

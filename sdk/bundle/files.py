@@ -173,6 +173,8 @@ def write_bundle(
         fsync_tree(tmp)
         verify_bundle(tmp)
         swap_into_place(tmp, out)
+    except OSError as e:  # a full disk, a file system that refuses: OUT is left as it was
+        raise BundleError(f"{out}: writing the bundle failed ({e}); {out} is unchanged") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -183,10 +185,13 @@ def partial_dir(out: Path) -> Path:
     """A fresh work directory beside `out`, named after this process; what killed processes
     left beside `out` (work directories, a replaced bundle being removed, an archive being
     written) is removed first, never what a live process is writing."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)
-    tmp = out.parent / f".{out.name}.partial-{owner_tag()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        tmp = out.parent / f".{out.name}.partial-{owner_tag()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+    except OSError as e:
+        raise BundleError(f"{out}: cannot write here ({e.strerror or e})") from e
     return tmp
 
 

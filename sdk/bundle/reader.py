@@ -142,9 +142,11 @@ class Bundle:
         max_context: int,
         device: str | None = None,
         threads: int | None = None,
+        numerics: str = "fast",
     ) -> Runtime:
-        """The runtime of one of its artifacts, loaded: a missing package is a
-        `RuntimeNotAvailableError` naming the pip extra, another version range a `BundleError`."""
+        """The runtime of one of its artifacts, loaded (`numerics`: see `infopt.load`): a missing
+        package is a `RuntimeNotAvailableError` naming the pip extra, another version range a
+        `BundleError`."""
         artifact = self.artifact(runtime)
         name = runtime or self.default_runtime
         known = target(name)
@@ -155,7 +157,7 @@ class Bundle:
         )
         known.check_requirement(str(self.root), requires)
         rt: Runtime = module.from_bundle(
-            artifact, max_context=max_context, device=device, threads=threads
+            artifact, max_context=max_context, device=device, threads=threads, numerics=numerics
         )
         return rt
 

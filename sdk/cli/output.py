@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -22,8 +23,14 @@ MODEL_HELP = (
 JSON_HELP = "Print JSON instead of a table (for scripts)."
 
 
+DEBUG_ENV = "INFOPT_DEBUG"  # set to 1: tracebacks of unexpected errors are printed
+
+
 def friendly_errors(fn: F) -> F:
-    """Typed infopt errors become one clear line on stderr and exit code 1, not a traceback."""
+    """Typed infopt errors become one clear line on stderr and exit code 1, not a traceback; so
+    do the machine's own refusals (a full disk, a denied permission: OSError, MemoryError).
+    Anything else is a bug in infopt: one line saying so, exit code 70, and the traceback only
+    with INFOPT_DEBUG=1. Ctrl-C exits with 130 and no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -31,6 +38,22 @@ def friendly_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except InfoptError as e:
             raise click.ClickException(f"{type(e).__name__}: {e}") from e
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except (OSError, MemoryError) as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from e
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV) == "1":
+                raise
+            click.echo(
+                f"Error: internal error, a bug in infopt: {type(e).__name__}: {e}\n"
+                f"Please report it with the command; {DEBUG_ENV}=1 prints the traceback.",
+                err=True,
+            )
+            sys.exit(70)
 
     return wrapper  # type: ignore[return-value]
 

@@ -73,6 +73,15 @@ from infopt.runtimes.registry import reference
 )
 @click.option("--num-draft-tokens", type=int, help="Draft length to start from, 1-16 (it adapts).")
 @click.option(
+    "--numerics",
+    type=click.Choice(["fast", "exact"]),
+    default="fast",
+    show_default=True,
+    help="How quantized weights compute: fast = each runtime's fastest kernels, which round "
+    "activations (results vary slightly between CPUs); exact = float32 activations against the "
+    "stored weights on every CPU (slower; not on Core ML or a quantized LiteRT model).",
+)
+@click.option(
     "--key",
     metavar="PUB",
     type=click.Path(exists=True, dir_okay=False),
@@ -102,6 +111,7 @@ def run(
     draft_runtime: str | None,
     no_speculative: bool,
     num_draft_tokens: int | None,
+    numerics: str,
     key: str | None,
     as_json: bool,
 ) -> None:
@@ -131,6 +141,7 @@ def run(
             cache=not no_cache,
             progress=bars,
             public_key=key,
+            numerics=numerics,
         )
     finally:
         bars.close()

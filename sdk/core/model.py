@@ -313,7 +313,12 @@ def pick_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device {device!r} requested but CUDA is not available here")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(
+            f"device {device!r}: expected cpu, cuda, cuda:N or auto"
+        ) from None
 
 
 def load_core(

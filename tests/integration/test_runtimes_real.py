@@ -27,23 +27,26 @@ def test_fp32_bundles_generate_the_pytorch_tokens(matrix: dict[str, str]) -> Non
         assert r["top1"] == 1.0 and r["max_rel"] < 1e-4, r
 
 
-@pytest.mark.usefixtures("exact_openvino")
 @pytest.mark.parametrize("label", ["int8", "int4"])
-def test_quantized_bundles_stay_close_to_the_same_weights_in_pytorch(
+def test_quantized_bundles_with_exact_numerics_compute_the_same_weights_as_pytorch(
     matrix: dict[str, str], label: str
 ) -> None:
-    rows = compare(matrix[label], tokens=256)
-    assert {r["runtime"] for r in rows} == {
+    # fp32 activations against the stored weights on every CPU: the runtimes differ from the
+    # dequantized float32 model only by float32 summation order
+    rows = compare(matrix[label], tokens=256, new_tokens=16, numerics="exact")
+    assert {r["runtime"] for r in rows} == {"onnxruntime", "openvino"}
+    for r in rows:
+        assert r["top1"] >= 0.995 and r["max_rel"] < 1e-3, r
+    # the default: ONNX Runtime rounds activations to int8 in MatMulNBits, OpenVINO on CPUs with
+    # VNNI or AMX, PyTorch's packed kernels compute in bfloat16: close, not equal
+    fast = compare(matrix[label], tokens=256, new_tokens=16)
+    assert {r["runtime"] for r in fast} == {
         "onnxruntime",
         "openvino",
         "pytorch (packed bf16 kernels)",
     }
-    for r in rows:
-        # OpenVINO with fp32 activations computes the stored weights as close as fp32; onnxruntime
-        # quantizes activations to int8 inside MatMulNBits (accuracy level 4), PyTorch's packed
-        # kernels compute in bfloat16: close, not equal
-        limit = (0.995, 1e-3) if r["runtime"] == "openvino" else (0.93, 0.1)
-        assert r["top1"] >= limit[0] and r["max_rel"] < limit[1], r
+    for r in fast:
+        assert r["top1"] >= 0.93 and r["max_rel"] < 0.1, r
 
 
 def test_matrix_bundles_carry_three_artifacts(matrix: dict[str, str]) -> None:

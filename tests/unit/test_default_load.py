@@ -57,12 +57,10 @@ def test_a_model_file_runs_converted_at_its_precision_and_later_from_the_cache(
     assert m2.generate(PROMPT, max_new_tokens=8, stop_token_ids=[]).token_ids == first
 
 
-@pytest.mark.usefixtures("exact_openvino")
-def test_with_fp32_activations_the_fast_default_is_the_dequantized_model(
-    tiny_gguf_q41: Path, empty_cache: Path, monkeypatch: pytest.MonkeyPatch
+def test_with_exact_numerics_the_default_runtime_is_the_dequantized_model(
+    tiny_gguf_q41: Path, empty_cache: Path
 ) -> None:
-    monkeypatch.setattr("infopt.runtimes.onnxruntime.export.ACCURACY_LEVEL", 0)
-    fast = infopt.load(tiny_gguf_q41, max_context=64, cache=False)
+    fast = infopt.load(tiny_gguf_q41, max_context=64, cache=False, numerics="exact")
     reference = infopt.load(tiny_gguf_q41, max_context=64, runtime="pytorch")
     for prompt in (PROMPT, "The quick brown fox"):
         a = fast.generate(prompt, max_new_tokens=16, stop_token_ids=[])

@@ -212,10 +212,9 @@ def test_a_gguf_keeps_its_q4_1_and_q8_0_blocks_bit_for_bit(tiny_gguf_q41: Path) 
     np.testing.assert_array_equal(PyTorchRuntime(core, 64).forward(ids), dense)
 
 
-@pytest.mark.usefixtures("exact_openvino")
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
 def test_a_q4_1_gguf_runs_exactly_on_the_exported_runtimes(
-    tiny_gguf_q41: Path, runtime: str, monkeypatch: pytest.MonkeyPatch
+    tiny_gguf_q41: Path, runtime: str
 ) -> None:
     """Q4_1's float offsets go through MatMulNBits with zero zero-points plus the block sums
     (ONNX Runtime) and through the decompressed codes plus the block sums (OpenVINO): with
@@ -224,13 +223,12 @@ def test_a_q4_1_gguf_runs_exactly_on_the_exported_runtimes(
     from infopt.runtimes import target
     from infopt.runtimes.pytorch.runtime import PyTorchRuntime
 
-    monkeypatch.setattr("infopt.runtimes.onnxruntime.export.ACCURACY_LEVEL", 0)
     source = open_model(tiny_gguf_q41)
     ids = [5, 17, 42, 99, 3, 250, 77, 8, 120]
     expected = PyTorchRuntime(load_core(source, 64), 64).forward(ids)
     rt = (
         target(runtime)
         .module("runtime")
-        .from_model(load_core(source, 64, stored=True), max_context=64)
+        .from_model(load_core(source, 64, stored=True), max_context=64, numerics="exact")
     )
     np.testing.assert_allclose(rt.forward(ids), expected, atol=5e-5)

@@ -109,7 +109,7 @@ def test_a_quantized_bundle_serves_on_the_packed_kernels(tmp_path: Path, tiny_gg
     from infopt.runtimes.pytorch.runtime import from_bundle
 
     artifact = open_bundle(out).artifact("pytorch")
-    exact = from_bundle(artifact, max_context=64, packed=False)
+    exact = from_bundle(artifact, max_context=64, numerics="exact")
     assert exact.kernels == {}
     ids = list(range(1, 40))
     a, b = served.runtime.forward(ids), exact.forward(ids)

@@ -1,0 +1,129 @@
+"""Every command, given bad files and bad values, answers with a usage error (exit 2) or one
+typed line (exit 1): never a traceback of a non-infopt exception. An unexpected exception (a
+bug) is one line too, with exit code 70, and its traceback only with INFOPT_DEBUG=1."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from infopt.cli import main
+
+LEGACY = Path(__file__).parents[1] / "data" / "legacy" / "tiny-v1"
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory: pytest.TempPathFactory, tiny_gguf: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    (root / "text.txt").write_text("hello\n")
+    (root / "empty").mkdir()
+    (root / "truncated.gguf").write_bytes(tiny_gguf.read_bytes()[:5000])
+    (root / "bad.zip").write_bytes(b"PK\x03\x04junk")
+    bundle = shutil.copytree(LEGACY, root / "bundle-without-files")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    (root / "plan.json").write_text('{"x": 1}')
+    return {
+        "missing": root / "missing",
+        "text": root / "text.txt",
+        "empty dir": root / "empty",
+        "truncated gguf": root / "truncated.gguf",
+        "broken bundle": bundle,
+        "not a zip": root / "bad.zip",
+        "root": root,
+    }
+
+
+def per_input(p: str, out: str) -> list[list[str]]:
+    return [
+        ["inspect", p],
+        ["inspect", p, "--json"],
+        ["run", p, "--prompt", "hi", "-n", "2"],
+        ["verify", p],
+        ["unpack", p, "-o", out],
+        ["plan", p, "--device", "host"],
+        ["build", p, "--device", "host", "-o", out, "--runtime", "pytorch"],
+        ["eval", p, "--max-tokens", "16"],
+        ["bench", p],
+    ]
+
+
+def bad_values(g: str, root: Path) -> list[list[str]]:
+    out = str(root / "out")
+    run = ["run", g, "--prompt"]
+    plan = ["plan", g, "--device", "host"]
+    build = ["build", g, "--device", "host", "-o"]
+    return [
+        [*run, "hi", "-n", "-1"],
+        [*run, "hi", "--temperature", "-1"],
+        [*run, "hi", "--top-p", "2"],
+        [*run, "hi", "--top-k", "-3"],
+        [*run, "hi", "--min-p", "nan"],
+        [*run, "hi", "--threads", "0"],
+        [*run, "hi", "--max-context", "0"],
+        [*run, "hi", "--runtime", "nope"],
+        [*run, "hi", "--device", "tpu"],
+        [*run, "hi", "--draft", str(root / "text.txt")],
+        [*run, "hi", "--num-draft-tokens", "0"],
+        [*run, "hi", "--stop", ""],
+        [*run, "hi", "--numerics", "precise"],
+        [*run, "hi", "--key", str(root / "text.txt")],
+        ["plan", g, "--device", "nope"],
+        [*plan, "--context", "-1"],
+        [*plan, "--quantize", "int3"],
+        [*plan, "--batch", "0"],
+        [*plan, "--latency-ms", "-1"],
+        ["build", g, "--plan", str(root / "plan.json"), "-o", out],
+        ["build", g, "-o", out],
+        [*build, str(root / "text.txt")],
+        [*build, "/proc/infopt-test"],  # a directory nothing may be written into
+        [*build, out, "--speculative", "bogus"],
+        [*build, out, "--calibration", str(root / "empty")],
+        [*build, out, "--sign", str(root / "text.txt")],
+        ["eval", g, "--quantize", "int3"],
+        ["distill", g, "--steps", "0", "-o", str(root / "student")],
+        ["keygen", "/proc/infopt-test/key"],
+        ["keygen", str(root / "empty")],
+    ]
+
+
+def test_no_command_lets_a_non_infopt_exception_through(
+    bad: dict[str, Path], tiny_gguf: Path
+) -> None:
+    cases = [
+        c for k, p in bad.items() if k != "root" for c in per_input(str(p), str(bad["root"] / "o"))
+    ]
+    cases += bad_values(str(tiny_gguf), bad["root"])
+    escaped = []
+    for args in cases:
+        result = CliRunner().invoke(main, args)
+        if not isinstance(result.exception, (SystemExit, type(None))) or result.exit_code not in (
+            1,
+            2,
+        ):
+            escaped.append((args, result.exit_code, repr(result.exception)))
+        elif "Traceback" in result.stderr:
+            escaped.append((args, result.exit_code, result.stderr[-300:]))
+    assert not escaped, escaped[:5]
+    assert not (bad["root"] / "o").exists() and not (bad["root"] / "out").exists()
+
+
+def test_a_bug_is_one_line_and_exit_code_70_with_its_traceback_on_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr("infopt.device_profiles.builtin_names", broken)
+    result = CliRunner().invoke(main, ["devices"])
+    assert result.exit_code == 70
+    assert "internal error, a bug in infopt: TypeError: a bug" in result.stderr
+    assert "INFOPT_DEBUG=1" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.setenv("INFOPT_DEBUG", "1")
+    result = CliRunner().invoke(main, ["devices"])
+    assert isinstance(result.exception, TypeError)  # raised: the traceback is printed
