@@ -148,7 +148,9 @@ def run_case(reader: str, seeds: Seeds, rng: random.Random, work: Path) -> tuple
             action()
         except infopt.InfoptError:
             return "typed", data
-        except Exception as e:  # what the fuzzer looks for
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # what the fuzzer looks for (a Rust panic is a BaseException)
             return f"untyped: {type(e).__name__}: {str(e)[:200]}", data
         return "ok", data
     finally:
@@ -247,6 +249,20 @@ def _worker(args: tuple[str, str, str, str], jobs: Any, results: Any) -> None:
         results.put((reader, seed, outcome, data))
 
 
+def regenerate(args: tuple[str, str, str, str], reader: str, seed: int) -> bytes:
+    """The input of case `seed` (mutants are a function of the seed), made again in this
+    process without reading it: what a hung or crashed worker took with it."""
+    gguf, bundle, work, hf = args
+    seeds = Seeds(Path(gguf), Path(bundle), Path(work), Path(hf) if hf else None)
+    case = Path(tempfile.mkdtemp(dir=work))
+    try:
+        data, _ = _prepare(reader, seeds, random.Random(seed), case)
+    finally:
+        shutil.rmtree(case, ignore_errors=True)
+        shutil.rmtree(seeds.bundle.parent, ignore_errors=True)
+    return data
+
+
 def fuzz(
     gguf: Path,
     bundle: Path,
@@ -273,7 +289,8 @@ def fuzz(
                 try:
                     _, _, outcome, data = results.get(timeout=DEADLINE_S + 60 * (n == 0))
                 except Exception:  # no answer in time: a hang (or a crash); a fresh worker
-                    outcome, data = ("hang" if proc.is_alive() else "crash"), b""
+                    outcome = "hang" if proc.is_alive() else "crash"
+                    data = regenerate(args, reader, case_seed)
                     proc.kill()
                     proc.join()
                     jobs, results = ctx.Queue(), ctx.Queue()

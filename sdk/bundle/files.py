@@ -117,10 +117,10 @@ def check_vocabulary(root: Path, manifest: dict[str, Any]) -> None:
     if name is None or vocab is None:
         return
     path = safe_relative(root, name)
-    try:
+    from infopt.core.tokenizer import tokenizers_errors
+
+    with tokenizers_errors(BundleError, f"{path}: not a tokenizer the tokenizers library reads"):
         size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
-    except Exception as e:  # tokenizers raises its own untyped exceptions on bad files
-        raise BundleError(f"{path}: not a tokenizer the tokenizers library reads ({e})") from None
     if size > vocab:
         raise BundleError(
             f"{path}: {size} tokens, more than the model's vocabulary (model.config.vocab_size "

@@ -90,16 +90,14 @@ class Bundle:
     def tokenizer(self) -> Tokenizer:
         from tokenizers import Tokenizer as _HFTokenizer
 
-        from infopt.core.tokenizer import Tokenizer
+        from infopt.core.tokenizer import Tokenizer, tokenizers_errors
 
         section = self.manifest["tokenizer"]
         path = safe_relative(self.root, section.get("file", TOKENIZER))
-        try:
-            # from_file rather than from_str(read_text()): the text and the parser's buffers
-            # would stay with the allocator
+        # from_file rather than from_str(read_text()): the text and the parser's buffers would
+        # stay with the allocator
+        with tokenizers_errors(BundleError, f"{path}: not a readable tokenizer"):
             backend = _HFTokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises plain Exception on malformed JSON
-            raise BundleError(f"{path}: not a readable tokenizer ({e})") from e
         return Tokenizer(
             backend=backend,
             chat_template=section.get("chat_template"),

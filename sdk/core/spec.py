@@ -122,6 +122,38 @@ class ModelSpec:
         return asdict(self)
 
 
+def expected_shape(spec: ModelSpec, name: str) -> tuple[int, ...] | None:
+    """The shape (HF order: [out, in]) tensor `name` has in `spec`; None for an unknown name."""
+    h, hd, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+    q, kv = spec.num_heads * hd, spec.num_kv_heads * hd
+    whole = {
+        "embed_tokens.weight": (spec.vocab_size, h),
+        "norm.weight": (h,),
+        "lm_head.weight": (spec.vocab_size, h),
+    }
+    if name in whole:
+        return whole[name]
+    parts = name.split(".", 2)
+    if parts[0] != "layers" or len(parts) < 3 or not parts[1].isdigit():
+        return None
+    if int(parts[1]) >= spec.num_layers:
+        return None
+    return {
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h),
+        "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h),
+        "self_attn.o_proj.weight": (h, q),
+        "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,),
+        "mlp.gate_proj.weight": (inter, h),
+        "mlp.up_proj.weight": (inter, h),
+        "mlp.down_proj.weight": (h, inter),
+    }.get(parts[2])
+
+
 def _positive_finite(value: object) -> bool:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False

@@ -7,6 +7,7 @@ Jinja's immutable sandbox, so a template shipped inside a model cannot reach Pyt
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime
 import json
@@ -53,6 +54,24 @@ _CONTROL = 3  # llama.cpp token type of special/control tokens
 _USER_DEFINED = 4
 
 
+@contextlib.contextmanager
+def tokenizers_errors(error: type[InfoptError], what: str) -> Iterator[None]:
+    """The tokenizers library's failures on bad input as `error` naming `what`: its plain
+    Exceptions, and Rust panics, which surface as pyo3's PanicException (a BaseException)."""
+    try:
+        yield
+    except (InfoptError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:
+        raise error(f"{what} ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _tokenizer_failed(e: BaseException, doing: str) -> ModelFormatError:
+    if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        raise e
+    return ModelFormatError(f"the model's tokenizer failed {doing} ({type(e).__name__}: {e})")
+
+
 @dataclass
 class Tokenizer:
     backend: _HFTokenizer
@@ -68,14 +87,20 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         check_text(text, "the prompt")
-        ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            ids: list[int] = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except BaseException as e:  # a damaged tokenizer file can make tokenizers panic
+            raise _tokenizer_failed(e, "encoding the prompt") from None
         bos = self.bos_token_id
         if add_special_tokens and self.add_bos_token and bos is not None and ids[:1] != [bos]:
             ids = [bos, *ids]
         return ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        try:
+            return str(self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens))
+        except BaseException as e:
+            raise _tokenizer_failed(e, "decoding tokens") from None
 
     def token_text(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
@@ -389,10 +414,8 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
             f"GGUF merge {' '.join(missing)!r} names a token the vocabulary does not have "
             "(a damaged vocabulary)"
         )
-    try:
+    with tokenizers_errors(ModelFormatError, "GGUF vocabulary cannot be read as BPE"):
         backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges))
-    except Exception as e:  # tokenizers raises its own untyped exceptions
-        raise ModelFormatError(f"GGUF vocabulary cannot be read as BPE ({e})") from None
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in GGUF_PRE_TOKENIZERS[pre]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -437,11 +460,10 @@ def tokenizer_from_hf_files(
     eos_token_ids: tuple[int, ...],
 ) -> Tokenizer:
     """Tokenizer from an HF folder's `tokenizer.json` + `tokenizer_config.json`."""
-    try:
+    with tokenizers_errors(
+        ModelFormatError, "tokenizer.json: not a tokenizer the tokenizers library reads"
+    ):
         backend = _HFTokenizer.from_str(tokenizer_json)
-    except Exception as e:  # tokenizers raises bare Exceptions for files it cannot read
-        raise ModelFormatError(f"tokenizer.json: not a tokenizer the tokenizers library reads "
-                               f"({str(e)[:200]})") from None  # fmt: skip
     specials: dict[str, str] = {}
     for name in ("bos", "eos", "unk", "pad"):
         value = tokenizer_config.get(f"{name}_token")

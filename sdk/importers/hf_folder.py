@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from infopt.core.spec import ModelSpec, spec_from_hf_config
+from infopt.core.spec import ModelSpec, expected_shape, spec_from_hf_config
 from infopt.core.tokenizer import Tokenizer, tokenizer_from_hf_files
 from infopt.errors import InfoptError, ModelFormatError
 
@@ -40,11 +40,12 @@ def safetensors_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ModelFormatError(f"{index}: no 'weight_map' object")
-        bad = next((n for n in weight_map.values() if not _plain_file_name(n)), None)
-        names = set(weight_map.values()) if bad is None else set()
-        if bad is not None or not names:
+        bad = [n for n in weight_map.values() if not _plain_file_name(n)]
+        names = set(weight_map.values()) if not bad else set()
+        if bad or not names:
             raise ModelFormatError(
-                f"{index}: weight_map names {bad!r}, not a file name inside the folder"
+                f"{index}: weight_map names {bad[0] if bad else None!r}, not a file name "
+                "inside the folder"
             )
         files = [folder / name for name in sorted(names)]
     else:
@@ -85,6 +86,38 @@ def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, st.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ModelFormatError(f"{f}: damaged safetensors file ({e})") from e
+
+
+def check_shapes(files: list[Path], spec: ModelSpec) -> None:
+    """The tensors the headers list (no tensor data read) have the shapes config.json implies,
+    in as many layers as it says: a config that does not match the weights is refused here,
+    before a model of its size is laid out."""
+    from safetensors import SafetensorError, safe_open
+
+    layers: set[int] = set()
+    for f in files:
+        try:
+            with safe_open(f, framework="numpy") as st:
+                shapes = {name: tuple(st.get_slice(name).get_shape()) for name in st.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelFormatError(f"{f}: damaged safetensors file ({e})") from e
+        for raw, shape in shapes.items():
+            name = raw.removeprefix("model.")
+            parts = name.split(".", 2)
+            if parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit():
+                layers.add(int(parts[1]))
+            expected = expected_shape(spec, name)
+            if expected is not None and shape != expected:
+                raise ModelFormatError(
+                    f"{f}: tensor {raw!r} has shape {shape}, config.json implies {expected}"
+                )
+    # distinct indices, as many as the config says, all below it: exactly 0 .. n-1 (a set of
+    # range(n) would be as large as a damaged config's n)
+    if len(layers) != spec.num_layers or max(layers, default=0) >= spec.num_layers:
+        raise ModelFormatError(
+            f"{files[0].parent}: the weights hold {len(layers)} layers, config.json's "
+            f"num_hidden_layers says {spec.num_layers}"
+        )
 
 
 def load_tokenizer(folder: Path, spec: ModelSpec) -> Tokenizer:
@@ -139,6 +172,7 @@ def import_hf(folder: Path) -> tuple[ModelSpec, Tokenizer, Any, dict[str, Any]]:
     if eos_ids:
         spec = replace(spec, eos_token_ids=eos_ids)
     files = safetensors_files(folder)
+    check_shapes(files, spec)
     tokenizer = load_tokenizer(folder, spec)
     if tokenizer.vocab_size > spec.vocab_size:  # its ids would index past the embedding
         raise ModelFormatError(

@@ -494,9 +494,48 @@ BAD_FOLDERS = {  # (an edit of a sound HF folder, what the refusal names): found
         _edit_json("generation_config.json", _with(eos_token_id=["x"])),
         "eos_token_id",
     ),
-    "vocabulary smaller than the tokenizer's": (
+    "vocabulary smaller than the weights'": (
         _edit_json("config.json", _with(vocab_size=100)),
+        r"implies \(100, 64\)",
+    ),
+    "billions of layers": (  # laid out before any check, it hung
+        _edit_json("config.json", _with(num_hidden_layers=10**12)),
+        "weights hold 2 layers",
+    ),
+    "a tokenizer larger than the vocabulary": (
+        _edit_json(
+            "tokenizer.json",
+            lambda d: {
+                **d,
+                "added_tokens": [
+                    *d["added_tokens"],
+                    {
+                        "id": 400,
+                        "content": "<x>",
+                        "single_word": False,
+                        "lstrip": False,
+                        "rstrip": False,
+                        "normalized": False,
+                        "special": True,
+                    },
+                ],
+            },
+        ),
         "more than config.json's vocab_size",
+    ),
+    "a tokenizer file that makes tokenizers panic": (
+        _edit_json(
+            "tokenizer.json",
+            lambda d: {**d, "model": {**d["model"], "continuing_subword_prefix": "../x"}},
+        ),
+        "PanicException",
+    ),
+    "an index naming no file": (
+        _edit_json(
+            "model.safetensors.index.json",
+            lambda d: {**d, "weight_map": {k: None for k in d["weight_map"]}},
+        ),
+        "not a file name",
     ),
     "index naming a path outside": (
         _edit_json(
