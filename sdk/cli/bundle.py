@@ -197,6 +197,13 @@ def _signed(signer: str | None) -> str:
     help="The directory `bash tools/peers/setup_peers.sh DIR` (in an infopt checkout) prepared "
     "for --compare: the peers' virtual environment, models and bench scripts.",
 )
+@click.option(
+    "--numerics",
+    type=click.Choice(["fast", "exact", "both"]),
+    default="fast",
+    show_default=True,
+    help="Measure the runtimes' fast kernels, their exact (float32 activations) mode, or both.",
+)
 @json_option
 @friendly_errors
 def bench(
@@ -206,6 +213,7 @@ def bench(
     repeat: int,
     compare: bool,
     peers: str,
+    numerics: str,
     as_json: bool,
 ) -> None:
     """Measure BUNDLE: TTFT (32-token prompt), prefill (512 tokens) and decode (128 greedy
@@ -229,6 +237,7 @@ def bench(
         compare=compare,
         peers=peers,
         log=None if as_json else lambda line: click.echo(line, err=True),
+        numerics=["fast", "exact"] if numerics == "both" else [numerics],
     )
     if as_json:
         emit_json(rows)

@@ -63,7 +63,9 @@ def tokenizer_rss(bundle: str) -> int:
     return int(out.stdout) if out.returncode == 0 else 0
 
 
-def measure(bundle: str, runtime: str | None, threads: int) -> dict[str, Any]:
+def measure(
+    bundle: str, runtime: str | None, threads: int, numerics: str = "fast"
+) -> dict[str, Any]:
     """One fresh-process measurement of a bundle (called in the child)."""
     import numpy as np
 
@@ -79,7 +81,7 @@ def measure(bundle: str, runtime: str | None, threads: int) -> dict[str, Any]:
     tokenizer = tokenizer_rss(bundle)
     target(name).module("runtime")  # its package imported: what a process needs before a model
     baseline = _status_kb("VmRSS") * 1024
-    model = infopt.load(bundle, runtime=runtime, threads=threads)
+    model = infopt.load(bundle, runtime=runtime, threads=threads, numerics=numerics)
     load_peak = _status_kb("VmHWM") * 1024
     files = set(manifest["artifacts"][name]["files"])
     weights = sum(f["size"] for f in manifest["files"] if f["path"] in files)
@@ -135,8 +137,10 @@ def measure(bundle: str, runtime: str | None, threads: int) -> dict[str, Any]:
     }
 
 
-def run_child(bundle: str, runtime: str | None, threads: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "infopt.measure.speed", bundle, str(threads)]
+def run_child(
+    bundle: str, runtime: str | None, threads: int, numerics: str = "fast"
+) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "infopt.measure.speed", bundle, str(threads), numerics]
     cmd += [runtime] if runtime else []
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
@@ -176,15 +180,19 @@ def run_peer(name: str, peers: Path, threads: int) -> dict[str, Any] | None:
 
 
 def systems(
-    bundles: list[tuple[str, str]], runtime: str | None, compare: bool
-) -> list[tuple[str, str | None, str | None]]:
-    """(label, bundle or None for a peer, runtime or peer name) of everything to measure: every
-    artifact of a bundle that can run here, or only its fixed-window (mobile) ones where it has
-    any (its other artifacts are there as their reference)."""
+    bundles: list[tuple[str, str]],
+    runtime: str | None,
+    compare: bool,
+    numerics: Sequence[str] = ("fast",),
+) -> list[tuple[str, str | None, str | None, str]]:
+    """(label, bundle or None for a peer, runtime or peer name, numerics) of everything to
+    measure: every artifact of a bundle that can run here, or only its fixed-window (mobile)
+    ones where it has any (its other artifacts are there as their reference), in each of
+    `numerics` its artifact has (exact: not on Core ML or a quantized LiteRT model)."""
     from infopt.bundle import open_bundle
     from infopt.runtimes.registry import targets
 
-    out: list[tuple[str, str | None, str | None]] = []
+    out: list[tuple[str, str | None, str | None, str]] = []
     for label, bundle in bundles:
         opened = open_bundle(bundle)
         if opened.max_context < PREFILL:
@@ -196,9 +204,13 @@ def systems(
         found = [n for n, t in targets().items() if n in carried and t.runs_here()]
         mobile = [n for n in found if targets()[n].fixed_windows]
         for rt in [runtime] if runtime else mobile or found:
-            out.append((f"infopt {rt} {label}", bundle, rt))
+            for mode in numerics:
+                if mode == "exact" and targets()[rt].fixed_windows:
+                    continue  # Core ML computes in float16, quantized LiteRT in int8
+                shown = "" if list(numerics) == ["fast"] else f" ({mode})"
+                out.append((f"infopt {rt} {label}{shown}", bundle, rt, mode))
     if compare:
-        out += [(name, None, name) for name in PEER_SCRIPTS]
+        out += [(name, None, name, "fast") for name in PEER_SCRIPTS]
     return out
 
 
@@ -211,15 +223,17 @@ def bench(
     compare: bool = False,
     peers: str | Path = DEFAULT_PEERS,
     log: Callable[[str], object] | None = None,
+    numerics: Sequence[str] = ("fast",),
 ) -> list[dict[str, Any]]:
     """Median figures per system (see the module's doc) over `repeat` alternating rounds, for
     bundle paths (labelled by their names) or (label, path) pairs; `compare` adds the peers
-    prepared in `peers`; `log` gets each measurement as it comes."""
+    prepared in `peers`; `log` gets each measurement as it comes; `numerics`: the modes each
+    artifact is measured in (`infopt.load`'s)."""
     pairs = [
         (str(b[0]), str(b[1])) if isinstance(b, tuple) else (Path(b).name, str(b)) for b in bundles
     ]
     peers = Path(peers)
-    todo = systems(pairs, runtime, compare)
+    todo = systems(pairs, runtime, compare, numerics)
     if compare and not all(
         p.exists() for p in (peers / "venv" / "bin" / "python", peers / "bench")
     ):
@@ -227,13 +241,13 @@ def bench(
             f"--compare needs the peers in {peers} (--peers): run "
             f"`bash tools/peers/setup_peers.sh {peers}` from an infopt checkout first"
         )
-    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in todo}
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _, _ in todo}
     for _ in range(repeat):
-        for label, bundle, rt in todo:
+        for label, bundle, rt, mode in todo:
             r = (
                 run_peer(str(rt), peers, threads)
                 if bundle is None
-                else run_child(bundle, rt, threads)
+                else run_child(bundle, rt, threads, mode)
             )
             if r is None:
                 continue
@@ -339,10 +353,11 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """The child process of one measurement: `python -m infopt.measure.speed BUNDLE THREADS
-    [RUNTIME]` prints its figures as one JSON line."""
+    NUMERICS [RUNTIME]` prints its figures as one JSON line."""
     args = sys.argv[1:] if argv is None else argv
-    bundle, threads, runtime = args[0], int(args[1]), (args[2] if len(args) > 2 else None)
-    print(json.dumps(measure(bundle, runtime, threads)))
+    bundle, threads, numerics = args[0], int(args[1]), args[2]
+    runtime = args[3] if len(args) > 3 else None
+    print(json.dumps(measure(bundle, runtime, threads, numerics)))
 
 
 if __name__ == "__main__":
