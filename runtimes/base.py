@@ -78,7 +78,7 @@ def no_exact_numerics(runtime: str, numerics: str, why: str) -> None:
 
 
 def cpu_only(runtime: str, device: str | None) -> None:
-    if device not in (None, "cpu", "auto"):
+    if not isinstance(device, (str, type(None))) or device not in (None, "cpu", "auto"):
         raise InvalidArgumentError(f"device {device!r}: the {runtime} runtime runs on the CPU")
 
 

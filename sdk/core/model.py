@@ -311,6 +311,8 @@ def pick_device(device: str | None) -> torch.device:
     """`device`, or CUDA when present for None / "auto"; a typed error for CUDA without one."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(device, str):
+        raise InvalidArgumentError(f"device={device!r}: expected cpu, cuda, cuda:N or auto")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InvalidArgumentError(f"device {device!r} requested but CUDA is not available here")
     try:

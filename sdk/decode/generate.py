@@ -51,6 +51,8 @@ class GenerateOptions:
         return SamplingParams(**{**defaults, **given}, seed=self.seed)
 
     def stop_strings(self) -> list[str]:
+        if self.stop is not None and not isinstance(self.stop, (str, Sequence)):
+            raise InvalidArgumentError(f"stop={self.stop!r}: must be a string or a list of strings")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if not all(isinstance(s, str) for s in stops):
             raise InvalidArgumentError(f"stop={self.stop!r}: must be a string or a list of strings")

@@ -180,6 +180,15 @@ def plan(
     if speculative not in SPECULATIVE:
         raise InvalidArgumentError(f"speculative={speculative!r}: expected one of {SPECULATIVE}")
     context = context or spec.max_position_embeddings
+    whole = (context, batch)
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in whole) or not (
+        latency_ms is None
+        or (isinstance(latency_ms, (int, float)) and not isinstance(latency_ms, bool))
+    ):
+        raise InvalidArgumentError(
+            f"context={context!r}, batch={batch!r}, latency_ms={latency_ms!r}: context and batch "
+            "must be integers, latency_ms a number"
+        )
     if context < 1 or batch < 1 or (latency_ms is not None and latency_ms <= 0):
         raise InvalidArgumentError(
             f"context={context}, batch={batch}, latency_ms={latency_ms}: must all be positive"

@@ -588,3 +588,21 @@ def test_the_sound_sharded_folder_loads(sharded_folder: Path) -> None:
 
     model = infopt.load(sharded_folder, runtime="pytorch", max_context=16)
     assert len(model.generate("hello", max_new_tokens=2).token_ids) == 2
+
+
+def test_api_values_of_the_wrong_kind_are_typed_errors(model: Any, tiny_gguf: Path) -> None:
+    import infopt
+    from infopt.bundle.build import build
+
+    with pytest.raises(InvalidArgumentError, match="device=5"):
+        infopt.load(tiny_gguf, runtime="pytorch", device=5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="device 'tpu'"):
+        infopt.load(tiny_gguf, runtime="pytorch", device="tpu")
+    with pytest.raises(InvalidArgumentError, match="stop=5"):
+        model.generate("hi", stop=5)
+    with pytest.raises(InvalidArgumentError, match="must be integers"):
+        build(tiny_gguf, "unused", device="host", context="x")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="numerics='precise'"):
+        infopt.load(tiny_gguf, numerics="precise")
+    with pytest.raises(TypeError):  # a wrong Python signature stays a TypeError
+        infopt.load(123)  # type: ignore[arg-type]
