@@ -7,7 +7,9 @@ Each reader gets mutants of a sound input (bit flips, bytes overwritten with edg
 little-endian integers set to 0 / 2^31-1 / 2^32-1 / 2^63-1 / 2^64-1, truncations, chunks
 deleted or repeated; for the manifest, values of the parsed JSON replaced, deleted or retyped;
 for a chat template, dangerous Jinja constructs spliced in) and must answer each with success
-or a typed `infopt.InfoptError`. Cases run in a worker process with a 2 GB address-space limit
+or a typed `infopt.InfoptError`; a manifest `verify` accepts must then load and generate on
+every artifact that runs here, and an archive that unpacks must give back the bundle it was
+packed from (else a "wrong accept"). Cases run in a worker process with a 2 GB address-space limit
 and a 10 s deadline: an untyped exception, a hang or running out of memory is a failure, and
 its input is written to --out. `tests/unit/test_fuzz.py` runs a few hundred seeded cases of the
 same mutators in process.
@@ -145,14 +147,14 @@ def run_case(reader: str, seeds: Seeds, rng: random.Random, work: Path) -> tuple
     try:
         data, action = _prepare(reader, seeds, rng, case_dir)
         try:
-            action()
+            wrong = action()
         except infopt.InfoptError:
             return "typed", data
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # what the fuzzer looks for (a Rust panic is a BaseException)
             return f"untyped: {type(e).__name__}: {str(e)[:200]}", data
-        return "ok", data
+        return (f"wrong: {wrong}" if isinstance(wrong, str) else "ok"), data
     finally:
         shutil.rmtree(case_dir, ignore_errors=True)
 
@@ -212,12 +214,22 @@ def _prepare(
         else:
             data = mutate_bytes(json.dumps(seeds.manifest).encode(), rng)
         (bundle / MANIFEST).write_bytes(data)
-        return data, lambda: verify_bundle(bundle)
+
+        def manifest() -> str | None:
+            verify_bundle(bundle)
+            return _loads_as_verified(bundle)
+
+        return data, manifest
     if reader == "archive":
         data = mutate_header(seeds.tar, rng, 8 << 10)
         path = case / "b.tar"
         path.write_bytes(data)
-        return data, lambda: extract_archive(path, case / "out")
+
+        def archive() -> str | None:
+            extract_archive(path, case / "out")
+            return _same_tree(seeds.bundle, case / "out")
+
+        return data, archive
     if reader == "template":
         import dataclasses
 
@@ -226,6 +238,39 @@ def _prepare(
         messages = [{"role": "user", "content": "hi"}]
         return text.encode(), lambda: tokenizer.render_chat(messages)
     raise ValueError(f"reader {reader!r}: expected one of {READERS}")
+
+
+def _loads_as_verified(bundle: Path) -> str | None:
+    """A wrong accept, if any, of a manifest `verify` passed: every artifact that runs here
+    loads and generates a token (a typed refusal now is one verify should have made)."""
+    import infopt
+    from infopt.bundle.manifest import read_manifest
+
+    for runtime in read_manifest(bundle)["artifacts"]:
+        if runtime not in ("pytorch", "onnxruntime", "openvino"):
+            continue
+        try:
+            model = infopt.load(bundle, runtime=runtime, max_context=16, draft=False)
+            model.generate("hi", max_new_tokens=1)
+        except infopt.InfoptError as e:
+            return f"verify accepted it, loading on {runtime} refused it: {e}"[:300]
+    return None
+
+
+def _same_tree(seed: Path, out: Path) -> str | None:
+    """A wrong accept, if any, of an archive that unpacked: a file that differs from the
+    bundle it was packed from (the manifest's hashes should have caught it). The manifest
+    itself is left out: nothing but a signature guards an unsigned manifest's own bytes, and
+    what it may say is the manifest reader's to check."""
+    own = {Path("manifest.json"), Path("manifest.sig")}
+    mine = {p.relative_to(seed): p for p in seed.rglob("*") if p.is_file()}
+    theirs = {p.relative_to(out): p for p in out.rglob("*") if p.is_file()}
+    mine = {k: v for k, v in mine.items() if k not in own}
+    theirs = {k: v for k, v in theirs.items() if k not in own}
+    if set(mine) != set(theirs):
+        return f"unpacked files {sorted(map(str, set(mine) ^ set(theirs)))[:3]} differ in name"
+    changed = [str(k) for k in mine if mine[k].read_bytes() != theirs[k].read_bytes()]
+    return f"unpacked {changed[:3]} differ from the packed bundle" if changed else None
 
 
 READERS = ("gguf", "hf", "safetensors", "manifest", "archive", "template")
@@ -330,11 +375,12 @@ def main() -> None:
         print(json.dumps({r: dict(c) for r, c in counts.items()}, indent=2))
         return
     print(f"| reader | minutes | cases | ok | typed error | untyped | hang > {DEADLINE_S:g} s | "
-          "over 2 GB | crash |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "over 2 GB | crash | wrong accept |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r, c in counts.items():
         print(f"| {r} | {args.minutes:g} | {sum(c.values())} | {c['ok']} | {c['typed']} | "
-              f"{c['untyped']} | {c['hang']} | {c['memory']} | {c['crash']} |")  # fmt: skip
+              f"{c['untyped']} | {c['hang']} | {c['memory']} | {c['crash']} | "
+              f"{c['wrong']} |")  # fmt: skip
 
 
 if __name__ == "__main__":
