@@ -236,7 +236,11 @@ def _prepare(
         text = mutate_template(seeds.template, rng)
         tokenizer = dataclasses.replace(seeds.tokenizer, chat_template=text)
         messages = [{"role": "user", "content": "hi"}]
-        return text.encode(), lambda: tokenizer.render_chat(messages)
+
+        def template() -> None:
+            tokenizer.render_chat(messages)
+
+        return text.encode(), template
     raise ValueError(f"reader {reader!r}: expected one of {READERS}")
 
 
