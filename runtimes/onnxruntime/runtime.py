@@ -106,8 +106,11 @@ def load_session(path: Path, threads: int | None, numerics: str = "fast") -> ort
 
 
 def _fp32_activations(path: Path) -> bytes | None:
-    """The graph (without its external weights) with accuracy level 0 on every MatMulNBits;
-    None when no node needs the change."""
+    """The graph (without its external weights) with float32 activations in every MatMulNBits:
+    accuracy level 0 on 4-bit ones; 8-bit ones, which MLAS computes fast only with int8
+    activations, become a float32 MatMul on their weights dequantized once (by the session's
+    constant folding, when it loads: exact costs four bytes a weight there). None when no
+    node needs a change."""
     try:
         import onnx
     except ImportError:
@@ -120,14 +123,61 @@ def _fp32_activations(path: Path) -> bytes | None:
     except Exception as e:  # onnx raises DecodeError and others on damaged files
         raise BundleError(f"{path}: not a readable ONNX graph ({e})") from e
     changed = False
+    nodes = []
     for node in model.graph.node:
         if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("bits") == 8 and attrs["K"] % attrs["block_size"] == 0:
+            nodes += _dequantized_matmul(node, attrs, onnx)
+            changed = True
             continue
         for attribute in node.attribute:
             if attribute.name == "accuracy_level" and attribute.i != 0:
                 attribute.i = 0
                 changed = True
-    return model.SerializeToString() if changed else None
+        nodes.append(node)
+    if not changed:
+        return None
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model.SerializeToString()
+
+
+def _dequantized_matmul(node: Any, attrs: dict[str, Any], onnx: Any) -> list[Any]:
+    """Nodes computing an 8-bit MatMulNBits as `A @ ((B - zero point) * scale)^T` in float32:
+    B [N, blocks, block] uint8, scales [N * blocks], zero points [N, blocks] uint8 or 128."""
+    helper, n, k = onnx.helper, attrs["N"], attrs["K"]
+    blocks = k // attrs["block_size"]
+    inputs = list(node.input) + [""] * (6 - len(node.input))
+    a, b, scales, zeros, _g_idx, bias = inputs[:6]
+    p = f"{node.name or node.output[0]}.exact"
+    out: list[Any] = []
+
+    def const(name: str, value: Any) -> str:
+        out.append(helper.make_node("Constant", [], [f"{p}.{name}"], value=value))
+        return f"{p}.{name}"
+
+    def one(op: str, ins: list[str], name: str, **kw: Any) -> str:
+        out.append(helper.make_node(op, ins, [f"{p}.{name}"], **kw))
+        return f"{p}.{name}"
+
+    grid = const("grid", helper.make_tensor("grid", onnx.TensorProto.INT64, [3], [n, blocks, 1]))
+    codes = one("Cast", [b], "codes", to=onnx.TensorProto.FLOAT)
+    if zeros:
+        zero = one("Reshape", [one("Cast", [zeros], "zf", to=onnx.TensorProto.FLOAT), grid], "z")
+    else:
+        zero = const("z", helper.make_tensor("z", onnx.TensorProto.FLOAT, [], [128.0]))
+    scale = one("Reshape", [scales, grid], "s")
+    weight = one("Mul", [one("Sub", [codes, zero], "centred"), scale], "w3")
+    shape = const("nk", helper.make_tensor("nk", onnx.TensorProto.INT64, [2], [n, k]))
+    transposed = one("Transpose", [one("Reshape", [weight, shape], "w")], "wt", perm=[1, 0])
+    product = node.output[0] if not bias else f"{p}.y"
+    out.append(helper.make_node("MatMul", [a, transposed], [product]))
+    if bias:
+        out.append(helper.make_node("Add", [product, bias], [node.output[0]]))
+    return out
 
 
 def from_bundle(
