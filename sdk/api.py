@@ -214,9 +214,10 @@ def load(
     CPU kernels, which round activations (ONNX Runtime's MatMulNBits to int8, OpenVINO's
     dynamic quantization on CPUs with VNNI or AMX, PyTorch's packed bfloat16 kernels): logits
     close to the stored weights' and varying slightly between CPUs. "exact": float32
-    activations against the stored weights on every CPU (much slower on ONNX Runtime; refused
-    on Core ML, which computes in float16, and on a quantized LiteRT model). docs/quality.md
-    gives the measured difference. Float weights compute in float32 either way.
+    activations against the stored weights on every CPU (slower; on ONNX Runtime INT8
+    matrices are held as float32; refused on Core ML, which computes in float16, and on a
+    quantized LiteRT model). docs/quality.md gives the measured difference. Float weights
+    compute in float32 either way.
 
     public_key: a PEM public key; the bundle must be signed by it (`infopt-pack build --sign`),
     else `BundleError`. A signed bundle's signature is checked against the key it names even
