@@ -258,9 +258,13 @@ def load(
                 path, name, threads, max_context, device, dtype, cache, progress, numerics
             )
         else:
+            if numerics == "exact" and dtype not in (None, "float32"):
+                raise InvalidArgumentError(
+                    f"numerics='exact' computes in float32; dtype={dtype!r} asks for less"
+                )
             loaded = _load_source(path, name, threads, max_context, device, dtype, numerics)
     if draft is not None and draft is not False and draft is not True:
-        loaded.drafter = _load_draft(loaded, draft, draft_runtime, threads, device)
+        loaded.drafter = _load_draft(loaded, draft, draft_runtime, threads, device, public_key)
     if draft is True and loaded.drafter is None:
         raise InvalidArgumentError(
             f"draft=True: {loaded.source} carries no draft (build it with --speculative), "
@@ -409,10 +413,21 @@ def _load_draft(
     draft_runtime: str | None,
     threads: int | None,
     device: str | None,
+    public_key: str | Path | None = None,
 ) -> Drafter:
+    """The drafter `draft` names. With `public_key`, a draft path must be a bundle signed by
+    that key too. A draft runs on its runtime's fast numerics: it only proposes tokens, the
+    target decides them."""
+    from infopt.bundle.manifest import is_bundle
+
     if isinstance(draft, str) and draft == "ngram":
         return NgramDrafter(target_model.runtime.vocab_size)
     if isinstance(draft, (str, Path)):
+        if public_key is not None and not is_bundle(draft):
+            raise InvalidArgumentError(
+                f"draft {str(draft)!r}: with a public key, a draft must be a bundle signed by "
+                "it too (a model file cannot be signed)"
+            )
         draft = load(
             draft,
             runtime=draft_runtime or target_model.runtime.name,
@@ -420,6 +435,7 @@ def _load_draft(
             max_context=target_model.runtime.max_context,
             device=device,
             draft=False,
+            public_key=public_key if is_bundle(draft) else None,
         )
     if not isinstance(draft, Model):
         raise InvalidArgumentError(

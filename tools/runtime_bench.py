@@ -127,9 +127,7 @@ def main() -> None:
         "--default", nargs="?", const="", help="infopt.load() of a model file (none: the default)"
     )
     ap.add_argument("--compare", action="store_true", help="run the peers too")
-    ap.add_argument(
-        "--numerics", default="fast", help="fast, exact or both (comma-separated): load()'s modes"
-    )
+    ap.add_argument("--numerics", default="fast", help="fast, exact, or fast,exact: load()'s modes")
     ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", action="store_true")

@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument(
         "--numerics",
         default="fast",
-        help="fast, exact, or both (comma-separated): how the compared runtimes are loaded",
+        help="fast, exact, or fast,exact: how the compared runtimes are loaded",
     )
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()

@@ -88,12 +88,18 @@ class ONNXRuntime(BaseRuntime):
         return out[0].copy() if keep == 1 else out[0]
 
 
-def load_session(path: Path, threads: int | None, numerics: str = "fast") -> ort.InferenceSession:
-    """A session of the graph at `path`; with numerics "exact", every MatMulNBits computes with
-    float32 activations (accuracy level 0) whatever level the graph was exported with."""
+def load_session(
+    path: Path, threads: int | None, numerics: str = "fast", quantized: bool = True
+) -> ort.InferenceSession:
+    """A session of the graph at `path`; with numerics "exact", every MatMulNBits of a
+    `quantized` graph computes with float32 activations whatever accuracy level the graph was
+    exported with (`_fp32_activations`)."""
     options = session_options(threads)
     graph: str | bytes = str(path)
-    if check_numerics(numerics) == "exact" and (exact := _fp32_activations(path)) is not None:
+    exact = None
+    if check_numerics(numerics) == "exact" and quantized:
+        exact = _fp32_activations(path)
+    if exact is not None:
         graph = exact
         # the graph comes as bytes; its weights stay in the external data file beside it
         options.add_session_config_entry(
@@ -129,7 +135,17 @@ def _fp32_activations(path: Path) -> bytes | None:
             nodes.append(node)
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("bits") == 8 and attrs["K"] % attrs["block_size"] == 0:
+        sizes = [attrs.get(k) for k in ("K", "N", "bits", "block_size")]
+        if not all(isinstance(v, int) and v > 0 for v in sizes):
+            raise BundleError(
+                f"{path}: MatMulNBits node {node.name!r} lacks K, N, bits or block_size"
+            )
+        if len(node.input) > 4 and node.input[4]:
+            raise BundleError(
+                f"{path}: MatMulNBits node {node.name!r} has a g_idx input, which infopt's "
+                "exporter never writes; numerics='exact' cannot rewrite it"
+            )
+        if attrs["bits"] == 8 and attrs["K"] % attrs["block_size"] == 0:
             nodes += _dequantized_matmul(node, attrs, onnx)
             changed = True
             continue
@@ -191,7 +207,7 @@ def from_bundle(
     """The session of a verified bundle's ONNX artifact (`numerics`: `load_session`'s)."""
     cpu_only("onnxruntime", device)
     artifact.check_context(max_context, "ONNX graph (its rotary tables)")
-    session = load_session(artifact.file(), threads, numerics)
+    session = load_session(artifact.file(), threads, numerics, artifact.quantized)
     exact = numerics == "exact" or not artifact.quantized
     rt = ONNXRuntime(session, max_context, artifact.vocab_size, batch_exact=exact)
     rt.numerics = numerics
@@ -220,10 +236,10 @@ def from_model(
     from infopt.core.quant import QuantStorage
     from infopt.runtimes.onnxruntime.export import FILE, export_onnx
 
+    quantized = any(isinstance(m, QuantStorage) for m in core.modules())
     with tempfile.TemporaryDirectory(prefix="infopt-onnx-") as tmp:
         export_onnx(core, Path(tmp) / FILE, max_context)
-        session = load_session(Path(tmp) / FILE, threads, numerics)
-    quantized = any(isinstance(m, QuantStorage) for m in core.modules())
+        session = load_session(Path(tmp) / FILE, threads, numerics, quantized)
     exact = numerics == "exact" or not quantized
     rt = ONNXRuntime(session, max_context, core.spec.vocab_size, batch_exact=exact)
     rt.numerics = numerics

@@ -84,6 +84,8 @@ def extract_archive(
         return _extract(Path(archive), Path(out), public_key)
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise BundleError(f"{archive}: a damaged or truncated archive ({e})") from None
+    except OSError as e:  # a full disk, a file system that refuses: OUT is left as it was
+        raise BundleError(f"{archive}: unpacking into {out} failed ({e})") from e
 
 
 MAX_RATIO = 100  # bundles are stored uncompressed; weights barely compress

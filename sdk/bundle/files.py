@@ -22,7 +22,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from infopt.bundle.manifest import FORMAT, MANIFEST, VERSION, is_bundle, read_manifest
+from infopt.bundle.manifest import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    is_bundle,
+    manifest_bytes,
+    parse_manifest,
+)
 from infopt.bundle.signing import SIGNATURE, check_signature, sign_bundle
 from infopt.core.progress import Progress, silent
 from infopt.errors import BundleError
@@ -68,7 +75,9 @@ def verify_bundle(path: str | Path, public_key: str | Path | None = None) -> dic
     bundle's signature must match its manifest; with `public_key` (a PEM file) the bundle must
     be signed by that key (`infopt.bundle.signing`)."""
     root = Path(path)
-    manifest = read_manifest(root)
+    raw = manifest_bytes(root)  # read once: the bytes signed are the bytes checked and parsed
+    check_signature(root, public_key, raw)
+    manifest = parse_manifest(raw, root / MANIFEST)
     listed: dict[Path, dict[str, Any]] = {}
     for entry in manifest["files"]:
         target = safe_relative(root, entry.get("path"))
@@ -96,7 +105,6 @@ def verify_bundle(path: str | Path, public_key: str | Path | None = None) -> dic
             raise BundleError(f"{target}: {st.st_size} bytes, the manifest says {entry['size']}")
         if sha256_file(target) != entry["sha256"]:
             raise BundleError(f"{target}: sha256 does not match the manifest (changed)")
-    check_signature(root, public_key)
     check_vocabulary(root, manifest)
     names = {str(PurePosixPath(e["path"])) for e in manifest["files"]}
     drafts = (manifest.get("draft") or {}).get("artifacts") or {}
@@ -117,9 +125,9 @@ def check_vocabulary(root: Path, manifest: dict[str, Any]) -> None:
     if name is None or vocab is None:
         return
     path = safe_relative(root, name)
-    from infopt.core.tokenizer import tokenizers_errors
+    from infopt.core.tokenizer import native_errors
 
-    with tokenizers_errors(BundleError, f"{path}: not a tokenizer the tokenizers library reads"):
+    with native_errors(BundleError, f"{path}: not a tokenizer the tokenizers library reads"):
         size = Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
     if size > vocab:
         raise BundleError(

@@ -244,6 +244,11 @@ def is_bundle(path: str | Path) -> bool:
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the bundle at `path`, checked against the schema (no data file is
     opened): a `BundleError` naming the first key that is missing or of the wrong type."""
+    return parse_manifest(manifest_bytes(path), Path(path) / MANIFEST)
+
+
+def manifest_bytes(path: str | Path) -> bytes:
+    """The bytes of the bundle's manifest file, read once (a bounded regular file)."""
     root = Path(path)
     if not root.exists() and not root.is_symlink():
         raise BundleError(f"{root}: no such bundle (the path does not exist)")
@@ -258,8 +263,17 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise BundleError(f"{manifest_path}: must be a regular file, not a link")
     if st.st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{manifest_path}: {st.st_size} bytes is too large for a manifest")
+    with manifest_path.open("rb") as f:
+        raw = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{manifest_path}: too large for a manifest")
+    return raw
+
+
+def parse_manifest(raw: bytes, manifest_path: Path) -> dict[str, Any]:
+    """A manifest's bytes parsed and checked against the schema and its own claims."""
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{manifest_path}: not valid JSON ({e})") from e
     except RecursionError:  # nested deeper than any manifest is

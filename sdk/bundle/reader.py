@@ -90,13 +90,13 @@ class Bundle:
     def tokenizer(self) -> Tokenizer:
         from tokenizers import Tokenizer as _HFTokenizer
 
-        from infopt.core.tokenizer import Tokenizer, tokenizers_errors
+        from infopt.core.tokenizer import Tokenizer, native_errors
 
         section = self.manifest["tokenizer"]
         path = safe_relative(self.root, section.get("file", TOKENIZER))
         # from_file rather than from_str(read_text()): the text and the parser's buffers would
         # stay with the allocator
-        with tokenizers_errors(BundleError, f"{path}: not a readable tokenizer"):
+        with native_errors(BundleError, f"{path}: not a readable tokenizer"):
             backend = _HFTokenizer.from_file(str(path))
         return Tokenizer(
             backend=backend,

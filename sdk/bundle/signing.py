@@ -129,14 +129,20 @@ def generate_key(out: str | Path) -> tuple[Path, Path, str]:
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    created: list[Path] = []
     try:
-        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(private_pem)
-        public_path.write_bytes(public_pem)
+        for path, data, mode in (
+            (private_path, private_pem, 0o600),
+            (public_path, public_pem, 0o644),
+        ):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            created.append(path)  # ours from here on: removed if a later step fails
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
     except OSError as e:
-        private_path.unlink(missing_ok=True)
-        raise InvalidArgumentError(f"{out}: cannot write the key ({e.strerror})") from None
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise InvalidArgumentError(f"{out}: cannot write the key ({e.strerror or e})") from None
     return private_path, public_path, key_id(key.public_key())
 
 
@@ -183,10 +189,13 @@ def read_signature(root: Path) -> dict[str, Any] | None:
     return record
 
 
-def check_signature(root: Path, public_key: str | Path | None = None) -> str | None:
+def check_signature(
+    root: Path, public_key: str | Path | None = None, manifest: bytes | None = None
+) -> str | None:
     """Check the bundle's signature, if it has one, against the key it names and, with
-    `public_key`, against that key too (then an unsigned bundle is refused). Returns the
-    signer's key id, or None for an unsigned bundle loaded without a key."""
+    `public_key`, against that key too (then an unsigned bundle is refused), over `manifest`
+    (the manifest's bytes as the caller read them; else read here). Returns the signer's key
+    id, or None for an unsigned bundle loaded without a key."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -205,12 +214,19 @@ def check_signature(root: Path, public_key: str | Path | None = None) -> str | N
         signature = base64.b64decode(record["signature"], validate=True)
     except (ValueError, TypeError):
         raise BundleError(f"{where}: the public key or signature is not valid base64") from None
+    if record["key_id"] != key_id(named):  # the id shown to users must be the verified key's
+        raise BundleError(
+            f"{where}: key_id {record['key_id']!r} is not the id of the key it carries "
+            f"({key_id(named)}); refused"
+        )
     if trusted is not None and _raw(trusted) != _raw(named):
         raise BundleError(
             f"{root}: signed by key {key_id(named)}, not by the required key {key_id(trusted)}"
         )
     try:
-        named.verify(signature, (root / MANIFEST).read_bytes())
+        named.verify(
+            signature, manifest if manifest is not None else (root / MANIFEST).read_bytes()
+        )
     except InvalidSignature:
         raise BundleError(
             f"{root}: the signature does not match {MANIFEST} (changed after signing); refused"

@@ -45,7 +45,10 @@ def friendly_errors(fn: F) -> F:
             sys.exit(130)
         except (OSError, MemoryError) as e:
             raise click.ClickException(f"{type(e).__name__}: {e}") from e
-        except Exception as e:
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # Exception, and a native library's panic (pyo3's is a
+            # BaseException)
             if os.environ.get(DEBUG_ENV) == "1":
                 raise
             click.echo(

@@ -207,7 +207,9 @@ def spec_from_hf_config(config: dict[str, Any]) -> ModelSpec:
     rope = config.get(rope_key)
     if rope is not None and not isinstance(rope, dict):
         raise ModelFormatError(f"config.json: {rope_key} = {rope!r}, not an object")
-    theta = _get(config, "rope_theta", None) or (rope or {}).get("rope_theta", 10000.0)
+    theta = _get(config, "rope_theta", None)
+    if theta is None:
+        theta = (rope or {}).get("rope_theta", 10000.0)
     return ModelSpec(
         architecture=family,
         vocab_size=_int(config, "vocab_size"),

@@ -55,12 +55,13 @@ _USER_DEFINED = 4
 
 
 @contextlib.contextmanager
-def tokenizers_errors(error: type[InfoptError], what: str) -> Iterator[None]:
-    """The tokenizers library's failures on bad input as `error` naming `what`: its plain
-    Exceptions, and Rust panics, which surface as pyo3's PanicException (a BaseException)."""
+def native_errors(error: type[InfoptError], what: str) -> Iterator[None]:
+    """A native library's failures on bad input (tokenizers, safetensors) as `error` naming
+    `what`: its plain Exceptions, and Rust panics, which surface as pyo3's PanicException (a
+    BaseException)."""
     try:
         yield
-    except (InfoptError, KeyboardInterrupt, SystemExit, GeneratorExit):
+    except (InfoptError, MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:
         raise error(f"{what} ({type(e).__name__}: {str(e)[:200]})") from None
@@ -414,7 +415,7 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
             f"GGUF merge {' '.join(missing)!r} names a token the vocabulary does not have "
             "(a damaged vocabulary)"
         )
-    with tokenizers_errors(ModelFormatError, "GGUF vocabulary cannot be read as BPE"):
+    with native_errors(ModelFormatError, "GGUF vocabulary cannot be read as BPE"):
         backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in GGUF_PRE_TOKENIZERS[pre]]
@@ -460,7 +461,7 @@ def tokenizer_from_hf_files(
     eos_token_ids: tuple[int, ...],
 ) -> Tokenizer:
     """Tokenizer from an HF folder's `tokenizer.json` + `tokenizer_config.json`."""
-    with tokenizers_errors(
+    with native_errors(
         ModelFormatError, "tokenizer.json: not a tokenizer the tokenizers library reads"
     ):
         backend = _HFTokenizer.from_str(tokenizer_json)

@@ -62,14 +62,16 @@ def save_model(model: Decoder, path: str | Path) -> int:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
     """Rebuild the model core saved by `save_model`, quantized modules included."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError) as e:
-        raise ModelFormatError(f"{path}: not a readable safetensors file ({e})") from e
+    from infopt.core.tokenizer import native_errors
+
+    with (
+        native_errors(ModelFormatError, f"{path}: not a readable safetensors file"),
+        safe_open(str(path), framework="pt", device=str(device)) as f,
+    ):
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     try:
         meta = json.loads(meta["infopt"]) if "infopt" in meta else {}
     except (json.JSONDecodeError, RecursionError) as e:

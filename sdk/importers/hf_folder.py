@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from infopt.core.spec import ModelSpec, expected_shape, spec_from_hf_config
-from infopt.core.tokenizer import Tokenizer, tokenizer_from_hf_files
+from infopt.core.tokenizer import Tokenizer, native_errors, tokenizer_from_hf_files
 from infopt.errors import InfoptError, ModelFormatError
 
 if TYPE_CHECKING:
@@ -77,30 +77,32 @@ def _plain_file_name(name: object) -> bool:
 
 def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """Tensors one at a time, as stored (bf16 stays bf16)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     for f in files:
-        try:
-            with safe_open(f, framework="pt") as st:
-                for name in st.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                    yield name, st.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ModelFormatError(f"{f}: damaged safetensors file ({e})") from e
+        damaged = f"{f}: damaged safetensors file"
+        with native_errors(ModelFormatError, damaged):
+            handle = safe_open(f, framework="pt")
+            names = list(handle.keys())
+        for name in names:  # the guard around the read only: a consumer's error is its own
+            with native_errors(ModelFormatError, damaged):
+                tensor = handle.get_tensor(name)
+            yield name, tensor
 
 
 def check_shapes(files: list[Path], spec: ModelSpec) -> None:
     """The tensors the headers list (no tensor data read) have the shapes config.json implies,
     in as many layers as it says: a config that does not match the weights is refused here,
     before a model of its size is laid out."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
 
     layers: set[int] = set()
     for f in files:
-        try:
-            with safe_open(f, framework="numpy") as st:
-                shapes = {name: tuple(st.get_slice(name).get_shape()) for name in st.keys()}  # noqa: SIM118
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ModelFormatError(f"{f}: damaged safetensors file ({e})") from e
+        with (
+            native_errors(ModelFormatError, f"{f}: damaged safetensors file"),
+            safe_open(f, framework="numpy") as st,
+        ):
+            shapes = {name: tuple(st.get_slice(name).get_shape()) for name in st.keys()}  # noqa: SIM118
         for raw, shape in shapes.items():
             name = raw.removeprefix("model.")
             parts = name.split(".", 2)

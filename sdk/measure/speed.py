@@ -188,7 +188,7 @@ def systems(
     """(label, bundle or None for a peer, runtime or peer name, numerics) of everything to
     measure: every artifact of a bundle that can run here, or only its fixed-window (mobile)
     ones where it has any (its other artifacts are there as their reference), in each of
-    `numerics` its artifact has (exact: not on Core ML or a quantized LiteRT model)."""
+    `numerics` the artifact has (Core ML and a quantized LiteRT model have no exact mode)."""
     from infopt.bundle import open_bundle
     from infopt.runtimes.registry import targets
 
@@ -205,7 +205,8 @@ def systems(
         mobile = [n for n in found if targets()[n].fixed_windows]
         for rt in [runtime] if runtime else mobile or found:
             for mode in numerics:
-                if mode == "exact" and targets()[rt].fixed_windows:
+                no_exact = rt == "coreml" or (rt == "tflite" and opened.artifact(rt).quantized)
+                if mode == "exact" and no_exact:
                     continue  # Core ML computes in float16, quantized LiteRT in int8
                 shown = "" if list(numerics) == ["fast"] else f" ({mode})"
                 out.append((f"infopt {rt} {label}{shown}", bundle, rt, mode))

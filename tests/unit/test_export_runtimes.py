@@ -134,6 +134,14 @@ def test_quantized_weights_are_carried_over_exactly(
     assert_same(core, runtime, atol=5e-5, numerics="exact")
 
 
+def test_exact_numerics_carry_int8_weights_with_a_bias_exactly(folders: dict[str, Path]) -> None:
+    """Qwen2's q/k/v biases on INT8 layers: on ONNX Runtime, numerics="exact" computes 8-bit
+    layers as a float32 MatMul on the dequantized weights, then adds the bias."""
+    core = core_of(folders["qwen2-bias"])
+    quantize_model(core, {"attention": "int8", "mlp": "int8", "embeddings": "int8"})
+    assert_same(core, "onnxruntime", atol=5e-5, numerics="exact")
+
+
 @pytest.mark.parametrize("runtime", list(EXPORTERS))
 def test_pruned_and_low_rank_models_export(folders: dict[str, Path], runtime: str) -> None:
     core = core_of(folders["llama"])

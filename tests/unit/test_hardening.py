@@ -604,5 +604,7 @@ def test_api_values_of_the_wrong_kind_are_typed_errors(model: Any, tiny_gguf: Pa
         build(tiny_gguf, "unused", device="host", context="x")  # type: ignore[arg-type]
     with pytest.raises(InvalidArgumentError, match="numerics='precise'"):
         infopt.load(tiny_gguf, numerics="precise")
+    with pytest.raises(InvalidArgumentError, match="computes in float32"):
+        infopt.load(tiny_gguf, runtime="pytorch", dtype="bfloat16", numerics="exact")
     with pytest.raises(TypeError):  # a wrong Python signature stays a TypeError
         infopt.load(123)  # type: ignore[arg-type]

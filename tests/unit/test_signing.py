@@ -166,3 +166,48 @@ def test_bad_key_files_are_typed_errors(tmp_path: Path, tiny_gguf: Path) -> None
     assert not (tmp_path / "out").exists()
     with pytest.raises(InvalidArgumentError, match="model file"):
         infopt.load(tiny_gguf, public_key=junk)
+
+
+def test_a_signature_claiming_another_key_id_is_refused(
+    signed: Path, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    """An attacker's valid signature whose record shows the publisher's key id: the id users
+    read must be the verified key's."""
+    bundle = copy(signed, tmp_path)
+    publisher = json.loads((bundle / SIGNATURE).read_text())["key_id"]
+    sign_bundle(bundle, load_private_key(keys["other"]))
+    record = json.loads((bundle / SIGNATURE).read_text())
+    (bundle / SIGNATURE).write_text(json.dumps({**record, "key_id": publisher}))
+    with pytest.raises(BundleError, match="is not the id of the key it carries"):
+        verify_bundle(bundle)
+    code, out, _ = invoke("verify", str(bundle))
+    assert code == 1 and publisher not in out
+
+
+def test_a_file_changed_with_its_hash_updated_is_caught_by_the_signature(
+    signed: Path, tmp_path: Path
+) -> None:
+    import hashlib
+
+    bundle = copy(signed, tmp_path)
+    tokenizer = bundle / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text() + " ")
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    for entry in manifest["files"]:  # what an attacker would do: the manifest made consistent
+        if entry["path"] == "tokenizer.json":
+            entry["size"] = tokenizer.stat().st_size
+            entry["sha256"] = hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    with pytest.raises(BundleError, match="changed after signing"):
+        infopt.load(bundle)
+
+
+def test_a_pinned_key_is_checked_before_any_file_is_hashed_and_covers_the_draft(
+    signed: Path, tiny_gguf: Path, tmp_path: Path, keys: dict[str, Path]
+) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key")
+    code, _, err = invoke("run", str(signed), "--prompt", "hi", "--key", str(junk))
+    assert code == 1 and "InvalidArgumentError" in err and "not a PEM" in err
+    with pytest.raises(InvalidArgumentError, match="draft must be a bundle signed"):
+        infopt.load(signed, public_key=keys["public"], draft=tiny_gguf)
