@@ -217,7 +217,7 @@ def _prepare(
 
         def manifest() -> str | None:
             verify_bundle(bundle)
-            return _loads_as_verified(bundle)
+            return _loads_as_verified(bundle, seeds.manifest)
 
         return data, manifest
     if reader == "archive":
@@ -244,17 +244,28 @@ def _prepare(
     raise ValueError(f"reader {reader!r}: expected one of {READERS}")
 
 
-def _loads_as_verified(bundle: Path) -> str | None:
+def _loads_as_verified(bundle: Path, seed: dict[str, Any]) -> str | None:
     """A wrong accept, if any, of a manifest `verify` passed: every artifact that runs here
-    loads and generates a token (a typed refusal now is one verify should have made)."""
+    loads and generates a token (a typed refusal now is one verify should have made). Not
+    counted: refusals that depend on this machine rather than the bundle (a runtime not
+    installed, a package version range the mutation changed: verify rightly leaves those to
+    load)."""
     import infopt
     from infopt.bundle.manifest import read_manifest
+    from infopt.runtimes.registry import target
 
-    for runtime in read_manifest(bundle)["artifacts"]:
-        if runtime not in ("pytorch", "onnxruntime", "openvino"):
+    manifest = read_manifest(bundle)
+    for runtime, entry in manifest["artifacts"].items():
+        sound = seed["artifacts"].get(runtime)
+        if runtime not in ("pytorch", "onnxruntime", "openvino") or not target(runtime).installed():
             continue
+        if sound is None or entry.get("requires") != sound.get("requires"):
+            continue
+        if manifest["runtime"].get("requires") != seed["runtime"].get("requires"):
+            continue
+        context = min(16, manifest["kv_cache"]["max_context"], entry.get("max_context") or 16)
         try:
-            model = infopt.load(bundle, runtime=runtime, max_context=16, draft=False)
+            model = infopt.load(bundle, runtime=runtime, max_context=context, draft=False)
             model.generate("hi", max_new_tokens=1)
         except infopt.InfoptError as e:
             return f"verify accepted it, loading on {runtime} refused it: {e}"[:300]
