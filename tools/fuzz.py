@@ -55,6 +55,7 @@ SPLICES = (  # Jinja constructs a hostile template would use
     "}}",
 )
 DEADLINE_S = 10.0
+RECYCLE_CASES = 200  # cases per worker process
 MEMORY_BYTES = 2 << 30
 
 
@@ -342,20 +343,27 @@ def fuzz(
             jobs, results = ctx.Queue(), ctx.Queue()
             proc = ctx.Process(target=_worker, args=(args, jobs, results), daemon=True)
             proc.start()
-            stop, n = time.monotonic() + 60 * minutes, 0
+            stop, n, served = time.monotonic() + 60 * minutes, 0, 0
             while time.monotonic() < stop:
                 case_seed = seed * 1_000_003 + n
                 jobs.put((reader, case_seed))
-                try:
-                    _, _, outcome, data = results.get(timeout=DEADLINE_S + 60 * (n == 0))
+                try:  # a fresh worker first reads its seeds: a minute more for that
+                    _, _, outcome, data = results.get(timeout=DEADLINE_S + 60 * (served == 0))
+                    served += 1
                 except Exception:  # no answer in time: a hang (or a crash); a fresh worker
                     outcome = "hang" if proc.is_alive() else "crash"
                     data = regenerate(args, reader, case_seed)
+                    served = RECYCLE_CASES
+                if served >= RECYCLE_CASES:  # runtimes keep per-process state (OpenVINO's
+                    # address space grows with every compile): a fresh worker now and then
+                    jobs.put(None)
+                    proc.join(timeout=5)
                     proc.kill()
                     proc.join()
                     jobs, results = ctx.Queue(), ctx.Queue()
                     proc = ctx.Process(target=_worker, args=(args, jobs, results), daemon=True)
                     proc.start()
+                    served = 0
                 kind = outcome.split(":")[0]
                 counts[reader][kind] += 1
                 if kind not in ("ok", "typed"):

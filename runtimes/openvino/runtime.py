@@ -9,6 +9,7 @@ tokenizers; no torch.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,13 @@ COMPILE_CONFIG: dict[str, Any] = {
 EXACT_CONFIG: dict[str, Any] = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
 
 
+@functools.cache
+def core() -> Any:
+    """One OpenVINO Core per process: each Core keeps its CPU plugin (thread pools, memory
+    arenas) for the life of the process, so a Core per load would grow with every load."""
+    return ov.Core()
+
+
 def compile_model(
     path: Path, threads: int | None, kv_dtype: str | None, numerics: str = "fast"
 ) -> Any:
@@ -45,7 +53,7 @@ def compile_model(
     if threads is not None:
         config["INFERENCE_NUM_THREADS"] = threads
     try:
-        return ov.Core().compile_model(str(path), "CPU", config)
+        return core().compile_model(str(path), "CPU", config)
     except RuntimeError as e:
         raise BundleError(f"{path}: OpenVINO cannot compile this model ({e})") from e
 

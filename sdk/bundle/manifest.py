@@ -300,7 +300,7 @@ def check_claims(manifest: dict[str, Any], where: str) -> None:
     defaults that generate). A `BundleError` naming the key and both values."""
     from infopt.decode.generate import GenerateOptions
     from infopt.errors import InvalidArgumentError
-    from infopt.runtimes.registry import names
+    from infopt.runtimes.registry import names, target
 
     config = (manifest.get("model") or {}).get("config") or {}
     vocab = config.get("vocab_size", 2**63)
@@ -336,6 +336,11 @@ def check_claims(manifest: dict[str, Any], where: str) -> None:
     if built and runtime not in manifest["artifacts"]:
         raise BundleError(f"{where}: runtime.name {runtime!r} has no artifact in the bundle")
     drafts = (manifest.get("draft") or {}).get("artifacts") or {}
+    for label, arts in (("artifacts", manifest["artifacts"]), ("draft.artifacts", drafts)):
+        for name, artifact in arts.items():  # exported graphs hold rotary tables of a length
+            if name in names() and not target(name).reference and "max_context" not in artifact:
+                raise BundleError(f"{where}: {label}.{name} lacks max_context (the positions "
+                                  "its graph was exported for)")  # fmt: skip
     requires = [("runtime", manifest["runtime"].get("requires") or {})]
     requires += [
         (f"artifacts.{n}", a.get("requires") or {}) for n, a in manifest["artifacts"].items()
