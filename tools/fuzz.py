@@ -55,7 +55,7 @@ SPLICES = (  # Jinja constructs a hostile template would use
     "}}",
 )
 DEADLINE_S = 10.0
-RECYCLE_CASES = 200  # cases per worker process
+RECYCLE_CASES = 50  # cases per worker process
 MEMORY_BYTES = 2 << 30
 
 
@@ -355,7 +355,8 @@ def fuzz(
                     data = regenerate(args, reader, case_seed)
                     served = RECYCLE_CASES
                 if served >= RECYCLE_CASES:  # runtimes keep per-process state (OpenVINO's
-                    # address space grows with every compile): a fresh worker now and then
+                    # address space grows by megabytes with every compile, and a manifest case
+                    # compiles a model): a fresh worker now and then
                     jobs.put(None)
                     proc.join(timeout=5)
                     proc.kill()

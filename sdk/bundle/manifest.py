@@ -35,7 +35,7 @@ from infopt.core.schema import (
     typed,
 )
 from infopt.core.spec import ModelSpec
-from infopt.errors import BundleError
+from infopt.errors import BundleError, InfoptError
 
 FORMAT, VERSION = "infopt-bundle", 1
 MANIFEST = "manifest.json"
@@ -303,6 +303,13 @@ def check_claims(manifest: dict[str, Any], where: str) -> None:
     from infopt.runtimes.registry import names, target
 
     config = (manifest.get("model") or {}).get("config") or {}
+    if config:
+        from infopt.core.spec import spec_from_dict
+
+        try:  # the model's config as loading reads it: every value in range
+            spec_from_dict(config)
+        except InfoptError as e:
+            raise BundleError(f"{where}: model.config: {e}") from None
     vocab = config.get("vocab_size", 2**63)
     tok = manifest.get("tokenizer") or {}
     ids = {

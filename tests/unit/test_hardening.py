@@ -129,6 +129,14 @@ BAD_BUNDLES = {  # (an edit of a sound bundle, what the refusal names)
         _set("model", "config", "vocab_size", value=100),
         r"384 tokens, more than the model's vocabulary",
     ),
+    "a config value loading refuses (found by the fuzzer)": (
+        _set("model", "config", "sliding_window", value=-1),
+        r"model.config: model config: sliding_window = -1",
+    ),
+    "an exported artifact without its context (found by the fuzzer)": (
+        lambda m, _: m["artifacts"]["openvino"].pop("max_context"),
+        r"artifacts.openvino lacks max_context",
+    ),
     "EOS outside the vocabulary": (
         _set("tokenizer", "eos_token_ids", value=[10**12]),
         r"tokenizer.eos_token_ids: 1000000000000 is not a token id",
