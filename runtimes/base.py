@@ -58,10 +58,10 @@ class Artifact:
 
 
 # How a runtime computes against quantized weights. "fast": the runtime's fastest CPU kernels,
-# which may round activations (ONNX Runtime's MatMulNBits to int8, OpenVINO's dynamic
-# quantization on CPUs with VNNI/AMX, PyTorch's packed bfloat16 kernels); "exact": float32
+# which may round activations (to int8 or bfloat16, on some CPUs only); "exact": float32
 # activations against the stored weights, so results differ between CPUs only by float32
-# summation order. Float weights compute in float32 either way.
+# summation order (each target's runtime module says how it gets there). Float weights
+# compute in float32 either way.
 NUMERICS = ("fast", "exact")
 
 

@@ -47,6 +47,8 @@ class Target:
     build_extra: str = ""
     symmetric_int4: bool = False  # its INT4 weights carry no zero points
     fixed_windows: bool = False  # compiled for a few fixed token windows, padded to them
+    # where it has numerics="exact": "all" artifacts, "float" ones only, or "none"
+    exact_numerics: str = "all"
     reference: bool = False  # runs the model core itself (on CUDA, model files load on it)
     # model files load on it through a cached conversion that keeps a GGUF's blocks as they are
     converts_files: bool = False

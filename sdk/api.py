@@ -211,13 +211,12 @@ def load(
     (default: the target's; a bundle's own draft: `Bundle.draft_runtime_for`).
 
     numerics: how quantized weights are computed. "fast" (the default): each runtime's fastest
-    CPU kernels, which round activations (ONNX Runtime's MatMulNBits to int8, OpenVINO's
-    dynamic quantization on CPUs with VNNI or AMX, PyTorch's packed bfloat16 kernels): logits
-    close to the stored weights' and varying slightly between CPUs. "exact": float32
-    activations against the stored weights on every CPU (slower; on ONNX Runtime INT8
-    matrices are held as float32; refused on Core ML, which computes in float16, and on a
-    quantized LiteRT model). docs/quality.md gives the measured difference. Float weights
-    compute in float32 either way.
+    CPU kernels, which may round activations to int8 or bfloat16: logits close to the stored
+    weights' and varying slightly between CPUs. "exact": float32 activations against the
+    stored weights on every CPU (slower, sometimes larger; a runtime without such a mode
+    refuses it by name). Each runtime module's `from_bundle` says what the two mean there;
+    docs/quality.md gives the measured difference. Float weights compute in float32 either
+    way.
 
     public_key: a PEM public key; the bundle must be signed by it (`infopt-pack build --sign`),
     else `BundleError`. A signed bundle's signature is checked against the key it names even

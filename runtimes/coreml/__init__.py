@@ -57,6 +57,7 @@ TARGET = Target(
     build_modules=("coremltools",),
     symmetric_int4=True,
     fixed_windows=True,
+    exact_numerics="none",
     overhead={"npu": 150e6},  # an estimate
     reads_back=True,
     runs_here=runs_here,

@@ -28,6 +28,7 @@ TARGET = Target(
     build_extra="tflite-convert",
     symmetric_int4=True,
     fixed_windows=True,
+    exact_numerics="float",
     overhead={"cpu": 60e6, "npu": 60e6},  # estimates
     describe=describe,
     artifact_fields={

@@ -79,7 +79,7 @@ from infopt.runtimes.registry import reference
     show_default=True,
     help="How quantized weights compute: fast = each runtime's fastest kernels, which round "
     "activations (results vary slightly between CPUs); exact = float32 activations against the "
-    "stored weights on every CPU (slower; not on Core ML or a quantized LiteRT model).",
+    "stored weights on every CPU (slower; a runtime without such a mode refuses it).",
 )
 @click.option(
     "--key",

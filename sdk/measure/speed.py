@@ -205,9 +205,10 @@ def systems(
         mobile = [n for n in found if targets()[n].fixed_windows]
         for rt in [runtime] if runtime else mobile or found:
             for mode in numerics:
-                no_exact = rt == "coreml" or (rt == "tflite" and opened.artifact(rt).quantized)
+                has = targets()[rt].exact_numerics
+                no_exact = has == "none" or (has == "float" and opened.artifact(rt).quantized)
                 if mode == "exact" and no_exact:
-                    continue  # Core ML computes in float16, quantized LiteRT in int8
+                    continue
                 shown = "" if list(numerics) == ["fast"] else f" ({mode})"
                 out.append((f"infopt {rt} {label}{shown}", bundle, rt, mode))
     if compare:
