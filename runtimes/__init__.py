@@ -34,6 +34,17 @@ class Runtime(Protocol):
     position: int  # tokens currently in the KV cache
     batch_exact: bool  # a k-token pass gives the logits of k one-token steps, exactly
     verify_window: int | None  # the most tokens one verify pass takes (fixed shapes); None: any
+    rows: int  # KV states held (one per concurrent request); `select` picks the current one
+    batched: bool  # decode_batch feeds rows 0..n-1 one token each in one pass
+    changes: int  # counts the calls that changed a KV state
+
+    def select(self, row: int) -> None: ...
+
+    def decode_batch(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits [len(tokens), vocab] of one token for each of rows 0..len(tokens)-1."""
+        ...
+
+    def swap_rows(self, a: int, b: int) -> None: ...
 
     def forward(self, tokens: Sequence[int], only_last: bool = False) -> np.ndarray:
         """Append `tokens` to the KV state; float32 logits [len(tokens), vocab] ([1, vocab] with

@@ -77,6 +77,12 @@ def no_exact_numerics(runtime: str, numerics: str, why: str) -> None:
         raise InvalidArgumentError(f"numerics='exact' is not available on {runtime}: {why}")
 
 
+def check_slots(slots: object) -> int:
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise InvalidArgumentError(f"slots={slots!r}: must be a positive integer")
+    return slots
+
+
 def cpu_only(runtime: str, device: str | None) -> None:
     if not isinstance(device, (str, type(None))) or device not in (None, "cpu", "auto"):
         raise InvalidArgumentError(f"device {device!r}: the {runtime} runtime runs on the CPU")
@@ -97,7 +103,13 @@ class BaseRuntime:
     (no empty input, ids inside the vocabulary, the context limit, rewinds within what is
     cached), and inputs longer than `max_pass` split into several passes. Subclasses implement
     `_pass` (one pass of the underlying model) and, if they keep state beyond the position,
-    `_rewound` and `_reset`."""
+    `_rewound` and `_reset`.
+
+    A runtime may hold several KV states, `rows` (one per concurrent request, as the slots of
+    llama.cpp's server): `select(row)` picks the one that `forward`, `rewind`, `reset` and
+    `position` act on. Where `batched`, `decode_batch` feeds one token to each of rows 0..n-1 in
+    one pass, each at its own position; `swap_rows` moves requests' states so that the ones
+    decoding together are those first rows."""
 
     name: str
     device = "cpu"
@@ -105,11 +117,78 @@ class BaseRuntime:
     batch_exact = True
     verify_window: int | None = None
     max_pass: int | None = PREFILL_CHUNK  # tokens per pass of the underlying model; None: any
+    batched = False  # whether decode_batch runs several rows in one pass
 
-    def __init__(self, max_context: int, vocab_size: int) -> None:
+    def __init__(self, max_context: int, vocab_size: int, rows: int = 1) -> None:
+        check_slots(rows)
         self.max_context = max_context
         self.vocab_size = vocab_size
-        self.position = 0
+        self.rows = rows
+        self.positions = [0] * rows
+        self.row = 0
+        self.changes = 0  # calls that changed a KV state, so a user of rows can tell
+
+    @property
+    def position(self) -> int:
+        """Tokens in the selected row's KV cache."""
+        return self.positions[self.row]
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self.positions[self.row] = value
+
+    def select(self, row: int) -> None:
+        """Make `row` the KV state that forward, rewind, reset and position act on."""
+        if not 0 <= row < self.rows:
+            raise InvalidArgumentError(f"row {row}: this runtime holds rows 0 to {self.rows - 1}")
+        if row != self.row:
+            self.row = row
+            self._selected()
+
+    def _selected(self) -> None:
+        """`self.row` changed; a runtime whose passes read the row from elsewhere switches here."""
+
+    def decode_batch(self, tokens: Sequence[int]) -> np.ndarray:
+        """One token for each of rows 0..len(tokens)-1, each at its own position, in one pass:
+        logits [len(tokens), vocab]. Only where `batched`."""
+        n = len(tokens)
+        if not self.batched or not 1 <= n <= self.rows:
+            raise InvalidArgumentError(
+                f"decode_batch of {n} rows: this runtime batches {self.rows if self.batched else 1}"
+            )
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise InvalidArgumentError(f"token ids must be in [0, {self.vocab_size})")
+        full = [r for r in range(n) if self.positions[r] + 1 > self.max_context]
+        if full:
+            raise ContextLengthError(
+                f"row {full[0]} holds {self.positions[full[0]]} tokens: no room for another in "
+                f"the context window of {self.max_context}"
+            )
+        self.changes += 1
+        logits = self._decode_batch(ids)
+        for r in range(n):
+            self.positions[r] += 1
+        return logits
+
+    def _decode_batch(self, ids: np.ndarray) -> np.ndarray:
+        """One pass of ids[r] at positions[r] for rows r < len(ids) (not yet advanced)."""
+        raise NotImplementedError
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange the KV states of rows a and b."""
+        for r in (a, b):
+            if not 0 <= r < self.rows:
+                raise InvalidArgumentError(f"row {r}: this runtime holds rows 0 to {self.rows - 1}")
+        if a == b:
+            return
+        self.changes += 1
+        self._swap_rows(a, b, max(self.positions[a], self.positions[b]))
+        self.positions[a], self.positions[b] = self.positions[b], self.positions[a]
+
+    def _swap_rows(self, a: int, b: int, used: int) -> None:
+        """Exchange the first `used` cached positions of rows a and b."""
+        raise NotImplementedError
 
     def forward(self, tokens: Sequence[int], only_last: bool = False) -> np.ndarray:
         n = len(tokens)
@@ -123,6 +202,7 @@ class BaseRuntime:
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise InvalidArgumentError(f"token ids must be in [0, {self.vocab_size})")
+        self.changes += 1
         parts, done = [], 0
         for size in self._split(n, only_last):
             parts.append(self._pass(ids[done : done + size], only_last))
@@ -144,6 +224,7 @@ class BaseRuntime:
         if not 0 <= n <= self.position:
             raise InvalidArgumentError(f"rewind({n}): only {self.position} positions are cached")
         self.position -= n
+        self.changes += 1
         if n:
             self._rewound()
 
@@ -153,6 +234,7 @@ class BaseRuntime:
 
     def reset(self) -> None:
         self.position = 0
+        self.changes += 1
         self._reset()
 
     def _reset(self) -> None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -26,19 +25,23 @@ from infopt.decode.drafters import (
     ModelDrafter,
     NgramDrafter,
     check_draft_tokens,
+    check_drafter,
 )
+from infopt.decode.engine import Engine, Request
 from infopt.decode.generate import (
     GenerateOptions,
     GenerationResult,
-    Response,
     Speculative,
+    Stats,
     TextStream,
-    stream_generate,
+    check_request,
+    stream_responses,
 )
-from infopt.errors import InvalidArgumentError, ModelBusyError
+from infopt.decode.speculative import SpeculativeStats
+from infopt.errors import InvalidArgumentError, MemoryBudgetError
 from infopt.importers import ModelSource, open_model
 from infopt.runtimes import Runtime
-from infopt.runtimes.base import check_numerics, cpu_only
+from infopt.runtimes.base import check_numerics, check_slots, cpu_only
 from infopt.runtimes.registry import reference, target
 
 if TYPE_CHECKING:
@@ -50,11 +53,14 @@ Prompt = str | Sequence[dict[str, Any]]  # plain text, or chat messages [{"role"
 class Model:
     """A loaded model: a runtime, its tokenizer and generation defaults.
 
-    Safe to share between threads: the runtime holds one KV state, so generations take turns
-    (a call from another thread waits until the running one ends, then runs as if alone). A
-    stream holds the turn from its first token until it ends or is closed; a second stream
-    started in the thread that holds the first would wait for itself, so it raises
-    `ModelBusyError` instead."""
+    Safe to share between threads and async tasks: each generation is a request with its own KV
+    state (a slot: a row of the runtime's cache), and requests that run at the same time are
+    decoded together in one batched pass per token where the runtime can
+    (`infopt.decode.engine`). With more requests than slots, the others wait for a slot, first
+    come first served. Streams are independent: two open at once in one thread each keep their
+    own state (with one slot, reading the second first runs the first to its end). A finished
+    request's KV stays in its slot as a prefix cache, so a chat's next turn only reads what is
+    new."""
 
     def __init__(
         self,
@@ -69,8 +75,16 @@ class Model:
         self.defaults = dict(defaults or {})
         self.source = source
         self.drafter = drafter  # speculative decoding's draft, used unless speculative=False
-        self._turn = threading.Lock()
-        self._holder: int | None = None  # the thread whose generation holds the turn
+        self.engine = Engine(runtime)
+
+    @property
+    def slots(self) -> int:
+        """Requests that can run at once (the runtime's KV rows)."""
+        return self.engine.rows
+
+    def status(self) -> dict[str, int]:
+        """{"slots", "busy", "queued"}: the slots, how many run a request, how many wait."""
+        return self.engine.status()
 
     def __repr__(self) -> str:
         return (
@@ -123,34 +137,35 @@ class Model:
         k = opts.num_draft_tokens
         if k is not None:
             check_draft_tokens(k)
-        responses = stream_generate(
-            self.runtime,
-            self.tokenizer,
-            self.encode_prompt(prompt),
-            max_new_tokens=opts.max_new_tokens,
-            params=params,
-            stop=stops,
-            stop_token_ids=list(stop_ids),
+        ids = self.encode_prompt(prompt)
+        check_request(self.runtime, ids, opts.max_new_tokens)
+        spec = None
+        if drafter is not None:
+            check_drafter(self.runtime, drafter)
+            k = check_draft_tokens(k if k is not None else drafter.default_tokens)
+            spec = SpeculativeStats(drafter=type(drafter).__name__, draft_tokens=k)
+        stats = Stats(prompt_tokens=len(ids), speculative=spec)
+        request = Request(
+            ids,
+            params,
+            opts.max_new_tokens,
+            stop_ids,
             drafter=drafter,
-            num_draft_tokens=k if k is not None else (drafter.default_tokens if drafter else 1),
+            num_draft_tokens=k or 1,
+            spec_stats=spec,
+            stats=stats,
         )
-        return TextStream(self._in_turn(responses))
-
-    def _in_turn(self, responses: Iterator[Response]) -> Iterator[Response]:
-        """`responses`, run while holding the model's turn (see the class)."""
-        me = threading.get_ident()
-        if self._holder == me:
-            raise ModelBusyError(
-                f"{self.source or 'this model'}: a stream of this Model is still open in this "
-                "thread; read it to its end or close() it before starting another (one KV "
-                "state per Model: load the model twice for two conversations at once)"
-            )
-        with self._turn:
-            self._holder = me
-            try:
-                yield from responses
-            finally:
-                self._holder = None
+        responses = stream_responses(
+            self.engine.tokens(request),
+            self.tokenizer,
+            len(ids),
+            opts.max_new_tokens,
+            [s for s in stops if s],
+            set(stop_ids),
+            spec,
+            stats,
+        )
+        return TextStream(responses)
 
     def generate(
         self, prompt: Prompt, options: GenerateOptions | None = None, **settings: Any
@@ -188,6 +203,7 @@ def load(
     progress: Progress | None = None,
     public_key: str | Path | None = None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> Model:
     """Load a model for generation.
 
@@ -218,6 +234,13 @@ def load(
     docs/quality.md gives the measured difference. Float weights compute in float32 either
     way.
 
+    slots: requests that can run at once, each with its own KV cache of max_context positions
+    (memory: the planner's `kv_cache_bytes` with batch = slots; more than is available is a
+    `MemoryBudgetError`). Where the runtime batches (`Runtime.batched`), requests running
+    together decode in one pass per token; a runtime holding one stateful or fixed-shape graph
+    has one slot whatever is asked (its `from_bundle` says so) and requests take turns.
+    Finished requests' KV stays in their slots as a prefix cache.
+
     public_key: a PEM public key; the bundle must be signed by it (`infopt-pack build --sign`),
     else `BundleError`. A signed bundle's signature is checked against the key it names even
     without one; a model file cannot be signed, so giving a key for one is refused.
@@ -226,6 +249,7 @@ def load(
     from infopt.core.default_model import default_model_path
 
     check_numerics(numerics)
+    check_slots(slots)
     if model is not None and is_bundle(model):
         from infopt.bundle.reader import open_bundle
 
@@ -243,6 +267,7 @@ def load(
             device=device,
             draft=draft is not False and not isinstance(draft, (str, Path, Model)),
             draft_runtime=draft_runtime,
+            slots=slots,
         )
     else:
         if public_key is not None:
@@ -254,14 +279,14 @@ def load(
         name = runtime or default_runtime(device)
         if target(name).converts_files:
             loaded = _load_converted(
-                path, name, threads, max_context, device, dtype, cache, progress, numerics
+                path, name, threads, max_context, device, dtype, cache, progress, numerics, slots
             )
         else:
             if numerics == "exact" and dtype not in (None, "float32"):
                 raise InvalidArgumentError(
                     f"numerics='exact' computes in float32; dtype={dtype!r} asks for less"
                 )
-            loaded = _load_source(path, name, threads, max_context, device, dtype, numerics)
+            loaded = _load_source(path, name, threads, max_context, device, dtype, numerics, slots)
     if draft is not None and draft is not False and draft is not True:
         loaded.drafter = _load_draft(loaded, draft, draft_runtime, threads, device, public_key)
     if draft is True and loaded.drafter is None:
@@ -281,6 +306,7 @@ def _load_source(
     device: str | None,
     dtype: str | None,
     numerics: str,
+    slots: int = 1,
 ) -> Model:
     """A model file read into a runtime that takes it as it is (converted on the fly if the
     runtime needs it, nothing cached)."""
@@ -291,6 +317,7 @@ def _load_source(
         threads,
         max_context,
     )
+    check_slot_memory(source.spec, ctx, slots)
     module = target(runtime).module("runtime")
     rt = module.from_source(
         source,
@@ -299,6 +326,7 @@ def _load_source(
         dtype=dtype or "float32",
         threads=threads,
         numerics=check_numerics(numerics),
+        slots=slots,
     )
     return Model(rt, source.tokenizer, source.spec, source.generation_defaults, str(source.path))
 
@@ -313,6 +341,7 @@ def _load_converted(
     cache: bool,
     progress: Progress | None,
     numerics: str,
+    slots: int = 1,
 ) -> Model:
     """A model file on a runtime that runs an exported artifact: converted at its own
     precision, from the cache (converted into it first if needed), or into a temporary
@@ -342,8 +371,14 @@ def _load_converted(
         ctx = _check_load_args(
             max_context or min(trained, DEFAULT_MAX_CONTEXT), trained, threads, max_context
         )
+        check_slot_memory(spec, ctx, slots)
         rt = bundle.load_runtime(
-            runtime, max_context=ctx, device=device, threads=threads, numerics=numerics
+            runtime,
+            max_context=ctx,
+            device=device,
+            threads=threads,
+            numerics=numerics,
+            slots=slots,
         )
         return Model(rt, bundle.tokenizer, spec, bundle.generation_defaults, str(path))
 
@@ -389,6 +424,7 @@ def _load_bundle(
     draft: bool,
     draft_runtime: str | None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> Model:
     """A verified bundle's tokenizer and the runtime of the artifact the manifest (or
     `runtime`) names, and (with `draft`) the draft it carries for speculative decoding."""
@@ -397,8 +433,9 @@ def _load_bundle(
     ctx = _check_load_args(
         max_context or bundle.max_context, spec.max_position_embeddings, threads, max_context
     )
+    check_slot_memory(spec, ctx, slots)
     rt = bundle.load_runtime(
-        runtime, max_context=ctx, device=device, threads=threads, numerics=numerics
+        runtime, max_context=ctx, device=device, threads=threads, numerics=numerics, slots=slots
     )
     drafter = (
         bundle.load_drafter(rt, draft_runtime, threads=threads, device=device) if draft else None
@@ -447,6 +484,27 @@ def _load_draft(
             "tokenizer"
         )
     return ModelDrafter(draft.runtime)
+
+
+def check_slot_memory(spec: ModelSpec, max_context: int, slots: int) -> None:
+    """Refuse slots whose KV caches (float32, full context each: the planner's
+    `kv_cache_bytes` with batch = slots) exceed the memory available now, naming the
+    shortfall. The caches are mapped lazily, so without this a server would fail only later,
+    mid-request, when its busiest moment fills them."""
+    from infopt.device_profiles.host import meminfo
+    from infopt.plan.costs import kv_cache_bytes
+
+    if slots == 1:  # as before slots existed: the one cache is the model's own business
+        return
+    need = kv_cache_bytes(spec, max_context, slots, "fp32")
+    available = meminfo().get("MemAvailable", float("inf"))
+    if need > available:
+        gib = 1 << 30
+        raise MemoryBudgetError(
+            f"{slots} slots x {max_context} positions need {need / gib:.2f} GiB of KV cache; "
+            f"{available / gib:.2f} GiB of memory is available (short "
+            f"{(need - available) / gib:.2f} GiB): lower slots or max_context"
+        )
 
 
 def _check_load_args(ctx: object, limit: int, threads: object, max_context: object) -> int:

@@ -52,5 +52,6 @@ class UnsupportedPlatformError(RuntimeNotAvailableError):
     that predicts on one OS only)."""
 
 
-class ModelBusyError(InfoptError, RuntimeError):
-    """A Model's one generation state is held by a stream this thread has open."""
+class MemoryBudgetError(InfoptError, MemoryError):
+    """What was asked for (slots x context of KV cache, ...) does not fit in the memory this
+    machine has available; the message names the shortfall."""

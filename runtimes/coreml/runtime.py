@@ -20,7 +20,7 @@ import numpy as np
 
 from infopt.core.quiet import quiet_native
 from infopt.errors import InvalidArgumentError
-from infopt.runtimes.base import Artifact, FixedWindowRuntime, no_exact_numerics
+from infopt.runtimes.base import Artifact, FixedWindowRuntime, check_slots, no_exact_numerics
 from infopt.runtimes.coreml import require_macos
 from infopt.runtimes.coreml.layout import causal_mask
 
@@ -106,8 +106,11 @@ def from_bundle(
     device: str | None = None,
     threads: int | None = None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> CoreMLRuntime:
     """The Core ML model of a verified bundle (macOS 15+ only; elsewhere a typed refusal)."""
+    # one slot whatever is asked: its stateful graph holds one KV state; requests take turns
+    check_slots(slots)
     no_exact_numerics("Core ML", numerics, FP16)
     entry = artifact.entry
     units = _compute_units(device)
@@ -125,9 +128,12 @@ def from_source(
     dtype: str = "float32",
     threads: int | None = None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> CoreMLRuntime:
     """Convert an imported model (needs torch) and load it (macOS 15+ only). Core ML computes
     in fp16 whatever `dtype` says."""
+    # one slot whatever is asked: its stateful graph holds one KV state; requests take turns
+    check_slots(slots)
     from infopt.core.model import load_core
 
     no_exact_numerics("Core ML", numerics, FP16)

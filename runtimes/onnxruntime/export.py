@@ -17,11 +17,12 @@ as stored, never re-quantized.
 - embeddings: `Gather`, or `GatherBlockQuantized` on the quantized table that the tied LM head's
   `MatMulNBits` reads too (one copy of the bytes).
 
-Graph interface (batch 1):
-  inputs  input_ids int64 [1, S], seqlens_k int32 [1] (= tokens cached after this call - 1),
-          total_sequence_length int32 [] (= seqlens_k + 1), logits_to_keep int64 [1],
-          past_key_values.{i}.key / .value float32 [1, kv_heads, max_context, head_dim]
-  outputs logits float32 [1, logits_to_keep, vocab], present.{i}.key / .value (same buffers)
+Graph interface (B rows, each with its own cache and position):
+  inputs  input_ids int64 [B, S], seqlens_k int32 [B] (= each row's tokens cached after this
+          call - 1), total_sequence_length int32 [] (= the largest seqlens_k + 1),
+          logits_to_keep int64 [1],
+          past_key_values.{i}.key / .value float32 [B, kv_heads, max_context, head_dim]
+  outputs logits float32 [B, logits_to_keep, vocab], present.{i}.key / .value (same buffers)
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def onnx_io(model: Decoder) -> dict[str, Any]:
         "inputs": ["input_ids", "seqlens_k", "total_sequence_length", "logits_to_keep"],
         "past": "past_key_values.%d.key / past_key_values.%d.value",
         "present": "present.%d.key / present.%d.value",
-        "kv_layout": "BNSH [1, kv_heads, max_context, head_dim], past and present one buffer",
+        "kv_layout": "BNSH [batch, kv_heads, max_context, head_dim], past and present one buffer",
         "kv_heads": [b.self_attn.n_kv for b in model.blocks],
         "head_dim": model.spec.head_dim,
         "opset": OPSET,
@@ -307,7 +308,7 @@ def _embedding(g: _Graph, model: Decoder) -> tuple[str, Any]:
             row = g.one("Gather", [table, "input_ids"])  # [1, S, blocks]
             axis = g.const("embed_tokens.offset_axis", np.array([-1]))
             x = g.one("Add", [x, g.one("Unsqueeze", [row, axis])])
-        x = g.one("Reshape", [x, g.const("embed_tokens.rows", np.array([1, -1, blocks * block]))])
+        x = g.one("Reshape", [x, g.const("embed_tokens.rows", np.array([0, -1, blocks * block]))])
         return x, ("nbits", data, scale, zp, qw, block) if tied else None
     if isinstance(emb, nn.Embedding):
         table = g.const("embed_tokens.weight", _f32(emb.weight))
@@ -322,9 +323,17 @@ def _lm_head(g: _Graph, h: str, model: Decoder, shared: Any) -> str:
         spec = model.spec
         flat = g.one("Reshape", [h, g.const("lm_head.flat", np.array([-1, spec.hidden_size]))])
         logits = g.one("Gemm", [flat, shared[1]], transB=1)
-        return g.one(
-            "Reshape", [logits, g.const("lm_head.unflat", np.array([1, -1, spec.vocab_size]))]
+        # [B * kept, vocab] -> [B, kept, vocab]: the kept count is the logits_to_keep input
+        unflat = g.one(
+            "Concat",
+            [
+                g.const("lm_head.batch", np.array([-1])),
+                "logits_to_keep",
+                g.const("lm_head.vocab", np.array([spec.vocab_size])),
+            ],
+            axis=0,
         )
+        return g.one("Reshape", [logits, unflat])
     _, data, scale, zp, qw, block = shared
     out, inp = qw.shape
     logits = g.one(
@@ -394,14 +403,16 @@ def build_graph(model: Decoder, max_context: int) -> Any:
 
     f32 = TensorProto.FLOAT
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "sequence_length"]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence_length"]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", f32, [1, "logits_length", spec.vocab_size])]
+    logits_shape: list[str | int | None] = ["batch", "logits_length", spec.vocab_size]
+    outputs = [helper.make_tensor_value_info("logits", f32, logits_shape)]
     for i, block in enumerate(blocks):
-        shape: list[str | int | None] = [1, block.self_attn.n_kv, "max_context", spec.head_dim]
+        kv = block.self_attn.n_kv
+        shape: list[str | int | None] = ["batch", kv, "max_context", spec.head_dim]
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f32, shape))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f32, shape))

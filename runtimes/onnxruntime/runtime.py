@@ -1,10 +1,12 @@
 """ONNX Runtime: the graph of `infopt.runtimes.onnxruntime.export` on onnxruntime's CPU kernels.
 
-The KV cache lives in one preallocated buffer per layer and kind, bound with I/O binding as
-both the `past` input and the `present` output of GroupQueryAttention, which appends the new
-positions in place: no per-token allocation, no copy of the cache. Decode logits land in one
-reused buffer. Rewinding only moves the position (the stale slots are masked, then
-overwritten). Loading a bundle needs onnxruntime, numpy and tokenizers; no torch.
+The KV cache lives in one preallocated buffer per layer and kind (one row per slot), bound with
+I/O binding as both the `past` input and the `present` output of GroupQueryAttention, which
+appends the new positions in place: no per-token allocation, no copy of the cache. Rows that
+decode together run as one batch, each at its own position (GroupQueryAttention's
+seqlens_k). Decode logits land in one reused buffer. Rewinding only moves the position (the
+stale slots are masked, then overwritten). Loading a bundle needs onnxruntime, numpy and
+tokenizers; no torch.
 """
 
 from __future__ import annotations
@@ -51,23 +53,47 @@ class ONNXRuntime(BaseRuntime):
         max_context: int,
         vocab_size: int,
         batch_exact: bool = True,
+        rows: int = 1,
     ) -> None:
-        super().__init__(max_context, vocab_size)
+        super().__init__(max_context, vocab_size, rows)
         # False where MatMulNBits quantizes activations to int8 (INT4/INT8 weights): a pass of
         # several tokens then rounds them unlike a one-token step, so speculative greedy output
         # can part from plain decoding
         self.batch_exact = batch_exact
         self.session = session
-        self.binding = session.io_binding()
+        # graphs exported before batching declare a batch of 1: their rows run one at a time
+        self.batched = rows > 1 and not isinstance(session.get_inputs()[0].shape[0], int)
+        # One buffer per layer and kind holds every row's cache; a row's pass binds a view of
+        # its own row, a batched decode a view of the first n rows (so those are the rows that
+        # decode together). Zeroed pages are only touched, hence resident, once used.
+        self._caches: list[tuple[str, np.ndarray]] = []
         for meta in session.get_inputs():
             if meta.name.startswith("past_key_values."):
-                _, layer, kind = meta.name.split(".")
-                shape = (1, int(meta.shape[1]), max_context, int(meta.shape[3]))
-                buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
-                self.binding.bind_ortvalue_input(meta.name, buf)
-                self.binding.bind_ortvalue_output(f"present.{layer}.{kind}", buf)
+                shape = (rows, int(meta.shape[1]), max_context, int(meta.shape[3]))
+                self._caches.append((meta.name, np.zeros(shape, np.float32)))
+        self._row_bindings: dict[int, Any] = {}
+        self._batch_bindings: dict[int, tuple[Any, np.ndarray, Any]] = {}
+        self.binding = self._binding(0)
         self._logits = np.zeros((1, 1, vocab_size), np.float32)
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits)
+
+    def _bind_caches(self, rows: slice) -> Any:
+        """An I/O binding whose past and present are the views `rows` of every cache buffer."""
+        binding = self.session.io_binding()
+        for name, buf in self._caches:
+            _, layer, kind = name.split(".")
+            view = ort.OrtValue.ortvalue_from_numpy(buf[rows])
+            binding.bind_ortvalue_input(name, view)
+            binding.bind_ortvalue_output(f"present.{layer}.{kind}", view)
+        return binding
+
+    def _binding(self, row: int) -> Any:
+        if row not in self._row_bindings:
+            self._row_bindings[row] = self._bind_caches(slice(row, row + 1))
+        return self._row_bindings[row]
+
+    def _selected(self) -> None:
+        self.binding = self._binding(self.row)
 
     def _pass(self, ids: np.ndarray, only_last: bool) -> np.ndarray:
         n, b = len(ids), self.binding
@@ -86,6 +112,28 @@ class ONNXRuntime(BaseRuntime):
         self.session.run_with_iobinding(b)
         self.position = total
         return out[0].copy() if keep == 1 else out[0]
+
+    def _decode_batch(self, ids: np.ndarray) -> np.ndarray:
+        n = len(ids)
+        if n not in self._batch_bindings:
+            logits = np.zeros((n, 1, self.vocab_size), np.float32)
+            value = ort.OrtValue.ortvalue_from_numpy(logits)
+            self._batch_bindings[n] = (self._bind_caches(slice(0, n)), logits, value)
+        b, logits, value = self._batch_bindings[n]
+        cached = np.array(self.positions[:n], np.int32)  # each row's new token goes here
+        b.bind_cpu_input("input_ids", ids[:, None])
+        b.bind_cpu_input("seqlens_k", cached)
+        b.bind_cpu_input("total_sequence_length", np.array(int(cached.max()) + 1, np.int32))
+        b.bind_cpu_input("logits_to_keep", np.array([1], np.int64))
+        b.bind_ortvalue_output("logits", value)
+        self.session.run_with_iobinding(b)
+        return logits[:, 0].copy()
+
+    def _swap_rows(self, a: int, b: int, used: int) -> None:
+        for _, buf in self._caches:
+            held = buf[a, :, :used].copy()
+            buf[a, :, :used] = buf[b, :, :used]
+            buf[b, :, :used] = held
 
 
 def load_session(
@@ -203,13 +251,15 @@ def from_bundle(
     device: str | None = None,
     threads: int | None = None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> ONNXRuntime:
-    """The session of a verified bundle's ONNX artifact (`numerics`: `load_session`'s)."""
+    """The session of a verified bundle's ONNX artifact (`numerics`: `load_session`'s), with
+    `slots` KV states."""
     cpu_only("onnxruntime", device)
     artifact.check_context(max_context, "ONNX graph (its rotary tables)")
     session = load_session(artifact.file(), threads, numerics, artifact.quantized)
     exact = numerics == "exact" or not artifact.quantized
-    rt = ONNXRuntime(session, max_context, artifact.vocab_size, batch_exact=exact)
+    rt = ONNXRuntime(session, max_context, artifact.vocab_size, batch_exact=exact, rows=slots)
     rt.numerics = numerics
     return rt
 
@@ -222,15 +272,23 @@ def from_source(
     dtype: str = "float32",
     threads: int | None = None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> ONNXRuntime:
     """Export an imported model (needs torch) to a temporary ONNX file and load it."""
     cpu_only("onnxruntime", device)
     core = exportable_core(source, "onnxruntime", max_context, dtype)
-    return from_model(core, max_context=max_context, threads=threads, numerics=numerics)
+    return from_model(
+        core, max_context=max_context, threads=threads, numerics=numerics, slots=slots
+    )
 
 
 def from_model(
-    core: Any, *, max_context: int, threads: int | None = None, numerics: str = "fast"
+    core: Any,
+    *,
+    max_context: int,
+    threads: int | None = None,
+    numerics: str = "fast",
+    slots: int = 1,
 ) -> ONNXRuntime:
     """Export a model core (as compressed, if it is) and load it on onnxruntime."""
     from infopt.core.quant import QuantStorage
@@ -241,6 +299,6 @@ def from_model(
         export_onnx(core, Path(tmp) / FILE, max_context)
         session = load_session(Path(tmp) / FILE, threads, numerics, quantized)
     exact = numerics == "exact" or not quantized
-    rt = ONNXRuntime(session, max_context, core.spec.vocab_size, batch_exact=exact)
+    rt = ONNXRuntime(session, max_context, core.spec.vocab_size, batch_exact=exact, rows=slots)
     rt.numerics = numerics
     return rt

@@ -18,7 +18,14 @@ import numpy as np
 import openvino as ov
 
 from infopt.errors import BundleError
-from infopt.runtimes.base import Artifact, BaseRuntime, check_numerics, cpu_only, exportable_core
+from infopt.runtimes.base import (
+    Artifact,
+    BaseRuntime,
+    check_numerics,
+    check_slots,
+    cpu_only,
+    exportable_core,
+)
 
 if TYPE_CHECKING:
     from infopt.importers import ModelSource
@@ -105,8 +112,11 @@ def from_bundle(
     device: str | None = None,
     threads: int | None = None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> OpenVINORuntime:
     """The compiled model of a verified bundle's OpenVINO artifact."""
+    # one slot whatever is asked: its stateful graph holds one KV state; requests take turns
+    check_slots(slots)
     cpu_only("openvino", device)
     artifact.check_context(max_context, "OpenVINO model (its rotary tables)")
     compiled = compile_model(artifact.file(), threads, artifact.kv_dtype, numerics)
@@ -123,8 +133,11 @@ def from_source(
     dtype: str = "float32",
     threads: int | None = None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> OpenVINORuntime:
     """Export an imported model (needs torch) to a temporary IR and compile it."""
+    # one slot whatever is asked: its stateful graph holds one KV state; requests take turns
+    check_slots(slots)
     cpu_only("openvino", device)
     core = exportable_core(source, "openvino", max_context, dtype)
     return from_model(core, max_context=max_context, threads=threads, numerics=numerics)

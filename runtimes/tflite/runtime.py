@@ -24,6 +24,7 @@ from infopt.runtimes.base import (
     Artifact,
     FixedWindowRuntime,
     check_numerics,
+    check_slots,
     cpu_only,
     exportable_core,
     no_exact_numerics,
@@ -131,8 +132,11 @@ def from_bundle(
     device: str | None = None,
     threads: int | None = None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> TFLiteRuntime:
     """The interpreter of a verified bundle's LiteRT artifact, on the XNNPACK CPU delegate."""
+    # one slot whatever is asked: its fixed-shape graph holds one KV state; requests take turns
+    check_slots(slots)
     cpu_only("tflite", device)
     if artifact.quantized:
         no_exact_numerics("LiteRT", numerics, DYNAMIC_RANGE)
@@ -152,8 +156,11 @@ def from_source(
     dtype: str = "float32",
     threads: int | None = None,
     numerics: str = "fast",
+    slots: int = 1,
 ) -> TFLiteRuntime:
     """Convert an imported model (needs torch and litert-torch) to a temporary .tflite."""
+    # one slot whatever is asked: its fixed-shape graph holds one KV state; requests take turns
+    check_slots(slots)
     cpu_only("tflite", device)
     core = exportable_core(source, "tflite", max_context, dtype)
     return from_model(core, max_context=max_context, threads=threads, numerics=numerics)

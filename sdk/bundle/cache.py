@@ -36,14 +36,19 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("infopt")) / "models"
 
 
+# Raised whenever an exporter's output changes within one release (e.g. ONNX graphs gained a
+# batch dimension), so that entries converted before are converted again.
+CONVERTER_REVISION = 2
+
+
 def entry_name(model: str | Path, sha256: str, runtime: str) -> str:
     """The entry of a model file on a runtime: its name, hash, runtime, and the versions that
-    made the artifact (a new infopt or a new runtime package converts again)."""
+    made the artifact (a new infopt, exporter revision or runtime package converts again)."""
     from infopt import __version__
 
     package = target(runtime).installed_requirement()["version"].removeprefix(">=") or "none"
     stem = Path(model).name.replace(" ", "_")[:48]
-    return f"{stem}-{sha256[:16]}-{runtime}{package}-infopt{__version__}"
+    return f"{stem}-{sha256[:16]}-{runtime}{package}-infopt{__version__}r{CONVERTER_REVISION}"
 
 
 def cached(

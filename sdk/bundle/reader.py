@@ -141,6 +141,7 @@ class Bundle:
         device: str | None = None,
         threads: int | None = None,
         numerics: str = "fast",
+        slots: int = 1,
     ) -> Runtime:
         """The runtime of one of its artifacts, loaded (`numerics`: see `infopt.load`): a missing
         package is a `RuntimeNotAvailableError` naming the pip extra, another version range a
@@ -155,7 +156,12 @@ class Bundle:
         )
         known.check_requirement(str(self.root), requires)
         rt: Runtime = module.from_bundle(
-            artifact, max_context=max_context, device=device, threads=threads, numerics=numerics
+            artifact,
+            max_context=max_context,
+            device=device,
+            threads=threads,
+            numerics=numerics,
+            slots=slots,
         )
         return rt
 

@@ -79,6 +79,7 @@ class GenerateOptions:
 @dataclass
 class Stats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     generated_tokens: int = 0
     ttft_s: float = 0.0  # call start -> first token sampled (prefill included)
     prefill_tokens_per_s: float = 0.0
@@ -194,7 +195,7 @@ def stream_generate(
             stats=spec,
             max_new_tokens=max_new_tokens,
         )
-    return _responses(
+    return stream_responses(
         steps,
         tokenizer,
         len(prompt_ids),
@@ -205,7 +206,7 @@ def stream_generate(
     )
 
 
-def _responses(
+def stream_responses(
     steps: Iterator[int],
     tokenizer: Tokenizer,
     prompt_len: int,
@@ -213,8 +214,9 @@ def _responses(
     stops: list[str],
     stop_ids: set[int],
     spec: SpeculativeStats | None,
+    stats: Stats | None = None,
 ) -> Iterator[Response]:
-    stats = Stats(prompt_tokens=prompt_len, speculative=spec)
+    stats = stats or Stats(prompt_tokens=prompt_len, speculative=spec)
     decoder = StreamDecoder(tokenizer)
     text, emitted = "", 0  # all text so far; how much of it has been sent
     start = time.perf_counter()
@@ -249,7 +251,7 @@ class TextStream:
     once it is exhausted."""
 
     def __init__(self, responses: Iterator[Response]) -> None:
-        self._responses = responses
+        self.stream_responses = responses
         self._parts: list[str] = []
         self._ids: list[int] = []
         self.result: GenerationResult | None = None
@@ -258,7 +260,7 @@ class TextStream:
         return self
 
     def __next__(self) -> str:
-        for r in self._responses:
+        for r in self.stream_responses:
             self._parts.append(r.text)
             self._ids.append(r.token_id)
             if r.finish_reason is not None:
@@ -277,7 +279,7 @@ class TextStream:
     def close(self) -> None:
         """Stop early, freeing the model for the next generation (a stream read to its end
         frees it by itself)."""
-        close = getattr(self._responses, "close", None)
+        close = getattr(self.stream_responses, "close", None)
         if close is not None:
             close()
 

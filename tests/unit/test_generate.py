@@ -21,26 +21,38 @@ EOS = 2
 
 
 class ScriptedRuntime:
-    """Implements the runtime protocol; the k-th forward call makes script[k] the argmax."""
+    """Implements the runtime protocol; the k-th forward call since the prompt was read makes
+    script[k] the argmax (a rewind into the prompt, as the prefix cache does, starts over)."""
 
     name = "scripted"
+    rows, row, batched = 1, 0, False
 
     def __init__(self, script: Sequence[int], max_context: int = 256) -> None:
         self.script, self.max_context, self.vocab_size = list(script), max_context, TINY_VOCAB
-        self.position, self.calls = 0, 0
+        self.position, self.calls, self.changes, self.origin = 0, 0, 0, 0
+
+    def select(self, row: int) -> None:
+        assert row == 0
 
     def forward(self, tokens: Sequence[int], only_last: bool = False) -> np.ndarray:
         logits = np.zeros((1 if only_last else len(tokens), self.vocab_size), np.float32)
         logits[-1, self.script[min(self.calls, len(self.script) - 1)]] = 10.0
+        if self.position == 0:
+            self.origin = len(tokens)
         self.calls += 1
+        self.changes += 1
         self.position += len(tokens)
         return logits
 
     def rewind(self, n: int) -> None:
         self.position -= n
+        self.changes += 1
+        if self.position < self.origin:
+            self.calls = 0
 
     def reset(self) -> None:
         self.position = self.calls = 0
+        self.changes += 1
 
 
 @pytest.fixture

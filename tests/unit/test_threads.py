@@ -1,26 +1,28 @@
-"""One Model shared by threads, and streams interleaved in one thread: never wrong output."""
+"""One Model shared by threads and streams: requests batched together, each as if alone; the
+prefix cache; slots freed when a stream is closed."""
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from infopt import ModelBusyError
+import infopt
 
 PROMPTS = ["The quick brown fox", "hello there", "Once upon a time", "def add(a, b):"]
+GREEDY = {"stop_token_ids": [], "temperature": 0}
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
-def test_eight_threads_sharing_a_model_get_the_serial_results(load_tiny: Any, runtime: str) -> None:
-    m = load_tiny(runtime, 64)
+def eight_threads(m: Any) -> None:
+    """8 threads x 50 calls on one Model equal the serial results, call for call."""
     calls = [(PROMPTS[i % len(PROMPTS)], 4 + i % 5) for i in range(8 * 50)]
 
     def run(call: tuple[str, int]) -> list[int]:
         prompt, n = call
-        return m.generate(prompt, max_new_tokens=n, stop_token_ids=[]).token_ids
+        return list(m.generate(prompt, max_new_tokens=n, **GREEDY).token_ids)
 
     serial = {call: run(call) for call in set(calls)}
     start = threading.Barrier(8)
@@ -33,38 +35,132 @@ def test_eight_threads_sharing_a_model_get_the_serial_results(load_tiny: Any, ru
         results = [r for chunk in pool.map(worker, range(8)) for r in chunk]
     assert len(results) == len(calls)
     assert all(ids == serial[call] for call, ids in results)
+    assert m.status() == {"slots": m.slots, "busy": 0, "queued": 0}
 
 
-def test_a_second_stream_in_the_same_thread_is_refused_while_the_first_is_open(
-    load_tiny: Any,
+@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
+def test_eight_threads_sharing_a_one_slot_model_get_the_serial_results(
+    load_tiny: Any, runtime: str
 ) -> None:
-    m = load_tiny("onnxruntime", 64)
-    alone = m.generate("hello there", max_new_tokens=6, stop_token_ids=[]).text
-    first = m.stream("hello there", max_new_tokens=6, stop_token_ids=[])
-    head = next(first)
-    second = m.stream("The quick brown fox", max_new_tokens=6, stop_token_ids=[])
-    with pytest.raises(ModelBusyError, match="still open in this thread"):
-        next(second)
-    assert head + "".join(first) == alone  # the first is not disturbed
-    with m.stream("The quick brown fox", max_new_tokens=6, stop_token_ids=[]) as third:
-        next(third)  # closed early by the with block: the model is free again
-    assert m.generate("hello there", max_new_tokens=6, stop_token_ids=[]).text == alone
+    eight_threads(load_tiny(runtime, 64))
 
 
-def test_a_stream_read_in_another_thread_waits_its_turn(load_tiny: Any) -> None:
-    m = load_tiny("onnxruntime", 64)
-    alone = m.generate("Once upon a time", max_new_tokens=6, stop_token_ids=[]).token_ids
-    holding = m.stream("hello there", max_new_tokens=6, stop_token_ids=[])
-    next(holding)  # this thread holds the turn
+@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
+def test_eight_threads_batched_on_four_slots_get_the_serial_results(
+    tiny_gguf: Path, runtime: str
+) -> None:
+    m = infopt.load(tiny_gguf, runtime=runtime, max_context=64, slots=4)
+    assert m.runtime.batched and m.slots == 4
+    eight_threads(m)
+    assert m.engine.batched_passes > 0  # they did run together
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
+def test_a_batch_of_eight_equals_each_request_alone_on_fp32(tiny_gguf: Path, runtime: str) -> None:
+    """Requests of different lengths joining one running batch: every greedy output is token for
+    token the one it gets alone (fp32 weights: the batched pass computes the same sums)."""
+    alone_model = infopt.load(tiny_gguf, runtime=runtime, max_context=128)
+    prompts = [p * (1 + i % 3) for i, p in enumerate(PROMPTS * 2)]
+    alone = [alone_model.generate(p, max_new_tokens=24, **GREEDY).token_ids for p in prompts]
+    m = infopt.load(tiny_gguf, runtime=runtime, max_context=128, slots=8)
+    streams = [m.stream(p, max_new_tokens=24, **GREEDY) for p in prompts]
+    # read round-robin from one thread: every stream open at once, joining as it is first read
+    live = list(streams)
+    while live:
+        for s in list(live):
+            if next(s, None) is None:
+                live.remove(s)
+    assert [s.result.token_ids for s in streams] == alone
+    assert m.engine.largest_batch >= 4  # joined and left a running batch
+    assert m.status()["busy"] == 0
+
+
+def test_streams_interleaved_in_one_thread_keep_their_own_state(tiny_gguf: Path) -> None:
+    for slots in (1, 2):
+        m = infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64, slots=slots)
+        a_alone = m.generate("hello there", max_new_tokens=6, **GREEDY).text
+        b_alone = m.generate("The quick brown fox", max_new_tokens=6, **GREEDY).text
+        first = m.stream("hello there", max_new_tokens=6, **GREEDY)
+        second = m.stream("The quick brown fox", max_new_tokens=6, **GREEDY)
+        a = next(first)
+        b = next(second)  # with one slot, this runs the first to its end first
+        assert a + "".join(first) == a_alone
+        assert b + "".join(second) == b_alone
+
+
+def test_a_closed_stream_frees_its_slot_for_a_waiting_caller(tiny_gguf: Path) -> None:
+    m = infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64, slots=1)
+    alone = m.generate("Once upon a time", max_new_tokens=6, **GREEDY).token_ids
+    holding = m.stream("hello there", max_new_tokens=40, **GREEDY)
+    next(holding)  # holds the one slot
+    assert m.status()["busy"] == 1
     got: list[list[int]] = []
     other = threading.Thread(
         target=lambda: got.append(
-            m.generate("Once upon a time", max_new_tokens=6, stop_token_ids=[]).token_ids
+            m.generate("Once upon a time", max_new_tokens=6, **GREEDY).token_ids
         )
     )
     other.start()
-    other.join(timeout=0.5)
-    assert other.is_alive() and not got  # waiting, not interleaving
-    holding.close()
-    other.join(timeout=30)
+    other.join(timeout=30)  # it drives the held request on to its end, then runs
     assert got == [alone]
+    holding.close()
+    assert m.status() == {"slots": 1, "busy": 0, "queued": 0}
+    # closed early: the slot is free at once, and the next request is unaffected
+    with m.stream("The quick brown fox", max_new_tokens=40, **GREEDY) as s:
+        next(s)
+        assert m.status()["busy"] == 1
+    assert m.status()["busy"] == 0
+    assert m.generate("Once upon a time", max_new_tokens=6, **GREEDY).token_ids == alone
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
+def test_the_prefix_cache_serves_a_chat_s_next_turn(tiny_gguf: Path, runtime: str) -> None:
+    """Turn two of a chat reads only what is new, and answers as a cold model does."""
+    m = infopt.load(tiny_gguf, runtime=runtime, max_context=256, slots=2)
+    chat = [{"role": "user", "content": "Tell me about foxes."}]
+    first = m.generate(chat, max_new_tokens=12, **GREEDY)
+    chat += [
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "And dogs?"},
+    ]
+    second = m.generate(chat, max_new_tokens=12, **GREEDY)
+    assert second.stats.cached_tokens >= first.stats.prompt_tokens - 1
+    cold = infopt.load(tiny_gguf, runtime=runtime, max_context=256)
+    assert cold.generate(chat, max_new_tokens=12, **GREEDY).token_ids == second.token_ids
+    # the same prompt again reuses all but its last token
+    again = m.generate(chat, max_new_tokens=12, **GREEDY)
+    assert again.stats.cached_tokens == again.stats.prompt_tokens - 1
+    assert again.token_ids == second.token_ids
+
+
+def test_sampled_and_speculative_requests_stay_per_request_in_a_batch(tiny_gguf: Path) -> None:
+    m = infopt.load(tiny_gguf, runtime="onnxruntime", max_context=128, slots=4)
+    settings: list[dict[str, Any]] = [
+        {"temperature": 0.8, "seed": 3},
+        {"temperature": 0.8, "seed": 4, "top_k": 5},
+        {"speculative": "ngram", "temperature": 0},
+        {"temperature": 0, "stop": ["e"]},
+    ]
+    alone = [
+        m.generate(PROMPTS[i], max_new_tokens=16, stop_token_ids=[], **s).text
+        for i, s in enumerate(settings)
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(
+            pool.map(
+                lambda i: (
+                    m.generate(PROMPTS[i], max_new_tokens=16, stop_token_ids=[], **settings[i]).text
+                ),
+                range(4),
+            )
+        )
+    assert together == alone
+
+
+def test_slots_that_do_not_fit_in_memory_are_refused_naming_the_shortfall(
+    tiny_gguf: Path,
+) -> None:
+    with pytest.raises(infopt.MemoryBudgetError, match=r"slots x 64 positions need .* \(short"):
+        infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64, slots=10**8)
+    with pytest.raises(infopt.InvalidArgumentError, match="slots=0"):
+        infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64, slots=0)

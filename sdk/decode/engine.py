@@ -1,0 +1,345 @@
+"""Continuous batching over a runtime's KV rows: the engine behind a shared `Model`.
+
+Each request owns a row (a slot, as in llama.cpp's server) from admission to its last token.
+At every step the engine admits queued requests into free rows, feeds one prefill chunk of the
+oldest request still reading its prompt (so running streams keep flowing while a long prompt
+is read), advances speculative requests by one token, then decodes one token for every other
+running request, in one batched pass where the runtime can (`Runtime.batched`), each row at its
+own position. Requests join and leave at these token boundaries; sampling, stops, seeds and
+speculation stay per request.
+
+A finished request leaves its tokens' KV in its row: the prefix cache. A new request takes the
+free row whose cached tokens share the longest prefix with its prompt (the earlier turns of a
+chat, a shared system prompt) and prefills only the rest; when none matches, the least recently
+used row is overwritten. Its size is the rows' (`slots`), which the planner counts.
+
+No thread of its own: a caller waiting for its next token drives a step when nobody else is
+(the one caller of a single stream computes its own tokens, with no hand-off between threads),
+and otherwise waits for the driver's step to hand it its tokens. A stream closed early, or a
+client gone, frees its row at the next token boundary.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from infopt.core.defaults import PREFILL_CHUNK
+from infopt.decode.drafters import Drafter, NgramDrafter
+from infopt.decode.generate import Stats
+from infopt.decode.sampling import SamplingParams, sample
+from infopt.decode.speculative import SpeculativeStats, speculative_step
+from infopt.errors import InfoptError
+from infopt.runtimes import Runtime
+
+
+class Request:
+    """One generation: its prompt, sampling and stop conditions, and where it stands."""
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        drafter: Drafter | None = None,
+        num_draft_tokens: int = 1,
+        spec_stats: SpeculativeStats | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        self.prompt = list(prompt)
+        self.stats = stats  # the caller's, where the prefix cache's share is recorded
+        self.params = params
+        self.max_new_tokens = max_new_tokens
+        self.stop_ids = set(stop_ids)
+        self.drafter, self.num_draft_tokens, self.spec_stats = drafter, num_draft_tokens, spec_stats
+        self.rng = np.random.default_rng(params.seed)
+        self.seen: list[int] = list(prompt) if params.repetition_penalty != 1.0 else []
+        self.row: int | None = None
+        self.fed = 0  # prompt tokens whose KV is in the row
+        self.pending: int | None = None  # the newest token, sampled but not yet fed
+        self.produced = 0
+        self.steps: Iterator[int] | None = None  # a speculative request's token iterator
+        self.out: deque[int] = deque()  # tokens for the caller
+        self.done = False  # no more tokens will come
+        self.cancelled = False
+        self.error: BaseException | None = None
+
+    @property
+    def exclusive_draft(self) -> bool:
+        """Whether its drafter keeps state another request must not share (a draft model's KV
+        cache); prompt lookup drafts are made per request."""
+        return self.drafter is not None and not isinstance(self.drafter, NgramDrafter)
+
+
+class Engine:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.rows = runtime.rows
+        self._cond = threading.Condition()
+        self._driving = False
+        self._queue: deque[Request] = deque()
+        self._active: list[Request] = []  # admitted, in admission order
+        self._owner: list[Request | None] = [None] * self.rows
+        self._cached: list[list[int]] = [[] for _ in range(self.rows)]  # tokens in each row's KV
+        self._used = [0] * self.rows  # when each row was last given to a request
+        self._clock = itertools.count(1)
+        self._changes = runtime.changes  # the runtime's change count after this engine's last step
+        self.batched_passes = 0  # decode passes over several rows at once
+        self.largest_batch = 0
+
+    def status(self) -> dict[str, int]:
+        """Slots (rows), how many are busy, and how many requests wait for one."""
+        with self._cond:
+            busy = sum(r is not None for r in self._owner)
+            return {"slots": self.rows, "busy": busy, "queued": len(self._queue)}
+
+    def clear_cache(self) -> None:
+        """Forget the prefixes the free rows hold: the next requests prefill from scratch."""
+        with self._cond:
+            for row in range(self.rows):
+                if self._owner[row] is None:
+                    self._cached[row] = []
+
+    def tokens(self, request: Request) -> Iterator[int]:
+        """The request's token ids as they come; it is queued when the first is asked for,
+        and closing the iterator early (or an error) frees its row."""
+        with self._cond:
+            self._queue.append(request)
+        try:
+            while (token := self._next(request)) is not None:
+                yield token
+        finally:
+            self.cancel(request)
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request: out of the queue at once, out of its row at the next boundary."""
+        with self._cond:
+            request.cancelled = True
+            if not self._driving:
+                self._reap()
+            self._cond.notify_all()
+
+    def _next(self, request: Request) -> int | None:
+        while True:
+            with self._cond:
+                while True:
+                    if request.out:
+                        return request.out.popleft()
+                    if request.error is not None:
+                        raise request.error
+                    if request.done:
+                        return None
+                    if not self._driving:
+                        self._driving = True
+                        break
+                    self._cond.wait()
+            try:
+                self._step()
+            finally:
+                with self._cond:
+                    self._reap()
+                    self._driving = False
+                    self._cond.notify_all()
+
+    # ---- the driver's side: only the thread that set _driving runs these ----
+
+    def _step(self) -> None:
+        rt = self.runtime
+        with self._cond:
+            if rt.changes != self._changes:
+                # someone ran the runtime directly: what the rows hold is no longer known
+                self._cached = [[] for _ in range(self.rows)]
+            self._reap()
+        try:
+            with self._cond:
+                self._admit()
+            self._prefill()
+            self._speculate()
+            self._decode()
+        except BaseException as e:  # an interrupt mid-pass, a bug: no row can be trusted
+            self._fail([r for r in self._active if not r.done], e)
+            raise
+        finally:
+            self._changes = rt.changes
+
+    def _reap(self) -> None:
+        """Drop cancelled requests (with the lock held, by the driver or with none driving)."""
+        for req in [r for r in self._active if r.cancelled]:
+            self._free(req)
+        if any(r.cancelled for r in self._queue):
+            for req in [r for r in self._queue if r.cancelled]:
+                req.done = True
+            self._queue = deque(r for r in self._queue if not r.cancelled)
+
+    def _admit(self) -> None:
+        """Queued requests into free rows, first come first served."""
+        while self._queue:
+            req = self._queue[0]
+            free = [r for r in range(self.rows) if self._owner[r] is None]
+            if not free:
+                return
+            if req.exclusive_draft and any(a.exclusive_draft for a in self._active):
+                return  # one draft model: its requests take turns
+            self._queue.popleft()
+            shared = [_common_prefix(self._cached[r], req.prompt) for r in range(self.rows)]
+            row = max(free, key=lambda r: (shared[r], -self._used[r]))
+            self._owner[row], req.row, self._used[row] = req, row, next(self._clock)
+            self._active.append(req)
+            rt = self.runtime
+            rt.select(row)
+            if req.drafter is not None:  # speculative decoding starts from an empty row
+                rt.reset()
+                self._cached[row] = []
+                req.steps = speculative_step(
+                    rt,
+                    req.drafter,
+                    req.prompt,
+                    req.params,
+                    num_draft_tokens=req.num_draft_tokens,
+                    stats=req.spec_stats or SpeculativeStats(),
+                    max_new_tokens=req.max_new_tokens,
+                )
+                continue
+            # at least the prompt's last token is fed again: its logits give the first token
+            reuse = min(shared[row], len(req.prompt) - 1)
+            if reuse:
+                rt.rewind(rt.position - reuse)
+            else:
+                rt.reset()
+            del self._cached[row][reuse:]
+            req.fed = reuse
+            if req.stats is not None:
+                req.stats.cached_tokens = reuse
+
+    def _prefill(self) -> None:
+        """One chunk of the oldest request still reading its prompt."""
+        req = next((r for r in self._active if r.steps is None and r.pending is None), None)
+        if req is None or req.row is None:
+            return
+        rt, row = self.runtime, req.row
+        chunk = req.prompt[req.fed : req.fed + PREFILL_CHUNK]
+        rt.select(row)
+        try:
+            logits = rt.forward(chunk, only_last=True)[-1]
+        except Exception as e:
+            self._fail([req], e)
+            return
+        self._cached[row] += chunk
+        req.fed += len(chunk)
+        if req.fed == len(req.prompt):
+            self._emit(req, sample(logits, req.params, req.rng, req.seen))
+
+    def _speculate(self) -> None:
+        """One token of each speculative request (each on its own row)."""
+        for req in [r for r in self._active if r.steps is not None and not r.done]:
+            assert req.row is not None and req.steps is not None
+            self.runtime.select(req.row)
+            try:
+                token = next(req.steps)
+            except Exception as e:
+                self._fail([req], e)
+                continue
+            self._emit(req, token)
+
+    def _decode(self) -> None:
+        """One token for every request past its prompt: one pass over rows 0..n-1 where the
+        runtime batches (the requests' rows moved there first), else one pass per row."""
+        running = [r for r in self._active if r.steps is None and r.pending is not None]
+        if not running:
+            return
+        rt = self.runtime
+        fed = [r.pending for r in running]
+        try:
+            if rt.batched and len(running) > 1:
+                for i, req in enumerate(running):
+                    if req.row != i:
+                        assert req.row is not None
+                        self._swap(req.row, i)
+                logits = rt.decode_batch([t for t in fed if t is not None])
+                self.batched_passes += 1
+                self.largest_batch = max(self.largest_batch, len(running))
+            else:
+                parts = []
+                for req in running:
+                    assert req.row is not None and req.pending is not None
+                    rt.select(req.row)
+                    parts.append(rt.forward([req.pending])[-1])
+                logits = np.stack(parts)
+        except Exception as e:
+            self._fail(running, e)
+            return
+        for req, token, row_logits in zip(running, fed, logits, strict=True):
+            assert req.row is not None and token is not None
+            self._cached[req.row].append(token)
+            self._emit(req, sample(row_logits, req.params, req.rng, req.seen))
+
+    def _swap(self, a: int, b: int) -> None:
+        self.runtime.swap_rows(a, b)
+        self._owner[a], self._owner[b] = self._owner[b], self._owner[a]
+        self._cached[a], self._cached[b] = self._cached[b], self._cached[a]
+        self._used[a], self._used[b] = self._used[b], self._used[a]
+        for row in (a, b):
+            owner = self._owner[row]
+            if owner is not None:
+                owner.row = row
+
+    def _emit(self, req: Request, token: int) -> None:
+        req.produced += 1
+        if req.params.repetition_penalty != 1.0:
+            req.seen.append(token)
+        finished = token in req.stop_ids or req.produced >= req.max_new_tokens
+        req.pending = None if finished else token
+        with self._cond:
+            req.out.append(token)
+            if finished:
+                self._free(req)
+            self._cond.notify_all()
+
+    def _free(self, req: Request) -> None:
+        """The request is over; its row keeps its tokens' KV for later prompts (a speculative
+        request's row is emptied: what it holds is not tracked)."""
+        req.done = True
+        if req in self._active:
+            self._active.remove(req)
+        row = req.row
+        if row is None or self._owner[row] is not req:
+            return
+        self._owner[row], req.row = None, None
+        if req.steps is not None:
+            req.steps = None
+            self.runtime.select(row)
+            self.runtime.reset()
+            self._cached[row] = []
+            self._changes = self.runtime.changes
+
+    def _fail(self, requests: Sequence[Request], error: BaseException) -> None:
+        """End `requests` with `error` (raised to each caller); their rows are emptied."""
+        rt = self.runtime
+        with self._cond:
+            for req in requests:
+                row = req.row
+                req.error = (
+                    error
+                    if isinstance(error, Exception)
+                    else InfoptError(f"generation interrupted ({type(error).__name__})")
+                )
+                self._free(req)
+                if row is not None:
+                    rt.select(row)
+                    rt.reset()
+                    self._cached[row] = []
+            self._changes = rt.changes
+            self._cond.notify_all()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
