@@ -67,7 +67,15 @@ def devices(measure_bandwidth: bool, as_json: bool) -> None:
     help="A profile name (see `infopt-pack devices`), `host`, or a .toml file.",
 )
 @click.option("--context", type=int, help="Tokens the KV cache must hold (default: the model's).")
-@click.option("--batch", type=int, default=1, show_default=True, help="Concurrent sequences.")
+@click.option(
+    "--batch",
+    "--slots",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Concurrent sequences: a server's --slots (each slot's KV cache of --context tokens "
+    "also holds the prefix cache, so this counts both).",
+)
 @click.option("--latency-ms", type=float, help="Per-token decode latency target.")
 @click.option(
     "--scenario",
