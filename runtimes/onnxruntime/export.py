@@ -147,6 +147,14 @@ def _matmul_nbits(
     b, scales, zeros, block = _nbits_weights(
         qw, INT8_HEAD_BLOCKS if name == "lm_head" else INT8_BLOCKS
     )
+    offsets = None
+    if qw.offsets is not None and qw.scheme.bits == 4:
+        # d*q + m = d*(q - 8) + (m + 8d): codes centred on MatMulNBits' default zero point 8,
+        # the rest in the offsets. Exact either way in float32; with int8 activations (fast
+        # numerics) the activations' rounding error is multiplied by q - 8 instead of by q,
+        # whose mean is far from zero, and that error no longer drowns a greedy choice.
+        zeros = None
+        offsets = _f32(qw.offsets) + 8.0 * scales
     inputs = [x, g.const(f"{name}.qweight", b), g.const(f"{name}.scales", scales)]
     inputs.append(g.const(f"{name}.zeros", zeros) if zeros is not None else "")
     if bias is not None:
@@ -162,18 +170,28 @@ def _matmul_nbits(
         block_size=block,
         accuracy_level=ACCURACY_LEVEL,
     )
-    return _plus_offsets(g, x, y, qw, name, block)
+    return _plus_offsets(g, x, y, qw, name, block, offsets)
 
 
-def _plus_offsets(g: _Graph, x: str, y: str, qw: QuantizedWeight, name: str, block: int) -> str:
+def _plus_offsets(
+    g: _Graph,
+    x: str,
+    y: str,
+    qw: QuantizedWeight,
+    name: str,
+    block: int,
+    offsets: np.ndarray | None = None,
+) -> str:
     """y + what float offsets per block add to x @ W^T: x's per-block sums [.., K/block] times
-    the offsets [K/block, N] (nothing to add without offsets)."""
+    the offsets [K/block, N] (`offsets`, else the weight's own; nothing without them)."""
     if qw.offsets is None:
         return y
+    if offsets is None:
+        offsets = _f32(qw.offsets)
     blocks = qw.shape[1] // block
     split = g.one("Reshape", [x, g.const(f"{name}.blocks", np.array([0, 0, blocks, block]))])
     sums = g.one("ReduceSum", [split, g.const(f"{name}.sum_axis", np.array([-1]))], keepdims=0)
-    term = g.one("MatMul", [sums, g.const(f"{name}.offsets_t", _f32(qw.offsets).T)])
+    term = g.one("MatMul", [sums, g.const(f"{name}.offsets_t", offsets.T)])
     return g.one("Add", [y, term])
 
 
