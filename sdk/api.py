@@ -165,7 +165,7 @@ class Model:
             spec,
             stats,
         )
-        return TextStream(responses)
+        return TextStream(responses, cancel=lambda: self.engine.cancel(request))
 
     def generate(
         self, prompt: Prompt, options: GenerateOptions | None = None, **settings: Any

@@ -128,6 +128,8 @@ class Engine:
         while True:
             with self._cond:
                 while True:
+                    if request.cancelled:  # what was made but not yet read is dropped
+                        return None
                     if request.out:
                         return request.out.popleft()
                     if request.error is not None:

@@ -8,7 +8,7 @@ max_new_tokens; `generate` collects one `GenerationResult`.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from typing import Any
@@ -250,8 +250,11 @@ class TextStream:
     """Iterator of text deltas over `stream_generate`; `.result` holds the GenerationResult
     once it is exhausted."""
 
-    def __init__(self, responses: Iterator[Response]) -> None:
-        self.stream_responses = responses
+    def __init__(
+        self, responses: Iterator[Response], cancel: Callable[[], None] | None = None
+    ) -> None:
+        self._responses = responses
+        self._cancel = cancel
         self._parts: list[str] = []
         self._ids: list[int] = []
         self.result: GenerationResult | None = None
@@ -260,7 +263,7 @@ class TextStream:
         return self
 
     def __next__(self) -> str:
-        for r in self.stream_responses:
+        for r in self._responses:
             self._parts.append(r.text)
             self._ids.append(r.token_id)
             if r.finish_reason is not None:
@@ -279,9 +282,18 @@ class TextStream:
     def close(self) -> None:
         """Stop early, freeing the model for the next generation (a stream read to its end
         frees it by itself)."""
-        close = getattr(self.stream_responses, "close", None)
+        close = getattr(self._responses, "close", None)
         if close is not None:
             close()
+
+    def cancel(self) -> None:
+        """Stop the generation from any thread, even while another thread waits inside the
+        stream: a request still queued leaves the queue, a running one frees its slot at the
+        next token, and the stream then ends (`result` stays None)."""
+        if self._cancel is not None:
+            self._cancel()
+        else:
+            self.close()
 
     def __enter__(self) -> TextStream:
         return self

@@ -164,3 +164,22 @@ def test_slots_that_do_not_fit_in_memory_are_refused_naming_the_shortfall(
         infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64, slots=10**8)
     with pytest.raises(infopt.InvalidArgumentError, match="slots=0"):
         infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64, slots=0)
+
+
+def test_cancel_from_another_thread_frees_a_waiting_or_running_request_at_once(
+    tiny_gguf: Path,
+) -> None:
+    m = infopt.load(tiny_gguf, runtime="onnxruntime", max_context=256, slots=1)
+    holding = m.stream("hello there", max_new_tokens=200, **GREEDY)
+    next(holding)  # holds the one slot
+    waiting = m.stream("Once upon a time", max_new_tokens=200, **GREEDY)
+    got: list[str | None] = []
+    reader = threading.Thread(target=lambda: got.append(next(waiting, None)))
+    # the reader drives the holder's steps while it waits for the slot; cancel it from here
+    reader.start()
+    waiting.cancel()
+    reader.join(timeout=30)
+    assert not reader.is_alive() and got == [None] and waiting.result is None
+    holding.cancel()  # a running request: its slot is free before the next read
+    assert m.status() == {"slots": 1, "busy": 0, "queued": 0}
+    assert next(holding, None) is None
