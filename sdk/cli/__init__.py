@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from infopt.cli import bundle, cache, info, plan, quality, run
+from infopt.cli import bundle, cache, chat, info, plan, quality, run, serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -23,6 +23,8 @@ def main() -> None:
 
 for command in (
     run.run,
+    chat.chat,
+    serve.serve,
     info.inspect,
     plan.devices,
     plan.plan,

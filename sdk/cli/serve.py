@@ -1,0 +1,141 @@
+"""`infopt-pack serve`: an OpenAI-compatible HTTP server and web chat page over one model."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import click
+
+from infopt.cli.output import Bars, friendly_errors
+from infopt.core.defaults import DEFAULT_MAX_CONTEXT
+from infopt.runtimes.registry import reference
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; 0.0.0.0 serves other machines too (then set --api-key).",
+)
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port; 0 picks a free one (the URL printed says which).",
+)
+@click.option(
+    "--runtime",
+    help="For a bundle: which of its artifacts to run (default: the manifest's). For a model "
+    "file: the runtime to run it on (default: the fastest installed here; "
+    f"{reference().name} reads it as float32 with nothing converted).",
+)
+@click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
+@click.option(
+    "--context",
+    "max_context",
+    type=int,
+    help=f"KV-cache size in tokens, per slot (default: min(model, {DEFAULT_MAX_CONTEXT}); a "
+    "bundle's: the context it was built for).",
+)
+@click.option(
+    "--slots",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Requests generated at once, batched together; each holds its own KV cache.",
+)
+@click.option(
+    "--max-queue",
+    default=16,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Requests that may wait for a free slot; past slots + max-queue the server answers "
+    "429 at once.",
+)
+@click.option(
+    "--api-key",
+    envvar="INFOPT_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on /v1 requests (or set INFOPT_API_KEY).",
+)
+@click.option("--model-id", help="The model's name in the API (default: its file or folder name).")
+@friendly_errors
+def serve(
+    model: str | None,
+    host: str,
+    port: int,
+    runtime: str | None,
+    threads: int | None,
+    max_context: int | None,
+    slots: int,
+    max_queue: int,
+    api_key: str | None,
+    model_id: str | None,
+) -> None:
+    """Serve MODEL (a bundle, a GGUF file or a Hugging Face folder; default: the default model)
+    over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions (streamed with
+    "stream": true), GET /v1/models and /health, and a chat page at /.
+
+    \b
+    Examples:
+      infopt-pack serve                      # then open http://127.0.0.1:8080/
+      infopt-pack serve model.gguf --port 9000 --slots 8 --api-key s3cret
+    \b
+    From Python, with OpenAI's client:
+      OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="s3cret")
+    """
+    try:
+        from infopt.serve import create_app, run_server
+    except ImportError as e:
+        raise click.ClickException(
+            f"serving needs FastAPI and uvicorn ({e}): pip install 'infopt[serve]'"
+        ) from e
+    import infopt
+
+    if api_key == "":
+        raise click.BadParameter("an empty key would let anyone in", param_hint="--api-key")
+    sock = _listen(host, port)  # before loading: a port in use fails in a second, not a minute
+    bars = Bars()  # a model file's first conversion for its runtime
+    try:
+        m = infopt.load(
+            model,
+            runtime=runtime,
+            threads=threads,
+            max_context=max_context,
+            slots=slots,
+            progress=bars,
+        )
+    finally:
+        bars.close()
+    name = model_id or Path(m.source).name.removesuffix(".gguf")
+    app = create_app(m, model_id=name, api_key=api_key, max_queue=max_queue)
+    bound, actual = sock.getsockname()[:2]
+    url = f"http://{f'[{bound}]' if ':' in bound else bound}:{actual}"
+    # the slots the runtime grants: one, on runtimes whose graph holds a single KV state
+    granted = m.status()["slots"]
+    click.echo(f"Serving {name} ({m.runtime.name}, {granted} slots) at {url}/  API: {url}/v1")
+    click.echo("Ctrl-C stops it.", err=True)
+    try:
+        run_server(app, sock)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C once it has shut down cleanly
+        click.echo("stopped", err=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, so that the URL printed is answered from the moment it is printed
+    (connections wait in the backlog until the server runs)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        raise click.ClickException(
+            f"cannot listen on {host}:{port}: {e.strerror or e}"
+            + (" (another server has it: pick a --port)" if "in use" in str(e) else "")
+        ) from e
+    return sock
