@@ -75,7 +75,7 @@ class Model:
         self.defaults = dict(defaults or {})
         self.source = source
         self.drafter = drafter  # speculative decoding's draft, used unless speculative=False
-        self.engine = Engine(runtime)
+        self.engine = Engine(runtime)  # set engine.batch_wait_s for dynamic batching
 
     @property
     def slots(self) -> int:

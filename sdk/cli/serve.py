@@ -57,6 +57,15 @@ from infopt.runtimes.registry import reference
     "429 at once.",
 )
 @click.option(
+    "--batch-wait-ms",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1000),
+    help="Dynamic batching: an idle server given fewer requests than slots waits this long for "
+    "others arriving together, so they decode as one batch from their first token (a lone "
+    "request pays the wait).",
+)
+@click.option(
     "--api-key",
     envvar="INFOPT_API_KEY",
     help="Require 'Authorization: Bearer KEY' on /v1 requests (or set INFOPT_API_KEY).",
@@ -72,6 +81,7 @@ def serve(
     max_context: int | None,
     slots: int,
     max_queue: int,
+    batch_wait_ms: float,
     api_key: str | None,
     model_id: str | None,
 ) -> None:
@@ -110,6 +120,7 @@ def serve(
         )
     finally:
         bars.close()
+    m.engine.batch_wait_s = batch_wait_ms / 1000
     name = model_id or Path(m.source).name.removesuffix(".gguf")
     app = create_app(m, model_id=name, api_key=api_key, max_queue=max_queue)
     bound, actual = sock.getsockname()[:2]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -77,9 +78,13 @@ class Request:
 
 
 class Engine:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, batch_wait_s: float = 0.0) -> None:
         self.runtime = runtime
         self.rows = runtime.rows
+        # Dynamic batching: an idle engine given fewer requests than free rows waits this long
+        # for others arriving together, so they decode as one batch from their first step
+        # instead of joining one by one (0: never waits; a lone request pays the wait).
+        self.batch_wait_s = batch_wait_s
         self._cond = threading.Condition()
         self._driving = False
         self._queue: deque[Request] = deque()
@@ -110,6 +115,7 @@ class Engine:
         and closing the iterator early (or an error) frees its row."""
         with self._cond:
             self._queue.append(request)
+            self._cond.notify_all()  # an idle driver waiting for companions (batch_wait_s)
         try:
             while (token := self._next(request)) is not None:
                 yield token
@@ -157,6 +163,10 @@ class Engine:
                 # someone ran the runtime directly: what the rows hold is no longer known
                 self._cached = [[] for _ in range(self.rows)]
             self._reap()
+            if self.batch_wait_s > 0 and not self._active and 0 < len(self._queue) < self.rows:
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(self._queue) < self.rows and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
         try:
             with self._cond:
                 self._admit()

@@ -4,6 +4,7 @@ prefix cache; slots freed when a stream is closed."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,25 @@ def test_cancel_from_another_thread_frees_a_waiting_or_running_request_at_once(
     holding.cancel()  # a running request: its slot is free before the next read
     assert m.status() == {"slots": 1, "busy": 0, "queued": 0}
     assert next(holding, None) is None
+
+
+def test_requests_arriving_together_start_as_one_batch_with_a_batch_wait(tiny_gguf: Path) -> None:
+    m = infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64, slots=4)
+    alone = [m.generate(p, max_new_tokens=8, **GREEDY).token_ids for p in PROMPTS]
+
+    def arrive_staggered() -> list[list[int]]:
+        m.engine.clear_cache()
+        m.engine.largest_batch = 0
+        start = threading.Barrier(4)
+
+        def run(i: int) -> list[int]:
+            start.wait()
+            time.sleep(0.05 * i)  # arriving over 150 ms: a lone request ends well before
+            return list(m.generate(PROMPTS[i], max_new_tokens=8, **GREEDY).token_ids)
+
+        with ThreadPoolExecutor(4) as pool:
+            return list(pool.map(run, range(4)))
+
+    assert arrive_staggered() == alone and m.engine.largest_batch < 4  # one by one
+    m.engine.batch_wait_s = 1.0  # the first waits for the others, up to a second
+    assert arrive_staggered() == alone and m.engine.largest_batch == 4
