@@ -19,6 +19,7 @@ from infopt.core.defaults import DEFAULT_MAX_CONTEXT
 from infopt.core.progress import Progress
 from infopt.core.spec import ModelSpec
 from infopt.core.tokenizer import Tokenizer
+from infopt.decode.constraints import Constraint, grammar_for, tokenizer_view
 from infopt.decode.drafters import (
     Drafter,
     DraftMismatchError,
@@ -133,6 +134,19 @@ class Model:
         params = opts.sampling(self.defaults)
         stops = opts.stop_strings()
         stop_ids = opts.stop_ids(self.tokenizer.eos_token_ids, self.runtime.vocab_size)
+        constraint = None
+        grammar = grammar_for(opts.response_format, opts.regex, opts.grammar)
+        if grammar is not None:
+            if opts.speculative not in (None, False):
+                raise InvalidArgumentError(
+                    f"speculative={opts.speculative!r}: structured output does not speculate "
+                    "yet; leave speculative unset"
+                )
+            opts = replace(opts, speculative=False)
+            view = tokenizer_view(self.tokenizer, self.runtime.vocab_size)
+            constraint = Constraint(grammar, view)
+            # a grammar ends with an end-of-sequence token, whatever stop_token_ids says
+            stop_ids = list(dict.fromkeys([*stop_ids, *self.tokenizer.eos_token_ids]))
         drafter = self._drafter(opts.speculative)
         k = opts.num_draft_tokens
         if k is not None:
@@ -154,6 +168,7 @@ class Model:
             num_draft_tokens=k or 1,
             spec_stats=spec,
             stats=stats,
+            constraint=constraint,
         )
         responses = stream_responses(
             self.engine.tokens(request),
@@ -164,6 +179,7 @@ class Model:
             set(stop_ids),
             spec,
             stats,
+            ended=lambda: request.ended,
         )
         return TextStream(responses, cancel=lambda: self.engine.cancel(request))
 

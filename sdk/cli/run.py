@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import click
@@ -87,6 +88,21 @@ from infopt.runtimes.registry import reference
     type=click.Path(exists=True, dir_okay=False),
     help="A public key (PEM): run the bundle only if it is signed by it (see `build --sign`).",
 )
+@click.option(
+    "--json-schema",
+    "json_schema",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Answer in JSON that validates against this JSON schema (structured output).",
+)
+@click.option("--json-object", is_flag=True, help="Answer with a JSON object (any keys).")
+@click.option("--regex", help="Answer with text matching this regular expression.")
+@click.option(
+    "--grammar",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Answer with text of this grammar (Lark syntax, or llama.cpp's GBNF).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @friendly_errors
 def run(
@@ -113,6 +129,10 @@ def run(
     num_draft_tokens: int | None,
     numerics: str,
     key: str | None,
+    json_schema: str | None,
+    json_object: bool,
+    regex: str | None,
+    grammar: str | None,
     as_json: bool,
 ) -> None:
     """Generate from MODEL (a bundle, a GGUF file or a Hugging Face folder), streaming the
@@ -125,8 +145,25 @@ def run(
       infopt-pack run ./SmolLM2-360M-Instruct --prompt "Hi" --temperature 0.7 --seed 1
       infopt-pack run model.gguf --raw --prompt "def fib(n):" --stop $'\\n\\n' --json
       infopt-pack run --draft ngram --prompt "Fix the typos: $(cat notes.txt)"
+      infopt-pack run --prompt "A person, as JSON" --json-schema person.schema.json
+      infopt-pack run --prompt "Today's date?" --regex '[0-9]{4}-[0-9]{2}-[0-9]{2}'
     """
     import infopt
+
+    response_format = None
+    if json_schema is not None and json_object:
+        raise click.UsageError("--json-schema and --json-object: give one of them")
+    if json_schema is not None:
+        try:
+            schema = json.loads(Path(json_schema).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise click.BadParameter(
+                f"{json_schema}: not JSON ({e})", param_hint="--json-schema"
+            ) from e
+        response_format = {"type": "json_schema", "json_schema": {"schema": schema}}
+    elif json_object:
+        response_format = {"type": "json_object"}
+    grammar_text = Path(grammar).read_text(encoding="utf-8") if grammar is not None else None
 
     bars = Bars(quiet=as_json)  # a model file's first conversion for its runtime
     try:
@@ -161,6 +198,9 @@ def run(
         stop=list(stop),
         seed=seed,
         num_draft_tokens=num_draft_tokens,
+        response_format=response_format,
+        regex=regex,
+        grammar=grammar_text,
     )
     if not as_json:
         for delta in stream:
@@ -187,5 +227,11 @@ def run(
                 else ""
             )
             + "]",
+            err=True,
+        )
+    constrained = response_format is not None or regex is not None or grammar is not None
+    if constrained and result.finish_reason == "length":
+        click.echo(
+            "note: the answer stopped at --max-new-tokens before its format was complete",
             err=True,
         )

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from infopt.core.defaults import PREFILL_CHUNK
+from infopt.decode.constraints import Constraint
 from infopt.decode.drafters import Drafter, NgramDrafter
 from infopt.decode.generate import Stats
 from infopt.decode.sampling import SamplingParams, sample
@@ -51,8 +52,10 @@ class Request:
         num_draft_tokens: int = 1,
         spec_stats: SpeculativeStats | None = None,
         stats: Stats | None = None,
+        constraint: Constraint | None = None,
     ) -> None:
         self.prompt = list(prompt)
+        self.constraint = constraint  # structured output: masks the logits, ends the request
         self.stats = stats  # the caller's, where the prefix cache's share is recorded
         self.params = params
         self.max_new_tokens = max_new_tokens
@@ -69,6 +72,21 @@ class Request:
         self.done = False  # no more tokens will come
         self.cancelled = False
         self.error: BaseException | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Every token has been read and none will follow (not cancelled): for the caller,
+        asked right after it read the last one."""
+        return self.done and not self.out and not self.cancelled and self.error is None
+
+    def choose(self, logits: np.ndarray) -> int:
+        """The next token: sampled from `logits` masked by the constraint, if any."""
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        token = sample(logits, self.params, self.rng, self.seen)
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        return token
 
     @property
     def exclusive_draft(self) -> bool:
@@ -244,7 +262,7 @@ class Engine:
         self._cached[row] += chunk
         req.fed += len(chunk)
         if req.fed == len(req.prompt):
-            self._emit(req, sample(logits, req.params, req.rng, req.seen))
+            self._choose(req, logits)
 
     def _speculate(self) -> None:
         """One token of each speculative request (each on its own row)."""
@@ -288,7 +306,15 @@ class Engine:
         for req, token, row_logits in zip(running, fed, logits, strict=True):
             assert req.row is not None and token is not None
             self._cached[req.row].append(token)
-            self._emit(req, sample(row_logits, req.params, req.rng, req.seen))
+            self._choose(req, row_logits)
+
+    def _choose(self, req: Request, logits: np.ndarray) -> None:
+        try:
+            token = req.choose(logits)
+        except Exception as e:  # a constraint that cannot go on: this request's error only
+            self._fail([req], e)
+            return
+        self._emit(req, token)
 
     def _swap(self, a: int, b: int) -> None:
         self.runtime.swap_rows(a, b)
@@ -304,7 +330,11 @@ class Engine:
         req.produced += 1
         if req.params.repetition_penalty != 1.0:
             req.seen.append(token)
-        finished = token in req.stop_ids or req.produced >= req.max_new_tokens
+        finished = (
+            token in req.stop_ids
+            or req.produced >= req.max_new_tokens
+            or (req.constraint is not None and req.constraint.done)
+        )
         req.pending = None if finished else token
         with self._cond:
             req.out.append(token)

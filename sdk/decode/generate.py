@@ -44,6 +44,12 @@ class GenerateOptions:
     seed: int | None = None
     speculative: Speculative = None  # None: the model's draft; False: none; "ngram"
     num_draft_tokens: int | None = None  # the draft length to start from (1-16; it adapts)
+    # structured output (at most one): OpenAI's response_format ({"type": "json_object"} or
+    # {"type": "json_schema", "json_schema": {"schema": ...}}), a regular expression, or a
+    # grammar (Lark, or llama.cpp's GBNF)
+    response_format: Mapping[str, Any] | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def sampling(self, defaults: Mapping[str, object]) -> SamplingParams:
         """The sampling parameters: these options over the model's defaults."""
@@ -215,7 +221,10 @@ def stream_responses(
     stop_ids: set[int],
     spec: SpeculativeStats | None,
     stats: Stats | None = None,
+    ended: Callable[[], bool] | None = None,
 ) -> Iterator[Response]:
+    """Responses from token ids; `ended()`, asked after each token, tells that its producer
+    stopped there for a reason of its own (a completed grammar): a "stop"."""
     stats = stats or Stats(prompt_tokens=prompt_len, speculative=spec)
     decoder = StreamDecoder(tokenizer)
     text, emitted = "", 0  # all text so far; how much of it has been sent
@@ -231,6 +240,8 @@ def stream_responses(
             stats.decode_tokens_per_s = (n - 1) / (now - first)
         stats.generated_tokens, stats.total_s = n, now - start
         finish = "stop" if token in stop_ids else ("length" if n >= max_new_tokens else None)
+        if finish is None and ended is not None and ended():
+            finish = "stop"
         if token not in stop_ids:
             text += decoder.push(token)
         if finish:

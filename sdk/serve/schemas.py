@@ -86,6 +86,11 @@ class BaseRequest(BaseModel):
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # structured output: OpenAI's response_format; `regex` and `grammar` (Lark or GBNF) as
+    # vLLM's and llama.cpp's servers take them
+    response_format: dict[str, Any] | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def prompt(self) -> Prompt:
         raise NotImplementedError
@@ -102,6 +107,9 @@ class BaseRequest(BaseModel):
             "top_k": self.top_k or None,  # OpenAI-style clients send 0 for "off"
             "stop": stop,
             "seed": self.seed,
+            "response_format": self.response_format,
+            "regex": self.regex,
+            "grammar": self.grammar,
         }
 
 

@@ -343,3 +343,25 @@ def test_web_chat_page(server: Server, tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert shot.stat().st_size > 1000
+
+
+def test_structured_output_through_the_api(client: Any, local: Any) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}},
+        "required": ["answer"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    r = client.chat.completions.create(
+        model=MODEL_ID, messages=CHAT, max_tokens=32, temperature=0, response_format=fmt
+    )
+    assert json.loads(r.choices[0].message.content)["answer"] in ("yes", "no")
+    assert r.choices[0].finish_reason == "stop"
+    expected = local.generate(CHAT, max_new_tokens=32, temperature=0, response_format=fmt)
+    assert r.choices[0].message.content == expected.text
+    regex = client.completions.create(
+        model=MODEL_ID, prompt="Say", max_tokens=8, extra_body={"regex": "(red|green|blue)"}
+    )
+    assert regex.choices[0].text in ("red", "green", "blue")
+    with pytest.raises(openai.BadRequestError, match="regex"):
+        client.completions.create(model=MODEL_ID, prompt="Say", extra_body={"regex": "("})
