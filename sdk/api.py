@@ -137,12 +137,6 @@ class Model:
         constraint = None
         grammar = grammar_for(opts.response_format, opts.regex, opts.grammar)
         if grammar is not None:
-            if opts.speculative not in (None, False):
-                raise InvalidArgumentError(
-                    f"speculative={opts.speculative!r}: structured output does not speculate "
-                    "yet; leave speculative unset"
-                )
-            opts = replace(opts, speculative=False)
             view = tokenizer_view(self.tokenizer, self.runtime.vocab_size)
             constraint = Constraint(grammar, view)
             # a grammar ends with an end-of-sequence token, whatever stop_token_ids says

@@ -306,6 +306,8 @@ REGEXES: list[tuple[str, str]] = [
 MODES: dict[str, dict[str, Any]] = {
     "greedy": {"temperature": 0},
     "sampled": {"temperature": 0.7, "top_p": 0.95, "seed": 7},
+    "greedy+ngram": {"temperature": 0, "speculative": "ngram"},  # prompt-lookup drafts
+    "sampled+ngram": {"temperature": 0.7, "top_p": 0.95, "seed": 7, "speculative": "ngram"},
 }
 
 
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--runtimes", default="onnxruntime,pytorch,openvino")
-    ap.add_argument("--modes", default="greedy,sampled")
+    ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")

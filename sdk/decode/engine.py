@@ -233,6 +233,7 @@ class Engine:
                     num_draft_tokens=req.num_draft_tokens,
                     stats=req.spec_stats or SpeculativeStats(),
                     max_new_tokens=req.max_new_tokens,
+                    constraint=req.constraint,
                 )
                 continue
             # at least the prompt's last token is fed again: its logits give the first token

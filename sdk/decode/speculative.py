@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from infopt.decode.constraints import Constraint
 from infopt.decode.drafters import (
     MAX_DRAFT,
     Drafter,
@@ -69,6 +70,33 @@ def verify(
         target_logits[len(drafts)], [*seen, *drafts] if seen else (), params.repetition_penalty
     )
     return len(drafts), int(np.argmax(z)) if params.greedy else draw(probabilities(z, params), rng)
+
+
+def _chosen(
+    constraint: Constraint | None,
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    seen: Sequence[int],
+) -> int:
+    """One token sampled from `logits`, masked by and fed to the constraint if there is one."""
+    if constraint is None:
+        return sample(logits, params, rng, seen)
+    token = sample(constraint.mask(logits), params, rng, seen)
+    constraint.accept(token)
+    return token
+
+
+def _masked_rows(constraint: Constraint, logits: np.ndarray, drafts: Sequence[int]) -> np.ndarray:
+    """Row i of a verify pass masked by the grammar's state after drafts[:i] (the drafts are
+    fed to find those states, then rolled back: the verification decides what stays)."""
+    rows = np.empty_like(logits)
+    for i in range(len(drafts) + 1):
+        rows[i] = constraint.mask(logits[i])
+        if i < len(drafts):
+            constraint.accept(drafts[i])
+    constraint.rollback(len(drafts))
+    return rows
 
 
 @dataclass
@@ -165,12 +193,18 @@ def speculative_step(
     stats: SpeculativeStats,
     max_new_tokens: int | None = None,
     adaptive: bool = True,
+    constraint: Constraint | None = None,
 ) -> Iterator[int]:
     """Token ids, forever (as `generate_step`), several per target pass when drafts are kept.
 
     The target's cache holds every token but the newest (`pending`), which goes into the next
     pass together with the drafts that follow it: one forward of k+1 tokens scores k drafts
-    and yields the bonus token. Rejected drafts are rewound."""
+    and yields the bonus token. Rejected drafts are rewound.
+
+    With a `constraint` (structured output), drafts are cut at the first token the grammar
+    refuses, and every verified position's logits are masked by the grammar's state at that
+    position, so the output is the constrained output without a draft (greedy: token for
+    token; sampled: the same distribution)."""
     check_drafter(target, drafter)
     k = check_draft_tokens(num_draft_tokens)
     stats.exact = target.batch_exact
@@ -182,7 +216,7 @@ def speculative_step(
     target.reset()
     drafter.reset()
     logits = run_prefill(target, context)
-    first = sample(logits, params, rng, context if penalize else ())
+    first = _chosen(constraint, logits, params, rng, context if penalize else ())
     context.append(first)
     yield first
     drafter.prefill(context)  # not in the timed passes: a one-off, as the target's prefill
@@ -202,16 +236,24 @@ def speculative_step(
                 plain_time = dt if plain_n == 1 else plain_time + dt
                 stats.target_tokens_per_s = plain_n / max(plain_time, 1e-9)
             stats.plain_steps += 1
-            token = sample(logits, params, rng, context if penalize else ())
+            token = _chosen(constraint, logits, params, rng, context if penalize else ())
             context.append(token)
             produced += 1
             yield token
             continue
         t0 = time.perf_counter()
         drafts, q = drafter.propose(context, min(k, budget, window - 1), params, rng)
+        if constraint is not None:  # drafts the grammar refuses could never be kept
+            keep = constraint.valid_prefix(drafts)
+            drafts, q = drafts[:keep], (q[:keep] if q is not None else None)
         t1 = time.perf_counter()
         logits = target.forward([context[-1], *drafts])
+        if constraint is not None:
+            logits = _masked_rows(constraint, logits, drafts)
         j, token = verify(drafts, q, logits, params, rng, context if penalize else ())
+        if constraint is not None:
+            for t in [*drafts[:j], token]:
+                constraint.accept(t)
         target.rewind(len(drafts) - j)
         dt = time.perf_counter() - t0
         stats.verify_steps += 1

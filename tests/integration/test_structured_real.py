@@ -13,7 +13,8 @@ from infopt.tools.structured_check import REGEXES, SCHEMAS, check
 
 
 @pytest.mark.parametrize(
-    ("runtime", "modes"), [("onnxruntime", ("greedy", "sampled")), ("openvino", ("greedy",))]
+    ("runtime", "modes"),
+    [("onnxruntime", ("greedy", "sampled", "greedy+ngram")), ("openvino", ("greedy",))],
 )
 def test_every_output_follows_its_schema_or_regex(
     gguf_path: Path, runtime: str, modes: tuple[str, ...]
