@@ -206,3 +206,15 @@ def test_requests_arriving_together_start_as_one_batch_with_a_batch_wait(tiny_gg
     assert arrive_staggered() == alone and m.engine.largest_batch < 4  # one by one
     m.engine.batch_wait_s = 1.0  # the first waits for the others, up to a second
     assert arrive_staggered() == alone and m.engine.largest_batch == 4
+
+
+def test_the_prefix_cache_is_dropped_when_the_runtime_is_used_directly(tiny_gguf: Path) -> None:
+    """Tools that drive `model.runtime` themselves (benchmarks) leave other tokens in its rows:
+    the next request must not take them for its prefix."""
+    m = infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64)
+    first = m.generate("The quick brown fox", max_new_tokens=8, **GREEDY)
+    ids = m.encode_prompt("The quick brown fox")
+    m.runtime.reset()
+    m.runtime.forward([(t + 7) % m.runtime.vocab_size for t in ids])  # same length, other KV
+    again = m.generate("The quick brown fox", max_new_tokens=8, **GREEDY)
+    assert again.stats.cached_tokens == 0 and again.token_ids == first.token_ids
