@@ -72,11 +72,22 @@ class Model:
         source: str = "",
         drafter: Drafter | None = None,
     ) -> None:
-        self.runtime, self.tokenizer, self.spec = runtime, tokenizer, spec
+        self.tokenizer, self.spec = tokenizer, spec
         self.defaults = dict(defaults or {})
         self.source = source
         self.drafter = drafter  # speculative decoding's draft, used unless speculative=False
-        self.engine = Engine(runtime)  # set engine.batch_wait_s for dynamic batching
+        self.runtime = runtime  # and its engine (set engine.batch_wait_s for dynamic batching)
+
+    @property
+    def runtime(self) -> Runtime:
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, runtime: Runtime) -> None:
+        """Another runtime for this model (a tool comparing two): requests run on it from now
+        on, with an engine of its own."""
+        self._runtime = runtime
+        self.engine = Engine(runtime)
 
     @property
     def slots(self) -> int:

@@ -218,3 +218,12 @@ def test_the_prefix_cache_is_dropped_when_the_runtime_is_used_directly(tiny_gguf
     m.runtime.forward([(t + 7) % m.runtime.vocab_size for t in ids])  # same length, other KV
     again = m.generate("The quick brown fox", max_new_tokens=8, **GREEDY)
     assert again.stats.cached_tokens == 0 and again.token_ids == first.token_ids
+
+
+def test_a_model_given_another_runtime_generates_on_it(tiny_gguf: Path) -> None:
+    m = infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64)
+    other = infopt.load(tiny_gguf, runtime="pytorch", max_context=64)
+    first = m.runtime
+    m.runtime = other.runtime
+    m.generate("hello there", max_new_tokens=4, **GREEDY)
+    assert other.runtime.position > 0 and first.position == 0
