@@ -7,7 +7,9 @@ Runs each of SCHEMAS (JSON schemas: nested objects, arrays, enums, ranged number
 and optional fields) and REGEXES through `generate(response_format=...)` / `generate(regex=...)`
 on each runtime, greedy and sampled, and checks every output with `jsonschema` (or the regex's
 full match). An output cut by max_new_tokens counts as a failure: the point is that a small
-model answers in the format, completely. Prints the pass counts, the mean time to build a
+model answers in the format, completely. Free-text fields are bounded (maxLength), as an app
+bounds its fields: an unbounded string lets a small model that starts repeating itself run to
+max_new_tokens inside the format. Prints the pass counts, the mean time to build a
 constraint (grammar compilation) and the decode speed with and without one.
 """
 
@@ -25,7 +27,7 @@ import infopt
 PERSON = {
     "type": "object",
     "properties": {
-        "name": {"type": "string"},
+        "name": {"type": "string", "maxLength": 60},
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
     },
     "required": ["name", "age"],
@@ -37,9 +39,9 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": "object",
             "properties": {
-                "city": {"type": "string"},
-                "country": {"type": "string"},
-                "population": {"type": "integer", "minimum": 0},
+                "city": {"type": "string", "maxLength": 60},
+                "country": {"type": "string", "maxLength": 60},
+                "population": {"type": "integer", "minimum": 0, "maximum": 10000000000},
             },
             "required": ["city", "country"],
             "additionalProperties": False,
@@ -50,7 +52,7 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": "object",
             "properties": {
-                "title": {"type": "string"},
+                "title": {"type": "string", "maxLength": 60},
                 "stars": {"type": "integer", "minimum": 1, "maximum": 5},
             },
             "required": ["title", "stars"],
@@ -93,10 +95,13 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": "object",
             "properties": {
-                "title": {"type": "string"},
+                "title": {"type": "string", "maxLength": 60},
                 "author": {
                     "type": "object",
-                    "properties": {"first": {"type": "string"}, "last": {"type": "string"}},
+                    "properties": {
+                        "first": {"type": "string", "maxLength": 60},
+                        "last": {"type": "string", "maxLength": 60},
+                    },
                     "required": ["first", "last"],
                 },
                 "year": {"type": "integer", "minimum": 1000, "maximum": 2030},
@@ -125,7 +130,10 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
                     "type": "array",
                     "items": {
                         "type": "object",
-                        "properties": {"task": {"type": "string"}, "done": {"type": "boolean"}},
+                        "properties": {
+                            "task": {"type": "string", "maxLength": 60},
+                            "done": {"type": "boolean"},
+                        },
                         "required": ["task", "done"],
                     },
                     "minItems": 2,
@@ -144,8 +152,8 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": "object",
             "properties": {
-                "name": {"type": "string"},
-                "breed": {"type": "string"},
+                "name": {"type": "string", "maxLength": 60},
+                "breed": {"type": "string", "maxLength": 60},
                 "good_boy": {"type": "boolean"},
             },
             "required": ["name", "breed", "good_boy"],
@@ -192,9 +200,9 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": "object",
             "properties": {
-                "street": {"type": "string"},
+                "street": {"type": "string", "maxLength": 60},
                 "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
-                "city": {"type": "string"},
+                "city": {"type": "string", "maxLength": 60},
             },
             "required": ["street", "zip", "city"],
         },
@@ -265,12 +273,12 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
         {
             "type": "object",
             "properties": {
-                "name": {"type": "string"},
+                "name": {"type": "string", "maxLength": 60},
                 "founded": {"type": "integer", "minimum": 1800, "maximum": 2026},
                 "public": {"type": "boolean"},
                 "ceo": {
                     "type": "object",
-                    "properties": {"name": {"type": "string"}},
+                    "properties": {"name": {"type": "string", "maxLength": 60}},
                     "required": ["name"],
                 },
             },
@@ -283,7 +291,10 @@ SCHEMAS: list[tuple[str, dict[str, Any]]] = [
             "type": "array",
             "items": {
                 "type": "object",
-                "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+                "properties": {
+                    "city": {"type": "string", "maxLength": 60},
+                    "country": {"type": "string", "maxLength": 60},
+                },
                 "required": ["city", "country"],
             },
             "minItems": 2,
@@ -350,7 +361,10 @@ def speed(model: infopt.Model, tokens: int = 128) -> dict[str, float]:
     prompt = [{"role": "user", "content": "Describe a person in detail."}]
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string"}, "biography": {"type": "string"}},
+        "properties": {
+            "name": {"type": "string", "maxLength": 60},
+            "biography": {"type": "string", "maxLength": 60},
+        },
         "required": ["name", "biography"],
     }
     fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
@@ -374,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--runtimes", default="onnxruntime,pytorch,openvino")
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

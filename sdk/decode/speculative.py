@@ -251,9 +251,6 @@ def speculative_step(
         if constraint is not None:
             logits = _masked_rows(constraint, logits, drafts)
         j, token = verify(drafts, q, logits, params, rng, context if penalize else ())
-        if constraint is not None:
-            for t in [*drafts[:j], token]:
-                constraint.accept(t)
         target.rewind(len(drafts) - j)
         dt = time.perf_counter() - t0
         stats.verify_steps += 1
@@ -281,6 +278,8 @@ def speculative_step(
             off_until, plain_n = produced + RETRY_AFTER * 2 ** (stats.switched_off - 1), 0
             trial_steps, trial_time, trial_tokens = 0, 0.0, 0
         for t in [*drafts[:j], token]:
+            if constraint is not None:  # fed as each is handed out: `done` stays in step
+                constraint.accept(t)
             context.append(t)
             produced += 1
             yield t

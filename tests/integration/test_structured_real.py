@@ -22,5 +22,5 @@ def test_every_output_follows_its_schema_or_regex(
     assert len(SCHEMAS) >= 20 and len(REGEXES) >= 10
     model = infopt.load(gguf_path, runtime=runtime, threads=2, max_context=1024)
     for mode in modes:
-        result = check(model, mode, max_new_tokens=160)
+        result = check(model, mode, max_new_tokens=256)
         assert result["passed"] == result["total"], result["failures"]
