@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -76,7 +77,8 @@ class Model:
         self.defaults = dict(defaults or {})
         self.source = source
         self.drafter = drafter  # speculative decoding's draft, used unless speculative=False
-        self.runtime = runtime  # and its engine (set engine.batch_wait_s for dynamic batching)
+        self._engine_lock = threading.Lock()
+        self.runtime = runtime
 
     @property
     def runtime(self) -> Runtime:
@@ -85,9 +87,19 @@ class Model:
     @runtime.setter
     def runtime(self, runtime: Runtime) -> None:
         """Another runtime for this model (a tool comparing two): requests run on it from now
-        on, with an engine of its own."""
+        on, with an engine of its own (made when the first request comes: a model used only as
+        a draft never needs one)."""
         self._runtime = runtime
-        self.engine = Engine(runtime)
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine that runs this model's requests on its runtime (set its batch_wait_s for
+        dynamic batching)."""
+        with self._engine_lock:  # two threads' first requests must share one engine
+            if self._engine is None:
+                self._engine = Engine(self._runtime)
+            return self._engine
 
     @property
     def slots(self) -> int:
@@ -524,7 +536,8 @@ def check_slot_memory(spec: ModelSpec, max_context: int, slots: int) -> None:
         raise MemoryBudgetError(
             f"{slots} slots x {max_context} positions need {need / gib:.2f} GiB of KV cache; "
             f"{available / gib:.2f} GiB of memory is available (short "
-            f"{(need - available) / gib:.2f} GiB): lower slots or max_context"
+            f"{(need - available) / gib:.2f} GiB): lower slots (--slots) or max_context "
+            "(--context)"
         )
 
 

@@ -64,6 +64,8 @@ class Conversation:
 @click.option(
     "-n",
     "--max-tokens",
+    "--max-new-tokens",
+    "max_tokens",
     default=DEFAULT_MAX_NEW_TOKENS,
     show_default=True,
     type=click.IntRange(min=1),

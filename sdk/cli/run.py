@@ -25,7 +25,15 @@ from infopt.runtimes.registry import reference
 @click.option(
     "--raw", is_flag=True, help="Send the prompt as plain text, without the chat template."
 )
-@click.option("-n", "--max-new-tokens", default=DEFAULT_MAX_NEW_TOKENS, show_default=True, type=int)
+@click.option(
+    "-n",
+    "--max-new-tokens",
+    "--max-tokens",
+    "max_new_tokens",
+    default=DEFAULT_MAX_NEW_TOKENS,
+    show_default=True,
+    type=int,
+)
 @click.option(
     "--temperature",
     type=float,
@@ -40,6 +48,8 @@ from infopt.runtimes.registry import reference
 @click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
 @click.option(
     "--max-context",
+    "--context",
+    "max_context",
     type=int,
     help=f"KV-cache size in tokens (default: min(model, {DEFAULT_MAX_CONTEXT}); a bundle's: the "
     "context it was built for).",
@@ -151,8 +161,18 @@ def run(
     import infopt
 
     response_format = None
-    if json_schema is not None and json_object:
-        raise click.UsageError("--json-schema and --json-object: give one of them")
+    flags = [
+        name
+        for name, value in (
+            ("--json-schema", json_schema),
+            ("--json-object", json_object or None),
+            ("--regex", regex),
+            ("--grammar", grammar),
+        )
+        if value is not None
+    ]
+    if len(flags) > 1:
+        raise click.UsageError(f"{' and '.join(flags)}: give at most one output constraint")
     if json_schema is not None:
         try:
             schema = json.loads(Path(json_schema).read_text(encoding="utf-8"))
@@ -164,6 +184,14 @@ def run(
     elif json_object:
         response_format = {"type": "json_object"}
     grammar_text = Path(grammar).read_text(encoding="utf-8") if grammar is not None else None
+    if flags:  # a bad constraint is said before the model loads
+        from infopt.decode.constraints import grammar_for
+        from infopt.errors import InvalidArgumentError
+
+        try:
+            grammar_for(response_format, regex, grammar_text)
+        except InvalidArgumentError as e:
+            raise click.BadParameter(str(e), param_hint=flags[0]) from e
 
     bars = Bars(quiet=as_json)  # a model file's first conversion for its runtime
     try:

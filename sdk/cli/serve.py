@@ -36,6 +36,7 @@ from infopt.runtimes.registry import reference
 @click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
 @click.option(
     "--context",
+    "--max-context",
     "max_context",
     type=int,
     help=f"KV-cache size in tokens, per slot (default: min(model, {DEFAULT_MAX_CONTEXT}); a "

@@ -11,6 +11,7 @@ the grammar is complete. Its tokenizer view is built once per tokenizer (from th
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,7 @@ def grammar_for(
         if regex is not None:
             if not isinstance(regex, str) or not regex:
                 raise InvalidArgumentError(f"regex={regex!r}: must be a non-empty string")
+            given = [f"regex {regex!r}"]
             text = matcher.grammar_from_regex(regex)
         elif grammar is not None:
             if not isinstance(grammar, str) or not grammar.strip():
@@ -80,11 +82,21 @@ def grammar_for(
     except InvalidArgumentError:
         raise
     except Exception as e:  # llguidance raises ValueError / RuntimeError with its message
-        raise InvalidArgumentError(f"{given[0]}: {e}") from e
+        raise InvalidArgumentError(f"{given[0]}: {_reason(str(e))}") from e
     message = matcher.validate_grammar(text)
     if message:
-        raise InvalidArgumentError(f"{given[0]}: {message}")
+        raise InvalidArgumentError(f"{given[0]}: {_reason(message)}")
     return str(text)
+
+
+def _reason(message: str) -> str:
+    """llguidance's message in one line, without the position in the grammar infopt built
+    around a regex (the user never wrote it): its "error: ..." line when it has one."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    reason = next((line[6:].strip() for line in lines if line.startswith("error:")), None)
+    if reason is None:
+        reason = re.sub(r"^at \d+\(\d+\): ", "", lines[0] if lines else message)
+    return reason
 
 
 def _schema(response_format: Any) -> dict[str, Any] | None:

@@ -188,9 +188,12 @@ class Engine:
         try:
             with self._cond:
                 self._admit()
+            # the requests already past their prompt: one whose prompt ends in this step
+            # hands its first token out now and joins the batch at the next step
+            running = [r for r in self._active if r.steps is None and r.pending is not None]
             self._prefill()
             self._speculate()
-            self._decode()
+            self._decode(running)
         except BaseException as e:  # an interrupt mid-pass, a bug: no row can be trusted
             self._fail([r for r in self._active if not r.done], e)
             raise
@@ -277,10 +280,11 @@ class Engine:
                 continue
             self._emit(req, token)
 
-    def _decode(self) -> None:
-        """One token for every request past its prompt: one pass over rows 0..n-1 where the
-        runtime batches (the requests' rows moved there first), else one pass per row."""
-        running = [r for r in self._active if r.steps is None and r.pending is not None]
+    def _decode(self, running: list[Request]) -> None:
+        """One token for each of `running` (requests past their prompt): one pass over rows
+        0..n-1 where the runtime batches (the requests' rows moved there first), else one pass
+        per row."""
+        running = [r for r in running if not r.done and r.pending is not None]
         if not running:
             return
         rt = self.runtime

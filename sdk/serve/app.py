@@ -333,7 +333,10 @@ def _library_error(e: InfoptError) -> ApiError:
     if isinstance(e, ContextLengthError):
         return ApiError(400, str(e), code="context_length_exceeded")
     if isinstance(e, ValueError):  # InvalidArgumentError and the like: the request's values
-        return ApiError(400, f"{type(e).__name__}: {e}")
+        message = str(e)
+        fields = ("response_format", "regex", "grammar", "messages")
+        field = next((f for f in fields if message.startswith(f)), None)
+        return ApiError(400, message, param=field)
     return ApiError(500, f"{type(e).__name__}: {e}", type="server_error")
 
 
