@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -130,10 +131,11 @@ def serve(
     granted = m.status()["slots"]
     click.echo(f"Serving {name} ({m.runtime.name}, {granted} slots) at {url}/  API: {url}/v1")
     click.echo("Ctrl-C stops it.", err=True)
-    try:
+    # uvicorn re-raises the Ctrl-C once it has shut down cleanly, unless the process started
+    # with SIGINT ignored (a background job of a shell): then it just returns
+    with contextlib.suppress(KeyboardInterrupt):
         run_server(app, sock)
-    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C once it has shut down cleanly
-        click.echo("stopped", err=True)
+    click.echo("stopped", err=True)
 
 
 def _listen(host: str, port: int) -> socket.socket:
