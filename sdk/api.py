@@ -78,6 +78,7 @@ class Model:
         self.source = source
         self.drafter = drafter  # speculative decoding's draft, used unless speculative=False
         self._engine_lock = threading.Lock()
+        self._grammar_view: Any = None  # llguidance's view of the tokenizer, on first use
         self.runtime = runtime
 
     @property
@@ -160,8 +161,9 @@ class Model:
         constraint = None
         grammar = grammar_for(opts.response_format, opts.regex, opts.grammar)
         if grammar is not None:
-            view = tokenizer_view(self.tokenizer, self.runtime.vocab_size)
-            constraint = Constraint(grammar, view)
+            if self._grammar_view is None:  # two threads' first may both build it: harmless
+                self._grammar_view = tokenizer_view(self.tokenizer, self.runtime.vocab_size)
+            constraint = Constraint(grammar, self._grammar_view)
             # a grammar ends with an end-of-sequence token, whatever stop_token_ids says
             stop_ids = list(dict.fromkeys([*stop_ids, *self.tokenizer.eos_token_ids]))
         drafter = self._drafter(opts.speculative)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,8 +23,6 @@ if TYPE_CHECKING:
     from infopt.core.tokenizer import Tokenizer
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
-_views: dict[int, Any] = {}  # id(tokenizer backend) -> llguidance.LLTokenizer
-_views_lock = threading.Lock()
 
 
 def _llguidance() -> Any:
@@ -153,24 +150,19 @@ def _compact(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def tokenizer_view(tokenizer: Tokenizer, vocab_size: int) -> Any:
-    """llguidance's view of `tokenizer` (built once per tokenizer: it reads every token)."""
+    """llguidance's view of `tokenizer` (it reads every token: build it once per model and
+    keep it, as `Model` does)."""
     llg = _llguidance()
-    key = id(tokenizer.backend)
-    with _views_lock:
-        view = _views.get(key)
-        if view is None or view.vocab_size != vocab_size:
-            try:
-                view = llg.LLTokenizer(
-                    tokenizer.backend.to_str(),
-                    n_vocab=vocab_size,
-                    eos_token=list(tokenizer.eos_token_ids),
-                )
-            except Exception as e:  # a vocabulary llguidance cannot read
-                raise InvalidArgumentError(
-                    f"structured output: llguidance cannot use this model's tokenizer ({e})"
-                ) from e
-            _views[key] = view
-        return view
+    try:
+        return llg.LLTokenizer(
+            tokenizer.backend.to_str(),
+            n_vocab=vocab_size,
+            eos_token=list(tokenizer.eos_token_ids),
+        )
+    except Exception as e:  # a vocabulary llguidance cannot read
+        raise InvalidArgumentError(
+            f"structured output: llguidance cannot use this model's tokenizer ({e})"
+        ) from e
 
 
 class Constraint:

@@ -78,7 +78,7 @@ class ModelDrafter:
         k = min(k, rt.max_context - len(context) + 1)
         if k < 1:
             return [], None
-        same = _common_prefix(self._cached, context)
+        same = common_prefix(self._cached, context)
         same = min(same, len(context) - 1)  # at least one token goes in, for its logits
         rt.rewind(rt.position - same)
         logits = rt.forward(context[same:], only_last=True)[-1]
@@ -154,7 +154,7 @@ def check_draft_tokens(k: object) -> int:
     return k
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:

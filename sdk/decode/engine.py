@@ -31,7 +31,7 @@ import numpy as np
 
 from infopt.core.defaults import PREFILL_CHUNK
 from infopt.decode.constraints import Constraint
-from infopt.decode.drafters import Drafter, NgramDrafter
+from infopt.decode.drafters import Drafter, NgramDrafter, common_prefix
 from infopt.decode.generate import Stats
 from infopt.decode.sampling import SamplingParams, sample
 from infopt.decode.speculative import SpeculativeStats, speculative_step
@@ -219,7 +219,7 @@ class Engine:
             if req.exclusive_draft and any(a.exclusive_draft for a in self._active):
                 return  # one draft model: its requests take turns
             self._queue.popleft()
-            shared = [_common_prefix(self._cached[r], req.prompt) for r in range(self.rows)]
+            shared = [common_prefix(self._cached[r], req.prompt) for r in range(self.rows)]
             row = max(free, key=lambda r: (shared[r], -self._used[r]))
             self._owner[row], req.row, self._used[row] = req, row, next(self._clock)
             self._active.append(req)
@@ -382,11 +382,3 @@ class Engine:
                     self._cached[row] = []
             self._changes = rt.changes
             self._cond.notify_all()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

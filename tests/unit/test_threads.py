@@ -197,7 +197,7 @@ def test_requests_arriving_together_start_as_one_batch_with_a_batch_wait(tiny_gg
 
         def run(i: int) -> list[int]:
             start.wait()
-            time.sleep(0.05 * i)  # arriving over 150 ms: a lone request ends well before
+            time.sleep(0.05 * i)  # staggered: each lone request would end before the next
             return list(m.generate(PROMPTS[i], max_new_tokens=8, **GREEDY).token_ids)
 
         with ThreadPoolExecutor(4) as pool:
