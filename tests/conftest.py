@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,17 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("model-cache")
     os.environ["INFOPT_CACHE"] = str(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def module_dir(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Path]:
+    """A folder for one test module's bundles, removed when the module is done: the real-model
+    bundles take gigabytes, and a whole session's worth at once can fill a CI disk."""
+    folder = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def train_tokenizer() -> Any:

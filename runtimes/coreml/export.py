@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,16 +223,29 @@ def convert(core: Decoder, max_context: int) -> Any:
                 if op.op_type == "const"
             ]
             opt = cto.OptimizationConfig(op_name_configs=_weight_configs(schemes, consts))
+            float_model = model
             model = cto.linear_quantize_weights(model, config=opt)
+            drop_temp_package(float_model)
     model.short_description = f"{spec.architecture}: infopt stateful decoder ({DEPLOYMENT})"
     return model
+
+
+def drop_temp_package(model: Any) -> None:
+    """Remove the package coremltools converted into under the temp folder: it removes it only
+    at interpreter exit, so a server or a build of several targets would hold one per
+    conversion (the model's size each), and a killed process leaks it for good."""
+    if getattr(model, "is_temp_package", False) and model.package_path:
+        shutil.rmtree(model.package_path, ignore_errors=True)
 
 
 def export_coreml(core: Decoder, path: str | Path, max_context: int) -> list[str]:
     """Write `core` (as compressed) as a .mlpackage directory at `path`; returns its files."""
     model = convert(core, max_context)
-    with quiet_native("coremltools", ("coremltools",)):
-        model.save(str(path))
+    try:
+        with quiet_native("coremltools", ("coremltools",)):
+            model.save(str(path))
+    finally:
+        drop_temp_package(model)
     written = sorted(p.relative_to(path).as_posix() for p in Path(path).rglob("*") if p.is_file())
     if written != sorted(PACKAGE_FILES):
         raise InvalidArgumentError(f"coremltools wrote {written}, expected {list(PACKAGE_FILES)}")

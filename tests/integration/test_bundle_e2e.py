@@ -22,8 +22,8 @@ def platform_name() -> str:
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory: pytest.TempPathFactory, gguf_path: Path) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("bundles")
+def bundles(module_dir: Path, gguf_path: Path) -> dict[str, Path]:
+    root = module_dir
     out = {}
     for device in ("host", "apple-ane", "rtx4090-24gb"):
         out[device] = root / device

@@ -20,8 +20,8 @@ from tests.integration.conftest import QUESTION, fresh_env_generate
 
 
 @pytest.fixture(scope="module")
-def tflite_fp32(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    bundle = tmp_path_factory.mktemp("mobile") / "tflite-fp32"
+def tflite_fp32(module_dir: Path) -> Path:
+    bundle = module_dir / "tflite-fp32"
     build_edited(bundle, "fp32", MATRIX["fp32"], "tflite,pytorch")
     return bundle
 

@@ -15,8 +15,8 @@ from infopt.tools.runtime_check import compare
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return dict(build_matrix(tmp_path_factory.mktemp("matrix")))
+def matrix(module_dir: Path) -> dict[str, str]:
+    return dict(build_matrix(module_dir))
 
 
 def test_fp32_bundles_generate_the_pytorch_tokens(matrix: dict[str, str]) -> None:

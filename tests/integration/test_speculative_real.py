@@ -29,8 +29,8 @@ PROMPTS = {
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("spec") / "fp32-self"
+def bundle(module_dir: Path) -> Path:
+    out = module_dir / "fp32-self"
     build(
         None,
         out,
