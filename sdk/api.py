@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import gc
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -40,6 +40,16 @@ from infopt.decode.generate import (
     stream_responses,
 )
 from infopt.decode.speculative import SpeculativeStats
+from infopt.decode.tools import (
+    ToolSupport,
+    check_tool_choice,
+    check_tools,
+    marker_tokens,
+    split_calls,
+    tool_grammar,
+    tool_messages,
+    tool_support,
+)
 from infopt.errors import InvalidArgumentError, MemoryBudgetError
 from infopt.importers import ModelSource, open_model
 from infopt.runtimes import Runtime
@@ -79,6 +89,7 @@ class Model:
         self.drafter = drafter  # speculative decoding's draft, used unless speculative=False
         self._engine_lock = threading.Lock()
         self._grammar_view: Any = None  # llguidance's view of the tokenizer, on first use
+        self._tool_support: ToolSupport | None = None
         self.runtime = runtime
 
     @property
@@ -138,17 +149,76 @@ class Model:
             f"speculative={speculative!r}: expected None, True, False or 'ngram'"
         )
 
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids for a plain prompt, or for chat messages rendered by the chat template."""
+    @property
+    def tool_support(self) -> ToolSupport:
+        """How this model calls tools: its format, and whether its template renders them."""
+        if self._tool_support is None:
+            self._tool_support = tool_support(self.tokenizer, self.spec.architecture)
+        return self._tool_support
+
+    def encode_prompt(
+        self,
+        prompt: Prompt,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """Token ids for a plain prompt, or for chat messages rendered by the chat template
+        (with `tools`, shown to the model as its template or its call format has them;
+        tool_choice "none" shows none)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidArgumentError("the prompt is empty: give some text or messages")
+            if tools is not None:
+                raise InvalidArgumentError(
+                    "tools need chat messages ([{'role': 'user', 'content': ...}]), not a "
+                    "plain prompt: the chat template shows the model its tools"
+                )
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, Sequence):
-            return self.tokenizer.encode_chat(cast(Sequence[dict[str, Any]], prompt))
+            shown = None
+            if tools is not None:
+                shown = check_tools(tools)
+                if check_tool_choice(tool_choice, shown) == "none":
+                    shown = None
+            messages, variables = tool_messages(
+                cast(Sequence[dict[str, Any]], prompt), shown, self.tool_support
+            )
+            return self.tokenizer.encode_chat(messages, **variables)
         raise InvalidArgumentError(
             f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}"
         )
+
+    def _constraint(self, opts: GenerateOptions) -> Constraint | None:
+        """The request's token constraint: its response format, regex or grammar, or its tools'
+        calls (tool_choice "none": none)."""
+        grammar = grammar_for(opts.response_format, opts.regex, opts.grammar)
+        if opts.tools is not None:
+            if grammar is not None:
+                raise InvalidArgumentError(
+                    "tools and a response_format, regex or grammar: give one or the other"
+                )
+            tools = check_tools(opts.tools)
+            choice = check_tool_choice(opts.tool_choice, tools)
+            if choice == "none":
+                return None
+            if choice not in ("auto", "required"):
+                tools = [t for t in tools if t["function"]["name"] == choice]
+            fmt = self.tool_support.format
+            marks = marker_tokens(fmt, self.tokenizer, self.grammar_view)
+            grammar = tool_grammar(fmt, tools, choice != "auto", marks, opts.parallel_tool_calls)
+        elif opts.tool_choice is not None:
+            raise InvalidArgumentError(f"tool_choice={opts.tool_choice!r} without tools")
+        if grammar is None:
+            return None
+        return Constraint(grammar, self.grammar_view)
+
+    @property
+    def grammar_view(self) -> Any:
+        """llguidance's view of the tokenizer, built on first use (two threads' first may both
+        build it: harmless)."""
+        if self._grammar_view is None:
+            self._grammar_view = tokenizer_view(self.tokenizer, self.runtime.vocab_size)
+        return self._grammar_view
 
     def stream(
         self, prompt: Prompt, options: GenerateOptions | None = None, **settings: Any
@@ -158,19 +228,16 @@ class Model:
         params = opts.sampling(self.defaults)
         stops = opts.stop_strings()
         stop_ids = opts.stop_ids(self.tokenizer.eos_token_ids, self.runtime.vocab_size)
-        constraint = None
-        grammar = grammar_for(opts.response_format, opts.regex, opts.grammar)
-        if grammar is not None:
-            if self._grammar_view is None:  # two threads' first may both build it: harmless
-                self._grammar_view = tokenizer_view(self.tokenizer, self.runtime.vocab_size)
-            constraint = Constraint(grammar, self._grammar_view)
+        tools = check_tools(opts.tools) if opts.tools is not None else []
+        constraint = self._constraint(opts)
+        if constraint is not None:
             # a grammar ends with an end-of-sequence token, whatever stop_token_ids says
             stop_ids = list(dict.fromkeys([*stop_ids, *self.tokenizer.eos_token_ids]))
         drafter = self._drafter(opts.speculative)
         k = opts.num_draft_tokens
         if k is not None:
             check_draft_tokens(k)
-        ids = self.encode_prompt(prompt)
+        ids = self.encode_prompt(prompt, opts.tools, opts.tool_choice)
         check_request(self.runtime, ids, opts.max_new_tokens)
         spec = None
         if drafter is not None:
@@ -200,6 +267,8 @@ class Model:
             stats,
             ended=lambda: request.ended,
         )
+        if opts.tools is not None and check_tool_choice(opts.tool_choice, tools) != "none":
+            responses = split_calls(responses, self.tool_support.format)
         return TextStream(responses, cancel=lambda: self.engine.cancel(request))
 
     def generate(

@@ -132,9 +132,13 @@ class Tokenizer:
             raise ModelFormatError(f"chat template does not parse: {e}") from e
 
     def render_chat(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        **variables: Any,
     ) -> str:
-        """The chat template rendered for `messages` ([{"role": ..., "content": ...}, ...])."""
+        """The chat template rendered for `messages` ([{"role": ..., "content": ...}, ...]);
+        `variables` are more of the template's inputs (`tools`, as Hugging Face passes them)."""
         check_messages(messages)
         template = self._template
         token = _budget.set(_Budget())
@@ -145,6 +149,7 @@ class Tokenizer:
                     add_generation_prompt=add_generation_prompt,
                     bos_token=self.special_tokens.get("bos", ""),
                     eos_token=self.special_tokens.get("eos", ""),
+                    **variables,
                 )
             )
         except TemplateLimitError as e:
@@ -168,9 +173,21 @@ class Tokenizer:
             )
         return text
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[dict[str, Any]], **variables: Any) -> list[int]:
         # The template writes any BOS itself, as HF's apply_chat_template assumes.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, **variables), add_special_tokens=False)
+
+
+def template_variables(template: str) -> set[str]:
+    """The variables a chat template reads from its caller (`messages`, `tools`, ...): what it
+    can render. A template that does not parse reads nothing."""
+    from jinja2 import meta
+
+    try:
+        env = jinja2.Environment(extensions=["jinja2.ext.loopcontrols"])
+        return set(meta.find_undeclared_variables(env.parse(template)))
+    except jinja2.TemplateSyntaxError:
+        return set()
 
 
 # What rendering a chat template (untrusted: it comes with the model file) may spend. Real

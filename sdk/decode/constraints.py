@@ -124,18 +124,18 @@ def _schema(response_format: Any) -> dict[str, Any] | None:
             "response_format type 'json_schema' needs {'json_schema': {'schema': {...}}} "
             "(OpenAI's form) or {'schema': {...}}"
         )
-    return _compact(_closed(dict(schema)))
+    return _compact(closed_schema(dict(schema)))
 
 
-def _closed(schema: Any) -> Any:
+def closed_schema(schema: Any) -> Any:
     """`schema` with objects that do not say otherwise closed to other properties, as OpenAI's
     strict structured outputs are: a small model otherwise keeps inventing keys until
     max_new_tokens cuts it short."""
     if isinstance(schema, list):
-        return [_closed(s) for s in schema]
+        return [closed_schema(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _closed(v) for k, v in schema.items()}
+    out = {k: closed_schema(v) for k, v in schema.items()}
     if out.get("type") == "object" and "properties" in out:
         out.setdefault("additionalProperties", False)
     return out

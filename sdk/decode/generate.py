@@ -20,6 +20,7 @@ from infopt.core.tokenizer import StreamDecoder, Tokenizer
 from infopt.decode.drafters import Drafter, check_draft_tokens, check_drafter
 from infopt.decode.sampling import SamplingParams, sample
 from infopt.decode.speculative import SpeculativeStats, speculative_step
+from infopt.decode.tools import ToolCall
 from infopt.errors import ContextLengthError, InvalidArgumentError
 from infopt.runtimes import Runtime, run_prefill
 
@@ -50,6 +51,14 @@ class GenerateOptions:
     response_format: Mapping[str, Any] | None = None
     regex: str | None = None
     grammar: str | None = None
+    # tool calling (chat messages only): OpenAI's tools ([{"type": "function", "function":
+    # {"name", "description", "parameters"}}]) and tool_choice ("auto", "none", "required" or
+    # {"type": "function", "function": {"name": ...}})
+    tools: Sequence[Mapping[str, Any]] | None = None
+    tool_choice: str | Mapping[str, Any] | None = None
+    # several calls in one answer (as llama.cpp's server, one by default: a small model asked
+    # for calls otherwise tends to keep making them)
+    parallel_tool_calls: bool = False
 
     def sampling(self, defaults: Mapping[str, object]) -> SamplingParams:
         """The sampling parameters: these options over the model's defaults."""
@@ -98,16 +107,20 @@ class Stats:
 class Response:
     text: str  # the new text since the previous response (may be "")
     token_id: int
-    finish_reason: str | None  # None while running, then "stop" or "length"
+    finish_reason: str | None  # None while running, then "stop", "length" or "tool_calls"
     stats: Stats
+    tool_calls: list[ToolCall] = field(default_factory=list)  # calls completed at this one
 
 
 @dataclass
 class GenerationResult:
-    text: str
+    text: str  # with tools: the text outside the calls
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS token or stop string) or "length" (max_new_tokens)
+    # "stop" (EOS token or stop string), "length" (max_new_tokens) or "tool_calls" (the answer
+    # called tools: `tool_calls`)
+    finish_reason: str
     stats: Stats = field(default_factory=Stats)
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (what `infopt-pack run --json` prints)."""
@@ -116,8 +129,17 @@ class GenerationResult:
             "text": self.text,
             "token_ids": self.token_ids,
             "finish_reason": self.finish_reason,
+            "tool_calls": [c.to_dict() for c in self.tool_calls],
             "stats": {**vars(self.stats), "speculative": spec.to_dict() if spec else None},
         }
+
+
+@dataclass
+class Delta:
+    """One step of a stream: new text (may be "") and the tool calls completed with it."""
+
+    text: str
+    tool_calls: list[ToolCall] = field(default_factory=list)
 
 
 def generate_step(
@@ -268,21 +290,34 @@ class TextStream:
         self._cancel = cancel
         self._parts: list[str] = []
         self._ids: list[int] = []
+        self.tool_calls: list[ToolCall] = []  # the calls made so far (with tools)
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> TextStream:
         return self
 
     def __next__(self) -> str:
+        while (delta := self.next_delta()) is not None:
+            if delta.text:
+                return delta.text
+        raise StopIteration
+
+    def next_delta(self) -> Delta | None:
+        """The next text or tool calls (what a server streams), or None at the end."""
         for r in self._responses:
             self._parts.append(r.text)
             self._ids.append(r.token_id)
+            self.tool_calls += r.tool_calls
             if r.finish_reason is not None:
                 text = "".join(self._parts)
-                self.result = GenerationResult(text, self._ids, r.finish_reason, r.stats)
-            if r.text:
-                return r.text
-        raise StopIteration
+                if self.tool_calls:  # what surrounds calls is their layout, not an answer
+                    text = text.strip()
+                self.result = GenerationResult(
+                    text, self._ids, r.finish_reason, r.stats, list(self.tool_calls)
+                )
+            if r.text or r.tool_calls:
+                return Delta(r.text, r.tool_calls)
+        return None
 
     def drain(self) -> GenerationResult:
         for _ in self:

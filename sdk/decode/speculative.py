@@ -89,13 +89,17 @@ def _chosen(
 
 def _masked_rows(constraint: Constraint, logits: np.ndarray, drafts: Sequence[int]) -> np.ndarray:
     """Row i of a verify pass masked by the grammar's state after drafts[:i] (the drafts are
-    fed to find those states, then rolled back: the verification decides what stays)."""
+    fed to find those states, then rolled back: the verification decides what stays). Once
+    the grammar is complete only an end-of-sequence token may follow, and llguidance does not
+    record one fed then, so feeding stops there and only what was fed is rolled back."""
     rows = np.empty_like(logits)
+    fed = 0
     for i in range(len(drafts) + 1):
         rows[i] = constraint.mask(logits[i])
-        if i < len(drafts):
+        if i < len(drafts) and not constraint.done:
             constraint.accept(drafts[i])
-    constraint.rollback(len(drafts))
+            fed += 1
+    constraint.rollback(fed)
     return rows
 
 

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from infopt.api import Model, Prompt
-from infopt.decode.generate import GenerationResult, TextStream
+from infopt.decode.generate import Delta, GenerationResult, TextStream
 from infopt.errors import ContextLengthError, InfoptError
 from infopt.serve.schemas import (
     ApiError,
@@ -96,10 +96,11 @@ class Reader:
         self._lock = threading.Lock()  # held while a thread is inside the stream
         self._closing = False
 
-    def read(self) -> str | None:
-        """The next text delta, or None at the end (or once closed). Blocks: a worker thread's."""
+    def read(self) -> Delta | None:
+        """The next text or tool calls, or None at the end (or once closed). Blocks: a worker
+        thread's."""
         with self._lock:
-            delta = None if self._closing else next(self.stream, None)
+            delta = None if self._closing else self.stream.next_delta()
         if self._closing:  # a close() that came during the read left it to us
             self.close()
         return delta
@@ -226,7 +227,9 @@ def create_app(model: Model, *, model_id: str, api_key: str | None, max_queue: i
             if result is None:
                 raise gate.stopped()
             counts = usage(prompt_tokens, result.stats.generated_tokens)
-            return JSONResponse(shapes.completion(result.text, result.finish_reason, counts))
+            return JSONResponse(
+                shapes.completion(result.text, result.finish_reason, counts, result.tool_calls)
+            )
 
         def close() -> None:
             reader.close()
@@ -244,7 +247,10 @@ def _open(model: Model, prompt: Prompt, body: BaseRequest) -> tuple[TextStream, 
     """Checks the request against the context and starts its generation (in a worker thread:
     a chat template's rendering and the tokenizer take a while on long prompts)."""
     try:
-        prompt_tokens = len(model.encode_prompt(prompt))
+        settings = body.settings()
+        prompt_tokens = len(
+            model.encode_prompt(prompt, settings.get("tools"), settings.get("tool_choice"))
+        )
         room = model.runtime.max_context - prompt_tokens
         limit = body.token_limit()
         if room < 1 or (limit is not None and limit > room):
@@ -257,7 +263,7 @@ def _open(model: Model, prompt: Prompt, body: BaseRequest) -> tuple[TextStream, 
                 code="context_length_exceeded",
             )
         # No max_tokens: as OpenAI's, the completion may fill the rest of the context.
-        stream = model.stream(prompt, max_new_tokens=limit or room, **body.settings())
+        stream = model.stream(prompt, max_new_tokens=limit or room, **settings)
     except ContextLengthError as e:
         raise ApiError(400, str(e), code="context_length_exceeded") from e
     except InfoptError as e:
@@ -309,12 +315,19 @@ async def _events(
     """The stream's server-sent events, each delta read in a worker thread. The response
     closes the reader however it ends (`ClosingStream`)."""
     yield shapes.chunk(None, first=True, with_usage=with_usage)
+    calls = 0
     try:
         while not await request.is_disconnected():
             delta = await anyio.to_thread.run_sync(reader.read, limiter=threads)
             if delta is None:
                 break
-            yield shapes.chunk(delta, with_usage=with_usage)
+            yield shapes.chunk(
+                delta.text,
+                with_usage=with_usage,
+                tool_calls=delta.tool_calls,
+                call_index=calls,
+            )
+            calls += len(delta.tool_calls)
     except InfoptError as e:  # after the headers went out: the error goes in the stream
         yield event(_library_error(e).body())
         return
@@ -334,7 +347,7 @@ def _library_error(e: InfoptError) -> ApiError:
         return ApiError(400, str(e), code="context_length_exceeded")
     if isinstance(e, ValueError):  # InvalidArgumentError and the like: the request's values
         message = str(e)
-        fields = ("response_format", "regex", "grammar", "messages")
+        fields = ("response_format", "regex", "grammar", "messages", "tool_choice", "tools")
         field = next((f for f in fields if message.startswith(f)), None)
         return ApiError(400, message, param=field)
     return ApiError(500, f"{type(e).__name__}: {e}", type="server_error")

@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from infopt.api import Prompt
+from infopt.decode.tools import ToolCall
 
 
 class ApiError(Exception):
@@ -51,11 +53,13 @@ class TextPart(BaseModel):
 
 
 class Message(BaseModel):
-    # Unknown fields (name, tool_calls, ...) are ignored, as the model's template has no use for
-    # them; content None is an assistant turn that only called tools.
+    # Unknown fields (name, ...) are ignored, as the model's template has no use for them;
+    # content None is an assistant turn that only called tools.
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[TextPart] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn's: the call it answers
 
     def as_dict(self) -> dict[str, Any]:
         content = self.content or ""
@@ -63,7 +67,12 @@ class Message(BaseModel):
             content = "".join(part.text for part in content)
         # OpenAI's newer name for the system role; chat templates know only "system"
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        out: dict[str, Any] = {"role": role, "content": content}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class StreamOptions(BaseModel):
@@ -116,9 +125,22 @@ class BaseRequest(BaseModel):
 class ChatRequest(BaseRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    # tool calling, as OpenAI's; one call per answer unless parallel_tool_calls (as
+    # llama.cpp's server: small models asked for calls otherwise tend to keep making them)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = False
 
     def prompt(self) -> Prompt:
         return [m.as_dict() for m in self.messages]
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            **super().settings(),
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
+            "parallel_tool_calls": self.parallel_tool_calls,
+        }
 
     def token_limit(self) -> int | None:
         # OpenAI's newer name wins where a client sends both
@@ -188,9 +210,18 @@ class Shapes:
             "choices": choices,
         }
 
-    def completion(self, text: str, finish_reason: str, counts: dict[str, int]) -> dict[str, Any]:
+    def completion(
+        self,
+        text: str,
+        finish_reason: str,
+        counts: dict[str, int],
+        tool_calls: Sequence[ToolCall] = (),
+    ) -> dict[str, Any]:
         if self.chat:
-            choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool_calls:  # as OpenAI's: no text is content null
+                message.update(content=text or None, tool_calls=[c.to_dict() for c in tool_calls])
+            choice: dict[str, Any] = {"message": message}
         else:
             choice = {"text": text}
         choice.update(index=0, logprobs=None, finish_reason=finish_reason)
@@ -204,14 +235,22 @@ class Shapes:
         *,
         first: bool = False,
         with_usage: bool = False,
+        tool_calls: Sequence[ToolCall] = (),
+        call_index: int = 0,
     ) -> str:
         """One server-sent event. In a chat stream the first chunk carries the role and the
         last an empty delta with the finish reason; with usage asked for, every chunk has
-        `usage: null` until the closing one (see `usage_chunk`)."""
+        `usage: null` until the closing one (see `usage_chunk`). A call comes whole in one
+        delta (its index among the answer's calls from `call_index`), as soon as the model
+        has closed it."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = [
+                    {"index": call_index + i, **c.to_dict()} for i, c in enumerate(tool_calls)
+                ]
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             choice = {"index": 0, "text": text or ""}

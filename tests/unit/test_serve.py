@@ -365,3 +365,61 @@ def test_structured_output_through_the_api(client: Any, local: Any) -> None:
     assert regex.choices[0].text in ("red", "green", "blue")
     with pytest.raises(openai.BadRequestError, match="regex"):
         client.completions.create(model=MODEL_ID, prompt="Say", extra_body={"regex": "("})
+
+
+def test_tool_calls_through_the_api(client: Any, local: Any) -> None:
+    """OpenAI's client: tools and tool_choice in, `tool_calls` out (whole, and as stream
+    deltas), the call and its result sent back as the next turn's history."""
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 10}},
+                "required": ["city"],
+            },
+        },
+    }
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    settings: dict[str, Any] = {"tools": [tool], "tool_choice": "required", "temperature": 0}
+    r = client.chat.completions.create(model=MODEL_ID, messages=ask, max_tokens=120, **settings)
+    expected = local.generate(ask, max_new_tokens=120, **settings)
+    choice = r.choices[0]
+    assert choice.finish_reason == expected.finish_reason
+    calls = choice.message.tool_calls or []
+    assert [(c.function.name, c.function.arguments) for c in calls] == [
+        (c.name, c.arguments) for c in expected.tool_calls
+    ]
+    if expected.finish_reason == "tool_calls":
+        assert choice.message.content is None
+    assert calls and all(c.type == "function" and c.id.startswith("call_") for c in calls)
+    # streamed: each call in a delta of its own, by index
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_ID, messages=ask, max_tokens=120, stream=True, **settings
+        )
+    )
+    streamed: dict[int, Any] = {}
+    for chunk in chunks:
+        for d in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
+            streamed[d.index] = (d.function.name, d.function.arguments)
+    assert list(streamed.values()) == [(c.function.name, c.function.arguments) for c in calls]
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+    # the call and its result fed back: the server renders them and answers
+    history = [
+        *ask,
+        {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in calls]},
+        {"role": "tool", "tool_call_id": calls[0].id, "content": '{"celsius": 18}'},
+    ]
+    after = client.chat.completions.create(
+        model=MODEL_ID, messages=history, max_tokens=8, temperature=0, tools=[tool]
+    )
+    assert after.usage.prompt_tokens == len(local.encode_prompt(history, [tool]))
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(
+            model=MODEL_ID,
+            messages=ask,
+            tools=[tool],
+            tool_choice={"type": "function", "function": {"name": "nope"}},
+        )
