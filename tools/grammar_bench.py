@@ -42,7 +42,7 @@ def export(folder: Path, max_new_tokens: int = 160) -> None:
     (folder / "tokenizer.json").write_text(tok.backend.to_str())
     table = _byte_decoder()
     specials = set(tok.backend.get_added_tokens_decoder())
-    vocab = []
+    vocab: list[str | None] = []
     for i in range(model.runtime.vocab_size):
         piece = tok.backend.id_to_token(i)
         if piece is None or i in specials:
@@ -85,9 +85,11 @@ def _byte_decoder() -> dict[str, int]:
 class Library:
     name = ""
 
-    def compile(self, schema: dict[str, Any]) -> Any: ...
+    def compile(self, schema: dict[str, Any]) -> Any:
+        raise NotImplementedError
 
-    def replay(self, compiled: Any, tokens: list[int]) -> bool: ...
+    def replay(self, compiled: Any, tokens: list[int]) -> bool:
+        raise NotImplementedError
 
 
 class LLGuidance(Library):
@@ -186,7 +188,7 @@ def run(folder: Path) -> int:
             libraries.append(make())
         except ImportError as e:
             print(f"skipped: {e}", file=sys.stderr)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for lib in libraries:
         compile_ms, token_us, valid, failed = [], [], 0, []
         for case in cases:
