@@ -334,3 +334,32 @@ def test_markers_that_are_tokens_of_their_own(tok: Tokenizer) -> None:
     wrong = qwen.encode('Sure. <tool_call>\n{"name": "nope"', add_special_tokens=False)
     c = Constraint(tool_grammar(Hermes(), tools, False, marks), view)
     assert c.valid_prefix(wrong) < len(wrong)
+
+
+def test_qwen_s_own_template_renders_the_tools_and_the_call_layout_the_grammar_holds(
+    tok: Tokenizer,
+) -> None:
+    """Qwen2.5's template (read out of a real Qwen2.5 GGUF) renders the tools itself; the call
+    it writes into the history is, byte for byte, the layout the grammar holds a new call to."""
+    from dataclasses import replace
+
+    template = (Path(__file__).parents[1] / "data/templates/qwen2.5-instruct.jinja").read_text()
+    qwen = replace(tok, chat_template=template)
+    support = tool_support(qwen, "qwen2")
+    assert (support.format.name, support.native) == ("hermes", True)
+    tools = check_tools(TOOLS)
+    messages, variables = tool_messages(ASK, tools, support)
+    text = qwen.render_chat(messages, **variables)
+    assert "<tools>\n" + json.dumps(tools[0], ensure_ascii=False) + "\n" in text
+    call = ToolCall("get_weather", '{"city": "Paris"}')
+    history = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call.to_dict()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 18}'},
+    ]
+    messages, variables = tool_messages(history, tools, support)
+    text = qwen.render_chat(messages, **variables)
+    written = Hermes().call_text([("get_weather", {"city": "Paris"})])
+    assert f"<|im_start|>assistant\n{written}<|im_end|>\n" in text
+    assert '<|im_start|>user\n<tool_response>\n{"celsius": 18}\n</tool_response><|im_end|>' in text
+    assert accepts(tok, tool_grammar(Hermes(), tools, True), written)
