@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 
-def _llguidance() -> Any:
+def llguidance_module() -> Any:
     try:
         import llguidance
         import llguidance.numpy
@@ -56,7 +56,7 @@ def grammar_for(
         raise InvalidArgumentError(f"{' and '.join(given)}: give at most one constraint")
     if not given:
         return None
-    llg = _llguidance()
+    llg = llguidance_module()
     matcher = llg.LLMatcher
     try:
         if regex is not None:
@@ -79,14 +79,14 @@ def grammar_for(
     except InvalidArgumentError:
         raise
     except Exception as e:  # llguidance raises ValueError / RuntimeError with its message
-        raise InvalidArgumentError(f"{given[0]}: {_reason(str(e))}") from e
+        raise InvalidArgumentError(f"{given[0]}: {error_reason(str(e))}") from e
     message = matcher.validate_grammar(text)
     if message:
-        raise InvalidArgumentError(f"{given[0]}: {_reason(message)}")
+        raise InvalidArgumentError(f"{given[0]}: {error_reason(message)}")
     return str(text)
 
 
-def _reason(message: str) -> str:
+def error_reason(message: str) -> str:
     """llguidance's message in one line, without the position in the grammar infopt built
     around a regex (the user never wrote it): its "error: ..." line when it has one."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
@@ -152,7 +152,7 @@ def _compact(schema: dict[str, Any]) -> dict[str, Any]:
 def tokenizer_view(tokenizer: Tokenizer, vocab_size: int) -> Any:
     """llguidance's view of `tokenizer` (it reads every token: build it once per model and
     keep it, as `Model` does)."""
-    llg = _llguidance()
+    llg = llguidance_module()
     try:
         return llg.LLTokenizer(
             tokenizer.backend.to_str(),
@@ -170,7 +170,7 @@ class Constraint:
     `accept(token)` feeds the chosen one, `done` once the grammar is complete."""
 
     def __init__(self, grammar: str, view: Any) -> None:
-        llg = _llguidance()
+        llg = llguidance_module()
         self._np = llg.numpy
         self.matcher = llg.LLMatcher(view, grammar)
         if self.matcher.is_error():

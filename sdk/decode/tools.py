@@ -307,9 +307,6 @@ class JsonCall(ToolFormat):
         return {"role": "user", "content": f"Function result:\n{content}"}
 
 
-FORMATS: dict[str, type[ToolFormat]] = {"hermes": Hermes, "smollm2": SmolLM2, "json": JsonCall}
-
-
 @dataclass(frozen=True)
 class ToolSupport:
     """A model's tool calling: its call format, and whether its chat template renders the tools
@@ -347,9 +344,9 @@ def tool_grammar(
     `parallel`: one or more times), checked: a tool whose parameter schema llguidance cannot
     compile is a typed error naming it. `tokens`: as `ToolFormat.grammar`'s
     (`marker_tokens`)."""
-    from infopt.decode.constraints import _llguidance, _reason
+    from infopt.decode.constraints import error_reason, llguidance_module
 
-    matcher = _llguidance().LLMatcher
+    matcher = llguidance_module().LLMatcher
     for tool in tools:  # one at a time, so that the error names the tool
         try:
             text = matcher.grammar_from_json_schema(fmt.item_schema([tool]))
@@ -358,7 +355,7 @@ def tool_grammar(
             message = str(e)
         if message:
             name = tool["function"]["name"]
-            raise InvalidArgumentError(f"tools: {name!r} parameters: {_reason(message)}")
+            raise InvalidArgumentError(f"tools: {name!r} parameters: {error_reason(message)}")
     return str(matcher.grammar_from_lark(fmt.grammar(tools, required, tokens, parallel)))
 
 
@@ -373,8 +370,12 @@ def marker_tokens(fmt: ToolFormat, tokenizer: Tokenizer, view: Any) -> dict[str,
     return out
 
 
-def _arguments(call: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
-    fn = call.get("function", call)
+def _arguments(call: object, where: str) -> tuple[str, dict[str, Any]]:
+    fn = call.get("function", call) if isinstance(call, Mapping) else None
+    if not isinstance(fn, Mapping):
+        raise InvalidArgumentError(
+            f"{where} = {call!r}: expected {{'function': {{'name': str, 'arguments': JSON}}}}"
+        )
     name, args = fn.get("name"), fn.get("arguments", {})
     if isinstance(args, str):
         try:
