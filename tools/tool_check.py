@@ -1,7 +1,8 @@
 """Tool calling on a real model: 10 requests, each with the tool and arguments a person would
 expect, over four tools; for each runtime and decoding mode, how many answers call a tool
 whose arguments validate (the constraint's promise: every one), call the expected tool, and
-give the expected arguments (the model's skill). A check for docs/benchmarks.md, not a test.
+give the expected arguments (the model's skill), and how many were cut by max_new_tokens (128)
+before their end. A check for docs/benchmarks.md, not a test.
 
     python -m infopt.tools.tool_check [--model PATH] [--runtimes onnxruntime,openvino,pytorch]
 """
@@ -81,7 +82,7 @@ def check(model: infopt.Model, mode: str, choice: str = "required") -> dict[str,
 
     settings = MODES[mode]
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-    called = valid = right_tool = right_args = 0
+    called = valid = right_tool = right_args = cut = 0
     t0 = time.perf_counter()
     for request, tool, expected in CASES:
         r = model.generate(
@@ -91,6 +92,7 @@ def check(model: infopt.Model, mode: str, choice: str = "required") -> dict[str,
             max_new_tokens=128,
             **settings,
         )
+        cut += r.finish_reason == "length"
         if not r.tool_calls:
             continue
         called += 1
@@ -110,6 +112,7 @@ def check(model: infopt.Model, mode: str, choice: str = "required") -> dict[str,
         "valid": valid,
         "right_tool": right_tool,
         "right_args": right_args,
+        "cut": cut,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -123,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(
         "| model | runtime | mode | tool_choice | called | arguments valid | right tool | "
-        "right arguments | seconds |"
+        "right arguments | cut by max_new_tokens | seconds |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for runtime in args.runtimes.split(","):
         model = infopt.load(args.model, runtime=runtime, threads=args.threads, max_context=2048)
         name = model.source.rsplit("/", 1)[-1]
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"| {name} ({model.tool_support.format.name}) | {runtime} | {mode} | "
                     f"{choice} | {r['called']}/{n} | {r['valid']}/{r['called']} | "
-                    f"{r['right_tool']}/{n} | {r['right_args']}/{n} | {r['seconds']} |",
+                    f"{r['right_tool']}/{n} | {r['right_args']}/{n} | {r['cut']} | "
+                    f"{r['seconds']} |",
                     flush=True,
                 )
     return 0

@@ -138,6 +138,9 @@ class ToolFormat:
     end = "</tool_call>"  # the text that closes it ("" : the call runs to the answer's end)
     arguments_key = "arguments"
     repeats = True  # calls come one block each (else: one block holds them all)
+    # an answer that opens with "{" is one call without markers: some models tuned on the
+    # format write it so (Qwen2.5-Coder), as llama.cpp's Hermes parser also allows
+    bare = False
 
     def item_schema(self, tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """The JSON schema of one call: any of the tools, by name, with its arguments."""
@@ -179,13 +182,17 @@ class ToolFormat:
         if required:
             more = ' ("\\n"? call)*' if many else ""
             return f"start: call{more}\ncall: {trigger} {body}\n{item}\n"
+        # a bare call: an answer that opens with "{" is a call without its markers (text then
+        # may not open with "{")
+        bare = "item | " if self.bare else ""
+        text = "/([^{](.|\\n)*)?/" if self.bare else "/(.|\\n)*/"
         if self.trigger in marks:  # text cannot write the token: it simply ends the text
             calls = "(call TEXT)*" if many else "call?"
-            return f"start: TEXT {calls}\nTEXT: /(.|\\n)*/\ncall: {trigger} {body}\n{item}\n"
+            return f"start: {bare}TEXT {calls}\nTEXT: {text}\ncall: {trigger} {body}\n{item}\n"
         # llguidance's lazy head: any text, up to the first trigger; then the call's body
         start = "call* TEXT" if many else "call | TEXT"
         return (
-            f"start: {start}\nTEXT: /(.|\\n)*/\nhead[lazy]: TEXT {trigger}\n"
+            f"start: {bare}{start}\nTEXT: {text}\nhead[lazy]: TEXT {trigger}\n"
             f"call: head {body}\n{item}\n"
         )
 
@@ -226,6 +233,7 @@ class ToolFormat:
 
 class Hermes(ToolFormat):
     name = "hermes"
+    bare = True
 
     def prompt(self, tools: Sequence[dict[str, Any]]) -> str:
         listed = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
@@ -275,6 +283,7 @@ class JsonCall(ToolFormat):
     trigger = "{"
     end = ""
     arguments_key = "parameters"
+    bare = True
 
     def grammar(
         self,
@@ -444,22 +453,23 @@ class CallSplitter:
         self.fmt = fmt
         self.pending = ""  # text held back: a trigger arriving in pieces, or a call unfinished
         self.in_call = False
-        self.started = False  # "json": whether the answer's first character came
+        self.started = False  # whether the answer's first character came
+        self.whole = False  # the answer is one bare call
 
     def push(self, delta: str) -> tuple[str, list[ToolCall]]:
         fmt, out, calls = self.fmt, "", []
         self.pending += delta
         while self.pending:
             if not self.in_call:
-                if not fmt.end:  # "json": a call is the whole answer, or there is none
-                    if not self.started:
-                        if not self.pending.strip():
-                            break  # only whitespace so far: undecided
-                        self.started = True
-                        self.in_call = self.pending.lstrip().startswith(fmt.trigger)
-                        if self.in_call:
-                            self.pending = self.pending.lstrip()
-                            continue
+                if fmt.bare and not self.started:  # a bare call is the whole answer
+                    if not self.pending.strip():
+                        break  # only whitespace so far: undecided
+                    self.started = True
+                    if self.pending.lstrip().startswith("{"):
+                        self.in_call, self.whole = True, True
+                        self.pending = self.pending.lstrip()
+                        continue
+                if not fmt.end:  # "json": the answer was not a call: text
                     out, self.pending = out + self.pending, ""
                     break
                 at = self.pending.find(fmt.trigger)
@@ -469,7 +479,9 @@ class CallSplitter:
                     out, self.pending = out + self.pending[:cut], self.pending[cut:]
                     break
                 out, self.pending, self.in_call = out + self.pending[:at], self.pending[at:], True
-            end = self.pending.find(fmt.end, len(fmt.trigger)) if fmt.end else -1
+            if self.whole:
+                break  # it runs to the answer's end
+            end = self.pending.find(fmt.end, len(fmt.trigger))
             if end < 0:
                 break  # the call is not closed yet
             block = self.pending[: end + len(fmt.end)]
@@ -481,10 +493,10 @@ class CallSplitter:
         return out, calls
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """At the answer's end: a "json" call, complete now, or what is left as text (a call cut
+        """At the answer's end: a bare call, complete now, or what is left as text (a call cut
         short by max_new_tokens stays text: nothing is lost)."""
         rest, self.pending = self.pending, ""
-        if self.in_call and not self.fmt.end:
+        if self.whole:
             found = self._parse(rest)
             if found is not None:
                 return "", found

@@ -125,6 +125,9 @@ def test_each_format_constrains_a_started_call_to_the_tools(
         assert not accepts(tok, required, two) and not accepts(tok, auto, two)
         for req in (False, True):
             assert accepts(tok, tool_grammar(fmt, tools, req, parallel=True), two)
+    if fmt.bare:  # an answer that opens with "{" is a call, held to the tools
+        assert accepts(tok, auto, json.dumps({"name": "add", fmt.arguments_key: {"a": 1, "b": 2}}))
+        assert not accepts(tok, auto, '{"name": "nope"')
     if fmt.end:  # text before a call is free; the call after it is still held to the tools
         assert accepts(tok, auto, "Let me check. " + call)
         assert not accepts(tok, auto, "Let me check. " + fmt.trigger + '\n{"nam": 1}')
@@ -140,6 +143,9 @@ def test_calls_are_split_out_of_text_arriving_in_any_pieces(fmt: ToolFormat) -> 
         blocks = re.escape(fmt.trigger) + ".*?" + re.escape(fmt.end)
         content = re.sub(blocks, "", text, flags=re.S)  # what lies between calls stays
         answers = [(text, content, calls), ("a < b <tool", "a < b <tool", [])]
+    if isinstance(fmt, Hermes):  # a bare call, without markers, as the whole answer
+        bare = json.dumps({"name": "add", "arguments": {"a": 1, "b": 2}})
+        answers.append(("  " + bare, "", [("add", {"a": 1, "b": 2})]))
     answers.append(("Just text, no call {here}.", "Just text, no call {here}.", []))
     for text, content, expected in answers:
         for size in (1, 3, 1000):
