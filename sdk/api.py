@@ -188,17 +188,17 @@ class Model:
             f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}"
         )
 
-    def _constraint(self, opts: GenerateOptions) -> Constraint | None:
+    def _constraint(
+        self, opts: GenerateOptions, tools: list[dict[str, Any]] | None, choice: str
+    ) -> Constraint | None:
         """The request's token constraint: its response format, regex or grammar, or its tools'
-        calls (tool_choice "none": none)."""
+        calls (`tools` checked; tool_choice "none": none)."""
         grammar = grammar_for(opts.response_format, opts.regex, opts.grammar)
-        if opts.tools is not None:
+        if tools is not None:
             if grammar is not None:
                 raise InvalidArgumentError(
                     "tools and a response_format, regex or grammar: give one or the other"
                 )
-            tools = check_tools(opts.tools)
-            choice = check_tool_choice(opts.tool_choice, tools)
             if choice == "none":
                 return None
             if choice not in ("auto", "required"):
@@ -228,8 +228,9 @@ class Model:
         params = opts.sampling(self.defaults)
         stops = opts.stop_strings()
         stop_ids = opts.stop_ids(self.tokenizer.eos_token_ids, self.runtime.vocab_size)
-        tools = check_tools(opts.tools) if opts.tools is not None else []
-        constraint = self._constraint(opts)
+        tools = check_tools(opts.tools) if opts.tools is not None else None
+        choice = check_tool_choice(opts.tool_choice, tools) if tools is not None else "none"
+        constraint = self._constraint(opts, tools, choice)
         if constraint is not None:
             # a grammar ends with an end-of-sequence token, whatever stop_token_ids says
             stop_ids = list(dict.fromkeys([*stop_ids, *self.tokenizer.eos_token_ids]))
@@ -267,7 +268,7 @@ class Model:
             stats,
             ended=lambda: request.ended,
         )
-        if opts.tools is not None and check_tool_choice(opts.tool_choice, tools) != "none":
+        if choice != "none":
             responses = split_calls(responses, self.tool_support.format)
         return TextStream(responses, cancel=lambda: self.engine.cancel(request))
 

@@ -481,14 +481,17 @@ class CallSplitter:
                 out, self.pending, self.in_call = out + self.pending[:at], self.pending[at:], True
             if self.whole:
                 break  # it runs to the answer's end
-            end = self.pending.find(fmt.end, len(fmt.trigger))
-            if end < 0:
-                break  # the call is not closed yet
-            block = self.pending[: end + len(fmt.end)]
-            found = self._parse(self.pending[len(fmt.trigger) : end])
+            # the call ends at the first end marker after a complete body: an argument's text
+            # may hold the marker itself
+            body, end, found = len(fmt.trigger), -1, None
+            while found is None:
+                end = self.pending.find(fmt.end, end + 1 if end >= 0 else body)
+                if end < 0:
+                    break
+                found = self._parse(self.pending[body:end])
             if found is None:
-                out += block  # not a call after all (no constraint held it): left as text
-            calls += found or []
+                break  # not closed yet (at the answer's end, what is left stays text)
+            calls += found
             self.pending, self.in_call = self.pending[end + len(fmt.end) :], False
         return out, calls
 
