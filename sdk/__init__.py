@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from infopt.api import Model, load
 from infopt.bundle import Bundle, open_bundle
 from infopt.decode.drafters import DraftMismatchError
-from infopt.decode.generate import GenerateOptions, GenerationResult, Stats, TextStream
+from infopt.decode.generate import Delta, GenerateOptions, GenerationResult, Stats, TextStream
+from infopt.decode.tools import ToolCall
 from infopt.errors import (
     BundleError,
     ContextLengthError,
@@ -56,6 +57,7 @@ __all__ = [
     "BundleError",
     "ContextLengthError",
     "DefaultModelMissingError",
+    "Delta",
     "DraftMismatchError",
     "GenerateOptions",
     "GenerationResult",
@@ -71,6 +73,7 @@ __all__ = [
     "RuntimeNotAvailableError",
     "Stats",
     "TextStream",
+    "ToolCall",
     "UnsupportedModelError",
     "UnsupportedPlatformError",
     "bench",

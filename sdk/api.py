@@ -208,6 +208,8 @@ class Model:
             grammar = tool_grammar(fmt, tools, choice != "auto", marks, opts.parallel_tool_calls)
         elif opts.tool_choice is not None:
             raise InvalidArgumentError(f"tool_choice={opts.tool_choice!r} without tools")
+        elif opts.parallel_tool_calls:
+            raise InvalidArgumentError("parallel_tool_calls=True without tools")
         if grammar is None:
             return None
         return Constraint(grammar, self.grammar_view)
@@ -228,6 +230,10 @@ class Model:
         params = opts.sampling(self.defaults)
         stops = opts.stop_strings()
         stop_ids = opts.stop_ids(self.tokenizer.eos_token_ids, self.runtime.vocab_size)
+        if not isinstance(opts.parallel_tool_calls, bool):
+            raise InvalidArgumentError(
+                f"parallel_tool_calls={opts.parallel_tool_calls!r}: expected True or False"
+            )
         tools = check_tools(opts.tools) if opts.tools is not None else None
         choice = check_tool_choice(opts.tool_choice, tools) if tools is not None else "none"
         constraint = self._constraint(opts, tools, choice)
@@ -282,8 +288,9 @@ class Model:
         generation_config says otherwise, is greedy), top_k, top_p, min_p,
         repetition_penalty, stop (strings that end generation and are not included in the
         text; EOS tokens, or `stop_token_ids`, end it too), seed, speculative,
-        num_draft_tokens. An unknown keyword is a TypeError naming it. Returns text,
-        token_ids, finish_reason and stats.
+        num_draft_tokens; structured output: response_format, regex, grammar; tool calling
+        (chat messages only): tools, tool_choice, parallel_tool_calls. An unknown keyword is a
+        TypeError naming it. Returns text, token_ids, finish_reason, stats and tool_calls.
 
         speculative: None uses the model's draft when it has one (`load(draft=...)`, or a
         bundle built with --speculative); False turns it off for this call; "ngram" drafts by

@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(
         "| model | runtime | mode | tool_choice | called | arguments valid | right tool | "
-        "right arguments | cut by max_new_tokens | seconds |"
+        "right arguments | cut by max_new_tokens |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for runtime in args.runtimes.split(","):
         model = infopt.load(args.model, runtime=runtime, threads=args.threads, max_context=2048)
         name = model.source.rsplit("/", 1)[-1]
@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"| {name} ({model.tool_support.format.name}) | {runtime} | {mode} | "
                     f"{choice} | {r['called']}/{n} | {r['valid']}/{r['called']} | "
-                    f"{r['right_tool']}/{n} | {r['right_args']}/{n} | {r['cut']} | "
-                    f"{r['seconds']} |",
+                    f"{r['right_tool']}/{n} | {r['right_args']}/{n} | {r['cut']} |",
                     flush=True,
                 )
     return 0

@@ -303,7 +303,8 @@ class TextStream:
         raise StopIteration
 
     def next_delta(self) -> Delta | None:
-        """The next text or tool calls (what a server streams), or None at the end."""
+        """The next text or tool calls (what a server streams): a `Delta`, or None once the
+        stream has ended (`result` then holds the whole answer)."""
         for r in self._responses:
             self._parts.append(r.text)
             self._ids.append(r.token_id)

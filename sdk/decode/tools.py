@@ -142,6 +142,9 @@ class ToolFormat:
     # format write it so (Qwen2.5-Coder), as llama.cpp's Hermes parser also allows
     bare = False
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
     def item_schema(self, tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """The JSON schema of one call: any of the tools, by name, with its arguments."""
         calls = []
@@ -416,8 +419,10 @@ def tool_messages(
         msg = dict(m)
         calls = msg.get("tool_calls")
         if calls:
-            if not isinstance(calls, Sequence):
-                raise InvalidArgumentError(f"messages[{i}]['tool_calls']: expected a list")
+            if not isinstance(calls, Sequence) or isinstance(calls, (str, bytes)):
+                raise InvalidArgumentError(
+                    f"messages[{i}]['tool_calls'] = {calls!r}: expected a list of calls"
+                )
             parsed = [
                 _arguments(c, f"messages[{i}]['tool_calls'][{j}]") for j, c in enumerate(calls)
             ]
@@ -431,7 +436,13 @@ def tool_messages(
                 text = fmt.call_text(parsed)
                 msg = {"role": "assistant", "content": f"{msg['content']}{text}".strip()}
         elif msg.get("role") == "tool" and not support.native:
-            msg = fmt.result_message(str(msg.get("content") or ""))
+            content = msg.get("content")
+            if not isinstance(content, str):  # JSON results are sent as text, as OpenAI's are
+                raise InvalidArgumentError(
+                    f"messages[{i}]['content'] = {content!r}: a tool result must be a string "
+                    "(json.dumps a structured result)"
+                )
+            msg = fmt.result_message(content)
         out.append(msg)
     if not tools:
         return out, {}

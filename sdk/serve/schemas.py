@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from infopt.api import Prompt
 from infopt.decode.tools import ToolCall
@@ -129,9 +129,17 @@ class ChatRequest(BaseRequest):
     # llama.cpp's server: small models asked for calls otherwise tend to keep making them)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool = False
+    parallel_tool_calls: StrictBool = False
+    functions: list[Any] | None = None  # OpenAI's deprecated form: refused, naming the new one
 
     def prompt(self) -> Prompt:
+        if self.functions is not None:
+            raise ApiError(
+                400,
+                "functions: OpenAI's deprecated form is not taken; send tools=[{'type': "
+                "'function', 'function': {'name': ..., 'parameters': {...}}}]",
+                param="functions",
+            )
         return [m.as_dict() for m in self.messages]
 
     def settings(self) -> dict[str, Any]:
@@ -149,8 +157,15 @@ class ChatRequest(BaseRequest):
 
 class CompletionRequest(BaseRequest):
     prompt_: str | list[str] = Field(alias="prompt")
+    tools: Any = None  # chat's: refused here by name rather than ignored
 
     def prompt(self) -> Prompt:
+        if self.tools is not None:
+            raise ApiError(
+                400,
+                "tools: a text completion cannot call tools; use /v1/chat/completions",
+                param="tools",
+            )
         if isinstance(self.prompt_, str):
             return self.prompt_
         if len(self.prompt_) != 1:

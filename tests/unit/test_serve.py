@@ -416,6 +416,16 @@ def test_tool_calls_through_the_api(client: Any, local: Any) -> None:
         model=MODEL_ID, messages=history, max_tokens=8, temperature=0, tools=[tool]
     )
     assert after.usage.prompt_tokens == len(local.encode_prompt(history, [tool]))
+    with pytest.raises(openai.BadRequestError, match="deprecated"):
+        client.chat.completions.create(
+            model=MODEL_ID, messages=ask, extra_body={"functions": [tool["function"]]}
+        )
+    with pytest.raises(openai.BadRequestError, match="chat/completions"):
+        client.completions.create(model=MODEL_ID, prompt="Hi", extra_body={"tools": [tool]})
+    with pytest.raises(openai.BadRequestError, match="parallel_tool_calls"):
+        client.chat.completions.create(
+            model=MODEL_ID, messages=ask, tools=[tool], extra_body={"parallel_tool_calls": "yes"}
+        )
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
         client.chat.completions.create(
             model=MODEL_ID,

@@ -114,10 +114,17 @@ def test_a_closed_stream_frees_its_slot_for_a_waiting_caller(tiny_gguf: Path) ->
     assert m.generate("Once upon a time", max_new_tokens=6, **GREEDY).token_ids == alone
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
-def test_the_prefix_cache_serves_a_chat_s_next_turn(tiny_gguf: Path, runtime: str) -> None:
-    """Turn two of a chat reads only what is new, and answers as a cold model does."""
-    m = infopt.load(tiny_gguf, runtime=runtime, max_context=256, slots=2)
+@pytest.mark.parametrize(
+    ("runtime", "blocks"), [("onnxruntime", "f32"), ("pytorch", "f32"), ("onnxruntime", "q4_1")]
+)
+def test_the_prefix_cache_serves_a_chat_s_next_turn(
+    tiny_gguf: Path, tiny_gguf_q41: Path, runtime: str, blocks: str
+) -> None:
+    """Turn two of a chat reads only what is new, and answers as a cold model does (a
+    quantized graph with exact numerics too: its fast int8 activations round by pass shape)."""
+    path = tiny_gguf if blocks == "f32" else tiny_gguf_q41
+    settings = {} if blocks == "f32" else {"numerics": "exact"}
+    m = infopt.load(path, runtime=runtime, max_context=256, slots=2, **settings)
     chat = [{"role": "user", "content": "Tell me about foxes."}]
     first = m.generate(chat, max_new_tokens=12, **GREEDY)
     chat += [
@@ -126,7 +133,7 @@ def test_the_prefix_cache_serves_a_chat_s_next_turn(tiny_gguf: Path, runtime: st
     ]
     second = m.generate(chat, max_new_tokens=12, **GREEDY)
     assert second.stats.cached_tokens >= first.stats.prompt_tokens - 1
-    cold = infopt.load(tiny_gguf, runtime=runtime, max_context=256)
+    cold = infopt.load(path, runtime=runtime, max_context=256, **settings)
     assert cold.generate(chat, max_new_tokens=12, **GREEDY).token_ids == second.token_ids
     # the same prompt again reuses all but its last token
     again = m.generate(chat, max_new_tokens=12, **GREEDY)

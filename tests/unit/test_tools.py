@@ -297,6 +297,8 @@ def test_a_model_calls_tools_through_generate_and_stream(tool_gguf: Path, runtim
         ({"tools": TOOLS, "tool_choice": {"function": {"name": "nope"}}}, "'nope'"),
         ({"tool_choice": "required"}, "without tools"),
         ({"tools": TOOLS, "regex": "a"}, "one or the other"),
+        ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls='yes'"),
+        ({"parallel_tool_calls": True}, "without tools"),
     ],
 )
 def test_bad_tools_are_typed_errors_before_any_work(
@@ -372,3 +374,18 @@ def test_qwen_s_own_template_renders_the_tools_and_the_call_layout_the_grammar_h
     assert f"<|im_start|>assistant\n{written}<|im_end|>\n" in text
     assert '<|im_start|>user\n<tool_response>\n{"celsius": 18}\n</tool_response><|im_end|>' in text
     assert accepts(tok, tool_grammar(Hermes(), tools, True), written)
+
+
+def test_bad_tool_turns_are_typed_errors(tool_gguf: Path) -> None:
+    m = infopt.load(tool_gguf, runtime="onnxruntime", max_context=1536)
+    bad = [
+        ({"role": "assistant", "content": None, "tool_calls": "abc"}, "expected a list"),
+        ({"role": "tool", "tool_call_id": "x", "content": {"celsius": 18}}, "must be a string"),
+        (
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]},
+            "not JSON",
+        ),
+    ]
+    for turn, message in bad:
+        with pytest.raises(infopt.InvalidArgumentError, match=message):
+            m.generate([*ASK, turn], tools=TOOLS, max_new_tokens=4)
