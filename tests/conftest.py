@@ -142,10 +142,13 @@ def write_gguf(
     arch: str = "llama",
     pre: str = "smollm",
     blocks: str | None = None,
+    written: dict[str, Any] | None = None,
 ) -> Path:
     """A GGUF file as llama.cpp's converter writes it (permuted q/k for llama): F32 tensors, or
     with `blocks` ("Q4_1", "Q4_0") the blocks' matrices in that type and the embedding table in
-    Q8_0, as llama.cpp quantizes a small model (SmolLM2's Q4_1 file)."""
+    Q8_0, as llama.cpp quantizes a small model (SmolLM2's Q4_1 file). A type gguf-py cannot
+    quantize (the k- and i-quants) gets random blocks instead, every byte below 0x40 so that
+    each fp16 scale in them is finite; `written` receives each block matrix's raw blocks."""
     import gguf
 
     cfg = model.config
@@ -210,8 +213,16 @@ def write_gguf(
             kind = gguf.GGMLQuantizationType[blocks if parts[0] == "layers" else "Q8_0"]
         if kind is None:
             w.add_tensor(gname, array)
-        else:
-            w.add_tensor(gname, gguf.quants.quantize(array, kind), raw_dtype=kind)
+            continue
+        try:
+            raw = gguf.quants.quantize(array, kind)
+        except NotImplementedError:
+            width, size = gguf.constants.GGML_QUANT_SIZES[kind]
+            shape = (array.shape[0], array.shape[1] // width * size)
+            raw = np.random.default_rng(len(gname)).integers(0, 0x40, shape, dtype=np.uint8)
+        if written is not None:
+            written[gname] = raw
+        w.add_tensor(gname, raw, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -7,6 +7,7 @@ from the file name.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ class ModelSource:
                 "chat_template": bool(tok.chat_template),
             },
             "generation_defaults": self.generation_defaults,
+            "tensor_types": tensor_types(self.path),
         }
 
     def content_hash(self) -> str:
@@ -92,6 +94,39 @@ def stored_weights(path: str | Path) -> dict[str, str] | None:
     with p.open("rb") as f:
         magic = f.read(4)
     return gguf_file.stored_weights(p) if magic == GGUF_MAGIC else None
+
+
+def tensor_types(path: str | Path) -> dict[str, dict[str, int]]:
+    """Per stored type of a model's tensors (a GGUF's F32 / Q4_1 / Q6_K ..., a folder's
+    safetensors dtypes): {"tensors", "elements", "bytes"}, largest first, read from the files'
+    indexes alone."""
+    from infopt.importers import gguf_file
+
+    p = Path(path).expanduser()
+    if p.is_file():
+        return gguf_file.tensor_types(p)
+    out: dict[str, dict[str, int]] = {}
+    for f in sorted(p.glob("*.safetensors")):
+        for info in _safetensors_index(f).values():
+            if not isinstance(info, dict) or "dtype" not in info:
+                continue  # __metadata__
+            begin, end = info["data_offsets"]
+            elements = 1
+            for n in info["shape"]:
+                elements *= n
+            entry = out.setdefault(info["dtype"], {"tensors": 0, "elements": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["elements"] += elements
+            entry["bytes"] += end - begin
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["elements"]))
+
+
+def _safetensors_index(path: Path) -> dict[str, Any]:
+    """A safetensors file's header (its tensor index), checked already by `open_model`."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header: dict[str, Any] = json.loads(f.read(size))
+    return header
 
 
 def content_hash(path: str | Path) -> str:

@@ -361,6 +361,18 @@ def stored_weights(path: Path) -> dict[str, str] | None:
     return weights if set(weights.values()) != {"fp32"} else None
 
 
+def tensor_types(path: Path) -> dict[str, dict[str, int]]:
+    """Per tensor type of the file (F32, Q4_1, Q6_K, ...): its tensors, their elements and the
+    bytes they take, from the tensor index alone."""
+    out: dict[str, dict[str, int]] = {}
+    for t in open_reader(path).tensors:
+        entry = out.setdefault(t.tensor_type.name, {"tensors": 0, "elements": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["elements"] += int(t.n_elements)
+        entry["bytes"] += int(t.n_bytes)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["elements"]))
+
+
 def import_gguf(path: Path) -> tuple[ModelSpec, Any, Any, dict[str, Any]]:
     """(spec, tokenizer, weights reader function, generation defaults) for a GGUF file."""
     reader = open_reader(path)
