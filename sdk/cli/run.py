@@ -113,6 +113,21 @@ from infopt.runtimes.registry import reference
     type=click.Path(exists=True, dir_okay=False),
     help="Answer with text of this grammar (Lark syntax, or llama.cpp's GBNF).",
 )
+@click.option(
+    "--tools",
+    "tools_file",
+    metavar="FILE",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Tools the model may call: a JSON list in OpenAI's form "
+    '([{"type": "function", "function": {"name", "description", "parameters"}}]).',
+)
+@click.option(
+    "--tool-choice",
+    default=None,
+    metavar="auto|required|none|NAME",
+    help="With --tools: let the model choose (auto, the default), make it call one "
+    "(required), show no tools (none), or make it call the tool NAME.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
 @friendly_errors
 def run(
@@ -143,6 +158,8 @@ def run(
     json_object: bool,
     regex: str | None,
     grammar: str | None,
+    tools_file: str | None,
+    tool_choice: str | None,
     as_json: bool,
 ) -> None:
     """Generate from MODEL (a bundle, a GGUF file or a Hugging Face folder), streaming the
@@ -157,6 +174,7 @@ def run(
       infopt-pack run --draft ngram --prompt "Fix the typos: $(cat notes.txt)"
       infopt-pack run --prompt "A person, as JSON" --json-schema person.schema.json
       infopt-pack run --prompt "Today's date?" --regex '[0-9]{4}-[0-9]{2}-[0-9]{2}'
+      infopt-pack run --prompt "Weather in Paris?" --tools tools.json --tool-choice required
     """
     import infopt
 
@@ -192,6 +210,8 @@ def run(
             grammar_for(response_format, regex, grammar_text)
         except InvalidArgumentError as e:
             raise click.BadParameter(str(e), param_hint=flags[0]) from e
+
+    tools, choice = _tools(tools_file, tool_choice, flags, raw)
 
     bars = Bars(quiet=as_json)  # a model file's first conversion for its runtime
     try:
@@ -229,11 +249,15 @@ def run(
         response_format=response_format,
         regex=regex,
         grammar=grammar_text,
+        tools=tools,
+        tool_choice=choice,
     )
     if not as_json:
         for delta in stream:
             click.echo(delta, nl=False)
         click.echo()
+        for call in stream.tool_calls:  # each on a line of its own: name, then its arguments
+            click.echo(f"call {call.name} {call.arguments}")
     else:
         for _ in stream:
             pass
@@ -258,8 +282,48 @@ def run(
             err=True,
         )
     constrained = response_format is not None or regex is not None or grammar is not None
+    constrained = constrained or (tools is not None and choice == "required")
     if constrained and result.finish_reason == "length":
         click.echo(
             "note: the answer stopped at --max-new-tokens before its format was complete",
             err=True,
         )
+
+
+def _tools(
+    tools_file: str | None, tool_choice: str | None, flags: list[str], raw: bool
+) -> tuple[list[dict[str, Any]] | None, str | dict[str, Any] | None]:
+    """--tools and --tool-choice read and checked before the model loads: the tools, and the
+    choice as `generate` takes it (a tool's name becomes OpenAI's {"function": {"name"}})."""
+    if tools_file is None:
+        if tool_choice is not None:
+            raise click.UsageError("--tool-choice needs --tools")
+        return None, None
+    from infopt.decode.tools import (
+        TOOL_CHOICES,
+        Hermes,
+        check_tool_choice,
+        check_tools,
+        tool_grammar,
+    )
+    from infopt.errors import InvalidArgumentError
+
+    if flags:
+        raise click.UsageError(f"--tools and {flags[0]}: give one or the other")
+    if raw:
+        raise click.UsageError("--tools needs the chat template: drop --raw")
+    try:
+        tools = json.loads(Path(tools_file).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise click.BadParameter(f"{tools_file}: not JSON ({e})", param_hint="--tools") from e
+    choice: str | dict[str, Any] | None = tool_choice
+    if tool_choice is not None and tool_choice not in TOOL_CHOICES:
+        choice = {"type": "function", "function": {"name": tool_choice}}
+    try:
+        checked = check_tools(tools)
+        check_tool_choice(choice, checked)
+        tool_grammar(Hermes(), checked, False)  # each tool's schema compiles
+    except InvalidArgumentError as e:
+        hint = "--tool-choice" if str(e).startswith("tool_choice") else "--tools"
+        raise click.BadParameter(str(e), param_hint=hint) from e
+    return tools, choice

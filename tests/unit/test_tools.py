@@ -389,3 +389,35 @@ def test_bad_tool_turns_are_typed_errors(tool_gguf: Path) -> None:
     for turn, message in bad:
         with pytest.raises(infopt.InvalidArgumentError, match=message):
             m.generate([*ASK, turn], tools=TOOLS, max_new_tokens=4)
+
+
+def test_run_takes_tools_from_a_file(tool_gguf: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from infopt.cli import main
+
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    base = ["run", str(tool_gguf), "--runtime", "pytorch", "--context", "1536"]
+    base += ["--prompt", "What is the weather in Paris?", "--tools", str(tools)]
+    r = CliRunner().invoke(main, [*base, "--tool-choice", "add", "--max-new-tokens", "200"])
+    assert r.exit_code == 0, r.output
+    calls = [line for line in r.output.splitlines() if line.startswith("call ")]
+    assert len(calls) == 1 and calls[0].startswith("call add {")
+    r = CliRunner().invoke(main, [*base, "--tool-choice", "required", "--json", "-n", "200"])
+    out = json.loads(r.output)
+    assert out["finish_reason"] == "tool_calls" and out["tool_calls"][0]["type"] == "function"
+    # refused before the model loads, naming the flag
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"function": {"name": "f", "parameters": {"properties": 5}}}]))
+    for args, message in [
+        (["--tool-choice", "nope"], "--tool-choice"),
+        (["--regex", "a"], "one or the other"),
+        (["--raw"], "--raw"),
+    ]:
+        r = CliRunner().invoke(main, [*base, *args])
+        assert r.exit_code == 2 and message in r.output, r.output
+    r = CliRunner().invoke(main, [*base[:-2], "--tools", str(bad)])
+    assert r.exit_code == 2 and "'f' parameters" in r.output, r.output
+    r = CliRunner().invoke(main, [*base[:-2], "--tool-choice", "required"])
+    assert r.exit_code == 2 and "--tool-choice needs --tools" in r.output
