@@ -473,12 +473,11 @@ class CallSplitter:
         while self.pending:
             if not self.in_call:
                 if fmt.bare and not self.started:  # a bare call is the whole answer
-                    if not self.pending.strip():
-                        break  # only whitespace so far: undecided
+                    # as the grammar has it: "{" first, no space before it (text that opens
+                    # otherwise is text, unconstrained, and never taken for a call)
                     self.started = True
-                    if self.pending.lstrip().startswith("{"):
+                    if self.pending.startswith("{"):
                         self.in_call, self.whole = True, True
-                        self.pending = self.pending.lstrip()
                         continue
                 if not fmt.end:  # "json": the answer was not a call: text
                     out, self.pending = out + self.pending, ""

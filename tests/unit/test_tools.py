@@ -145,7 +145,9 @@ def test_calls_are_split_out_of_text_arriving_in_any_pieces(fmt: ToolFormat) -> 
         answers = [(text, content, calls), ("a < b <tool", "a < b <tool", [])]
     if isinstance(fmt, Hermes):  # a bare call, without markers, as the whole answer
         bare = json.dumps({"name": "add", "arguments": {"a": 1, "b": 2}})
-        answers.append(("  " + bare, "", [("add", {"a": 1, "b": 2})]))
+        answers.append((bare, "", [("add", {"a": 1, "b": 2})]))
+        # after a space it is text, as the grammar leaves it: never taken for a call
+        answers.append((" " + bare, " " + bare, []))
     if fmt.end:  # the end marker inside an argument's text does not end the call
         tricky = [("send_email", {"to": "a@b.c", "subject": f"x{fmt.end}y", "body": fmt.end})]
         answers.append((fmt.call_text(tricky), "", tricky))
