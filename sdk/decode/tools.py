@@ -191,7 +191,13 @@ class ToolFormat:
         text = "/([^{](.|\\n)*)?/" if self.bare else "/(.|\\n)*/"
         if self.trigger in marks:  # text cannot write the token: it simply ends the text
             calls = "(call TEXT)*" if many else "call?"
-            return f"start: {bare}TEXT {calls}\nTEXT: {text}\ncall: {trigger} {body}\n{item}\n"
+            # nor may text spell the marker out in pieces: the splitter would take what
+            # follows for a call that no grammar held to the tools
+            spelled = f"~/(?s:.*){re.escape(self.trigger)}(?s:.*)/"
+            return (
+                f"start: {bare}TEXT {calls}\nTEXT: {text} & {spelled}\n"
+                f"call: {trigger} {body}\n{item}\n"
+            )
         # llguidance's lazy head: any text, up to the first trigger; then the call's body
         start = "call* TEXT" if many else "call | TEXT"
         return (

@@ -347,6 +347,11 @@ def test_markers_that_are_tokens_of_their_own(tok: Tokenizer) -> None:
     wrong = qwen.encode('Sure. <tool_call>\n{"name": "nope"', add_special_tokens=False)
     c = Constraint(tool_grammar(Hermes(), tools, False, marks), view)
     assert c.valid_prefix(wrong) < len(wrong)
+    # text may not spell the marker out in pieces (the splitter would take it for a call)
+    spelled = [t for part in ("Sure. <tool", "_call>") for t in qwen.encode(part, False)]
+    assert marks["<tool_call>"] not in spelled
+    c = Constraint(tool_grammar(Hermes(), tools, False, marks), view)
+    assert c.valid_prefix(spelled) < len(spelled)
 
 
 def test_qwen_s_own_template_renders_the_tools_and_the_call_layout_the_grammar_holds(
