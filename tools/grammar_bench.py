@@ -40,15 +40,11 @@ def export(folder: Path, max_new_tokens: int = 160) -> None:
     model = infopt.load(runtime="onnxruntime", numerics="exact", max_context=1024)
     tok = model.tokenizer
     (folder / "tokenizer.json").write_text(tok.backend.to_str())
-    table = _byte_decoder()
-    specials = set(tok.backend.get_added_tokens_decoder())
-    vocab: list[str | None] = []
-    for i in range(model.runtime.vocab_size):
-        piece = tok.backend.id_to_token(i)
-        if piece is None or i in specials:
-            vocab.append(None)
-        else:
-            vocab.append(bytes(table[c] for c in piece).hex())
+    view = model.grammar_view  # llguidance's reading of each token's bytes
+    vocab = [
+        None if view.is_special_token(i) else view.decode_bytes([i]).hex()
+        for i in range(model.runtime.vocab_size)
+    ]
     meta = {"vocab_size": model.runtime.vocab_size, "eos": list(tok.eos_token_ids)}
     (folder / "vocab.json").write_text(json.dumps({"meta": meta, "tokens": vocab}))
     cases = []
@@ -65,21 +61,6 @@ def export(folder: Path, max_new_tokens: int = 160) -> None:
             cases.append({"schema": schema, "text": r.text, "tokens": tokens})
     (folder / "cases.json").write_text(json.dumps(cases))
     print(f"{len(cases)} schemas with their paths in {folder}")
-
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-to-printable-character table, inverted (the vocabulary's pieces are
-    written in it)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 class Library:
@@ -224,7 +205,11 @@ def run(folder: Path) -> int:
                 "unsupported": failed,
             }
         )
-    print(f"CPU: {_cpu()}; vocabulary {meta['vocab_size']} tokens; {len(cases)} schemas\n")
+    lengths = [len(c["tokens"]) for c in cases]
+    print(
+        f"CPU: {_cpu()}; vocabulary {meta['vocab_size']} tokens; {len(cases)} schemas, paths "
+        f"of {min(lengths)} to {max(lengths)} tokens\n"
+    )
     print(
         "| library | version | schemas compiled | paths valid | compile ms (median / max) "
         "| mask+advance µs per token (median / max) |"

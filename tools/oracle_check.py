@@ -44,13 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from infopt.core.default_model import default_model_path
+    from infopt.importers import open_model
 
     path = Path(args.model) if args.model else default_model_path()
     hf = oracle(path, args.threads)
-    reference = infopt.load(path, runtime="pytorch", threads=args.threads, numerics="exact")
+    tok = open_model(path).tokenizer  # the prompt ids both get: infopt's rendering
     expected = []
-    for prompt in PROMPTS:  # the same prompt ids for both: infopt's template rendering
-        ids = reference.encode_prompt(prompt)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt) if isinstance(prompt, str) else tok.encode_chat(prompt)
         with torch.no_grad():
             out = hf.generate(
                 torch.tensor([ids]),

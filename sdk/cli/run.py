@@ -299,13 +299,7 @@ def _tools(
         if tool_choice is not None:
             raise click.UsageError("--tool-choice needs --tools")
         return None, None
-    from infopt.decode.tools import (
-        TOOL_CHOICES,
-        Hermes,
-        check_tool_choice,
-        check_tools,
-        tool_grammar,
-    )
+    from infopt.decode.tools import TOOL_CHOICES, check_tool_choice, check_tool_schemas, check_tools
     from infopt.errors import InvalidArgumentError
 
     if flags:
@@ -322,7 +316,7 @@ def _tools(
     try:
         checked = check_tools(tools)
         check_tool_choice(choice, checked)
-        tool_grammar(Hermes(), checked, False)  # each tool's schema compiles
+        check_tool_schemas(checked)
     except InvalidArgumentError as e:
         hint = "--tool-choice" if str(e).startswith("tool_choice") else "--tools"
         raise click.BadParameter(str(e), param_hint=hint) from e

@@ -362,19 +362,28 @@ def tool_grammar(
     `parallel`: one or more times), checked: a tool whose parameter schema llguidance cannot
     compile is a typed error naming it. `tokens`: as `ToolFormat.grammar`'s
     (`marker_tokens`)."""
+    from infopt.decode.constraints import llguidance_module
+
+    check_tool_schemas(tools)
+    lark = fmt.grammar(tools, required, tokens, parallel)
+    return str(llguidance_module().LLMatcher.grammar_from_lark(lark))
+
+
+def check_tool_schemas(tools: Sequence[dict[str, Any]]) -> None:
+    """Each tool's parameter schema compiled by llguidance (`check_tools`' output), one at a
+    time so that an error names the tool: before any work, whatever the model's format."""
     from infopt.decode.constraints import error_reason, llguidance_module
 
     matcher = llguidance_module().LLMatcher
-    for tool in tools:  # one at a time, so that the error names the tool
+    for tool in tools:
+        schema = {**closed_schema(tool["function"]["parameters"]), "x-guidance": SEPARATORS}
         try:
-            text = matcher.grammar_from_json_schema(fmt.item_schema([tool]))
-            message = matcher.validate_grammar(text)
+            message = matcher.validate_grammar(matcher.grammar_from_json_schema(schema))
         except Exception as e:
             message = str(e)
         if message:
             name = tool["function"]["name"]
             raise InvalidArgumentError(f"tools: {name!r} parameters: {error_reason(message)}")
-    return str(matcher.grammar_from_lark(fmt.grammar(tools, required, tokens, parallel)))
 
 
 def marker_tokens(fmt: ToolFormat, tokenizer: Tokenizer, view: Any) -> dict[str, int]:
