@@ -1,8 +1,9 @@
 """Tokenizer: the `tokenizers` library plus special tokens, chat template and streaming decode.
 
-Built from a Hugging Face `tokenizer.json`, or from the vocabulary and merges a GGUF file stores
-(pre-tokenizer chosen from `tokenizer.ggml.pre` as llama.cpp does). Chat templates render in
-Jinja's immutable sandbox, so a template shipped inside a model cannot reach Python objects.
+Built from a Hugging Face `tokenizer.json`, or from the vocabulary a GGUF file stores: byte-level
+BPE with its merges (pre-tokenizer chosen from `tokenizer.ggml.pre` as llama.cpp does), or
+SentencePiece BPE, whose merges are derived from the vocabulary. Chat templates render in Jinja's
+immutable sandbox, so a template shipped inside a model cannot reach Python objects.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import contextvars
 import datetime
 import json
+import math
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +22,7 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import MAX_RANGE, ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
 from infopt.errors import (
@@ -50,8 +52,14 @@ GGUF_PRE_TOKENIZERS: dict[str, tuple[str, ...]] = {
     "llama3": (_LLAMA3_SPLIT,),
     "qwen2": (_QWEN2_SPLIT,),
 }
-_CONTROL = 3  # llama.cpp token type of special/control tokens
-_USER_DEFINED = 4
+# llama.cpp token types (`tokenizer.ggml.token_type`)
+_NORMAL = 1
+_UNKNOWN = 2
+_CONTROL = 3  # special/control tokens
+_USER_DEFINED = 4  # added tokens matched whole in the text, not special
+_BYTE = 6  # `<0xNN>`, what SentencePiece's byte fallback emits
+# `tokenizer.ggml.model` values this module reads.
+GGUF_TOKENIZER_MODELS = {"gpt2": "byte-level BPE", "llama": "SentencePiece BPE"}
 
 
 @contextlib.contextmanager
@@ -400,22 +408,24 @@ class StreamDecoder:
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
-    """Byte-level BPE tokenizer from a GGUF's `tokenizer.ggml.*` metadata."""
+    """Tokenizer from a GGUF's `tokenizer.ggml.*` metadata: byte-level BPE (`gpt2`) or
+    SentencePiece BPE (`llama`)."""
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _spm_tokenizer_from_gguf_metadata(meta)
     if kind != "gpt2":
         raise UnsupportedModelError(
-            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
-            "load the model's Hugging Face folder, whose tokenizer.json infopt reads directly"
+            f"GGUF tokenizer model {kind!r} is not supported; supported: "
+            + ", ".join(f"{k!r} ({what})" for k, what in GGUF_TOKENIZER_MODELS.items())
+            + "; load the model's Hugging Face folder, whose tokenizer.json infopt reads directly"
         )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in GGUF_PRE_TOKENIZERS:
         raise UnsupportedModelError(
             f"GGUF pre-tokenizer {pre!r} is not supported; supported: {sorted(GGUF_PRE_TOKENIZERS)}"
         )
-    tokens = meta.get("tokenizer.ggml.tokens")
+    tokens = _gguf_tokens(meta)
     raw_merges = meta.get("tokenizer.ggml.merges")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-        raise ModelFormatError("GGUF 'tokenizer.ggml.tokens' is missing or not a list of strings")
     if not isinstance(raw_merges, list) or not raw_merges:  # BPE without them is another tokenizer
         raise ModelFormatError(
             "GGUF 'tokenizer.ggml.merges' is missing or empty: a byte-level BPE vocabulary "
@@ -439,9 +449,7 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
     backend.decoder = decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens):
-        raise ModelFormatError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
+    types = _gguf_token_types(meta, tokens)
     backend.add_special_tokens(
         [
             AddedToken(t, special=True, normalized=False)
@@ -456,19 +464,167 @@ def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
             if kind == _USER_DEFINED
         ]
     )
-    ids = {
+    return _gguf_tokenizer(meta, tokens, backend, add_bos_default=False)
+
+
+def _gguf_tokens(meta: dict[str, Any]) -> list[str]:
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ModelFormatError("GGUF 'tokenizer.ggml.tokens' is missing or not a list of strings")
+    return tokens
+
+
+def _gguf_token_types(meta: dict[str, Any], tokens: list[str]) -> list[int]:
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise ModelFormatError(f"GGUF has {len(tokens)} tokens but {len(types)} token types")
+    return types
+
+
+def _gguf_special_ids(meta: dict[str, Any]) -> dict[str, Any]:
+    """bos/eos/unk/pad -> the id the GGUF names (None where it names none)."""
+    return {
         name: meta.get(f"tokenizer.ggml.{key}_token_id")
         for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
     }
+
+
+def _gguf_tokenizer(
+    meta: dict[str, Any], tokens: list[str], backend: _HFTokenizer, add_bos_default: bool
+) -> Tokenizer:
+    ids = _gguf_special_ids(meta)
     eos = ids["eos"]
     return Tokenizer(
         backend=backend,
         chat_template=meta.get("tokenizer.chat_template"),
         bos_token_id=ids["bos"],
         eos_token_ids=(eos,) if eos is not None else (),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         special_tokens={k: tokens[v] for k, v in ids.items() if v is not None and v < len(tokens)},
     )
+
+
+def _spm_tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:
+    """SentencePiece BPE (`tokenizer.ggml.model` "llama": Llama 1/2, Mistral v0.1, Phi-3,
+    Gemma 2/3), built as transformers' GGUF converter builds it: a BPE with byte fallback, whose
+    merges are derived from the vocabulary (a GGUF stores none for these), spaces written as "▁"
+    by the normalizer, which also prepends one where `tokenizer.ggml.add_space_prefix` says so
+    (the default, as SentencePiece and llama.cpp do; Gemma 3 says no)."""
+    tokens = _gguf_tokens(meta)
+    types = _gguf_token_types(meta, tokens)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+        raise ModelFormatError(
+            "GGUF 'tokenizer.ggml.token_type' holds a value that is not an integer"
+        )
+    scores = meta.get("tokenizer.ggml.scores")
+    if not isinstance(scores, list):
+        raise ModelFormatError(
+            "GGUF 'tokenizer.ggml.scores' is missing: a SentencePiece vocabulary needs its "
+            "scores to order its merges"
+        )
+    if len(scores) != len(tokens):
+        raise ModelFormatError(f"GGUF has {len(tokens)} tokens but {len(scores)} token scores")
+    if not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in scores
+    ):
+        raise ModelFormatError("GGUF 'tokenizer.ggml.scores' holds a value that is not a number")
+    ids = _gguf_special_ids(meta)
+    for name, token_id in ids.items():
+        if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool)):
+            raise ModelFormatError(f"GGUF {name} token id is {token_id!r}, not an integer")
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            if name in ("bos", "eos"):
+                raise ModelFormatError(
+                    f"GGUF {name} token id {token_id} is outside the vocabulary of {len(tokens)}"
+                )
+            ids[name] = None  # llama.cpp too only warns about a stray unknown/padding id
+    prepend = meta.get("tokenizer.ggml.add_space_prefix", True)
+    if not isinstance(prepend, bool):
+        raise ModelFormatError(
+            f"GGUF 'tokenizer.ggml.add_space_prefix' is {prepend!r}, not true or false"
+        )
+
+    # llama.cpp's converter writes the spaces of user-defined tokens as spaces ("  " in Gemma);
+    # the normalizer below turns the text's spaces into "▁", so the vocabulary spells them so too.
+    vocab_tokens = list(tokens)
+    for i, (t, kind) in enumerate(zip(tokens, types, strict=True)):
+        if " " in t and kind in (_NORMAL, _USER_DEFINED):
+            vocab_tokens[i] = t.replace(" ", "\u2581")
+    vocab = {t: i for i, t in enumerate(vocab_tokens)}
+    if len(vocab) != len(set(tokens)):  # a respelled token collides with one already there
+        vocab_tokens = list(tokens)
+        vocab = {t: i for i, t in enumerate(vocab_tokens)}
+    # Gemma's scores do not follow its merge order (user-defined whitespace runs score -1000),
+    # its vocabulary's order does; elsewhere the scores are the order, as in SentencePiece.
+    by_position = str(meta.get("general.architecture", "")).startswith("gemma")
+    rank = [float(-i) for i in range(len(tokens))] if by_position else scores
+    merges = _spm_merges(vocab, rank, types)
+
+    unk = ids["unk"]
+    if unk is None:
+        unk = next((i for i, kind in enumerate(types) if kind == _UNKNOWN), None)
+    unk_token = tokens[unk] if unk is not None else None
+    with native_errors(ModelFormatError, "GGUF vocabulary cannot be read as SentencePiece BPE"):
+        backend = _HFTokenizer(
+            models.BPE(
+                vocab=vocab, merges=merges, unk_token=unk_token, fuse_unk=True, byte_fallback=True
+            )
+        )
+    replace = normalizers.Replace(" ", "\u2581")
+    backend.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("\u2581"), replace]) if prepend else replace
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if prepend else [])
+    )
+    named = {v for v in ids.values() if v is not None}
+    backend.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
+            if kind in (_CONTROL, _UNKNOWN) or i in named
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for i, (t, kind) in enumerate(zip(tokens, types, strict=True))
+            if kind == _USER_DEFINED and i not in named and vocab.get(t) == i
+        ]
+    )
+    tokenizer = _gguf_tokenizer(meta, tokens, backend, add_bos_default=True)
+    eos = tokenizer.eos_token_ids
+    if meta.get("tokenizer.ggml.add_eos_token") and eos:
+        eos_text = tokens[eos[0]]
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos_text}", pair=f"$A {eos_text} $B {eos_text}",
+            special_tokens=[(eos_text, eos[0])],
+        )  # fmt: skip
+    return tokenizer
+
+
+def _spm_merges(
+    vocab: dict[str, int], rank: Sequence[float], types: Sequence[int]
+) -> list[tuple[str, str]]:
+    """The BPE merges a SentencePiece vocabulary implies: every way to cut each token into two
+    tokens, best `rank` first; among the cuts of one token the longer left part first (the order
+    of transformers' `generate_merges`). Tokens SentencePiece never builds by merging (control,
+    unknown, byte) are not merge results, so text spelling `<0x41>` stays that text."""
+    found: list[tuple[float, int, int, int, str, str]] = []
+    append = found.append
+    for order, (token, i) in enumerate(vocab.items()):
+        if len(token) < 2 or types[i] in (_CONTROL, _UNKNOWN, _BYTE):
+            continue
+        score = rank[i]
+        for k in range(len(token) - 1, 0, -1):
+            left = token[:k]
+            if left in vocab:
+                right = token[k:]
+                if right in vocab:
+                    append((-score, -k, k - len(token), order, left, right))
+    found.sort()  # (score desc, left length desc, right length desc, vocabulary order)
+    return [(left, right) for _, _, _, _, left, right in found]
 
 
 def tokenizer_from_hf_files(
