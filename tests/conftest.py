@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,49 @@ def tiny_tokenizer() -> Any:
     return train_tokenizer()
 
 
+# One tiny config per newer architecture, each with the features that set it apart (layer kinds
+# both present, prompts in the tests longer than the sliding window).
+ARCH_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma3": (
+        "gemma3",
+        {
+            "head_dim": 32,  # not hidden / heads, as Gemma 3's 256
+            "sliding_window": 6,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 24,
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            },
+        },
+    ),
+    "gemma2": (
+        "gemma2",
+        {
+            "head_dim": 16,
+            "sliding_window": 6,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+            "query_pre_attn_scalar": 16,
+        },
+    ),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "phi3": (
+        "phi3",
+        {
+            "sliding_window": 7,
+            "original_max_position_embeddings": 128,
+            "rope_scaling": {
+                "rope_type": "longrope",
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [2.0 + i for i in range(8)],
+            },
+        },
+    ),
+}
+
+
 def hf_model(arch: str = "llama", **overrides: Any) -> Any:
     """A random transformers model (the oracle) with TINY's shape plus overrides."""
     import transformers
@@ -100,10 +144,14 @@ def hf_model(arch: str = "llama", **overrides: Any) -> Any:
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
         "mistral": ("MistralConfig", "MistralForCausalLM"),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     }
     config_cls, model_cls = (getattr(transformers, n) for n in classes[arch])
     torch.manual_seed(0)
-    config = config_cls(**{**TINY, **overrides})
+    config = config_cls(**{**TINY, "pad_token_id": None, **overrides})
     config._attn_implementation = "eager"
     model = model_cls(config).eval()
     with torch.no_grad():  # random init has tiny weights; widen them so logits discriminate
@@ -159,13 +207,37 @@ def write_gguf(
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(
-        (getattr(cfg, "rope_parameters", None) and cfg.rope_parameters["rope_theta"])
-        or cfg.rope_theta
-    )
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope = rope.get("full_attention", rope)
+    w.add_rope_freq_base(rope.get("rope_theta") or cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(cfg.vocab_size)
+    # what llama.cpp's convert_hf_to_gguf adds for each architecture
+    if arch in ("qwen3", "gemma2", "gemma3"):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if arch in ("gemma2", "gemma3", "phi3") and cfg.sliding_window:
+        w.add_sliding_window(cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+        w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    if arch == "gemma3" and cfg.layer_types != [
+        "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+        for i in range(cfg.num_hidden_layers)
+    ]:  # llama.cpp's Gemma 3 default is one full layer in six; others say which
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    if arch == "gemma3" and rope.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(rope["factor"])
+    if arch == "phi3" and rope.get("rope_type") == "longrope":
+        original = rope["original_max_position_embeddings"]
+        factor = cfg.max_position_embeddings / original
+        w.add_rope_scaling_orig_ctx_len(original)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(factor) / math.log(original)))
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
     vocab = tokenizer.get_vocab()
     tokens = [""] * cfg.vocab_size
     for text, i in vocab.items():
@@ -190,15 +262,27 @@ def write_gguf(
         "self_attn.k_proj": "attn_k",
         "self_attn.v_proj": "attn_v",
         "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "self_attn.qkv_proj": "attn_qkv",
         "mlp.gate_proj": "ffn_gate",
         "mlp.up_proj": "ffn_up",
+        "mlp.gate_up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
     }
+    if arch in ("gemma2", "gemma3"):
+        block.update(
+            post_attention_layernorm="post_attention_norm",
+            pre_feedforward_layernorm="ffn_norm",
+            post_feedforward_layernorm="post_ffw_norm",
+        )
     for name, tensor in model.state_dict().items():
         name = name.removeprefix("model.")
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         array = tensor.float().numpy().copy()
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
+            array = array + 1.0  # llama.cpp stores Gemma's norms as the 1 + w they apply
         parts = name.split(".")
         if parts[0] == "layers":
             module, kind = ".".join(parts[2:-1]), parts[-1]

@@ -5,8 +5,11 @@ activations on the file's dequantized weights, as transformers computes).
     python -m infopt.tools.oracle_check [GGUF] [--runtimes pytorch,onnxruntime,openvino]
         [--tokens 64] [--markdown]
 
-Prompts: `runtime_check`'s four (two chats, two plain). Prints, per runtime, how many prompts
-gave the same tokens as transformers and where the first difference was otherwise.
+Prompts: `runtime_check`'s four (two chats, two plain; a model without a chat template gets the
+chats' text as plain prompts), and for a model with sliding-window layers one more, longer than
+the window (from the shipped quality text), so that the window is exercised. Prints, per runtime,
+how many prompts gave the same tokens as transformers and where the first difference was
+otherwise.
 """
 
 from __future__ import annotations
@@ -31,6 +34,21 @@ def oracle(path: Path, threads: int) -> Any:
     ).eval()
 
 
+def prompts_for(source: Any) -> list[Any]:
+    """`PROMPTS` as this model can take them, plus a prompt past its sliding window if any."""
+    tok, spec = source.tokenizer, source.spec
+    out: list[Any] = [
+        p if isinstance(p, str) or tok.chat_template else p[-1]["content"] for p in PROMPTS
+    ]
+    if spec.sliding_window and "sliding" in spec.layer_kinds:
+        from importlib.resources import files
+
+        text = (files("infopt") / "data" / "quality.txt").read_text(encoding="utf-8")
+        ids = tok.encode(text, add_special_tokens=False)[: spec.sliding_window + 100]
+        out.append(tok.decode(ids))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -48,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
     path = Path(args.model) if args.model else default_model_path()
     hf = oracle(path, args.threads)
-    tok = open_model(path).tokenizer  # the prompt ids both get: infopt's rendering
+    source = open_model(path)
+    tok = source.tokenizer  # the prompt ids both get: infopt's rendering
+    prompts = prompts_for(source)
     expected = []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         ids = tok.encode(prompt) if isinstance(prompt, str) else tok.encode_chat(prompt)
         with torch.no_grad():
             out = hf.generate(
@@ -66,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for runtime in args.runtimes.split(","):
         t0 = time.perf_counter()
         model = infopt.load(
-            path, runtime=runtime, threads=args.threads, numerics="exact", max_context=1024
+            path, runtime=runtime, threads=args.threads, numerics="exact", max_context=2048
         )
         same, first = 0, []
         for prompt, want in expected:
@@ -83,17 +103,17 @@ def main(argv: list[str] | None = None) -> int:
                 first.append(next((i for i, (a, b) in enumerate(pairs) if a != b), len(got)))
         rows.append((runtime, same, first, time.perf_counter() - t0))
     name = path.name
-    print(f"{name}: greedy {args.tokens} new tokens, {len(PROMPTS)} prompts, vs transformers")
+    print(f"{name}: greedy {args.tokens} new tokens, {len(prompts)} prompts, vs transformers")
     if args.markdown:
         print("\n| runtime | prompts identical | first difference at token |")
         print("|---|---|---|")
     for runtime, same, first, _ in rows:
         where = ", ".join(map(str, first)) or "—"
         if args.markdown:
-            print(f"| {runtime} | {same}/{len(PROMPTS)} | {where} |")
+            print(f"| {runtime} | {same}/{len(prompts)} | {where} |")
         else:
-            print(f"{runtime}: {same}/{len(PROMPTS)} identical; first differences at {where}")
-    return 0 if all(same == len(PROMPTS) for _, same, _, _ in rows) else 1
+            print(f"{runtime}: {same}/{len(prompts)} identical; first differences at {where}")
+    return 0 if all(same == len(prompts) for _, same, _, _ in rows) else 1
 
 
 if __name__ == "__main__":

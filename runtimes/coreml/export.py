@@ -4,8 +4,8 @@ The KV cache is Core ML state (a stateful model, as Apple's own LLM examples): `
 `v_cache` fp16 [layers, kv_heads, cache_len, head_dim], written in place at `input_pos`. Inputs:
 `input_ids` int32 [1, W] with W one of WINDOWS (enumerated shapes, the fixed shapes the Neural
 Engine wants: decode, a speculative verify window, a prefill chunk), `causal_mask` fp16
-[1, 1, W, cache_len] (0 where query i may see slot j, -inf elsewhere; the sliding window, if any,
-is the caller's to apply there), `input_pos` int32 [1] (the first token's position). Output:
+[1, 1, W, cache_len] (0 where query i may see slot j, -inf elsewhere; sliding-window layers narrow
+it to their window in the graph), `input_pos` int32 [1] (the first token's position). Output:
 `logits` fp16 [1, W, vocab]. Compute is fp16. Quantized weights become Core ML's own
 `constexpr_blockwise_shift_scale` weights (INT8 per channel, INT4 per block, symmetric), whose
 min-max rule recovers infopt's codes and scales from the dequantized values.
@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from infopt.core.model import Decoder, apply_rope
+from infopt.core.model import Decoder, attend
 from infopt.core.quant import QuantScheme, float_copy
 from infopt.core.quiet import quiet_native
 from infopt.errors import InvalidArgumentError, RuntimeNotAvailableError
@@ -68,33 +67,37 @@ class StatefulStep(nn.Module):
         m, w = self.core, input_ids.shape[-1]
         start = input_pos[0]
         positions = start + torch.arange(w, dtype=torch.int32)
-        x = m.embed_tokens(input_ids)
-        cos, sin = m.rope_cos[positions], m.rope_sin[positions]
+        x = m.embed(input_ids)
+        kinds = set(m.spec.layer_kinds)
+        ropes = {kind: m.rope_at(kind, positions) for kind in kinds}
+        masks = {}
+        for kind in kinds:
+            mask = causal_mask[0, 0]
+            if (sliding := m.spec.window_of(kind)) is not None:  # also when the caller did
+                slots = torch.arange(mask.shape[-1], dtype=torch.int32)[None, :]
+                far = slots <= positions[:, None] - sliding
+                mask = mask.masked_fill(far, float("-inf"))
+            masks[kind] = mask
         for i, block in enumerate(m.blocks):
             a = block.self_attn
-            h = block.input_layernorm(x)
             groups = a.n_heads // a.n_kv
-            q = a.q_proj(h).view(1, w, a.n_heads, a.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(1, w, a.n_kv, a.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(1, w, a.n_kv, a.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = a.project(block.input_layernorm(x), *ropes[a.kind])
             self.k_cache[i, :, start : start + w, :] = k[0].to(self.k_cache.dtype)
             self.v_cache[i, :, start : start + w, :] = v[0].to(self.v_cache.dtype)
             k_all = self.k_cache[i].to(q.dtype)[None]
             v_all = self.v_cache[i].to(q.dtype)[None]
             q = q.reshape(1, a.n_kv, groups * w, a.head_dim)  # GQA as in the core
-            mask = causal_mask[0, 0].repeat(groups, 1)[None, None].to(q.dtype)
-            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+            mask = masks[a.kind].repeat(groups, 1)[None, None].to(q.dtype)
+            out = attend(q, k_all, v_all, mask, a.scale, a.softcap)
             out = out.view(1, a.n_heads, w, a.head_dim).transpose(1, 2).reshape(1, w, -1)
-            x = x + a.o_proj(out)
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        return m.lm_head(m.norm(x))
+            x = block.ffn(block.attn_residual(x, a.o_proj(out)))
+        return m.head(x)
 
 
 def stateful_step(core: Decoder, max_context: int, cache_dtype: torch.dtype) -> StatefulStep:
     """A float32 copy of `core` (quantized layers dequantized) wrapped for conversion."""
     model, _ = float_copy(core)
-    model.setup_cache(cache_len(max_context))
+    model.setup_cache(cache_len(max_context), context=max_context)
     return StatefulStep(model, cache_len(max_context), cache_dtype).eval()
 
 
@@ -263,9 +266,13 @@ def coreml_io(core: Decoder, max_context: int) -> dict[str, Any]:
         "inputs": {
             "input_ids": "int32 [1, W], W in windows (pad with any id; padded logits are ignored)",
             "causal_mask": f"fp16 [1, 1, W, {length}]: 0 where query i sees slot j "
-            "(j <= input_pos + i"
-            + (f", j > input_pos + i - {spec.sliding_window}" if spec.sliding_window else "")
-            + "), -inf elsewhere",
+            "(j <= input_pos + i), -inf elsewhere"
+            + (
+                f"; sliding layers narrow it to j > input_pos + i - {spec.sliding_window} "
+                "themselves"
+                if spec.sliding_window
+                else ""
+            ),
             "input_pos": "int32 [1]: the position of input_ids[0]",
         },
         "outputs": {"logits": f"fp16 [1, W, {spec.vocab_size}]"},

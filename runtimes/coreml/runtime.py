@@ -13,6 +13,7 @@ on; `tools/coreml_check.py` checks it on a Mac.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,7 +117,7 @@ def from_bundle(
     units = _compute_units(device)
     require_macos(f"{artifact.root}: the Core ML artifact {entry['package']}")
     model = ct.models.MLModel(str(artifact.root / entry["package"]), compute_units=units)
-    io = {**entry, "sliding_window": artifact.config.get("sliding_window")}
+    io = {**entry, "sliding_window": _caller_window(artifact.config)}
     return CoreMLRuntime(model, max_context, artifact.vocab_size, io, device or "auto")
 
 
@@ -154,5 +155,12 @@ def from_model(
     tmp = tempfile.mkdtemp(prefix="infopt-coreml-")  # Core ML reads the package lazily: kept
     export_coreml(core, Path(tmp) / FILE, max_context)
     model = ct.models.MLModel(str(Path(tmp) / FILE), compute_units=units)
-    io = {**coreml_io(core, max_context), "sliding_window": core.spec.sliding_window}
+    io = {**coreml_io(core, max_context), "sliding_window": _caller_window(core.spec.to_dict())}
     return CoreMLRuntime(model, max_context, core.spec.vocab_size, io, device or "auto")
+
+
+def _caller_window(config: Mapping[str, Any]) -> int | None:
+    """The sliding window the caller applies to the mask: the graph applies each sliding layer's
+    own, but artifacts exported before it did (every layer sliding) need it from the caller;
+    applied twice it changes nothing. Models with full layers too get the plain causal mask."""
+    return config.get("sliding_window") if not config.get("layer_types") else None

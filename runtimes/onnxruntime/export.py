@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from infopt.core.model import Block, Decoder, LowRankLinear, rope_inv_freq
+from infopt.core.model import Block, Decoder, LowRankLinear, rope_angles, rope_kinds
 from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, unpack_int4
 from infopt.errors import InvalidArgumentError
 from infopt.runtimes.base import Exported
@@ -245,9 +245,23 @@ def _fused(mods: tuple[nn.Module, ...]) -> nn.Module | None:
     return None
 
 
+def _head_norm(g: _Graph, x: str, weight: torch.Tensor, heads: int, name: str, eps: float) -> str:
+    """RMSNorm over each head's slice of x [B, S, heads * D] (QK-norm)."""
+    d = weight.shape[0]
+    split = g.one("Reshape", [x, g.const(f"{name}.heads", np.array([0, 0, heads, d]))])
+    normed = g.one(
+        "SimplifiedLayerNormalization",
+        [split, g.const(name, _f32(weight))],
+        epsilon=eps,
+        axis=-1,
+        stash_type=1,
+    )
+    return g.one("Reshape", [normed, g.const(f"{name}.flat", np.array([0, 0, heads * d]))])
+
+
 def _attention(g: _Graph, x: str, block: Block, i: int, rope: tuple[str, str], window: int) -> str:
     a = block.self_attn
-    fused = _fused((a.q_proj, a.k_proj, a.v_proj))
+    fused = None if a.q_norm is not None else _fused((a.q_proj, a.k_proj, a.v_proj))
     if fused is not None:
         qkv = [_linear(g, x, fused, f"layers.{i}.attn.qkv_proj"), "", ""]
     else:
@@ -255,6 +269,11 @@ def _attention(g: _Graph, x: str, block: Block, i: int, rope: tuple[str, str], w
             _linear(g, x, getattr(a, p), f"layers.{i}.attn.{p}")
             for p in ("q_proj", "k_proj", "v_proj")
         ]
+    if a.q_norm is not None and a.k_norm is not None:  # before the rotary GQA applies
+        eps = block.input_layernorm.eps
+        qkv[0] = _head_norm(g, qkv[0], a.q_norm.weight, a.n_heads, f"layers.{i}.attn.q_norm", eps)
+        qkv[1] = _head_norm(g, qkv[1], a.k_norm.weight, a.n_kv, f"layers.{i}.attn.k_norm", eps)
+    extra = {} if a.softcap is None else {"softcap": float(a.softcap)}
     out = g.op(
         "GroupQueryAttention",
         [
@@ -272,6 +291,8 @@ def _attention(g: _Graph, x: str, block: Block, i: int, rope: tuple[str, str], w
         do_rotary=1,
         rotary_interleaved=0,
         local_window_size=window,
+        scale=float(a.scale),
+        **extra,
     )[0]
     return _linear(g, out, a.o_proj, f"layers.{i}.attn.o_proj")
 
@@ -286,7 +307,10 @@ def _mlp(g: _Graph, x: str, block: Block, i: int) -> str:
     else:
         gate = _linear(g, x, m.gate_proj, f"layers.{i}.mlp.gate_proj")
         up = _linear(g, x, m.up_proj, f"layers.{i}.mlp.up_proj")
-    act = g.one("Mul", [gate, g.one("Sigmoid", [gate])])  # SiLU
+    if m.act == "silu":
+        act = g.one("Mul", [gate, g.one("Sigmoid", [gate])])
+    else:
+        act = g.one("Gelu", [gate], approximate="tanh")
     return _linear(g, g.one("Mul", [act, up]), m.down_proj, f"layers.{i}.mlp.down_proj")
 
 
@@ -367,6 +391,16 @@ def _lm_head(g: _Graph, h: str, model: Decoder, shared: Any) -> str:
     return _plus_offsets(g, h, logits, qw, "lm_head", block)
 
 
+def _norm(g: _Graph, x: str, weight: torch.Tensor, name: str, eps: float) -> str:
+    return g.one(
+        "SimplifiedLayerNormalization",
+        [x, g.const(name, _f32(weight))],
+        epsilon=eps,
+        axis=-1,
+        stash_type=1,
+    )
+
+
 def _skip_norm(
     g: _Graph, residual: str, x: str, weight: torch.Tensor, name: str, spec: Any
 ) -> tuple[str, str]:
@@ -387,24 +421,39 @@ def build_graph(model: Decoder, max_context: int) -> Any:
 
     spec = model.spec
     g = _Graph()
-    freqs = torch.arange(max_context, dtype=torch.float32)[:, None] * rope_inv_freq(spec)
-    rope = (g.const("cos_cache", freqs.cos().numpy()), g.const("sin_cache", freqs.sin().numpy()))
-    window = spec.sliding_window if spec.sliding_window else -1
+    ropes = {}
+    for kind in rope_kinds(spec):
+        freqs, scale = rope_angles(spec, max_context, kind)
+        suffix = "" if kind == "full" else "_local"
+        ropes[kind] = (
+            g.const(f"cos_cache{suffix}", (freqs.cos() * scale).numpy()),
+            g.const(f"sin_cache{suffix}", (freqs.sin() * scale).numpy()),
+        )
     x, shared = _embedding(g, model)
+    if spec.embed_scale is not None:
+        scale_value = np.array(spec.embed_scale, np.float32)
+        x = g.one("Mul", [x, g.const("embed_scale", scale_value)])
     blocks = model.blocks
+    eps = spec.rms_norm_eps
     h = g.one(
         "SimplifiedLayerNormalization",
         [x, g.const("layers.0.input_norm", _f32(blocks[0].input_layernorm.weight))],
-        epsilon=spec.rms_norm_eps,
+        epsilon=eps,
         axis=-1,
         stash_type=1,
     )
     residual = x
     for i, block in enumerate(blocks):
-        attn = _attention(g, h, block, i, rope, window)
-        post = block.post_attention_layernorm.weight
-        h, residual = _skip_norm(g, residual, attn, post, f"layers.{i}.post_norm", spec)
+        kind = block.self_attn.kind
+        window = spec.window_of(kind) or -1
+        attn = _attention(g, h, block, i, ropes.get(kind, ropes["full"]), window)
+        if (out_norm := block.attn_out_norm) is not None:
+            attn = _norm(g, attn, out_norm.weight, f"layers.{i}.post_attn_norm", eps)
+        mlp_norm = block.mlp_norm.weight
+        h, residual = _skip_norm(g, residual, attn, mlp_norm, f"layers.{i}.post_norm", spec)
         mlp = _mlp(g, h, block, i)
+        if (out_norm := block.mlp_out_norm) is not None:
+            mlp = _norm(g, mlp, out_norm.weight, f"layers.{i}.post_mlp_norm", eps)
         if i + 1 < len(blocks):
             norm, name = blocks[i + 1].input_layernorm.weight, f"layers.{i + 1}.input_norm"
         else:
@@ -417,6 +466,10 @@ def build_graph(model: Decoder, max_context: int) -> Any:
         [h, start, g.const("slice_end", np.array([1 << 62])), g.const("slice_axis", np.array([1]))],
     )
     logits = _lm_head(g, h, model, shared)
+    if (cap := spec.final_softcap) is not None:
+        cap_value = g.const("final_softcap", np.array(cap, np.float32))
+        capped = g.one("Tanh", [g.one("Div", [logits, cap_value])])
+        logits = g.one("Mul", [capped, cap_value])
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
 
     f32 = TensorProto.FLOAT

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from infopt.core.model import Block, Decoder, LowRankLinear, rope_inv_freq
+from infopt.core.model import Block, Decoder, LowRankLinear, rope_angles
 from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, unpack_int4
 from infopt.errors import InvalidArgumentError
 from infopt.runtimes.base import Exported
@@ -170,32 +170,41 @@ def _expand(kv_all: Any, kv: int, groups: int, dim: int) -> Any:
 def _attention(x: Any, block: Block, i: int, ctx: dict[str, Any], sinks: list[Any]) -> Any:
     _, ops = _ov()
     a = block.self_attn
-    d = a.head_dim
-    q = _rope(
-        _heads(_linear(x, a.q_proj, f"layers.{i}.q"), a.n_heads, d), ctx["cos"], ctx["sin"], d
-    )
-    k = _rope(_heads(_linear(x, a.k_proj, f"layers.{i}.k"), a.n_kv, d), ctx["cos"], ctx["sin"], d)
+    d, eps = a.head_dim, block.input_layernorm.eps
+    cos, sin, mask = ctx[a.kind]
+    q = _heads(_linear(x, a.q_proj, f"layers.{i}.q"), a.n_heads, d)
+    k = _heads(_linear(x, a.k_proj, f"layers.{i}.k"), a.n_kv, d)
+    if a.q_norm is not None and a.k_norm is not None:  # over each head's dim, before RoPE
+        q, k = _rms_norm(q, a.q_norm.weight, eps), _rms_norm(k, a.k_norm.weight, eps)
+    q, k = _rope(q, cos, sin, d), _rope(k, cos, sin, d)
     v = _heads(_linear(x, a.v_proj, f"layers.{i}.v"), a.n_kv, d)
     k_all = _kv_state(k, a.n_kv, d, f"past_key_values.{i}.key", ctx["beam_idx"], sinks)
     v_all = _kv_state(v, a.n_kv, d, f"past_key_values.{i}.value", ctx["beam_idx"], sinks)
     groups = a.n_heads // a.n_kv
-    out = ops.scaled_dot_product_attention(
-        q,
-        _expand(k_all, a.n_kv, groups, d),
-        _expand(v_all, a.n_kv, groups, d),
-        ctx["mask"],
-        np.float32(1 / np.sqrt(d)),
-        False,
-    )
+    k_all, v_all = _expand(k_all, a.n_kv, groups, d), _expand(v_all, a.n_kv, groups, d)
+    if a.softcap is None:
+        out = ops.scaled_dot_product_attention(q, k_all, v_all, mask, np.float32(a.scale), False)
+    else:  # soft-capped scores: the explicit form (SDPA has no cap)
+        scores = ops.multiply(ops.matmul(q, k_all, False, True), np.float32(a.scale))
+        scores = _soft_cap(scores, a.softcap)
+        out = ops.matmul(ops.softmax(ops.add(scores, mask), -1), v_all, False, False)
     out = ops.transpose(out, ops.constant(np.array([0, 2, 1, 3], np.int64)))
     out = ops.reshape(out, ops.constant(np.array([1, -1, a.n_heads * d], np.int64)), False)
     return _linear(out, a.o_proj, f"layers.{i}.o")
 
 
+def _soft_cap(x: Any, cap: float | None) -> Any:
+    _, ops = _ov()
+    if cap is None:
+        return x
+    return ops.multiply(ops.tanh(ops.divide(x, np.float32(cap))), np.float32(cap))
+
+
 def _mlp(x: Any, block: Block, i: int) -> Any:
     _, ops = _ov()
     m = block.mlp
-    gate = ops.swish(_linear(x, m.gate_proj, f"layers.{i}.gate"))
+    gate = _linear(x, m.gate_proj, f"layers.{i}.gate")
+    gate = ops.swish(gate) if m.act == "silu" else ops.gelu(gate, "tanh")
     return _linear(
         ops.multiply(gate, _linear(x, m.up_proj, f"layers.{i}.up")), m.down_proj, f"layers.{i}.down"
     )
@@ -226,15 +235,15 @@ def _embedding(model: Decoder, ids: Any) -> tuple[Any, Any]:
     return ops.gather(table, ids, np.int64(0)), (table, stored) if tied else None
 
 
-def _mask(model: Decoder, attention_mask: Any, position_ids: Any) -> Any:
+def _mask(model: Decoder, attention_mask: Any, position_ids: Any, kind: str) -> Any:
     """Float mask [1, 1, S, T]: 0 where key j is visible to the query at position p (j <= p,
-    and inside the sliding window), -inf elsewhere."""
+    and inside the sliding window for a layer of that kind), -inf elsewhere."""
     _, ops = _ov()
     total = ops.gather(ops.shape_of(attention_mask), np.int64(1), np.int64(0))
     keys = ops.unsqueeze(ops.range(np.int64(0), total, np.int64(1), "i64"), np.int64(0))  # [1, T]
     pos = ops.unsqueeze(ops.squeeze(position_ids, np.int64(0)), np.int64(1))  # [S, 1]
     visible = ops.less_equal(keys, pos)
-    window = model.spec.sliding_window
+    window = model.spec.window_of(kind)
     if window:
         visible = ops.logical_and(visible, ops.greater(keys, ops.subtract(pos, np.int64(window))))
     mask = ops.select(visible, np.float32(0), np.float32(-np.inf))
@@ -252,28 +261,31 @@ def build_model(model: Decoder, max_context: int) -> Any:
         "beam_idx": ops.parameter([-1], ov.Type.i32, name="beam_idx"),
         "logits_to_keep": ops.parameter([1], ov.Type.i64, name="logits_to_keep"),
     }
-    freqs = torch.arange(max_context, dtype=torch.float32)[:, None] * rope_inv_freq(spec)
-    emb = torch.cat((freqs, freqs), dim=-1)  # [max_context, D], the half-split layout
     ids_pos = params["position_ids"]
-    cos = ops.unsqueeze(
-        ops.gather(ops.constant(emb.cos().numpy()), ids_pos, np.int64(0)), np.int64(1)
-    )
-    sin = ops.unsqueeze(
-        ops.gather(ops.constant(emb.sin().numpy()), ids_pos, np.int64(0)), np.int64(1)
-    )
-    ctx = {
-        "cos": cos,
-        "sin": sin,
-        "beam_idx": params["beam_idx"],
-        "mask": _mask(model, params["attention_mask"], ids_pos),
-    }
+    ctx: dict[str, Any] = {"beam_idx": params["beam_idx"]}
+    for kind in set(spec.layer_kinds):
+        freqs, scale = rope_angles(spec, max_context, kind)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_context, D], the half-split layout
+        cos, sin = ((f(emb) * scale).numpy() for f in (torch.cos, torch.sin))
+        ctx[kind] = (
+            ops.unsqueeze(ops.gather(ops.constant(cos), ids_pos, np.int64(0)), np.int64(1)),
+            ops.unsqueeze(ops.gather(ops.constant(sin), ids_pos, np.int64(0)), np.int64(1)),
+            _mask(model, params["attention_mask"], ids_pos, kind),
+        )
     sinks: list[Any] = []
     x, table = _embedding(model, params["input_ids"])
+    if spec.embed_scale is not None:
+        x = ops.multiply(x, np.float32(spec.embed_scale))
+    eps = spec.rms_norm_eps
     for i, block in enumerate(model.blocks):
-        h = _rms_norm(x, block.input_layernorm.weight, spec.rms_norm_eps)
-        x = ops.add(x, _attention(h, block, i, ctx, sinks))
-        h = _rms_norm(x, block.post_attention_layernorm.weight, spec.rms_norm_eps)
-        x = ops.add(x, _mlp(h, block, i))
+        h = _attention(_rms_norm(x, block.input_layernorm.weight, eps), block, i, ctx, sinks)
+        if (norm := block.attn_out_norm) is not None:
+            h = _rms_norm(h, norm.weight, eps)
+        x = ops.add(x, h)
+        h = _mlp(_rms_norm(x, block.mlp_norm.weight, eps), block, i)
+        if (norm := block.mlp_out_norm) is not None:
+            h = _rms_norm(h, norm.weight, eps)
+        x = ops.add(x, h)
     start = ops.negative(params["logits_to_keep"])
     x = ops.slice(
         x,
@@ -290,6 +302,7 @@ def build_model(model: Decoder, max_context: int) -> Any:
             logits = _plus_offsets(h, logits, qw)
     else:
         logits = _linear(h, model.lm_head, "lm_head")
+    logits = _soft_cap(logits, spec.final_softcap)
     logits.output(0).get_tensor().set_names({"logits"})
     result = ops.result(logits)
     return ov.Model([result], sinks, list(params.values()), "infopt")

@@ -6,9 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from infopt.core.model import Decoder, KVCache, apply_rope, load_core, pick_device
+from infopt.core.model import Decoder, KVCache, attend, load_core, pick_device
 from infopt.runtimes.base import Artifact, BaseRuntime, check_numerics
 
 if TYPE_CHECKING:
@@ -67,33 +66,36 @@ class PyTorchRuntime(BaseRuntime):
         pos = torch.tensor(self.positions[:n], device=device)
         window = _window(max(self.positions[:n]) + 1, self.max_context)
         keys = torch.arange(window, device=device)[None, :]
-        visible = keys <= pos[:, None]
-        if model.spec.sliding_window is not None:
-            visible = visible & (keys > pos[:, None] - model.spec.sliding_window)
-        mask = visible[:, None, None, :]  # [n, kv heads, query rows, window]
+        masks = {}  # per layer kind: [n, kv heads, query rows, window]
+        for kind in set(model.spec.layer_kinds):
+            visible = keys <= pos[:, None]
+            if (sliding := model.spec.window_of(kind)) is not None:
+                visible = visible & (keys > pos[:, None] - sliding)
+            masks[kind] = visible[:, None, None, :]
         rows = torch.arange(n, device=device)
         with torch.inference_mode():
-            x = model.embed_tokens(torch.from_numpy(ids).to(device)[:, None])  # [n, 1, hidden]
-            cos, sin = model.rope_cos[pos][:, None, None], model.rope_sin[pos][:, None, None]
+            x = model.embed(torch.from_numpy(ids).to(device)[:, None])  # [n, 1, hidden]
+            ropes = {
+                kind: tuple(t[:, None, None] for t in model.rope_at(kind, pos)) for kind in masks
+            }
             for block, (k_all, v_all) in zip(model.blocks, self._full, strict=True):
                 a = block.self_attn
-                h = block.input_layernorm(x)
-                q = a.q_proj(h).view(n, a.n_heads, 1, a.head_dim)
-                k = a.k_proj(h).view(n, a.n_kv, 1, a.head_dim)
-                v = a.v_proj(h).view(n, a.n_kv, 1, a.head_dim)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                cos, sin = ropes[a.kind]
+                q, k, v = a.project(block.input_layernorm(x), cos, sin)  # [n, H, 1, D]
                 k_all[rows, :, pos] = k[:, :, 0]
                 v_all[rows, :, pos] = v[:, :, 0]
                 groups = a.n_heads // a.n_kv
-                out = F.scaled_dot_product_attention(
+                out = attend(
                     q.reshape(n, a.n_kv, groups, a.head_dim),
                     k_all[:n, :, :window],
                     v_all[:n, :, :window],
-                    attn_mask=mask,
+                    masks[a.kind],
+                    a.scale,
+                    a.softcap,
                 )
-                x = x + a.o_proj(out.reshape(n, 1, a.n_heads * a.head_dim))
-                x = x + block.mlp(block.post_attention_layernorm(x))
-            logits = model.lm_head(model.norm(x))[:, 0]
+                x = block.attn_residual(x, a.o_proj(out.reshape(n, 1, a.n_heads * a.head_dim)))
+                x = block.ffn(x)
+            logits = model.head(x)[:, 0]
         return logits.float().cpu().numpy()
 
     def _swap_rows(self, a: int, b: int, used: int) -> None:

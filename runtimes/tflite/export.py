@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infopt.core.model import Decoder, apply_rope
+from infopt.core.model import Decoder, soft_cap
 from infopt.core.quant import QuantScheme, float_copy
 from infopt.core.quiet import quiet_native
 from infopt.errors import InvalidArgumentError, RuntimeNotAvailableError
@@ -48,13 +48,14 @@ class _Step(nn.Module):
         super().__init__()
         self.core = core
 
-    def mask(self, pos: torch.Tensor, length: int) -> torch.Tensor:
+    def mask(self, pos: torch.Tensor, length: int, kind: str) -> torch.Tensor:
         """Additive mask [W, length + W]: a query sees the cache slots before the window's first
-        position and the window's keys up to its own (within the sliding window, if any)."""
+        position and the window's keys up to its own (within the sliding window, for a layer of
+        that kind)."""
         slots = torch.arange(length)[None, :]
         old = slots < pos[:1, None]
         new = pos[None, :] <= pos[:, None]
-        if (sliding := self.core.spec.sliding_window) is not None:
+        if (sliding := self.core.spec.window_of(kind)) is not None:
             old = old & (slots > pos[:, None] - sliding)
             new = new & (pos[None, :] > pos[:, None] - sliding)
         visible = torch.cat((old.expand(len(pos), length), new), dim=1)
@@ -69,34 +70,32 @@ class _Step(nn.Module):
         last: torch.Tensor | None = None,  # int32 [1]: the one position given logits
     ) -> dict[str, torch.Tensor]:
         m, pos = self.core, input_pos.long()
-        x = m.embed_tokens(tokens.long())
-        cos, sin = m.rope_cos[pos], m.rope_sin[pos]
-        mask = self.mask(pos, k_cache.shape[2])  # [W, cache_len + W], additive
+        x = m.embed(tokens.long())
+        length = k_cache.shape[2]
+        kinds = set(m.spec.layer_kinds)
+        masks = {kind: self.mask(pos, length, kind) for kind in kinds}  # additive
+        ropes = {kind: m.rope_at(kind, pos) for kind in kinds}
         new_k, new_v = [], []
         for i, block in enumerate(m.blocks):
             a = block.self_attn
-            h = block.input_layernorm(x)
-            t, groups = h.shape[1], a.n_heads // a.n_kv
-            q = a.q_proj(h).view(1, t, a.n_heads, a.head_dim).transpose(1, 2)
-            k = a.k_proj(h).view(1, t, a.n_kv, a.head_dim).transpose(1, 2)
-            v = a.v_proj(h).view(1, t, a.n_kv, a.head_dim).transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            t, groups = x.shape[1], a.n_heads // a.n_kv
+            q, k, v = a.project(block.input_layernorm(x), *ropes[a.kind])
             new_k.append(k[0])
             new_v.append(v[0])
             # GQA as in the core; softmax over the cached keys and the window's own keys together,
             # so the cache is only read: no copy of it with the new entries written in
-            q = q.reshape(1, a.n_kv, groups * t, a.head_dim) * a.head_dim**-0.5
-            cached, length = k_cache[i][None], k_cache.shape[2]
+            q = q.reshape(1, a.n_kv, groups * t, a.head_dim) * a.scale
+            cached = k_cache[i][None]
             scores = torch.cat((q @ cached.transpose(-1, -2), q @ k.transpose(-1, -2)), dim=-1)
-            p = torch.softmax(scores + mask.repeat(groups, 1), dim=-1)
+            scores = soft_cap(scores, a.softcap)
+            p = torch.softmax(scores + masks[a.kind].repeat(groups, 1), dim=-1)
             out = p[..., :length] @ v_cache[i][None] + p[..., length:] @ v
             out = out.view(1, a.n_heads, t, a.head_dim).transpose(1, 2).reshape(1, t, -1)
-            x = x + a.o_proj(out)
-            x = x + block.mlp(block.post_attention_layernorm(x))
+            x = block.ffn(block.attn_residual(x, a.o_proj(out)))
         if last is not None:
             x = x.index_select(1, last.long())
         return {
-            "logits": m.lm_head(m.norm(x)),
+            "logits": m.head(x),
             "k_new": torch.stack(new_k),
             "v_new": torch.stack(new_v),
         }
@@ -194,7 +193,8 @@ def export_tflite(core: Decoder, path: str | Path, max_context: int) -> list[str
 
     model, schemes = float_copy(core)
     kinds = check_schemes(schemes)
-    model.setup_cache(max_context + PREFILL)  # RoPE tables: padded positions run past the end
+    # RoPE tables: padded positions run past the end (the model still serves max_context)
+    model.setup_cache(max_context + PREFILL, context=max_context)
     step = _Step(model).eval()
     converter = None
     for name, window in SIGNATURES.items():

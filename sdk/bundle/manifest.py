@@ -52,6 +52,8 @@ SPEC_TYPES: dict[str, dict[str, Any]] = {
     "int | None": nullable(INT),
     "dict[str, Any] | None": nullable(open_object()),
     "tuple[int, ...]": INTS,
+    "tuple[str, ...] | None": nullable(STRS),
+    "float | None": nullable(NUM),
 }
 
 

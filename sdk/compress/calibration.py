@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from infopt.compress.gptq import Hessian
-from infopt.core.model import Block, Decoder, replace_module
+from infopt.core.model import Block, Decoder, PassInputs, replace_module
 from infopt.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -79,16 +79,15 @@ def per_block(
     if model.max_len < seq_len:
         model.setup_cache(seq_len)
     pos = torch.arange(seq_len)
-    cos, sin = model.rope_cos[pos], model.rope_sin[pos]
-    mask = model.causal_mask(pos, seq_len)
-    hidden = [model.embed_tokens(calibration[i : i + 1]).float() for i in range(n)]
+    inputs = model.pass_inputs(pos, seq_len)
+    hidden = [model.embed(calibration[i : i + 1]).float() for i in range(n)]
     for index, block in enumerate(model.blocks):
-        hessians = _collect_hessians(block, names, hidden, cos, sin, pos, mask)
+        hessians = _collect_hessians(block, names, hidden, pos, inputs)
         for name in names:
             linear = block.get_submodule(name)
             assert isinstance(linear, nn.Linear)
             replace_module(block, name, rewrite(index, name, linear, hessians[name].h))
-        hidden = [block(x, cos, sin, pos, mask) for x in hidden]
+        hidden = [block(x, pos, inputs) for x in hidden]
         if progress:
             progress(f"{label} block {index + 1}/{len(model.blocks)}")
 
@@ -109,10 +108,8 @@ def _collect_hessians(
     block: Block,
     names: list[str],
     hidden: list[torch.Tensor],
-    cos: torch.Tensor,
-    sin: torch.Tensor,
     pos: torch.Tensor,
-    mask: torch.Tensor,
+    inputs: dict[str, PassInputs],
 ) -> dict[str, Hessian]:
     """Run the calibration activations through `block`, accumulating the input Hessian of each
     named linear (one per distinct input)."""
@@ -130,7 +127,7 @@ def _collect_hessians(
         )
     try:
         for x in hidden:
-            block(x, cos, sin, pos, mask)
+            block(x, pos, inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -8,7 +8,8 @@ Parameter names mirror Hugging Face's (minus the leading `model.`), so HF state 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, cast
 
 import torch
@@ -24,11 +25,16 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
-    """Inverse RoPE frequencies [head_dim/2], float32, with the config's scaling, as HF does."""
+def rope_inv_freq(spec: ModelSpec, kind: str = "full", max_len: int = 0) -> torch.Tensor:
+    """Inverse RoPE frequencies [head_dim/2], float32, of a layer of `kind`, with the config's
+    scaling, as HF computes them. LongRoPE takes its long factors when `max_len` exceeds the
+    pretraining context: a choice made once per cache size, as llama.cpp does (transformers
+    switches mid-sequence)."""
     dim = spec.head_dim
-    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = spec.rope_scaling or {}
+    theta, scaling = spec.rope_of(kind)
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    inv = 1.0 / (theta**exponent)
+    scaling = scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         return inv / float(scaling["factor"])
@@ -42,7 +48,68 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return torch.where(medium, smoothed, scaled)
+    if kind == "longrope":
+        long = max_len > scaling["original_max_position_embeddings"]
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"])
+        return 1.0 / (factors.float() * theta**exponent)
     return inv
+
+
+def rope_scale(spec: ModelSpec, kind: str = "full") -> float:
+    """The factor cos and sin are multiplied by (LongRoPE's attention factor; else 1)."""
+    _, scaling = spec.rope_of(kind)
+    if (scaling or {}).get("rope_type") != "longrope":
+        return 1.0
+    assert scaling is not None
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    factor = float(scaling.get("factor") or spec.max_position_embeddings / original)
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def rope_angles(
+    spec: ModelSpec, max_len: int, kind: str = "full", context: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """(position x frequency angles [max_len, head_dim/2] float32, cos/sin factor) of a layer
+    of `kind`: tables of `max_len` rows for a model serving `context` positions (default
+    max_len; LongRoPE's choice of factors follows it)."""
+    inv = rope_inv_freq(spec, kind, context or max_len)
+    return torch.arange(max_len, dtype=torch.float32)[:, None] * inv, rope_scale(spec, kind)
+
+
+def rope_kinds(spec: ModelSpec) -> tuple[str, ...]:
+    """The layer kinds that need their own RoPE tables ("full" always)."""
+    if spec.rope_local_theta is not None and "sliding" in spec.layer_kinds:
+        return ("full", "sliding")
+    return ("full",)
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Softmax attention of q [.., Tq, D] over k/v [.., Tk, D] under a bool (True: visible) or
+    additive mask; soft-capped scores need the explicit form, the rest takes SDPA's kernel."""
+    if softcap is None:  # the default scale left implicit: converters match SDPA without one
+        implicit = scale == q.shape[-1] ** -0.5
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=None if implicit else scale
+        )
+    scores = soft_cap(q @ k.transpose(-1, -2) * scale, softcap)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 class RMSNorm(nn.Module):
@@ -88,7 +155,7 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, kind: str = "full") -> None:
         super().__init__()
         h, d = spec.hidden_size, spec.head_dim
         bias = spec.attention_bias
@@ -96,8 +163,27 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
         self.n_heads, self.n_kv, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        self.kind = kind  # "full" | "sliding"
+        self.scale = spec.attn_scale if spec.attn_scale is not None else d**-0.5
+        self.softcap = spec.attn_softcap
         self.cache: KVCache | None = None
+
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, D], k and v [B, H_kv, T, D] of x [B, T, hidden]: normed (QK-norm) and
+        rotated."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(
         self,
@@ -109,17 +195,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         groups = self.n_heads // self.n_kv
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         assert self.cache is not None, "call Decoder.setup_cache() first"
         k_all, v_all = self.cache.update(pos, k, v)
         window = mask.shape[-1]
         k_all, v_all = k_all[:, :, :window], v_all[:, :, :window]
         # GQA without copying K/V: the `groups` query heads of one KV head become extra rows.
         q = q.reshape(b, self.n_kv, groups * t, self.head_dim)
-        out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask.repeat(groups, 1))
+        out = attend(q, k_all, v_all, mask.repeat(groups, 1), self.scale, self.softcap)
         out = out.view(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(out)
 
@@ -148,29 +231,67 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.act = spec.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = F.silu(gate) if self.act == "silu" else F.gelu(gate, approximate="tanh")
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    """Pre-norm residual block; with sandwich norms (Gemma) the attention and MLP outputs are
+    normed too, and the pre-MLP norm is `pre_feedforward_layernorm` (HF's names throughout)."""
+
+    def __init__(self, spec: ModelSpec, kind: str = "full") -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        eps = spec.rms_norm_eps
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps)
+        self.self_attn = Attention(spec, kind)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps)
         self.mlp = MLP(spec)
+        self.sandwich = spec.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, eps)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps)
+        self.kind = kind
+
+    @property
+    def mlp_norm(self) -> RMSNorm:
+        """The norm before the MLP."""
+        return self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
+
+    @property
+    def attn_out_norm(self) -> RMSNorm | None:
+        """The norm on the attention's output before the residual add (sandwich only)."""
+        return self.post_attention_layernorm if self.sandwich else None
+
+    @property
+    def mlp_out_norm(self) -> RMSNorm | None:
+        """The norm on the MLP's output before the residual add (sandwich only)."""
+        return self.post_feedforward_layernorm if self.sandwich else None
+
+    def attn_residual(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x plus the attention's output (o_proj applied)."""
+        norm = self.attn_out_norm
+        return x + (attn if norm is None else norm(attn))
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus the MLP's output, norms included."""
+        out = self.mlp(self.mlp_norm(x))
+        norm = self.mlp_out_norm
+        return x + (out if norm is None else norm(out))
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        pos: torch.Tensor,
-        mask: torch.Tensor,
+        self, x: torch.Tensor, pos: torch.Tensor, inputs: dict[str, PassInputs]
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        cos, sin, mask = inputs[self.kind]
+        x = self.attn_residual(x, self.self_attn(self.input_layernorm(x), cos, sin, pos, mask))
+        return self.ffn(x)
+
+
+# (cos, sin, mask) one pass gives the layers of a kind
+PassInputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Decoder(nn.Module):
@@ -178,13 +299,15 @@ class Decoder(nn.Module):
 
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
+    rope_cos_local: torch.Tensor  # sliding layers with their own RoPE base only
+    rope_sin_local: torch.Tensor
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
         # nn.Embedding / nn.Linear, or their quantized forms after compression
         self.embed_tokens: nn.Module = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(Block(spec, kind) for kind in spec.layer_kinds)
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.lm_head: nn.Module = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
@@ -199,40 +322,107 @@ class Decoder(nn.Module):
     def blocks(self) -> list[Block]:
         return [cast(Block, layer) for layer in self.layers]
 
-    def setup_cache(self, max_len: int, batch: int = 1, dtype: torch.dtype | None = None) -> None:
-        """Allocate the KV cache and the RoPE tables for `max_len` positions."""
+    def setup_cache(
+        self,
+        max_len: int,
+        batch: int = 1,
+        dtype: torch.dtype | None = None,
+        context: int | None = None,
+    ) -> None:
+        """Allocate the KV cache and the RoPE tables for `max_len` positions, of a model serving
+        `context` positions (default max_len: more rows than that only pad fixed windows)."""
         dtype = dtype or self.norm.weight.dtype
         device = self.norm.weight.device
         for layer in self.blocks:
             cache = KVCache(batch, self.spec.num_kv_heads, max_len, self.spec.head_dim, dtype)
             layer.self_attn.cache = cache.to(device)
-        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * rope_inv_freq(self.spec)
-        emb = torch.cat((freqs, freqs), dim=-1).to(device)  # [max_len, D]
-        self.register_buffer("rope_cos", emb.cos().to(dtype), persistent=False)
-        self.register_buffer("rope_sin", emb.sin().to(dtype), persistent=False)
+        for kind in rope_kinds(self.spec):
+            freqs, scale = rope_angles(self.spec, max_len, kind, context)
+            emb = torch.cat((freqs, freqs), dim=-1).to(device)  # [max_len, D]
+            suffix = "" if kind == "full" else "_local"
+            self.register_buffer(
+                f"rope_cos{suffix}", (emb.cos() * scale).to(dtype), persistent=False
+            )
+            self.register_buffer(
+                f"rope_sin{suffix}", (emb.sin() * scale).to(dtype), persistent=False
+            )
         self.max_len = max_len
 
-    def causal_mask(self, pos: torch.Tensor, window: int) -> torch.Tensor:
+    def rope_at(self, kind: str, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [.., D] at positions `pos` for a layer of `kind`."""
+        if kind == "sliding" and "sliding" in rope_kinds(self.spec):
+            return self.rope_cos_local[pos], self.rope_sin_local[pos]
+        return self.rope_cos[pos], self.rope_sin[pos]
+
+    def causal_mask(self, pos: torch.Tensor, window: int, kind: str = "full") -> torch.Tensor:
         """Bool mask [T, window]: key j is visible to query at position p iff j <= p (and in the
-        sliding window, if the model has one)."""
+        sliding window, for a layer of that kind)."""
         keys = torch.arange(window, device=pos.device)[None, :]
         visible = keys <= pos[:, None]
-        if self.spec.sliding_window is not None:
-            visible = visible & (keys > pos[:, None] - self.spec.sliding_window)
+        sliding = self.spec.window_of(kind)
+        if sliding is not None:
+            visible = visible & (keys > pos[:, None] - sliding)
         return visible
+
+    def pass_inputs(self, pos: torch.Tensor, window: int) -> dict[str, PassInputs]:
+        """(cos, sin, mask) for each layer kind of the model, at positions `pos`."""
+        return {
+            kind: (*self.rope_at(kind, pos), self.causal_mask(pos, window, kind))
+            for kind in set(self.spec.layer_kinds)
+        }
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(tokens)
+        scale = self.spec.embed_scale
+        return x if scale is None else x * torch.tensor(scale, dtype=x.dtype)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of hidden states x: final norm, LM head, soft cap."""
+        return soft_cap(self.lm_head(self.norm(x)), self.spec.final_softcap)
 
     def forward(
         self, tokens: torch.Tensor, pos: torch.Tensor, window: int, last_only: bool = False
     ) -> torch.Tensor:
         """tokens [B, T] at positions pos [T]; attends to cache slots [0, window)."""
-        x = self.embed_tokens(tokens)
-        cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        mask = self.causal_mask(pos, window)
+        x = self.embed(tokens)
+        inputs = self.pass_inputs(pos, window)
         for layer in self.blocks:
-            x = layer(x, cos, sin, pos, mask)
+            x = layer(x, pos, inputs)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.head(x)
+
+
+def split_fused(
+    spec: ModelSpec, name: str, tensor: torch.Tensor
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Phi-3's fused qkv_proj / gate_up_proj as the separate q/k/v and gate/up the core holds
+    (exact: rows are copied); any other tensor as it is."""
+    if name.endswith("self_attn.qkv_proj.weight"):
+        stem = name.removesuffix("qkv_proj.weight")
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        for part, rows in zip("qkv", tensor.split([q, kv, kv]), strict=True):
+            yield f"{stem}{part}_proj.weight", rows.contiguous()
+    elif name.endswith("mlp.gate_up_proj.weight"):
+        stem = name.removesuffix("gate_up_proj.weight")
+        gate, up = tensor.chunk(2)
+        yield f"{stem}gate_proj.weight", gate.contiguous()
+        yield f"{stem}up_proj.weight", up.contiguous()
+    else:
+        yield name, tensor
+
+
+def hf_weights(
+    spec: ModelSpec, pairs: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A Hugging Face checkpoint's tensors as the model core holds them: Gemma's norms as the
+    1 + w they multiply by (as GGUF files store them), Phi-3's fused projections split."""
+    for raw, tensor in pairs:
+        name = raw.removeprefix("model.")
+        if spec.architecture in ("gemma2", "gemma3") and name.endswith("norm.weight"):
+            yield name, tensor.float() + 1.0
+        else:
+            yield from split_fused(spec, name, tensor)
 
 
 def load_state_dict(

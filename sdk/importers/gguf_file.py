@@ -29,8 +29,9 @@ GGUF_MAGIC = b"GGUF"
 # GGML block types kept as they are: type -> (infopt scheme, bytes per block of 32 weights)
 BLOCK_SCHEMES = {"Q4_0": ("int4s-g32", 18), "Q4_1": ("int4m-g32", 20), "Q8_0": ("int8-g32", 34)}
 BLOCK = 32
-SUPPORTED = {"llama": "llama", "qwen2": "qwen2"}  # general.architecture -> our family
-# GGUF tensor names -> HF names (per block, then global).
+# general.architecture -> our family (llama.cpp writes Mistral v0.1 as llama)
+SUPPORTED = {a: a for a in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")}
+# GGUF tensor names -> HF names (per block, then global), as llama.cpp's converter maps them
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -38,11 +39,26 @@ _BLOCK_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_SANDWICH_NAMES = {  # Gemma 2 / 3: ffn_norm is the norm before the MLP
+    **_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_FUSED_NAMES = {  # Phi-3: q/k/v and gate/up in one tensor each, split on import
+    **_BLOCK_NAMES,
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_up": "mlp.gate_up_proj",
+}
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
+# Phi-3's LongRoPE factors are tensors in GGUF; the spec carries them (read with the metadata)
+_ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def open_reader(path: Path) -> GGUFReader:
@@ -159,7 +175,12 @@ def read_metadata(reader: GGUFReader) -> dict[str, Any]:
     return out
 
 
-def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> ModelSpec:
+def spec_from_gguf(
+    meta: dict[str, Any],
+    tensor_names: set[str],
+    path: Path,
+    rope_factors: dict[str, list[float]] | None = None,
+) -> ModelSpec:
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED:
         raise UnsupportedModelError(
@@ -179,7 +200,7 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> 
             )
         return kind(value)
 
-    if "rope_freqs.weight" in tensor_names:
+    if "rope_freqs.weight" in tensor_names and arch != "phi3":
         raise UnsupportedModelError(
             f"{path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 "
             "scaling) in GGUF are not supported; load the HF folder"
@@ -191,35 +212,104 @@ def spec_from_gguf(meta: dict[str, Any], tensor_names: set[str], path: Path) -> 
         )
     hidden, heads = key("embedding_length"), key("attention.head_count")
     tokens = meta.get("tokenizer.ggml.tokens") or []
-    if heads <= 0 or hidden % heads:
+    if heads <= 0 or (hidden % heads and f"{arch}.attention.key_length" not in meta):
         raise ModelFormatError(
             f"{path}: GGUF '{arch}.attention.head_count' = {heads} does not divide "
             f"'{arch}.embedding_length' = {hidden}"
         )
+    layers = key("block_count")
+    head_dim = key("attention.key_length", 0) or key("rope.dimension_count", hidden // heads)
+    if key("rope.dimension_count", head_dim) != head_dim:
+        raise UnsupportedModelError(
+            f"{path}: RoPE on {key('rope.dimension_count')} of {head_dim} head dimensions "
+            "(partial rotary) is not supported"
+        )
     eos = key("tokenizer.ggml.eos_token_id", -1)
     bos = key("tokenizer.ggml.bos_token_id", -1)
+    rope_scaling = (
+        {"rope_type": "linear", "factor": key("rope.scaling.factor", kind=float)}
+        if scaling == "linear"
+        else None
+    )
+    window = key("attention.sliding_window", 0) or None
+    extra: dict[str, Any] = {}
+    if arch in ("gemma2", "gemma3"):
+        # llama.cpp's layer pattern (every 2nd / 6th layer full) and attention scale (the 27B
+        # models scale by hidden / heads, the others by the head size), as it builds them
+        every, big = (2, 46) if arch == "gemma2" else (6, 62)
+        kinds = _layer_pattern(meta.get(f"{arch}.attention.sliding_window_pattern", every),
+                               layers, path)  # fmt: skip
+        extra = {
+            "layer_types": kinds if window else None,
+            "sandwich_norms": True,
+            "hidden_act": "gelu_tanh",
+            "embed_scale": float(hidden) ** 0.5,
+            "attn_scale": float(hidden // heads if layers == big else head_dim) ** -0.5,
+        }
+        if arch == "gemma2":
+            extra["attn_softcap"] = key("attn_logit_softcapping", 0.0, kind=float) or None
+            extra["final_softcap"] = key("final_logit_softcapping", 0.0, kind=float) or None
+        else:
+            extra["qk_norm"] = True
+            extra["rope_local_theta"] = 10000.0  # llama.cpp's fixed base of Gemma 3's local layers
+    if arch == "qwen3":
+        extra["qk_norm"] = True
+    if arch == "phi3" and "rope_factors_long.weight" in tensor_names:
+        factors = rope_factors
+        if factors is None or set(factors) != set(_ROPE_FACTORS):
+            raise ModelFormatError(f"{path}: Phi-3 needs both {list(_ROPE_FACTORS)} tensors")
+        rope_scaling = {
+            "rope_type": "longrope",
+            "long_factor": factors["rope_factors_long.weight"],
+            "short_factor": factors["rope_factors_short.weight"],
+            "original_max_position_embeddings": key("rope.scaling.original_context_length"),
+            "attention_factor": key("rope.scaling.attn_factor", 1.0, kind=float),
+        }
     return ModelSpec(
         architecture=SUPPORTED[arch],
         vocab_size=key("vocab_size", len(tokens)),
         hidden_size=hidden,
         intermediate_size=key("feed_forward_length"),
-        num_layers=key("block_count"),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=key("attention.head_count_kv", heads),
-        head_dim=key("rope.dimension_count", hidden // heads),
+        head_dim=head_dim,
         max_position_embeddings=key("context_length"),
         rms_norm_eps=key("attention.layer_norm_rms_epsilon", kind=float),
         rope_theta=key("rope.freq_base", 10000.0, kind=float),
-        rope_scaling=(
-            {"rope_type": "linear", "factor": key("rope.scaling.factor", kind=float)}
-            if scaling == "linear"
-            else None
-        ),
+        rope_scaling=rope_scaling,
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias=arch == "qwen2",
+        sliding_window=window if arch not in ("gemma2", "gemma3") or window else None,
         bos_token_id=bos if bos >= 0 else None,
         eos_token_ids=(eos,) if eos >= 0 else (),
+        **extra,
     )
+
+
+def _layer_pattern(pattern: Any, layers: int, path: Path) -> tuple[str, ...]:
+    """Each layer's kind from `sliding_window_pattern`: a period n (every n-th layer full, as
+    llama.cpp's `set_swa_pattern`) or one flag per layer (true: sliding)."""
+    if isinstance(pattern, list):
+        if len(pattern) != layers or not all(isinstance(f, bool) for f in pattern):
+            raise ModelFormatError(
+                f"{path}: sliding_window_pattern {pattern!r} is not one flag per layer"
+            )
+        return tuple("sliding" if f else "full" for f in pattern)
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern <= 0:
+        raise ModelFormatError(f"{path}: sliding_window_pattern = {pattern!r}")
+    return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(layers))
+
+
+def rope_factors(reader: GGUFReader, path: Path) -> dict[str, list[float]] | None:
+    """Phi-3's LongRoPE factor tensors (float32 vectors), if the file has them."""
+    out = {}
+    for t in reader.tensors:
+        if t.name in _ROPE_FACTORS:
+            if t.tensor_type.name != "F32" or len(t.shape) != 1:
+                raise ModelFormatError(f"{path}: {t.name!r} is not a float32 vector")
+            out[t.name] = [float(v) for v in np.asarray(t.data, dtype=np.float32)]
+    return out or None
 
 
 def check_shapes(reader: GGUFReader, spec: ModelSpec, path: Path) -> None:
@@ -232,7 +322,9 @@ def check_shapes(reader: GGUFReader, spec: ModelSpec, path: Path) -> None:
             f"{spec.num_layers} ('block_count')"
         )
     for t in reader.tensors:
-        name = hf_name(t.name)
+        if spec.architecture == "phi3" and t.name in _ROPE_FACTORS:
+            continue  # read into the spec already
+        name = hf_name(t.name, spec.architecture)
         if name is None:
             raise ModelFormatError(
                 f"{path}: unexpected tensor {t.name!r} for a {spec.architecture}"
@@ -248,11 +340,15 @@ def check_shapes(reader: GGUFReader, spec: ModelSpec, path: Path) -> None:
             )
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """`blk.3.attn_q.weight` -> `layers.3.self_attn.q_proj.weight`; None for unknown names."""
+def hf_name(gguf_name: str, architecture: str = "llama") -> str | None:
+    """`blk.3.attn_q.weight` -> `layers.3.self_attn.q_proj.weight` (the HF name of a tensor of
+    that architecture); None for unknown names."""
     parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _BLOCK_NAMES:
-        return f"layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{parts[3]}"
+    names = {"gemma2": _SANDWICH_NAMES, "gemma3": _SANDWICH_NAMES, "phi3": _FUSED_NAMES}.get(
+        architecture, _BLOCK_NAMES
+    )
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in names:
+        return f"layers.{parts[1]}.{names[parts[2]]}.{parts[3]}"
     if len(parts) == 2 and parts[0] in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
     return None
@@ -274,13 +370,18 @@ def iter_weights(
     import torch
     from gguf.quants import dequantize
 
+    from infopt.core.model import split_fused
+
     for t in reader.tensors:
-        name = hf_name(t.name)
+        if spec.architecture == "phi3" and t.name in _ROPE_FACTORS:
+            continue  # read into the spec already
+        name = hf_name(t.name, spec.architecture)
         if name is None:
             raise ModelFormatError(
                 f"{path}: unexpected tensor {t.name!r} for a {spec.architecture}"
             )
-        if keep_blocks and t.tensor_type.name in BLOCK_SCHEMES and len(t.shape) == 2:
+        fused = name.endswith(("qkv_proj.weight", "gate_up_proj.weight"))
+        if keep_blocks and t.tensor_type.name in BLOCK_SCHEMES and len(t.shape) == 2 and not fused:
             yield name, stored_blocks(t, name, spec, path)
             continue
         expected = int(np.prod([int(d) for d in t.shape]))
@@ -299,7 +400,7 @@ def iter_weights(
         if spec.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = spec.num_heads if "q_proj" in name else spec.num_kv_heads
             array = unpermute_qk(array, heads)
-        yield name, torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+        yield from split_fused(spec, name, torch.from_numpy(np.array(array, np.float32, order="C")))
 
 
 def stored_blocks(t: Any, name: str, spec: ModelSpec, path: Path) -> QuantizedWeight:
@@ -378,7 +479,7 @@ def import_gguf(path: Path) -> tuple[ModelSpec, Any, Any, dict[str, Any]]:
     reader = open_reader(path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
-    spec = spec_from_gguf(meta, names, path)
+    spec = spec_from_gguf(meta, names, path, rope_factors(reader, path))
     check_shapes(reader, spec, path)
     tokenizer = tokenizer_from_gguf_metadata(meta)
     return spec, tokenizer, lambda keep: iter_weights(reader, spec, path, keep), {}

@@ -181,4 +181,10 @@ def import_hf(folder: Path) -> tuple[ModelSpec, Tokenizer, Any, dict[str, Any]]:
             f"{folder}: tokenizer.json has {tokenizer.vocab_size} tokens, more than config.json's "
             f"vocab_size {spec.vocab_size}"
         )
-    return spec, tokenizer, lambda _keep: iter_weights(files), defaults
+
+    def weights(_keep: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        from infopt.core.model import hf_weights  # torch, only once weights are read
+
+        return hf_weights(spec, iter_weights(files))
+
+    return spec, tokenizer, weights, defaults

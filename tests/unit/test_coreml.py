@@ -26,8 +26,9 @@ from infopt.compress.quantize import quantize_model
 from infopt.errors import BundleError, InvalidArgumentError, UnsupportedPlatformError
 from infopt.runtimes.coreml import export as ce
 from infopt.runtimes.coreml.check import check_package, read_package
-from infopt.runtimes.coreml.runtime import CoreMLRuntime
+from infopt.runtimes.coreml.runtime import CoreMLRuntime, _caller_window
 from infopt.runtimes.pytorch.runtime import PyTorchRuntime
+from tests.conftest import ARCH_CONFIGS
 from tests.unit.test_export_runtimes import core_of, folders, run_script  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -56,14 +57,15 @@ class TracedProgram:
         return {"logits": logits.numpy()}
 
 
-@pytest.mark.parametrize("arch", ["llama-tied", "mistral-window"])
+@pytest.mark.parametrize("arch", ["llama-tied", "mistral-window", *ARCH_CONFIGS])
 def test_the_converted_graph_and_the_runtime_logic_match_the_core(
     folders: dict[str, Path],  # noqa: F811
     arch: str,
 ) -> None:
     core = core_of(folders[arch])
     program = TracedProgram(core, 64)
-    io = {**ce.coreml_io(core, 64), "sliding_window": core.spec.sliding_window}
+    caller_window = _caller_window(core.spec.to_dict())  # None where layers differ
+    io = {**ce.coreml_io(core, 64), "sliding_window": caller_window}
     rt = CoreMLRuntime(program, 64, core.spec.vocab_size, io)
     assert rt.verify_window == 8
     expected = run_script(PyTorchRuntime(core, 64))
@@ -80,7 +82,7 @@ def test_the_converted_graph_and_the_runtime_logic_match_the_core(
     got_window = program.predict(
         {
             "input_ids": ids.int().numpy(),
-            "causal_mask": ce.causal_mask(0, 8, ce.cache_len(64), core.spec.sliding_window),
+            "causal_mask": ce.causal_mask(0, 8, ce.cache_len(64), caller_window),
             "input_pos": np.array([0], np.int32),
         },
         state=None,

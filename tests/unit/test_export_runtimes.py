@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import infopt
 from infopt.bundle import MANIFEST, verify_bundle
@@ -25,7 +26,7 @@ from infopt.runtimes.onnxruntime import runtime as ort_rt
 from infopt.runtimes.openvino import runtime as ov_rt
 from infopt.runtimes.pytorch.runtime import PyTorchRuntime
 from infopt.runtimes.registry import satisfies
-from tests.conftest import hf_model, save_hf_folder
+from tests.conftest import ARCH_CONFIGS, hf_model, save_hf_folder
 
 TOKENS = [5, 17, 42, 99, 3, 250, 77, 8, 120, 64, 11, 12, 13, 14, 15, 16, 17, 18]
 EXPORTERS = {"onnxruntime": ort_rt.from_model, "openvino": ov_rt.from_model}
@@ -74,6 +75,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> di
                 },
             },
         ),
+        **ARCH_CONFIGS,
     }
     return {
         name: save_hf_folder(hf_model(arch, **kw), tiny_tokenizer, root / name)
@@ -83,7 +85,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer: Any) -> di
 
 @pytest.mark.parametrize("runtime", list(EXPORTERS))
 @pytest.mark.parametrize(
-    "arch", ["llama", "llama-tied", "qwen2-bias", "mistral-window", "llama3-rope-mqa"]
+    "arch",
+    ["llama", "llama-tied", "qwen2-bias", "mistral-window", "llama3-rope-mqa", *ARCH_CONFIGS],
 )
 def test_fp32_graphs_match_the_model_core(
     folders: dict[str, Path], arch: str, runtime: str
@@ -149,6 +152,24 @@ def test_pruned_and_low_rank_models_export(folders: dict[str, Path], runtime: st
     prune_attention_heads(core, kv_heads=1)
     low_rank_model(core, 0.5, groups=("mlp",))
     assert_same(core, runtime, atol=2e-5)
+
+
+@pytest.mark.parametrize("runtime", list(EXPORTERS))
+@pytest.mark.parametrize("arch", list(ARCH_CONFIGS))
+def test_newer_architectures_compress_and_export(
+    folders: dict[str, Path], arch: str, runtime: str
+) -> None:
+    """QK-norm, sandwich norms, GeGLU, soft-capping and per-kind RoPE survive structured
+    pruning, GPTQ on calibration text, INT8 embeddings and low-rank factors, and the graphs carry
+    the compressed weights exactly."""
+    core = core_of(folders[arch])
+    prune_mlp_channels(core, 0.5)
+    prune_attention_heads(core, heads_per_group=1)
+    low_rank_model(core, 0.5, groups=("mlp",))
+    calibration = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    weights = {"attention": "int4-g32", "embeddings": "int8", "lm_head": "int8"}
+    quantize_model(core, weights, method="gptq", calibration=calibration)
+    assert_same(core, runtime, atol=5e-5, numerics="exact")
 
 
 @pytest.mark.parametrize("runtime", list(EXPORTERS))

@@ -122,14 +122,15 @@ def test_truncated_gguf(tmp_path: Path, tiny_gguf: Path, keep: float) -> None:
 def test_unsupported_gguf_architecture(tmp_path: Path) -> None:
     import gguf
 
-    w = gguf.GGUFWriter(str(tmp_path / "phi.gguf"), "phi3")
+    w = gguf.GGUFWriter(str(tmp_path / "falcon.gguf"), "falcon")
     w.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(UnsupportedModelError, match=r"'phi3'.*supported: \['llama', 'qwen2'\]"):
-        open_model(tmp_path / "phi.gguf")
+    supported = r"\['gemma2', 'gemma3', 'llama', 'phi3', 'qwen2', 'qwen3'\]"
+    with pytest.raises(UnsupportedModelError, match=rf"'falcon'.*supported: {supported}"):
+        open_model(tmp_path / "falcon.gguf")
 
 
 def test_unsupported_hf_architecture(tmp_path: Path, tiny_folder: Path) -> None:

@@ -1,4 +1,5 @@
-"""The model core against transformers' own Llama / Qwen2 / Mistral on tiny random configs."""
+"""The model core against transformers' own Llama / Qwen2 / Mistral / Qwen3 / Gemma 2 / Gemma 3 /
+Phi-3 on tiny random configs."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ from typing import Any
 import pytest
 import torch
 
-from infopt.core.model import Decoder, load_state_dict
+from infopt.core.model import Decoder, hf_weights, load_state_dict
 from infopt.core.spec import spec_from_hf_config
-from tests.conftest import hf_model
+from tests.conftest import ARCH_CONFIGS, hf_model
 
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-gqa-untied": ("llama", {}),
@@ -31,13 +32,14 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "linear-rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
     "qwen2-bias": ("qwen2", {"tie_word_embeddings": True}),
     "mistral-sliding": ("mistral", {"sliding_window": 5}),
+    **ARCH_CONFIGS,
 }
 
 
 def ours_from(hf: Any, max_len: int = 64) -> Decoder:
     spec = spec_from_hf_config(hf.config.to_dict())
     model = Decoder(spec)
-    load_state_dict(model, hf.state_dict())
+    load_state_dict(model, hf_weights(spec, hf.state_dict().items()))
     model.setup_cache(max_len)
     return model.eval()
 
@@ -61,7 +63,9 @@ def test_prefill_logits_match_transformers(name: str) -> None:
     torch.testing.assert_close(run(ours, ids, 0), expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "mistral-sliding", "llama3-rope"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa-untied", "mistral-sliding", "llama3-rope", *ARCH_CONFIGS]
+)
 def test_incremental_decode_equals_full_forward(name: str) -> None:
     arch, overrides = CONFIGS[name]
     ours = ours_from(hf_model(arch, **overrides))
@@ -89,3 +93,18 @@ def test_param_count_from_config_matches_weights() -> None:
         hf = hf_model(arch, **overrides)
         spec = spec_from_hf_config(hf.config.to_dict())
         assert spec.num_params == sum(p.numel() for p in hf.parameters())
+
+
+def test_longrope_takes_its_long_factors_past_the_pretraining_context() -> None:
+    """A prompt longer than original_max_position_embeddings: transformers switches to the long
+    factors for the whole call; infopt takes them for any cache longer than that context."""
+    arch, config = ARCH_CONFIGS["phi3"]
+    hf = hf_model(arch, **{**config, "original_max_position_embeddings": 16})
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        expected = hf(ids).logits
+    long_cache = ours_from(hf, max_len=64)
+    torch.testing.assert_close(run(long_cache, ids, 0), expected, atol=1e-4, rtol=1e-4)
+    short = ours_from(hf, max_len=64)
+    short.setup_cache(64, context=16)  # serving 16 positions: the short factors
+    assert (run(short, ids[:, :16], 0) - expected[:, :16]).abs().max() > 1e-2

@@ -20,6 +20,7 @@ from infopt.errors import BundleError, InvalidArgumentError
 from infopt.runtimes.pytorch.runtime import PyTorchRuntime
 from infopt.runtimes.tflite import runtime as tfl_rt
 from infopt.runtimes.tflite.export import PREFILL, VERIFY, check_schemes
+from tests.conftest import ARCH_CONFIGS
 from tests.unit.test_export_runtimes import core_of, folders, run_script  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
@@ -37,7 +38,7 @@ def script_with_windows(rt: Any) -> list[np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen2-bias", "mistral-window", "llama3-rope-mqa"])
+@pytest.mark.parametrize("arch", ["qwen2-bias", "mistral-window", "llama3-rope-mqa", *ARCH_CONFIGS])
 def test_fp32_signatures_match_the_model_core(folders: dict[str, Path], arch: str) -> None:  # noqa: F811
     core = core_of(folders[arch])
     expected = script_with_windows(PyTorchRuntime(core, 96))

@@ -1,0 +1,160 @@
+"""Qwen3, Gemma 2, Gemma 3 and Phi-3 from files: GGUFs as llama.cpp's converter writes them and
+HF folders load to the model transformers computes; self-draft bundles speculate on them; the
+older config spellings read the same; what infopt cannot run is refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import infopt
+from infopt.bundle.build import build
+from infopt.core.model import load_core
+from infopt.core.spec import spec_from_hf_config
+from infopt.errors import ModelFormatError, UnsupportedModelError
+from infopt.importers import open_model
+from tests.conftest import ARCH_CONFIGS, TINY, hf_model, save_hf_folder, write_gguf
+
+IDS = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(4))  # > windows
+
+
+def _oracle(name: str, **overrides: Any) -> Any:
+    arch, config = ARCH_CONFIGS[name]
+    if arch == "gemma3":  # llama.cpp scales Gemma 3's scores by the head size (27B aside)
+        overrides = {"query_pre_attn_scalar": config["head_dim"], **overrides}
+    return hf_model(arch, **{**config, **overrides})
+
+
+@pytest.mark.parametrize("name", list(ARCH_CONFIGS))
+def test_a_gguf_as_llama_cpp_writes_it_loads_to_the_transformers_model(
+    name: str, tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    hf = _oracle(name)
+    path = write_gguf(hf, tiny_tokenizer, tmp_path / f"{name}.gguf", arch=ARCH_CONFIGS[name][0])
+    source = open_model(path)
+    reference = spec_from_hf_config(hf.config.to_dict())
+    for field in ("layer_kinds", "qk_norm", "sandwich_norms", "hidden_act", "head_dim",
+                  "sliding_window", "attn_softcap", "final_softcap", "rope_local_theta",
+                  "attn_scale", "embed_scale"):  # fmt: skip
+        assert getattr(source.spec, field) == getattr(reference, field), field
+    core = load_core(source, max_context=64)
+    with torch.inference_mode():
+        expected = hf(IDS).logits
+        got = core(IDS, torch.arange(IDS.shape[1]), 64)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert "phi3" not in name or "qkv_proj" not in str(dict(core.named_parameters()))
+
+
+@pytest.mark.parametrize("name", list(ARCH_CONFIGS))
+def test_a_hf_folder_loads_to_the_transformers_model(
+    name: str, tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    """Through the folder importer: Gemma's norms become 1 + w, Phi-3's fused matrices split."""
+    arch, config = ARCH_CONFIGS[name]
+    hf = hf_model(arch, **config)
+    folder = save_hf_folder(hf, tiny_tokenizer, tmp_path / name)
+    model = infopt.load(folder, runtime="pytorch", max_context=64)
+    logits = np.stack([model.runtime.forward([int(i)]) for i in IDS[0]])[:, 0]
+    with torch.inference_mode():
+        expected = hf(IDS).logits[0].numpy()
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_a_self_draft_bundle_of_a_gemma3_speculates_to_the_same_tokens(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    hf = hf_model("gemma3", **ARCH_CONFIGS["gemma3"][1])
+    folder = save_hf_folder(hf, tiny_tokenizer, tmp_path / "g3")
+    out = tmp_path / "bundle"
+    build(folder, out, device="host", runtime="onnxruntime,pytorch", context=64, speculative="self")
+    prompt = [{"role": "user", "content": "hello there, how are you"}]
+    plain = infopt.load(out, runtime="pytorch", draft=False).generate(
+        prompt, max_new_tokens=24, stop_token_ids=[]
+    )
+    for runtime in ("onnxruntime", "pytorch"):
+        got = infopt.load(out, runtime=runtime).generate(
+            prompt, max_new_tokens=24, stop_token_ids=[]
+        )
+        assert got.token_ids == plain.token_ids, runtime
+        assert got.stats.speculative is not None and got.stats.speculative.drafted > 0
+
+
+def test_older_gemma3_configs_read_the_same() -> None:
+    """`sliding_window_pattern`, `rope_local_base_freq` and `rope_scaling` (transformers 4.x)."""
+    old = {
+        **TINY,
+        "architectures": ["Gemma3ForCausalLM"],
+        "num_hidden_layers": 4,
+        "head_dim": 32,
+        "sliding_window": 8,
+        "sliding_window_pattern": 2,
+        "rope_theta": 1e6,
+        "rope_local_base_freq": 5000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        "query_pre_attn_scalar": 32,
+    }
+    spec = spec_from_hf_config(old)
+    assert spec.layer_kinds == ("sliding", "full", "sliding", "full")
+    assert spec.rope_of("full") == (1e6, {"rope_type": "linear", "factor": 8.0})
+    assert spec.rope_of("sliding") == (5000.0, None)
+    assert spec.embed_scale == pytest.approx(8.0) and spec.attn_scale == pytest.approx(32**-0.5)
+    assert spec.tie_word_embeddings is False  # TINY says so; Gemma's default is tied
+    assert spec_from_hf_config({**old, "tie_word_embeddings": None}).tie_word_embeddings
+
+
+def test_qwen3_sliding_layers_follow_max_window_layers() -> None:
+    hf = hf_model("qwen3", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    spec = spec_from_hf_config(hf.config.to_dict())
+    assert spec.layer_kinds == ("full", "sliding") and spec.sliding_window == 4
+    plain = spec_from_hf_config(hf_model("qwen3").config.to_dict())
+    assert plain.layer_kinds == ("full", "full") and plain.sliding_window is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"architectures": ["Gemma3ForConditionalGeneration"]}, "Gemma3ForConditionalGeneration"),
+        (
+            {"architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75},
+            "partial_rotary_factor 0.75",
+        ),
+        ({"architectures": ["Gemma2ForCausalLM"], "hidden_activation": "relu"}, "'relu'"),
+        (
+            {"architectures": ["Gemma2ForCausalLM"], "layer_types": ["chunked_attention"] * 2},
+            "chunked_attention",
+        ),
+    ],
+)
+def test_what_infopt_cannot_run_is_refused_by_name(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=message):
+        spec_from_hf_config({**TINY, **change})
+
+
+def test_a_phi3_gguf_without_both_rope_factor_tensors_is_refused(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    import gguf
+
+    path = write_gguf(_oracle("phi3"), tiny_tokenizer, tmp_path / "phi3.gguf", arch="phi3")
+    reader = gguf.GGUFReader(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "cut.gguf"), "phi3")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, kind, sub_type=sub)
+    for t in reader.tensors:
+        if t.name != "rope_factors_short.weight":
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFormatError, match="rope_factors"):
+        open_model(tmp_path / "cut.gguf")
