@@ -46,9 +46,15 @@ def inspect(model: str | None, as_json: bool) -> None:
                 f"{config['num_heads']} / {config['num_kv_heads']} / {config['head_dim']}",
             ),
             ("context length", f"{info['context_length']:,}"),
+            ("attention", _attention_row(config)),
             (
                 "rope",
-                f"theta {config['rope_theta']:g}, scaling {config['rope_scaling'] or 'none'}",
+                f"theta {config['rope_theta']:g}, scaling {config['rope_scaling'] or 'none'}"
+                + (
+                    f"; sliding layers: theta {config['rope_local_theta']:g}"
+                    if config.get("rope_local_theta")
+                    else ""
+                ),
             ),
             ("tied embeddings", str(config["tie_word_embeddings"])),
             ("vocab size", f"{tok['vocab_size']:,}"),
@@ -113,3 +119,28 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
 def _requirement(section: dict[str, Any]) -> str:
     requires = section.get("requires")
     return f"{requires['package']}{requires['version']}" if requires else "nothing recorded"
+
+
+def _attention_row(config: dict[str, Any]) -> str:
+    """Layer kinds and the features beyond plain pre-norm attention, in a few words."""
+    kinds = config.get("layer_types")
+    window = config.get("sliding_window")
+    if window and kinds:
+        sliding = kinds.count("sliding")
+        text = f"{sliding} sliding (window {window:,}) + {len(kinds) - sliding} full layers"
+    elif window:
+        text = f"sliding window {window:,} on every layer"
+    else:
+        text = "full on every layer"
+    extras = [
+        name
+        for name, on in (
+            ("QK-norm", config.get("qk_norm")),
+            ("sandwich norms", config.get("sandwich_norms")),
+            ("GeGLU", config.get("hidden_act") == "gelu_tanh"),
+            (f"score soft-cap {config.get('attn_softcap')}", config.get("attn_softcap")),
+            (f"logit soft-cap {config.get('final_softcap')}", config.get("final_softcap")),
+        )
+        if on
+    ]
+    return ", ".join([text, *extras])

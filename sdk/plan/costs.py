@@ -109,15 +109,31 @@ def weight_bytes(spec: ModelSpec, c: Compression) -> dict[str, float]:
         if c.low_rank is not None and group in ("attention", "mlp"):
             total *= c.low_rank
         out[group] = total
-    norms = (2 * spec.num_layers + 1) * spec.hidden_size
+    per_layer = (4 if spec.sandwich_norms else 2) * spec.hidden_size
+    per_layer += 2 * spec.head_dim if spec.qk_norm else 0
+    norms = spec.num_layers * per_layer + spec.hidden_size
     bias = spec.num_layers * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim
     out["other"] = (norms + (bias if spec.attention_bias else 0)) * 4.0
     return out
 
 
-def kv_cache_bytes(spec: ModelSpec, context: int, batch: int, dtype: str) -> float:
-    """2 (K and V) x layers x kv_heads x head_dim x context x batch x bytes (+ int8 scales)."""
-    cells = 2 * spec.num_layers * spec.num_kv_heads * context * batch
+def kv_positions(spec: ModelSpec, context: int, windowed: bool = False) -> int:
+    """Cache positions summed over the layers: each holds `context`, or with `windowed` a
+    sliding-window layer holds at most its window (what a windowed cache would keep)."""
+    window = spec.sliding_window or context
+    return sum(
+        min(context, window) if windowed and kind == "sliding" else context
+        for kind in spec.layer_kinds
+    )
+
+
+def kv_cache_bytes(
+    spec: ModelSpec, context: int, batch: int, dtype: str, windowed: bool = False
+) -> float:
+    """2 (K and V) x kv_heads x head_dim x batch x bytes x the positions each layer holds
+    (`kv_positions`) (+ int8 scales). The runtimes here allocate `context` on every layer,
+    sliding or not: the estimates use that; `windowed` gives what a windowed cache needs."""
+    cells = 2 * spec.num_kv_heads * kv_positions(spec, context, windowed) * batch
     if dtype == "int8":
         return cells * spec.head_dim * 1 + cells * 2.0  # a fp16 scale per token and head
     return cells * spec.head_dim * FLOAT_BYTES[dtype]

@@ -9,7 +9,7 @@ from typing import Any
 
 from infopt.core.spec import ModelSpec
 from infopt.device_profiles import DeviceProfile
-from infopt.plan.costs import Compression, Estimate, compute_precision
+from infopt.plan.costs import Compression, Estimate, compute_precision, kv_cache_bytes
 
 HEADROOM = 0.10  # of usable memory kept free: fragmentation, other allocations, OS pressure
 GB = 1e9
@@ -127,6 +127,14 @@ def explain(
         f"{est.prefill_tok_s:.0f} tok/s prefill",
         runtime_reason,
     ]
+    if spec.sliding_window and "sliding" in spec.layer_kinds:
+        local = spec.layer_kinds.count("sliding")
+        windowed = kv_cache_bytes(spec, context, batch, c.kv_dtype, windowed=True)
+        reasons.append(
+            f"sliding window: {local} of {spec.num_layers} layers attend to the last "
+            f"{spec.sliding_window} tokens only; the runtimes keep all {context} positions on "
+            f"every layer ({_gb(est.kv_cache)}), a windowed cache would need {_gb(windowed)}"
+        )
     reasons += choice_reasons(c, profile, runtime)
     if profile.static_shapes:
         reasons.append(

@@ -121,6 +121,32 @@ def test_kv_arithmetic_equals_the_model_cores_cache_tensors(context: int) -> Non
     assert real == kv_cache_bytes(spec, context, 2, "fp16")
 
 
+def test_kv_arithmetic_knows_sliding_layers_and_a_head_size_of_its_own() -> None:
+    """Gemma 3's shape: head_dim 32 (not hidden / heads = 16), one full layer in three."""
+    config = {
+        **TINY,
+        "num_hidden_layers": 3,
+        "head_dim": 32,
+        "sliding_window": 8,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "architectures": ["Gemma3ForCausalLM"],
+    }
+    spec = spec_from_hf_config(config)
+    model = Decoder(spec)
+    model.setup_cache(100, batch=2, dtype=torch.float16)
+    real = sum(b.nbytes for n, b in model.named_buffers() if n.endswith((".k", ".v")))
+    assert real == kv_cache_bytes(spec, 100, 2, "fp16")  # what the runtimes allocate
+    per_position = 2 * spec.num_kv_heads * 32 * 2 * 2  # K and V, heads, head_dim, batch, fp16
+    assert kv_cache_bytes(spec, 100, 2, "fp16", windowed=True) == (8 + 8 + 100) * per_position
+    assert kv_cache_bytes(spec, 6, 2, "fp16", windowed=True) == 3 * 6 * per_position
+    fp16 = Compression("fp16", dict.fromkeys(("embeddings", "lm_head", "attention", "mlp"), "fp16"))
+    groups = weight_bytes(spec, fp16)
+    assert (sum(groups.values()) - groups["other"]) / 2 + groups["other"] / 4 == spec.num_params
+    assert spec.num_params == sum(p.numel() for p in Decoder(spec).parameters())
+    reasons = " ".join(plan(spec, load_profile("host"), context=100).reasons)
+    assert "2 of 3 layers attend to the last 8 tokens only" in reasons
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("model", MODELS)
 def test_every_plan_fits_or_is_refused_with_the_shortfall(device: str, model: str) -> None:
