@@ -7,9 +7,9 @@ activations on the file's dequantized weights, as transformers computes).
 
 Prompts: `runtime_check`'s four (two chats, two plain; a model without a chat template gets the
 chats' text as plain prompts), and for a model with sliding-window layers one more, longer than
-the window (from the shipped quality text), so that the window is exercised. Prints, per runtime,
-how many prompts gave the same tokens as transformers and where the first difference was
-otherwise.
+the window (from the shipped calibration text), so that the window is exercised. Prints, per
+runtime, how many prompts gave the same tokens as transformers and where the first difference
+was otherwise.
 """
 
 from __future__ import annotations
@@ -43,9 +43,13 @@ def prompts_for(source: Any) -> list[Any]:
     if spec.sliding_window and "sliding" in spec.layer_kinds:
         from importlib.resources import files
 
-        text = (files("infopt") / "data" / "quality.txt").read_text(encoding="utf-8")
-        ids = tok.encode(text, add_special_tokens=False)[: spec.sliding_window + 100]
-        out.append(tok.decode(ids))
+        text = (files("infopt") / "data" / "calibration.txt").read_text(encoding="utf-8")
+        ids = tok.encode(text, add_special_tokens=False)
+        if len(ids) <= spec.sliding_window + 100:
+            raise SystemExit(
+                f"the shipped text is too short to pass a {spec.sliding_window}-token window"
+            )
+        out.append(tok.decode(ids[: spec.sliding_window + 100]))
     return out
 
 
