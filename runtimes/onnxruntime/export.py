@@ -210,6 +210,10 @@ def _linear(g: _Graph, x: str, module: nn.Module, name: str) -> str:
         return _matmul(g, h, module.u, f"{name}.u", bias)
     if isinstance(module, nn.Linear):
         return _matmul(g, x, module.weight, name, bias)
+    if isinstance(module, nn.Sequential):  # quantized low-rank factors: one after the other
+        for i, part in enumerate(module):
+            x = _linear(g, x, part, f"{name}.{i}")
+        return x
     raise InvalidArgumentError(f"{name}: cannot export a {type(module).__name__} to ONNX")
 
 

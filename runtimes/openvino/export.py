@@ -94,6 +94,10 @@ def _linear(x: Any, module: nn.Module, name: str) -> Any:
         y = ops.matmul(h, ops.constant(_f32(module.u)), False, True)
     elif isinstance(module, nn.Linear):
         y = ops.matmul(x, ops.constant(_f32(module.weight)), False, True)
+    elif isinstance(module, nn.Sequential):  # quantized low-rank factors: one after the other
+        for i, part in enumerate(module):
+            x = _linear(x, part, f"{name}.{i}")
+        return x
     else:
         raise InvalidArgumentError(f"{name}: cannot export a {type(module).__name__} to OpenVINO")
     return ops.add(y, ops.constant(_f32(bias))) if bias is not None else y

@@ -56,6 +56,7 @@ def apply_plan(
     from infopt.compress.low_rank import low_rank_model
     from infopt.compress.prune import prune_mlp_channels
     from infopt.compress.quantize import FLOATS, check_quantization, quantize_model
+    from infopt.core.quant import QuantScheme
 
     done: dict[str, Any] = {}
     kept = stored_groups(core, p.compression["weights"])
@@ -68,9 +69,18 @@ def apply_plan(
     if sparsity:
         done["mlp_intermediate_size"] = prune_mlp_channels(core, sparsity, calibration)
     if p.low_rank_ratio is not None:
+        if gptq and any(weights[g] not in FLOATS for g in ("attention", "mlp")):
+            raise InvalidArgumentError(
+                "GPTQ on low-rank factors is not built: quantize a factorized plan by RTN "
+                '(plan method "rtn", no --calibration)'
+            )
         # the same share of every layer: a global budget spread by the layers' whitened spectra
-        # scored worse on the default model (docs/quality.md)
-        ranks = low_rank_model(core, p.low_rank_ratio, calibration)
+        # scored worse on the default model (docs/quality.md); ranks a multiple of the blocks'
+        # quantization group, which the factors' inner dimension must take
+        groups = [QuantScheme.parse(weights[g]).group_size for g in ("attention", "mlp")
+                  if weights[g] not in FLOATS]  # fmt: skip
+        multiple = max((g or 1 for g in groups), default=1)
+        ranks = low_rank_model(core, p.low_rank_ratio, calibration, multiple=multiple)
         done["low_rank_layers"] = sum(r is not None for r in ranks.values())
     method = "gptq" if gptq else "rtn"
     layers, blocks_done = len(core.layers), [0]

@@ -112,6 +112,7 @@ def low_rank_model(
     *,
     energy: float | None = None,
     allocation: str = "uniform",
+    multiple: int = 1,
 ) -> dict[str, int | None]:
     """Factorize the blocks' linears: whitened (activation-aware) SVD with calibration, plain SVD
     without. The rank of each layer comes from exactly one of:
@@ -121,8 +122,9 @@ def low_rank_model(
       layers by their (whitened) spectra — layers that compress well give more;
     - `energy`: each layer's smallest rank retaining that share of its (whitened) energy.
 
-    A layer whose rank would not save parameters stays dense. Returns the rank of every layer by
-    name (None: left dense)."""
+    A layer whose rank would not save parameters stays dense. `multiple`: ranks rounded down to
+    a multiple of it (at least one), so that a quantization group size divides them. Returns the
+    rank of every layer by name (None: left dense)."""
     names = linear_names(groups)
     if (keep_params is None) == (energy is None):
         raise InvalidArgumentError("give exactly one of keep_params or energy")
@@ -152,6 +154,8 @@ def low_rank_model(
             rank = rank_for_energy(s, energy)
         else:
             rank = rank_for(out, inp, cast(float, keep_params))
+        if rank is not None and multiple > 1:
+            rank = max(multiple, rank // multiple * multiple)
         if rank is None or rank * (out + inp) >= out * inp:
             chosen[key] = None
             return linear

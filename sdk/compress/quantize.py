@@ -5,12 +5,14 @@ embeddings and LM head by RTN per row (a tied pair stays one table).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 from infopt.compress.calibration import ATTENTION, MLP, Progress, per_block
 from infopt.compress.gptq import gptq_quantize
-from infopt.core.model import Decoder, replace_module
+from infopt.core.model import Decoder, LowRankLinear, replace_module
 from infopt.core.quant import QuantEmbedding, QuantLinear, QuantScheme, quantize_rtn
 from infopt.errors import InvalidArgumentError
 
@@ -29,6 +31,14 @@ def _quantize_linear(
     )
     bias = linear.bias.detach() if linear.bias is not None else None
     return QuantLinear(qw, bias)
+
+
+def _quantize_low_rank(module: LowRankLinear, scheme: QuantScheme) -> nn.Sequential:
+    """Low-rank factors quantized as two linears in a row: x -> V (rank r) -> U (+ bias), each
+    in `scheme` (the rank must take its group size, as the inputs do)."""
+    down = QuantLinear(quantize_rtn(module.v.detach().float(), scheme), None)
+    bias = module.bias.detach() if module.bias is not None else None
+    return nn.Sequential(down, QuantLinear(quantize_rtn(module.u.detach().float(), scheme), bias))
 
 
 def block_schemes(weights: dict[str, str]) -> dict[str, QuantScheme]:
@@ -59,6 +69,12 @@ def quantize_model(
         raise InvalidArgumentError("GPTQ needs calibration text")
     schemes = block_schemes(weights)
     _check_request(model, schemes, weights)  # every refusal before anything changes
+    if method == "gptq" and any(
+        isinstance(b.get_submodule(n), LowRankLinear) for b in model.blocks for n in schemes
+    ):
+        raise InvalidArgumentError(
+            "GPTQ on low-rank factors is not built: quantize a factorized model by RTN"
+        )
     if method == "gptq":
         assert calibration is not None
         _gptq_blocks(model, schemes, calibration, act_order, progress)
@@ -66,8 +82,13 @@ def quantize_model(
         for i, block in enumerate(model.blocks):
             for name, scheme in schemes.items():
                 linear = block.get_submodule(name)
-                assert isinstance(linear, nn.Linear)
-                replace_module(block, name, _quantize_linear(linear, scheme, None, act_order))
+                replace_module(
+                    block,
+                    name,
+                    _quantize_low_rank(linear, scheme)
+                    if isinstance(linear, LowRankLinear)
+                    else _quantize_linear(cast(nn.Linear, linear), scheme, None, act_order),
+                )
             if progress:
                 progress(f"block {i + 1}/{len(model.blocks)}")
     _quantize_embeddings(model, weights)
@@ -81,10 +102,18 @@ def check_quantization(model: Decoder, weights: dict[str, str]) -> None:
 def _check_request(
     model: Decoder, schemes: dict[str, QuantScheme], weights: dict[str, str]
 ) -> None:
-    for name, scheme in schemes.items():
-        sample = model.blocks[0].get_submodule(name)
-        assert isinstance(sample, nn.Linear)
-        scheme.check_shape(sample.out_features, sample.in_features)
+    for block in model.blocks:
+        for name, scheme in schemes.items():
+            sample = block.get_submodule(name)
+            if isinstance(sample, LowRankLinear):  # both factors: the rank is an input too
+                scheme.check_shape(sample.rank, sample.in_features)
+                scheme.check_shape(sample.out_features, sample.rank)
+            elif isinstance(sample, nn.Linear):
+                scheme.check_shape(sample.out_features, sample.in_features)
+            else:
+                raise InvalidArgumentError(
+                    f"{name} is a {type(sample).__name__}, already compressed: quantize once"
+                )
     embed, head = weights.get("embeddings", "fp32"), weights.get("lm_head", "fp32")
     if model.spec.tie_word_embeddings and embed != head:
         raise InvalidArgumentError(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -37,6 +37,14 @@ def save_model(model: Decoder, path: str | Path) -> int:
         name: m.scheme.name for name, m in model.named_modules() if isinstance(m, QuantStorage)
     }
     low_rank = {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    # quantized low-rank factors: two quantized linears in a row (`compress.quantize`)
+    low_rank_quant = {
+        name: [cast(QuantLinear, m[0]).shape[0], cast(QuantLinear, m[1]).bias is not None]
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Sequential)
+        and len(m) == 2
+        and all(isinstance(f, QuantLinear) for f in m)
+    }
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.spec.tie_word_embeddings:
         state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
@@ -46,6 +54,7 @@ def save_model(model: Decoder, path: str | Path) -> int:
         "spec": model.spec.to_dict(),
         "schemes": schemes,
         "low_rank": low_rank,
+        **({"low_rank_quant": low_rank_quant} if low_rank_quant else {}),
     }
     # One metadata key: safetensors writes several in a per-process random order, and the same
     # model must give the same bytes (bundles are checksummed, builds reproducible).
@@ -100,6 +109,13 @@ def _rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], device: Any
     spec = spec_from_dict(meta["spec"])
     with torch.device("meta"):
         model = Decoder(spec)
+        for name, (rank, bias) in meta.get("low_rank_quant", {}).items():
+            dense = model.get_submodule(name)
+            assert isinstance(dense, nn.Linear), name
+            factors = nn.Linear(dense.in_features, rank, bias=False)
+            replace_module(model, name, nn.Sequential(
+                factors, nn.Linear(rank, dense.out_features, bias=bool(bias))
+            ))  # fmt: skip
     for name, scheme_name in meta["schemes"].items():
         if name == "lm_head" and spec.tie_word_embeddings:
             continue  # rebuilt from the embedding table below

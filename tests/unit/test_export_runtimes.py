@@ -173,6 +173,62 @@ def test_newer_architectures_compress_and_export(
 
 
 @pytest.mark.parametrize("runtime", list(EXPORTERS))
+def test_quantized_low_rank_factors_export_and_save_exactly(
+    folders: dict[str, Path], runtime: str, tmp_path: Path
+) -> None:
+    """Low-rank factors quantized by RTN (ranks a multiple of the group size): two quantized
+    matrices in a row, carried exactly into the graphs and through a weight file."""
+    from infopt.core.weights import load_model, save_model
+
+    core = core_of(folders["llama"])
+    ranks = low_rank_model(core, 0.5, multiple=32)
+    assert {r for r in ranks.values() if r is not None} == {32}
+    weights = {"attention": "int4-g32", "mlp": "int4-g32", "embeddings": "int8", "lm_head": "int8"}
+    quantize_model(core, weights)
+    assert sum(isinstance(m, torch.nn.Sequential) for m in core.modules()) == len(
+        [r for r in ranks.values() if r]
+    )
+    assert_same(core, runtime, atol=5e-5, numerics="exact")
+    save_model(core, tmp_path / "w.safetensors")
+    again = load_model(tmp_path / "w.safetensors")
+    expected = run_script(PyTorchRuntime(core, 64))
+    for a, b in zip(expected, run_script(PyTorchRuntime(again, 64)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(InvalidArgumentError, match="GPTQ on low-rank factors"):
+        quantize_model(
+            _factorized(folders),
+            weights,
+            method="gptq",
+            calibration=torch.zeros(1, 8, dtype=torch.long),
+        )
+
+
+def _factorized(folders: dict[str, Path]) -> Any:
+    core = core_of(folders["llama"])
+    low_rank_model(core, 0.5, multiple=32)
+    return core
+
+
+def test_a_plan_with_low_rank_and_int4_builds(tiny_gguf: Path, tmp_path: Path) -> None:
+    """What the planner offers to fit a model tightly (INT4 blocks and low-rank factors) builds,
+    loads and generates on ONNX Runtime."""
+    from infopt.device_profiles import load_profile
+    from infopt.importers import load_spec
+    from infopt.plan.planner import plan
+
+    p = plan(load_spec(tiny_gguf), load_profile("host"), context=128, quantize="int4")
+    p.low_rank_ratio = 0.5
+    p.compression["low_rank"] = 0.5
+    (tmp_path / "plan.json").write_text(p.to_json())
+    out = tmp_path / "b"
+    build(tiny_gguf, out, plan_file=tmp_path / "plan.json", runtime="onnxruntime")
+    manifest = verify_bundle(out)
+    assert manifest["plan"]["low_rank_ratio"] == 0.5
+    r = infopt.load(out).generate("hello", max_new_tokens=8, stop_token_ids=[])
+    assert len(r.token_ids) == 8
+
+
+@pytest.mark.parametrize("runtime", list(EXPORTERS))
 def test_fast_numerics_stay_close(folders: dict[str, Path], runtime: str) -> None:
     """The default numerics: ONNX Runtime's MatMulNBits rounds activations to int8 per block
     (accuracy level 4) on every CPU, OpenVINO only on CPUs with VNNI or AMX (elsewhere it is
