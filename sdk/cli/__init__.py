@@ -28,6 +28,7 @@ for command in (
     info.inspect,
     plan.devices,
     plan.plan,
+    plan.search,
     quality.evaluate_cmd,
     quality.distill,
     bundle.build,

@@ -4,6 +4,7 @@ measured."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,7 +30,12 @@ key_option = click.option(
 
 @click.command()
 @click.argument("model", required=False)
-@click.option("-d", "--device", help="Plan for this device (see `infopt-pack devices`).")
+@click.option(
+    "-d",
+    "--device",
+    help="Plan for this device (see `infopt-pack devices`); a comma-separated list builds one "
+    "bundle per device, OUT/<device>, on --executor.",
+)
 @click.option(
     "--plan",
     "plan_file",
@@ -74,6 +80,15 @@ key_option = click.option(
     "(PEM; `infopt-pack keygen` makes one; an encrypted key reads its passphrase from "
     "$INFOPT_KEY_PASSPHRASE). `verify --key` and `run --key` then require it.",
 )
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where a fleet build (several --device) runs its builds: local processes or Ray tasks.",
+)
+@click.option("--address", help="Ray cluster to join: `auto` or HOST:PORT (default: local).")
+@click.option("--workers", type=int, default=1, show_default=True, help="Local processes.")
 @json_option
 @friendly_errors
 def build(
@@ -90,6 +105,9 @@ def build(
     speculative: str | None,
     archive: str | None,
     sign: str | None,
+    executor: str,
+    address: str | None,
+    workers: int,
     as_json: bool,
 ) -> None:
     """Plan, compress and package MODEL into a self-contained, checksummed bundle directory.
@@ -112,6 +130,29 @@ def build(
     """
     import infopt
 
+    if device is not None and "," in device:
+        _build_fleet(
+            model,
+            device,
+            out,
+            dict(
+                plan_file=plan_file,
+                runtime=runtime,
+                context=context,
+                batch=batch,
+                latency_ms=latency_ms,
+                calibration=calibration,
+                speculative=speculative,
+                quantize=quantize,
+                sign=sign,
+            ),
+            executor,
+            address,
+            workers,
+            archive,
+            as_json,
+        )
+        return
     bars = Bars(quiet=as_json)
     try:
         summary = infopt.build(
@@ -155,6 +196,41 @@ def build(
     click.echo(f"built in {summary['seconds']:.1f} s")
     if archive:
         click.echo(f"archive  {summary['archive']['path']}")
+
+
+def _build_fleet(
+    model: str | None,
+    device: str,
+    out: str,
+    options: dict[str, Any],
+    executor: str,
+    address: str | None,
+    workers: int,
+    archive: str | None,
+    as_json: bool,
+) -> None:
+    from infopt.bundle.fleet import build_fleet, device_list
+
+    if archive:
+        raise click.UsageError("--archive builds one bundle: give one --device")
+    devices = device_list(device)
+    if not as_json:
+        click.echo(f"building {len(devices)} bundles on {executor}: {', '.join(devices)}", err=True)
+    summary = build_fleet(
+        model, out, devices, executor=executor, address=address, workers=workers, **options
+    )
+    if as_json:
+        emit_json(summary)
+    else:
+        for name, built in summary["built"].items():
+            click.echo(
+                f"{name:<16} {built['bundle']} ({built['bytes'] / 1e6:.1f} MB), plan "
+                f"{built['plan']}, runtime {built['runtime']}, {built['seconds']:.1f} s"
+            )
+        for name, error in summary["failed"].items():
+            click.echo(f"{name:<16} failed: {error}", err=True)
+    if summary["failed"]:
+        raise SystemExit(1)
 
 
 @click.command()

@@ -176,3 +176,154 @@ def plan(
         click.echo("rejected (less lossy):")
         for r in p.rejected:
             click.echo(f"  - {r['option']}: {r['reason']}")
+
+
+@click.command()
+@click.argument("model", required=False)
+@click.option(
+    "-d",
+    "--device",
+    required=True,
+    help="A profile name (see `infopt-pack devices`), `host` (speed measured here), or a .toml.",
+)
+@click.option(
+    "--max-ppl-delta",
+    type=float,
+    help="Largest perplexity increase over the uncompressed model, as a fraction (0.05: 5 %). "
+    "Default 0.05 when --latency-ms is not given either.",
+)
+@click.option("--latency-ms", type=float, help="Per-token decode latency the plan must meet.")
+@click.option(
+    "--context", type=int, help="Tokens the KV cache must hold (default: min(model's, 4096))."
+)
+@click.option("--batch", type=int, default=1, show_default=True, help="Concurrent sequences.")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where candidates run: a local process pool, or Ray tasks (pip install 'infopt[ray]').",
+)
+@click.option(
+    "--address",
+    help="Ray cluster to join: `auto` (the running one) or HOST:PORT; default a local instance.",
+)
+@click.option("--workers", type=int, default=1, show_default=True, help="Local processes.")
+@click.option("--threads", type=int, default=1, show_default=True, help="Threads per candidate.")
+@click.option("--wide", is_flag=True, help="More candidates: INT4 tables, symmetric INT4, ...")
+@click.option(
+    "--text",
+    "text_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Held-out UTF-8 text to score on (default: a short text shipped with infopt).",
+)
+@click.option("--tokens", type=int, default=1024, show_default=True, help="Held-out tokens.")
+@click.option(
+    "-o",
+    "--out",
+    "plan_out",
+    type=click.Path(dir_okay=False),
+    default="search-plan.json",
+    show_default=True,
+    help="Where the chosen plan is written, for `build --plan`.",
+)
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw the front to this PNG.")
+@json_option
+@friendly_errors
+def search(
+    model: str | None,
+    device: str,
+    max_ppl_delta: float | None,
+    latency_ms: float | None,
+    context: int | None,
+    batch: int,
+    executor: str,
+    address: str | None,
+    workers: int,
+    threads: int,
+    wide: bool,
+    text_file: str | None,
+    tokens: int,
+    plan_out: str,
+    plot: str | None,
+    as_json: bool,
+) -> None:
+    """Compress and measure every candidate plan that fits a device; keep the best trade-off.
+
+    Each candidate (INT8, INT4 at each group size by RTN and GPTQ, pruned MLPs, ...) is
+    compressed for real and scored on held-out text against the uncompressed model
+    (perplexity, KL, top-1); on `--device host` its decode speed is measured, elsewhere
+    predicted. Results are cached by content, so a rerun or a --wide search only computes what
+    is new. Prints the Pareto front of size, perplexity and speed, and writes the smallest plan
+    within the bounds for `infopt-pack build MODEL --plan search-plan.json`.
+
+    \b
+    Examples:
+      infopt-pack search --device host
+      infopt-pack search model.gguf --device rtx4090-24gb --max-ppl-delta 0.02
+      infopt-pack search model.gguf --device host --executor ray --address auto
+    """
+    from infopt.plan.search import search as run_search
+
+    def heard(row: dict[str, Any]) -> None:
+        if not as_json:
+            where = "cached" if row.get("cached") else f"{row['seconds']:.1f} s"
+            click.echo(
+                f"  {row['name']}: perplexity {row['perplexity']:.3f} "
+                f"({row['ppl_delta']:+.2%}), {row['bytes'] / 1e6:,.1f} MB, "
+                f"{row['tok_s']:.1f} tok/s ({where})",
+                err=True,
+            )
+
+    out = run_search(
+        model,
+        device,
+        context=context,
+        batch=batch,
+        max_ppl_delta=max_ppl_delta,
+        latency_ms=latency_ms,
+        executor=executor,
+        address=address,
+        workers=workers,
+        wide=wide,
+        text_file=text_file,
+        tokens=tokens,
+        threads=threads,
+        plan_out=plan_out,
+        on_result=heard,
+    )
+    if plot:
+        from infopt.plan.search import plot_front
+
+        plot_front(out, plot)
+    if as_json:
+        emit_json(out)
+        return
+    front = set(out["front"])
+    table(
+        ["candidate", "weights", "memory", "perplexity", "change", "KL", "top-1", "tok/s", "front"],
+        [
+            (
+                r["name"],
+                f"{r['bytes'] / 1e6:,.1f} MB",
+                f"{r['memory_bytes'] / 1e6:,.1f} MB",
+                f"{r['perplexity']:.3f}",
+                f"{r['ppl_delta']:+.2%}",
+                f"{r['kl']:.4f}",
+                f"{r['top1']:.3f}",
+                f"{r['tok_s']:.1f} {'measured' if r['speed'] == 'measured' else 'predicted'}",
+                "yes" if r["name"] in front else "",
+            )
+            for r in out["results"]
+        ],
+        title=f"{out['model']} on {out['device']}",
+    )
+    for failure in out["failures"]:
+        click.echo(f"failed: {failure['name']}: {failure['error']}", err=True)
+    if out["chosen"] is None:
+        raise click.ClickException(
+            "no candidate meets the bounds; loosen --max-ppl-delta / --latency-ms"
+        )
+    click.echo(f"chosen: {out['chosen']}; plan written to {out['plan_file']}")
+    target = f" {model}" if model else ""
+    click.echo(f"build it: infopt-pack build{target} --plan {out['plan_file']} -o BUNDLE")

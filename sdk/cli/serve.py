@@ -73,6 +73,16 @@ from infopt.runtimes.registry import reference
     help="Require 'Authorization: Bearer KEY' on /v1 requests (or set INFOPT_API_KEY).",
 )
 @click.option("--model-id", help="The model's name in the API (default: its file or folder name).")
+@click.option(
+    "--ray-replicas",
+    type=click.IntRange(min=1),
+    help="Serve N replicas on Ray Serve behind its HTTP proxy (each loads the model once; "
+    "pip install 'infopt[ray]').",
+)
+@click.option(
+    "--address",
+    help="With --ray-replicas: the Ray cluster to join (`auto` or HOST:PORT); default a local one.",
+)
 @friendly_errors
 def serve(
     model: str | None,
@@ -86,6 +96,8 @@ def serve(
     batch_wait_ms: float,
     api_key: str | None,
     model_id: str | None,
+    ray_replicas: int | None,
+    address: str | None,
 ) -> None:
     """Serve MODEL (a bundle, a GGUF file or a Hugging Face folder; default: the default model)
     over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions (streamed with
@@ -109,6 +121,21 @@ def serve(
 
     if api_key == "":
         raise click.BadParameter("an empty key would let anyone in", param_hint="--api-key")
+    if ray_replicas is not None:
+        from infopt.serve.ray_serve import application, run_replicas
+
+        load = dict(
+            model=model, runtime=runtime, threads=threads, max_context=max_context, slots=slots
+        )
+        name = model_id or Path(model or "default").name.removesuffix(".gguf")
+        options = dict(model_id=name, api_key=api_key, max_queue=max_queue)
+        deployment = application(load, options, replicas=ray_replicas)
+        click.echo(
+            f"Serving {name} on Ray Serve, {ray_replicas} replicas, at http://{host}:{port}/",
+            err=True,
+        )
+        run_replicas(deployment, host=host, port=port, address=address)
+        return
     sock = _listen(host, port)  # before loading: a port in use fails in a second, not a minute
     bars = Bars()  # a model file's first conversion for its runtime
     try:

@@ -63,10 +63,14 @@ def score(
     window: int = 512,
     stride: int | None = None,
     progress: Progress | None = None,
+    pass_tokens: int | None = None,
 ) -> Quality:
     """Perplexity of `ids` under `runtime` (and KL / top-1 against `reference`); windows of
     `window` tokens (at most the runtime's context) advance by `stride` (default: half);
-    `progress` hears of each window ("perplexity")."""
+    `progress` hears of each window ("perplexity"). `pass_tokens`: `runtime` reads each window in
+    passes of that many tokens, so that most positions attend to keys and values read back from
+    its KV cache (as when decoding), not to the ones computed in the same pass: what a cache
+    stored at a lower precision changes shows only so."""
     window = min(window, runtime.max_context)
     stride = stride or window // 2
     nll, kl, agree, ref_nll, count = 0.0, 0.0, 0, 0.0, 0
@@ -76,7 +80,13 @@ def score(
             progress("perplexity", i, len(spans), f"window {i + 1}/{len(spans)}")
         chunk = list(ids[start:end])
         runtime.reset()
-        logp = _log_softmax(runtime.forward(chunk))[first - start - 1 : end - start - 1]
+        if pass_tokens:
+            passes = [runtime.forward(chunk[i : i + pass_tokens])
+                      for i in range(0, len(chunk), pass_tokens)]  # fmt: skip
+            logits = np.concatenate(passes)
+        else:
+            logits = runtime.forward(chunk)
+        logp = _log_softmax(logits)[first - start - 1 : end - start - 1]
         targets = np.asarray(ids[first:end])
         rows = np.arange(len(targets))
         nll -= logp[rows, targets].sum()

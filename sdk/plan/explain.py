@@ -112,7 +112,9 @@ def explain(
     if requested is None:
         first = f"{c.name}: the least lossy option that fits {profile.name} ({fits})"
     else:
-        asked = "as built" if requested == "as built" else f"asked for (--quantize {requested})"
+        asked = {"as built": "as built", "search": "chosen by search"}.get(
+            requested, f"asked for (--quantize {requested})"
+        )
         first = f"{c.name}: {asked}; fits {profile.name} ({fits})"
     reasons = [
         first,

@@ -9,6 +9,7 @@ client that goes away has its generation stopped and its slot freed."""
 from __future__ import annotations
 
 import hmac
+import os
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -178,6 +179,7 @@ def create_app(model: Model, *, model_id: str, api_key: str | None, max_queue: i
         return {
             "status": "stopping" if gate.stopping else "ok",
             "model": model_id,
+            "pid": os.getpid(),  # which process answered: replicas behind a proxy differ
             **model.status(),
             "in_flight": gate.count,
             "max_in_flight": gate.limit,
