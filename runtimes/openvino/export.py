@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from infopt.core.model import Block, Decoder, LowRankLinear, rope_angles
+from infopt.core.model import Block, Decoder, LowRankLinear, rope_angles, rope_kinds
 from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, unpack_int4
 from infopt.errors import InvalidArgumentError
 from infopt.runtimes.base import Exported
@@ -267,15 +267,20 @@ def build_model(model: Decoder, max_context: int) -> Any:
     }
     ids_pos = params["position_ids"]
     ctx: dict[str, Any] = {"beam_idx": params["beam_idx"]}
-    for kind in set(spec.layer_kinds):
+    tables = {}  # one cos/sin pair per RoPE base, shared by the layer kinds that use it
+    for kind in rope_kinds(spec):
         freqs, scale = rope_angles(spec, max_context, kind)
         emb = torch.cat((freqs, freqs), dim=-1)  # [max_context, D], the half-split layout
-        cos, sin = ((f(emb) * scale).numpy() for f in (torch.cos, torch.sin))
-        ctx[kind] = (
-            ops.unsqueeze(ops.gather(ops.constant(cos), ids_pos, np.int64(0)), np.int64(1)),
-            ops.unsqueeze(ops.gather(ops.constant(sin), ids_pos, np.int64(0)), np.int64(1)),
-            _mask(model, params["attention_mask"], ids_pos, kind),
+        tables[kind] = tuple(
+            ops.unsqueeze(
+                ops.gather(ops.constant((f(emb) * scale).numpy()), ids_pos, np.int64(0)),
+                np.int64(1),
+            )
+            for f in (torch.cos, torch.sin)
         )
+    for kind in set(spec.layer_kinds):
+        cos, sin = tables.get(kind, tables["full"])
+        ctx[kind] = (cos, sin, _mask(model, params["attention_mask"], ids_pos, kind))
     sinks: list[Any] = []
     x, table = _embedding(model, params["input_ids"])
     if spec.embed_scale is not None:

@@ -154,7 +154,7 @@ def build(
     step("load weights", 1, 1)
     gptq = calibration is not None or p.method == "gptq"
     done = apply_plan(core, p, cal_ids, gptq=gptq, progress=progress)
-    done["stored_dtype"] = str(core.norm.weight.dtype).removeprefix("torch.")
+    done["stored_dtype"] = str(core.float_dtype).removeprefix("torch.")
     exact = keep_blocks or _lossless(p, file_weights)
     done["quality"] = quality(core, source, exact=exact, progress=step)
     timings = {"compress_s": round(time.perf_counter() - started, 1)}

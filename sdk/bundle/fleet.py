@@ -53,11 +53,15 @@ def build_fleet(
 
     if not devices:
         raise InvalidArgumentError("no device to build for")
+    if options.get("plan_file"):
+        raise InvalidArgumentError("a plan file is for one device: give one --device with --plan")
     folders = [folder_name(d) for d in devices]
     if len(set(folders)) != len(folders):
         raise InvalidArgumentError(f"devices {devices} would share a bundle folder")
-    path = Path(model) if model is not None else default_model_path()
-    root = Path(out)
+    # absolute paths: a Ray task runs elsewhere (on another node, only a shared file system
+    # makes them the same files)
+    path = (Path(model) if model is not None else default_model_path()).resolve()
+    root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     jobs = [
         {"model": str(path), "out": str(root / f), "device": d, "options": options}
@@ -66,7 +70,7 @@ def build_fleet(
     runner = make_executor(executor, workers=workers, address=address)
     built: dict[str, Any] = {}
     failed: dict[str, str] = {}
-    for outcome in runner.run(build_job, jobs, job_needs(load_spec(path))):
+    for outcome in runner.run(build_job, jobs, job_needs(load_spec(path), 1)):
         device = outcome.job["device"]
         if outcome.result is not None:
             built[device] = outcome.result

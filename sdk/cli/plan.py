@@ -212,6 +212,9 @@ def plan(
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads per candidate.")
 @click.option("--wide", is_flag=True, help="More candidates: INT4 tables, symmetric INT4, ...")
 @click.option(
+    "--no-gptq", "no_gptq", is_flag=True, help="Leave out the GPTQ candidates (the slow ones)."
+)
+@click.option(
     "--text",
     "text_file",
     type=click.Path(exists=True, dir_okay=False),
@@ -242,6 +245,7 @@ def search(
     workers: int,
     threads: int,
     wide: bool,
+    no_gptq: bool,
     text_file: str | None,
     tokens: int,
     plan_out: str,
@@ -286,6 +290,7 @@ def search(
         address=address,
         workers=workers,
         wide=wide,
+        gptq=not no_gptq,
         text_file=text_file,
         tokens=tokens,
         threads=threads,

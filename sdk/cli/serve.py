@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from pathlib import Path
 
@@ -124,12 +125,24 @@ def serve(
     if ray_replicas is not None:
         from infopt.serve.ray_serve import application, run_replicas
 
+        # replicas run in other processes (or nodes): an absolute path, and threads shared out
+        per_replica = threads or max(1, (os.cpu_count() or 1) // ray_replicas)
         load = dict(
-            model=model, runtime=runtime, threads=threads, max_context=max_context, slots=slots
+            model=str(Path(model).resolve()) if model else None,
+            runtime=runtime,
+            threads=per_replica,
+            max_context=max_context,
+            slots=slots,
         )
         name = model_id or Path(model or "default").name.removesuffix(".gguf")
         options = dict(model_id=name, api_key=api_key, max_queue=max_queue)
-        deployment = application(load, options, replicas=ray_replicas)
+        deployment = application(
+            load,
+            options,
+            replicas=ray_replicas,
+            cpus_per_replica=per_replica,
+            batch_wait_s=batch_wait_ms / 1000,
+        )
         click.echo(
             f"Serving {name} on Ray Serve, {ray_replicas} replicas, at http://{host}:{port}/",
             err=True,

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import nn
 
 from infopt.core.model import Decoder
 from infopt.core.progress import Progress
@@ -131,7 +132,14 @@ def _cast_float_groups(core: Decoder, weights: dict[str, str]) -> None:
     fp32: the reference runtime computes in one dtype, and quantized weights dequantize to it."""
     kinds = set(weights.values())
     if len(kinds) == 1 and (dtype := FLOAT_DTYPES.get(kinds.pop())) is not None:
+        from infopt.core.model import RMSNorm
+
+        # Gemma's norms multiply by 1 + w in float32: rounded to 16 bits near 1 they would move
+        kept = {n: m.weight.detach().clone() for n, m in core.named_modules()
+                if isinstance(m, RMSNorm) and m.fp32_weight}  # fmt: skip
         core.to(dtype)
+        for name, weight in kept.items():
+            core.get_submodule(name).weight = nn.Parameter(weight, requires_grad=False)
 
 
 def symmetric(weights: dict[str, str]) -> dict[str, str]:

@@ -83,7 +83,12 @@ def student_from_layers(teacher: Decoder, num_layers: int) -> Decoder:
     keep = sorted({round(i * (total - 1) / max(num_layers - 1, 1)) for i in range(num_layers)})
     student = copy.deepcopy(teacher)
     student.layers = nn.ModuleList(student.layers[i] for i in keep)
-    student.spec = replace(teacher.spec, num_layers=len(keep))
+    kinds = teacher.spec.layer_types
+    student.spec = replace(
+        teacher.spec,
+        num_layers=len(keep),
+        layer_types=None if kinds is None else tuple(kinds[i] for i in keep),
+    )
     if student.max_len:
         student.setup_cache(student.max_len)
     return student

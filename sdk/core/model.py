@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infopt.core.spec import ModelSpec
+from infopt.core.spec import GEMMA, ModelSpec
 from infopt.errors import InvalidArgumentError, ModelFormatError
 
 if TYPE_CHECKING:
@@ -113,15 +113,22 @@ def attend(
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """RMSNorm as HF computes it: Llama's casts the normed input back before the weight
+    multiplies it; Gemma's (`fp32_weight`) multiplies in float32 (by its 1 + w, kept in float32
+    in 16-bit models too) and casts the product."""
+
+    def __init__(self, dim: int, eps: float, fp32_weight: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fp32_weight = fp32_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.fp32_weight:
+            return (x32 * self.weight.float()).to(dtype)
         return self.weight * x32.to(dtype)
 
 
@@ -163,8 +170,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
         self.v_proj = nn.Linear(h, spec.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
-        self.q_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
-        self.k_norm = RMSNorm(d, spec.rms_norm_eps) if spec.qk_norm else None
+        gemma = spec.architecture in GEMMA
+        self.q_norm = RMSNorm(d, spec.rms_norm_eps, gemma) if spec.qk_norm else None
+        self.k_norm = RMSNorm(d, spec.rms_norm_eps, gemma) if spec.qk_norm else None
         self.n_heads, self.n_kv, self.head_dim = spec.num_heads, spec.num_kv_heads, d
         self.kind = kind  # "full" | "sliding"
         self.scale = spec.attn_scale if spec.attn_scale is not None else d**-0.5
@@ -245,15 +253,15 @@ class Block(nn.Module):
 
     def __init__(self, spec: ModelSpec, kind: str = "full") -> None:
         super().__init__()
-        eps = spec.rms_norm_eps
-        self.input_layernorm = RMSNorm(spec.hidden_size, eps)
+        eps, gemma = spec.rms_norm_eps, spec.architecture in GEMMA
+        self.input_layernorm = RMSNorm(spec.hidden_size, eps, gemma)
         self.self_attn = Attention(spec, kind)
-        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, eps, gemma)
         self.mlp = MLP(spec)
         self.sandwich = spec.sandwich_norms
         if self.sandwich:
-            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, eps)
-            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps)
+            self.pre_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, gemma)
+            self.post_feedforward_layernorm = RMSNorm(spec.hidden_size, eps, gemma)
         self.kind = kind
 
     @property
@@ -308,11 +316,23 @@ class Decoder(nn.Module):
         # nn.Embedding / nn.Linear, or their quantized forms after compression
         self.embed_tokens: nn.Module = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec, kind) for kind in spec.layer_kinds)
-        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, spec.architecture in GEMMA)
         self.lm_head: nn.Module = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.tie_weights()
         self.max_len = 0
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The float dtype the model computes in (its float weights'; Gemma's norms stay float32
+        in 16-bit models, so they do not say)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm) and module.fp32_weight:
+                continue
+            for p in module.parameters(recurse=False):
+                if p.is_floating_point():
+                    return p.dtype
+        return torch.float32
 
     def tie_weights(self) -> None:
         """The LM head reads the embedding table (one tensor, stored once)."""
@@ -331,7 +351,7 @@ class Decoder(nn.Module):
     ) -> None:
         """Allocate the KV cache and the RoPE tables for `max_len` positions, of a model serving
         `context` positions (default max_len: more rows than that only pad fixed windows)."""
-        dtype = dtype or self.norm.weight.dtype
+        dtype = dtype or self.float_dtype
         device = self.norm.weight.device
         for layer in self.blocks:
             cache = KVCache(batch, self.spec.num_kv_heads, max_len, self.spec.head_dim, dtype)
@@ -454,8 +474,12 @@ def load_state_dict(
                 f"implies {tuple(own[name].shape)}"
             )
         module_name, _, attr = name.rpartition(".")
-        value = tensor.to(device=device, dtype=dtype or own[name].dtype)
-        setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+        module = model.get_submodule(module_name)
+        wanted = dtype or own[name].dtype
+        if isinstance(module, RMSNorm) and module.fp32_weight:
+            wanted = torch.float32  # Gemma's 1 + w: kept in float32 in 16-bit models
+        value = tensor.to(device=device, dtype=wanted)
+        setattr(module, attr, nn.Parameter(value, requires_grad=False))
         seen.add(name)
     missing = sorted(set(own) - seen)
     if missing or extra:

@@ -341,7 +341,7 @@ def spec_from_hf_config(config: dict[str, Any]) -> ModelSpec:
     if layer_types is not None and (window is None or "sliding" not in layer_types):
         layer_types, window = None, None  # every layer full
     gemma = family in GEMMA
-    scalar = config.get("query_pre_attn_scalar")
+    scalar = _get(config, "query_pre_attn_scalar", 256)  # transformers' Gemma default
     return ModelSpec(
         architecture=family,
         vocab_size=_int(config, "vocab_size"),
@@ -367,11 +367,7 @@ def spec_from_hf_config(config: dict[str, Any]) -> ModelSpec:
         sandwich_norms=gemma,
         hidden_act=_HF_ACTIVATIONS[act],
         embed_scale=float(hidden) ** 0.5 if gemma else None,
-        attn_scale=(
-            float(_number(config, "query_pre_attn_scalar", scalar)) ** -0.5
-            if gemma and scalar is not None
-            else None
-        ),
+        attn_scale=_positive(config, "query_pre_attn_scalar", scalar) ** -0.5 if gemma else None,
         attn_softcap=_optional_number(config, "attn_logit_softcapping") if gemma else None,
         final_softcap=_optional_number(config, "final_logit_softcapping") if gemma else None,
         rope_local_theta=local_theta,
@@ -387,6 +383,13 @@ def _layer_types(kinds: Any) -> tuple[str, ...] | None:
             f"config.json: layer_types = {kinds!r}; supported kinds: {sorted(names)}"
         )
     return tuple(names[k] for k in kinds)
+
+
+def _positive(config: dict[str, Any], key: str, value: Any) -> float:
+    number = _number(config, key, value)
+    if not _positive_finite(number):
+        raise ModelFormatError(f"config.json: {key} = {value!r}, not a number > 0")
+    return number
 
 
 def _optional_number(config: dict[str, Any], key: str) -> float | None:

@@ -111,7 +111,8 @@ def _rebuild(meta: dict[str, Any], tensors: dict[str, torch.Tensor], device: Any
         model = Decoder(spec)
         for name, (rank, bias) in meta.get("low_rank_quant", {}).items():
             dense = model.get_submodule(name)
-            assert isinstance(dense, nn.Linear), name
+            if not isinstance(dense, nn.Linear):
+                raise ModelFormatError(f"low-rank module {name!r} is not a linear layer")
             factors = nn.Linear(dense.in_features, rank, bias=False)
             replace_module(model, name, nn.Sequential(
                 factors, nn.Linear(rank, dense.out_features, bias=bool(bias))

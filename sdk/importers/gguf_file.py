@@ -231,7 +231,8 @@ def spec_from_gguf(
         if scaling == "linear"
         else None
     )
-    window = key("attention.sliding_window", 0) or None
+    # Gemma 2 files written before llama.cpp stored these keys: its defaults (Gemma 2's own)
+    window = key("attention.sliding_window", 4096 if arch == "gemma2" else 0) or None
     extra: dict[str, Any] = {}
     if arch in ("gemma2", "gemma3"):
         # llama.cpp's layer pattern (every 2nd / 6th layer full) and attention scale (the 27B
@@ -247,11 +248,13 @@ def spec_from_gguf(
             "attn_scale": float(hidden // heads if layers == big else head_dim) ** -0.5,
         }
         if arch == "gemma2":
-            extra["attn_softcap"] = key("attn_logit_softcapping", 0.0, kind=float) or None
-            extra["final_softcap"] = key("final_logit_softcapping", 0.0, kind=float) or None
+            extra["attn_softcap"] = key("attn_logit_softcapping", 50.0, kind=float) or None
+            extra["final_softcap"] = key("final_logit_softcapping", 30.0, kind=float) or None
         else:
             extra["qk_norm"] = True
-            extra["rope_local_theta"] = 10000.0  # llama.cpp's fixed base of Gemma 3's local layers
+            extra["final_softcap"] = key("final_logit_softcapping", 0.0, kind=float) or None
+            # the local layers' base: the file's, else llama.cpp's fixed one
+            extra["rope_local_theta"] = key("rope.freq_base_swa", 10000.0, kind=float)
     if arch == "qwen3":
         extra["qk_norm"] = True
     if arch == "phi3" and "rope_factors_long.weight" in tensor_names:
@@ -380,9 +383,8 @@ def iter_weights(
             raise ModelFormatError(
                 f"{path}: unexpected tensor {t.name!r} for a {spec.architecture}"
             )
-        fused = name.endswith(("qkv_proj.weight", "gate_up_proj.weight"))
-        if keep_blocks and t.tensor_type.name in BLOCK_SCHEMES and len(t.shape) == 2 and not fused:
-            yield name, stored_blocks(t, name, spec, path)
+        if keep_blocks and t.tensor_type.name in BLOCK_SCHEMES and len(t.shape) == 2:
+            yield from _split_rows(spec, name, stored_blocks(t, name, spec, path))
             continue
         expected = int(np.prod([int(d) for d in t.shape]))
         try:
@@ -401,6 +403,41 @@ def iter_weights(
             heads = spec.num_heads if "q_proj" in name else spec.num_kv_heads
             array = unpermute_qk(array, heads)
         yield from split_fused(spec, name, torch.from_numpy(np.array(array, np.float32, order="C")))
+
+
+def _split_rows(
+    spec: ModelSpec, name: str, qw: QuantizedWeight
+) -> Iterator[tuple[str, QuantizedWeight]]:
+    """Phi-3's fused matrices, stored: split into q/k/v and gate/up as `split_fused` splits a
+    float one. Rows hold whole blocks, so each part keeps the file's codes and scales."""
+    from infopt.core.quant import QuantizedWeight
+
+    if name.endswith("self_attn.qkv_proj.weight"):
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        parts = [("q", q), ("k", kv), ("v", kv)]
+        stem = name.removesuffix("qkv_proj.weight")
+    elif name.endswith("mlp.gate_up_proj.weight"):
+        half = qw.shape[0] // 2
+        parts = [("gate", half), ("up", half)]
+        stem = name.removesuffix("gate_up_proj.weight")
+    else:
+        yield name, qw
+        return
+    start = 0
+    for part, rows in parts:
+        cut = slice(start, start + rows)
+        yield (
+            f"{stem}{part}_proj.weight",
+            QuantizedWeight(
+                qw.scheme,
+                qw.qweight[cut].contiguous(),
+                qw.scales[cut].contiguous(),
+                None if qw.zeros is None else qw.zeros[cut].contiguous(),
+                (rows, qw.shape[1]),
+                None if qw.offsets is None else qw.offsets[cut].contiguous(),
+            ),
+        )
+        start += rows
 
 
 def stored_blocks(t: Any, name: str, spec: ModelSpec, path: Path) -> QuantizedWeight:
@@ -449,11 +486,12 @@ def stored_weights(path: Path) -> dict[str, str] | None:
     `stored_blocks`), read from the tensor types alone; None when it keeps none of them."""
     reader = open_reader(path)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
+    fused = "blk.0.attn_qkv.weight" in types  # Phi-3
     first = {
         "embeddings": "token_embd.weight",
         "lm_head": "output.weight" if "output.weight" in types else "token_embd.weight",
-        "attention": "blk.0.attn_q.weight",
-        "mlp": "blk.0.ffn_gate.weight",
+        "attention": "blk.0.attn_qkv.weight" if fused else "blk.0.attn_q.weight",
+        "mlp": "blk.0.ffn_up.weight" if fused else "blk.0.ffn_gate.weight",
     }
     weights = {
         group: BLOCK_SCHEMES[types[name]][0] if types.get(name) in BLOCK_SCHEMES else "fp32"

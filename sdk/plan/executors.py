@@ -8,6 +8,7 @@ results keeps them even when the run is cut short.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import traceback
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from infopt.errors import InvalidArgumentError, RuntimeNotAvailableError
+from infopt.errors import InvalidArgumentError, MemoryBudgetError, RuntimeNotAvailableError
 
 ATTEMPTS = 2  # the first try and one retry
 EXECUTORS = ("local", "ray")
@@ -73,7 +74,8 @@ class LocalExecutor:
             together = bool(batch)
             todo, batch = (batch, []) if together else ([alone.pop(0)], [])
             workers = self.workers if together else 1
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+            with _stopped_when_abandoned(pool):
                 running = {pool.submit(fn, jobs[i]): i for i in todo}
                 while running:
                     done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -96,6 +98,22 @@ class LocalExecutor:
                             alone.append(i)
                         else:
                             yield Outcome(jobs[i], None, errors[i], failures[i])
+
+
+@contextlib.contextmanager
+def _stopped_when_abandoned(pool: ProcessPoolExecutor) -> Iterator[None]:
+    """Shut `pool` down when done; when the consumer stops early (an exception, Ctrl-C, the
+    generator closed), stop its workers at once instead of running the queued jobs out."""
+    try:
+        yield
+    except BaseException:
+        # ProcessPoolExecutor has no public way to stop running work before Python 3.14's
+        # terminate_workers(): its processes are terminated directly
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 class RayExecutor:
@@ -129,22 +147,34 @@ class RayExecutor:
         }
         if needs.gpus:
             options["num_gpus"] = needs.gpus
-        available = ray.available_resources().get("memory", 0.0)
-        if needs.memory and needs.memory <= available:  # more than a node has: never scheduled
+        if needs.memory:
+            largest = max(
+                (n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")),
+                default=0.0,
+            )
+            if needs.memory > largest:  # Ray would keep such a task pending for ever
+                raise MemoryBudgetError(
+                    f"a job needs {needs.memory / 1e9:.1f} GB of memory; the largest node of "
+                    f"this Ray cluster offers {largest / 1e9:.1f} GB"
+                )
             options["memory"] = int(needs.memory)
         task = ray.remote(fn).options(**options)
         refs = {task.remote(job): i for i, job in enumerate(jobs)}
         pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            ref = done[0]
-            i = refs[ref]
-            try:
-                result = ray.get(ref)
-            except Exception as e:
-                yield Outcome(jobs[i], None, _error_text(e), ATTEMPTS)
-            else:
-                yield Outcome(jobs[i], result, None, None)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ref = done[0]
+                i = refs[ref]
+                try:
+                    result = ray.get(ref)
+                except Exception as e:
+                    yield Outcome(jobs[i], None, _error_text(e), ATTEMPTS)
+                else:
+                    yield Outcome(jobs[i], result, None, None)
+        finally:
+            for ref in pending:  # stopped early: the cluster stops what is left
+                ray.cancel(ref, force=True)
 
 
 def _error_text(e: BaseException) -> str:

@@ -72,6 +72,7 @@ def candidates(
     batch: int = 1,
     wide: bool = False,
     file_weights: dict[str, str] | None = None,
+    gptq: bool = True,
 ) -> tuple[list[Candidate], list[dict[str, str]]]:
     """(the candidates that fit `profile`, the others with the reason). The default set: the
     device's float format, INT8, INT4 at each group size that divides the model (RTN and
@@ -96,7 +97,7 @@ def candidates(
     if "int4" in profile.weight_precisions and groups:
         for g in groups:
             c = Compression(f"int4 g{g}", _int4(g), kv)
-            out += [Candidate(c), Candidate(c, "gptq")]
+            out += [Candidate(c), Candidate(c, "gptq")] if gptq else [Candidate(c)]
         coarse = Compression(f"int4 g{groups[-1]}", _int4(groups[-1]), kv)
         out.append(
             Candidate(replace(coarse, name=f"{coarse.name} + MLP pruned 25%", mlp_prune=0.25))
@@ -115,11 +116,11 @@ def candidates(
             out.append(
                 Candidate(replace(coarse, name=f"{coarse.name} + low-rank 60%", low_rank=0.6))
             )
-            out.append(
-                Candidate(
-                    replace(coarse, name=f"{coarse.name} + MLP pruned 25%", mlp_prune=0.25), "gptq"
+            if gptq:
+                pruned_gptq = replace(
+                    coarse, name=f"{coarse.name} + MLP pruned 25%", mlp_prune=0.25
                 )
-            )
+                out.append(Candidate(pruned_gptq, "gptq"))
     runtime = pick_runtime(profile)[0]
     # an int8 KV cache: where the device's runtime keeps the plan's cache precision (OpenVINO);
     # the others keep their own, whatever the plan says
@@ -159,15 +160,16 @@ def _int4s(groups: list[int]) -> list[str]:
     return [f"int4-g{g}" for g in groups]
 
 
-def job_needs(spec: ModelSpec) -> Needs:
+def job_needs(spec: ModelSpec, threads: int = 1) -> Needs:
     """One job holds the float model twice (the reference and the copy it compresses) plus a
-    runtime's copy of the compressed one: the planner's memory model, at fp32."""
+    runtime's copy of the compressed one: the planner's memory model, at fp32; and the CPUs
+    its threads use."""
     from infopt.device_profiles import load_profile
 
     host = load_profile("host")
     fp32 = Compression("fp32", dict.fromkeys(("embeddings", "lm_head", "attention", "mlp"), "fp32"))
     one = estimate(spec, host, fp32, context=WINDOW, runtime="pytorch").total
-    return Needs(cpus=1, memory=3 * one)
+    return Needs(cpus=threads, memory=3 * one)
 
 
 def result_key(model_hash: str, candidate: Candidate, settings: dict[str, Any]) -> str:
@@ -264,6 +266,7 @@ def evaluate_candidate(job: dict[str, Any]) -> dict[str, Any]:
         "tokens": q.tokens,
         **speed,
         "runtime": runtime[0],
+        "measured_on": _machine() if job.get("measure") else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -335,6 +338,7 @@ def search(
     address: str | None = None,
     workers: int = 1,
     wide: bool = False,
+    gptq: bool = True,
     text_file: str | Path | None = None,
     tokens: int = TEXT_TOKENS,
     threads: int = 1,
@@ -343,12 +347,18 @@ def search(
 ) -> dict[str, Any]:
     """Search the candidate plans of `model` (None: the default model) for `device`; returns
     the candidates' results (cached ones marked), the Pareto front, the chosen one (and its
-    plan, written to `plan_out` for `build --plan`), failures and the rejected candidates."""
+    plan, written to `plan_out` for `build --plan`), failures and the rejected candidates.
+    `gptq=False` leaves out the GPTQ candidates (the slow ones)."""
     from infopt.compress.calibration import calibration_ids, shipped_text
     from infopt.core.default_model import default_model_path
     from infopt.device_profiles import load_profile
     from infopt.importers import content_hash, open_model
 
+    for name, count in (("batch", batch), ("threads", threads), ("tokens", tokens)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise InvalidArgumentError(f"{name}={count!r}: expected an integer >= 1")
+    if tokens < MIN_TOKENS:
+        raise InvalidArgumentError(f"tokens={tokens}: the search scores at least {MIN_TOKENS}")
     for name, value in (("max_ppl_delta", max_ppl_delta), ("latency_ms", latency_ms)):
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
@@ -360,24 +370,38 @@ def search(
     source = open_model(path)
     spec, profile = source.spec, load_profile(device)
     context = context or min(spec.max_position_embeddings, 4096)
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise InvalidArgumentError(f"context={context!r}: expected an integer >= 1")
+    if context > spec.max_position_embeddings:
+        raise InvalidArgumentError(
+            f"context={context} exceeds the model's trained context of "
+            f"{spec.max_position_embeddings}"
+        )
     text = Path(text_file).read_text(encoding="utf-8") if text_file else shipped_text("quality.txt")
     ids = source.tokenizer.encode(text)[:tokens]
     if len(ids) < MIN_TOKENS:
         raise InvalidArgumentError(
             f"the held-out text has {len(ids)} tokens; the search scores at least {MIN_TOKENS}"
         )
-    found, rejected = candidates(spec, profile, context, batch, wide, source.stored_weights())
+    found, rejected = candidates(
+        spec, profile, context, batch, wide, source.stored_weights(), gptq=gptq
+    )
     if not found:
         raise PlanError(f"no candidate plan fits {profile.name}: {rejected}")
     measure = device == "host"
-    settings = {
-        "device": profile.name if not measure else "host",
+    settings: dict[str, Any] = {
+        # the profile's contents, not its name: an edited .toml is another device
+        "device": hashlib.sha256(
+            json.dumps(profile.to_dict(), sort_keys=True, default=str).encode()
+        ).hexdigest(),
         "context": context,
         "batch": batch,
         "text": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
         "measure": measure,
         "threads": threads,
     }
+    if measure:  # a timing belongs to the machine and to the jobs running beside it
+        settings.update(machine=_machine(), executor=executor, workers=workers, address=address)
     model_hash = content_hash(path)
     calibration = calibration_ids(source.tokenizer).tolist()
     results: list[dict[str, Any]] = []
@@ -411,7 +435,7 @@ def search(
     if jobs:
         runner = make_executor(executor, workers=workers, address=address)
         outcome: Outcome
-        for outcome in runner.run(evaluate_candidate, jobs, job_needs(spec)):
+        for outcome in runner.run(evaluate_candidate, jobs, job_needs(spec, threads)):
             if outcome.result is None:
                 failures.append({"name": outcome.job["name"], "error": outcome.error})
                 continue
@@ -514,3 +538,11 @@ def plot_front(out: dict[str, Any], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _machine() -> str:
+    """This machine, for the timings measured on it: its name and processor."""
+    import platform
+    import socket
+
+    return f"{socket.gethostname()} ({platform.processor() or platform.machine()})"

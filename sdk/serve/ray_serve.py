@@ -20,10 +20,16 @@ def _serve() -> Any:
 
 
 def application(
-    load: dict[str, Any], app: dict[str, Any], *, replicas: int, cpus_per_replica: float = 1.0
+    load: dict[str, Any],
+    app: dict[str, Any],
+    *,
+    replicas: int,
+    cpus_per_replica: float = 1.0,
+    batch_wait_s: float | None = None,
 ) -> Any:
     """The bound Ray Serve application: `replicas` copies of the server, each built from
-    `infopt.load(**load)` and `create_app(model, **app)` when its replica starts."""
+    `infopt.load(**load)` (with `batch_wait_s` for its batching) and `create_app(model, **app)`
+    when its replica starts."""
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise InvalidArgumentError(f"replicas={replicas!r}: expected an integer >= 1")
     serve = _serve()
@@ -42,6 +48,8 @@ def application(
             from infopt.serve.app import create_app
 
             self.model = infopt.load(**load)
+            if batch_wait_s is not None:
+                self.model.engine.batch_wait_s = batch_wait_s
             self.asgi = create_app(self.model, **app)
 
         def __serve_build_asgi_app__(self) -> Any:

@@ -158,3 +158,82 @@ def test_a_phi3_gguf_without_both_rope_factor_tensors_is_refused(
     writer.close()
     with pytest.raises(ModelFormatError, match="rope_factors"):
         open_model(tmp_path / "cut.gguf")
+
+
+def test_a_phi3_gguf_keeps_its_fused_blocks_split_exactly(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    """Q4_0 attn_qkv / ffn_up: kept as blocks (split by rows: each row keeps whole blocks), the
+    same values as the file dequantized."""
+    path = write_gguf(
+        _oracle("phi3"), tiny_tokenizer, tmp_path / "p.gguf", arch="phi3", blocks="Q4_0"
+    )
+    source = open_model(path)
+    assert source.stored_weights() == {
+        "embeddings": "int8-g32",
+        "lm_head": "int8-g32",
+        "attention": "int4s-g32",
+        "mlp": "int4s-g32",
+    }
+    stored = load_core(source, max_context=64, stored=True)
+    assert type(stored.blocks[0].self_attn.q_proj).__name__ == "QuantLinear"
+    assert stored.blocks[0].mlp.up_proj.shape == (128, 64)  # type: ignore[union-attr]
+    plain = load_core(source, max_context=64)
+    with torch.inference_mode():
+        a = stored(IDS, torch.arange(IDS.shape[1]), 64)
+        b = plain(IDS, torch.arange(IDS.shape[1]), 64)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gemma2_gguf_defaults_are_llama_cpps() -> None:
+    """Gemma 2 files written before the keys existed: window 4096, soft-caps 50 and 30."""
+    from infopt.importers.gguf_file import spec_from_gguf
+
+    meta = {
+        "general.architecture": "gemma2",
+        "gemma2.embedding_length": 64,
+        "gemma2.attention.head_count": 4,
+        "gemma2.block_count": 2,
+        "gemma2.feed_forward_length": 128,
+        "gemma2.context_length": 8192,
+        "gemma2.attention.layer_norm_rms_epsilon": 1e-6,
+        "gemma2.vocab_size": 300,
+    }
+    spec = spec_from_gguf(meta, {"token_embd.weight"}, Path("g2.gguf"))
+    assert (spec.sliding_window, spec.attn_softcap, spec.final_softcap) == (4096, 50.0, 30.0)
+    assert spec.layer_kinds == ("sliding", "full")
+
+
+def test_gemma_norms_stay_float32_in_a_16_bit_model(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    """1 + w rounded to bfloat16 would move each channel by up to 2^-8: Gemma's norms stay
+    float32 and multiply in float32, as transformers does; the rest computes in bfloat16."""
+    hf = hf_model("gemma3", **ARCH_CONFIGS["gemma3"][1])
+    folder = save_hf_folder(hf, tiny_tokenizer, tmp_path / "g3")
+    core = load_core(open_model(folder), max_context=64, dtype="bfloat16")
+    assert core.norm.weight.dtype == torch.float32
+    assert core.blocks[0].self_attn.q_norm.weight.dtype == torch.float32  # type: ignore[union-attr]
+    assert core.embed_tokens.weight.dtype == torch.bfloat16
+    assert core.float_dtype == torch.bfloat16 and core.rope_cos.dtype == torch.bfloat16
+    with torch.inference_mode():
+        got = core(IDS, torch.arange(IDS.shape[1]), 64).float()
+        expected = hf(IDS).logits
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_draft_student_keeps_its_layers_kinds() -> None:
+    from infopt.compress.distill import student_from_layers
+    from infopt.core.model import Decoder
+
+    config = {**TINY, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 4,
+              "head_dim": 32, "sliding_window": 8, "sliding_window_pattern": 2}  # fmt: skip
+    teacher = Decoder(spec_from_hf_config(config))
+    student = student_from_layers(teacher, 2)  # layers 0 and 3: sliding, full
+    assert student.spec.layer_kinds == ("sliding", "full")
+
+
+def test_a_bad_query_pre_attn_scalar_is_named() -> None:
+    for value in (0, -4):
+        with pytest.raises(ModelFormatError, match="query_pre_attn_scalar"):
+            spec_from_hf_config(
+                {**TINY, "architectures": ["Gemma2ForCausalLM"], "query_pre_attn_scalar": value}
+            )

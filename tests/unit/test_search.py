@@ -53,6 +53,13 @@ def die_once(job: dict[str, Any]) -> dict[str, Any]:
     return {"value": job["value"], "pid": os.getpid()}
 
 
+def sleeps(job: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    time.sleep(job["seconds"])
+    return {"slept": job["seconds"]}
+
+
 def always_fails(job: dict[str, Any]) -> dict[str, Any]:
     with Path(job["log"]).open("a") as log:
         log.write("attempt\n")
@@ -175,8 +182,14 @@ def test_the_command_prints_the_front_and_writes_the_plan(
     r = CliRunner().invoke(main, [*args, "-o", str(out), "--json"])
     data = json.loads(r.stdout)
     assert data["chosen"] and all(row["cached"] for row in data["results"])
-    r = CliRunner().invoke(main, [*args, "--max-ppl-delta", "-1"])
-    assert r.exit_code != 0 and "max_ppl_delta=-1" in r.output
+    for bad, said in (
+        (["--max-ppl-delta", "-1"], "max_ppl_delta=-1"),
+        (["--threads", "0"], "threads=0"),
+        (["--tokens", "10"], "tokens=10"),
+        (["--context", "100000"], "exceeds the model's trained context"),
+    ):
+        r = CliRunner().invoke(main, [*args, *bad])
+        assert r.exit_code != 0 and said in r.output, (bad, r.output)
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])
@@ -207,6 +220,11 @@ def test_a_fleet_build_makes_one_bundle_per_device(tiny_gguf: Path, tmp_path: Pa
         assert manifest["plan"]["device"] == load_profile(device).name
     r = CliRunner().invoke(main, ["build", str(tiny_gguf), "--device", "host,", "-o", str(out)])
     assert r.exit_code != 0 and "empty device name" in r.output
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    args = ["build", str(tiny_gguf), "--device", "host,intel-cpu", "--plan", str(plan)]
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "other")])
+    assert r.exit_code != 0 and "a plan file is for one device" in r.output
 
 
 def test_two_serve_replicas_answer_openais_client(tiny_gguf: Path, local_ray: Any) -> None:
@@ -249,3 +267,16 @@ def test_a_files_own_blocks_are_a_candidate_that_loses_nothing(
     assert stored["perplexity"] == pytest.approx(stored["reference_perplexity"], rel=1e-5)
     again = next(r for r in found["results"] if r["name"] == "int4 g32")
     assert again["kl"] > 100 * max(stored["kl"], 1e-9)
+
+
+def test_a_search_stopped_early_stops_its_workers() -> None:
+    """The consumer leaves after the first result: the running job is stopped and the queued
+    ones never start (closing returns long before they would have finished)."""
+    import time
+
+    runs = LocalExecutor(1).run(sleeps, [{"seconds": 0.1}, {"seconds": 60}, {"seconds": 60}])
+    first = next(runs)
+    assert first.result == {"slept": 0.1}
+    started = time.perf_counter()
+    runs.close()
+    assert time.perf_counter() - started < 20
