@@ -122,8 +122,8 @@ def candidates(
                 )
                 out.append(Candidate(pruned_gptq, "gptq"))
     runtime = pick_runtime(profile)[0]
-    # an int8 KV cache: where the device's runtime keeps the plan's cache precision (OpenVINO);
-    # the others keep their own, whatever the plan says
+    # an int8 KV cache: where the device's runtime keeps the plan's cache precision; the others
+    # keep their own, whatever the plan says
     quantized = [c for c in out if c.compression.weights["mlp"] in ("int8", *_int4s(groups))]
     kv_int8 = [
         Candidate(replace(c.compression, name=f"{c.name} + kv int8", kv_dtype="int8"), c.method)
@@ -168,7 +168,9 @@ def job_needs(spec: ModelSpec, threads: int = 1) -> Needs:
 
     host = load_profile("host")
     fp32 = Compression("fp32", dict.fromkeys(("embeddings", "lm_head", "attention", "mlp"), "fp32"))
-    one = estimate(spec, host, fp32, context=WINDOW, runtime="pytorch").total
+    from infopt.runtimes.registry import reference
+
+    one = estimate(spec, host, fp32, context=WINDOW, runtime=reference().name).total
     return Needs(cpus=threads, memory=3 * one)
 
 
@@ -239,9 +241,9 @@ def evaluate_candidate(job: dict[str, Any]) -> dict[str, Any]:
     calibration = torch.tensor(job["calibration"], dtype=torch.long)
     apply_plan(core, p, calibration, gptq=key["method"] == "gptq")
     kv8 = key.get("kv_dtype") == "int8"
-    if kv8:  # the runtime that keeps such a cache: OpenVINO, exact
-        ov = target("openvino").module("runtime")
-        compressed = ov.from_model(core, max_context=WINDOW, kv_dtype="int8", numerics="exact")
+    if kv8:  # the device's runtime keeps such a cache (only those get the candidate), exact
+        runs_kv = target(runtime[0]).module("runtime")
+        compressed = runs_kv.from_model(core, max_context=WINDOW, kv_dtype="int8", numerics="exact")
     else:
         compressed = runs.from_model(core, max_context=WINDOW)
     # an int8 cache matters only where keys are read back from it: the windows in short passes
