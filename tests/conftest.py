@@ -231,6 +231,25 @@ def write_gguf(
     if arch == "gemma3" and rope.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
+    if arch == "llama" and rope.get("rope_type") == "llama3":
+        # llama.cpp's converter: the llama3 rule as one divisor per frequency (rope_freqs)
+        base = rope.get("rope_theta") or cfg.rope_theta
+        freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+        old_len = rope["original_max_position_embeddings"]
+        low, high = old_len / rope["low_freq_factor"], old_len / rope["high_freq_factor"]
+        factors = []
+        for freq in freqs:
+            wavelen = 2 * math.pi / freq
+            if wavelen < high:
+                factors.append(1.0)
+            elif wavelen > low:
+                factors.append(rope["factor"])
+            else:
+                smooth = (old_len / wavelen - rope["low_freq_factor"]) / (
+                    rope["high_freq_factor"] - rope["low_freq_factor"]
+                )
+                factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+        w.add_tensor("rope_freqs.weight", np.array(factors, np.float32))
     if arch == "phi3" and rope.get("rope_type") == "longrope":
         original = rope["original_max_position_embeddings"]
         factor = cfg.max_position_embeddings / original

@@ -48,6 +48,8 @@ def rope_inv_freq(spec: ModelSpec, kind: str = "full", max_len: int = 0) -> torc
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
         return torch.where(medium, smoothed, scaled)
+    if kind == "freq_factors":
+        return 1.0 / (torch.tensor(scaling["factors"]).float() * theta**exponent)
     if kind == "longrope":
         long = max_len > scaling["original_max_position_embeddings"]
         factors = torch.tensor(scaling["long_factor" if long else "short_factor"])

@@ -26,12 +26,15 @@ ARCHITECTURES: dict[str, str] = {
 # HF `model_type` of configs saved without `architectures`
 MODEL_TYPES = {**{v: v for v in ARCHITECTURES.values()}, "gemma3_text": "gemma3"}
 GEMMA = ("gemma2", "gemma3")  # norms stored as w, applied as (1 + w): infopt keeps 1 + w
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+# "freq_factors": a divisor per frequency, as llama.cpp stores Llama 3.1+'s scaling in GGUF
+# (`rope_freqs`: the llama3 rule already applied)
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "freq_factors")
 ROPE_KEYS: dict[str, tuple[str, ...]] = {  # the numbers each scaling type reads
     "default": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
     "longrope": ("original_max_position_embeddings",),
+    "freq_factors": (),
 }
 LAYER_KINDS = ("full", "sliding")
 ACTIVATIONS = ("silu", "gelu_tanh")  # of the gated MLP: SwiGLU, GeGLU
@@ -150,8 +153,9 @@ class ModelSpec:
                     f"model config: rope_scaling llama3 needs high_freq_factor ({high!r}) > "
                     f"low_freq_factor ({low!r})"
                 )
-        if rope_type == "longrope" and self.rope_scaling is not None:
-            for key in ("short_factor", "long_factor"):
+        if rope_type in ("longrope", "freq_factors") and self.rope_scaling is not None:
+            keys = ("short_factor", "long_factor") if rope_type == "longrope" else ("factors",)
+            for key in keys:
                 value = self.rope_scaling.get(key)
                 if (
                     not isinstance(value, (list, tuple))
@@ -159,8 +163,8 @@ class ModelSpec:
                     or (not all(_positive_finite(f) for f in value))
                 ):
                     raise ModelFormatError(
-                        f"model config: rope_scaling longrope needs {key}: {self.head_dim // 2} "
-                        f"numbers > 0, got {value!r}"
+                        f"model config: rope_scaling {rope_type} needs {key}: "
+                        f"{self.head_dim // 2} numbers > 0, got {value!r}"
                     )
             for key in ("factor", "attention_factor"):
                 value = self.rope_scaling.get(key)

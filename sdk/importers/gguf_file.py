@@ -59,6 +59,9 @@ _FUSED_NAMES = {  # Phi-3: q/k/v and gate/up in one tensor each, split on import
 _GLOBAL_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head"}
 # Phi-3's LongRoPE factors are tensors in GGUF; the spec carries them (read with the metadata)
 _ROPE_FACTORS = ("rope_factors_long.weight", "rope_factors_short.weight")
+# Llama 3.1+: llama.cpp's converter stores the llama3 scaling as one divisor per frequency
+_ROPE_FREQS = "rope_freqs.weight"
+_FACTOR_TENSORS = (*_ROPE_FACTORS, _ROPE_FREQS)
 
 
 def open_reader(path: Path) -> GGUFReader:
@@ -200,11 +203,6 @@ def spec_from_gguf(
             )
         return kind(value)
 
-    if "rope_freqs.weight" in tensor_names and arch != "phi3":
-        raise UnsupportedModelError(
-            f"{path}: per-frequency RoPE factors (rope_freqs, Llama 3.1 "
-            "scaling) in GGUF are not supported; load the HF folder"
-        )
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling not in ("none", "linear"):
         raise UnsupportedModelError(
@@ -257,9 +255,18 @@ def spec_from_gguf(
             extra["rope_local_theta"] = key("rope.freq_base_swa", 10000.0, kind=float)
     if arch == "qwen3":
         extra["qk_norm"] = True
+    if _ROPE_FREQS in tensor_names and arch != "phi3":
+        if not rope_factors or _ROPE_FREQS not in rope_factors:
+            raise ModelFormatError(f"{path}: {_ROPE_FREQS!r} is not a float32 vector")
+        if len(rope_factors[_ROPE_FREQS]) != head_dim // 2:
+            raise ModelFormatError(
+                f"{path}: {_ROPE_FREQS!r} holds {len(rope_factors[_ROPE_FREQS])} factors, "
+                f"the head size {head_dim} needs {head_dim // 2}"
+            )
+        rope_scaling = {"rope_type": "freq_factors", "factors": rope_factors[_ROPE_FREQS]}
     if arch == "phi3" and "rope_factors_long.weight" in tensor_names:
         factors = rope_factors
-        if factors is None or set(factors) != set(_ROPE_FACTORS):
+        if factors is None or not set(_ROPE_FACTORS) <= set(factors):
             raise ModelFormatError(f"{path}: Phi-3 needs both {list(_ROPE_FACTORS)} tensors")
         rope_scaling = {
             "rope_type": "longrope",
@@ -305,10 +312,11 @@ def _layer_pattern(pattern: Any, layers: int, path: Path) -> tuple[str, ...]:
 
 
 def rope_factors(reader: GGUFReader, path: Path) -> dict[str, list[float]] | None:
-    """Phi-3's LongRoPE factor tensors (float32 vectors), if the file has them."""
+    """RoPE factor tensors (float32 vectors), if the file has them: Phi-3's LongRoPE ones,
+    Llama 3.1+'s `rope_freqs`."""
     out = {}
     for t in reader.tensors:
-        if t.name in _ROPE_FACTORS:
+        if t.name in _FACTOR_TENSORS:
             if t.tensor_type.name != "F32" or len(t.shape) != 1:
                 raise ModelFormatError(f"{path}: {t.name!r} is not a float32 vector")
             out[t.name] = [float(v) for v in np.asarray(t.data, dtype=np.float32)]
@@ -325,7 +333,7 @@ def check_shapes(reader: GGUFReader, spec: ModelSpec, path: Path) -> None:
             f"{spec.num_layers} ('block_count')"
         )
     for t in reader.tensors:
-        if spec.architecture == "phi3" and t.name in _ROPE_FACTORS:
+        if t.name in _FACTOR_TENSORS:
             continue  # read into the spec already
         name = hf_name(t.name, spec.architecture)
         if name is None:
@@ -376,7 +384,7 @@ def iter_weights(
     from infopt.core.model import split_fused
 
     for t in reader.tensors:
-        if spec.architecture == "phi3" and t.name in _ROPE_FACTORS:
+        if t.name in _FACTOR_TENSORS:
             continue  # read into the spec already
         name = hf_name(t.name, spec.architecture)
         if name is None:

@@ -237,3 +237,28 @@ def test_a_bad_query_pre_attn_scalar_is_named() -> None:
             spec_from_hf_config(
                 {**TINY, "architectures": ["Gemma2ForCausalLM"], "query_pre_attn_scalar": value}
             )
+
+
+def test_a_llama3_ggufs_rope_freqs_give_transformers_llama3_rope(
+    tmp_path: Path, tiny_tokenizer: Any
+) -> None:
+    """Llama 3.1+ GGUFs carry the llama3 RoPE scaling as `rope_freqs` divisors (llama.cpp's
+    converter computes them): read as such, they give transformers' llama3 rotary."""
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+        "rope_theta": 500000.0,
+    }
+    hf = hf_model("llama", rope_parameters=rope)
+    path = write_gguf(hf, tiny_tokenizer, tmp_path / "l3.gguf")
+    source = open_model(path)
+    assert source.spec.rope_scaling is not None
+    assert source.spec.rope_scaling["rope_type"] == "freq_factors"
+    core = load_core(source, max_context=64)
+    with torch.inference_mode():
+        expected = hf(IDS).logits
+        got = core(IDS, torch.arange(IDS.shape[1]), 64)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
