@@ -109,7 +109,7 @@ def _stopped_when_abandoned(pool: ProcessPoolExecutor) -> Iterator[None]:
     except BaseException:
         # ProcessPoolExecutor has no public way to stop running work before Python 3.14's
         # terminate_workers(): its processes are terminated directly
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()
         pool.shutdown(wait=False, cancel_futures=True)
         raise
