@@ -280,3 +280,25 @@ def test_a_search_stopped_early_stops_its_workers() -> None:
     started = time.perf_counter()
     runs.close()
     assert time.perf_counter() - started < 20
+
+
+def test_the_scaling_estimate_reads_a_search_and_scales_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infopt.tools import search_scaling
+
+    configs = Path(__file__).parents[1] / "data" / "configs"
+    rtn = {"candidate": {"method": "rtn"}, "seconds": 10.0}
+    gptq = {"candidate": {"method": "gptq"}, "seconds": 40.0}
+    run = {"model": str(configs / "smollm2-135m.json"), "threads": 2,
+           "results": [rtn, rtn, gptq]}  # fmt: skip
+    (tmp_path / "s.json").write_text(json.dumps(run))
+    args = [str(tmp_path / "s.json"), str(configs / "llama-2-70b.json"), "--markdown"]
+    assert search_scaling.main([*args, "--node-memory-gb", "2048", "--nodes", "1,4"]) == 0
+    out = capsys.readouterr().out
+    assert "2 RTN + 1 GPTQ candidates" in out and "| llama 80L/8192 |" in out
+    # 70B: GPTQ 40 s x (params ratio) x (hidden ratio) / (8 / 2 threads), in hours
+    row = next(line for line in out.splitlines() if line.startswith("| llama 80L/8192"))
+    assert row.count(" h |") >= 2
+    assert search_scaling.main([*args, "--node-memory-gb", "512"]) == 0
+    assert "does not fit a node" in capsys.readouterr().out
