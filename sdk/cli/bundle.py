@@ -11,6 +11,7 @@ import click
 from infopt.cli.output import (
     Bars,
     emit_json,
+    executor_options,
     fmt_bytes,
     friendly_errors,
     json_option,
@@ -80,15 +81,7 @@ key_option = click.option(
     "(PEM; `infopt-pack keygen` makes one; an encrypted key reads its passphrase from "
     "$INFOPT_KEY_PASSPHRASE). `verify --key` and `run --key` then require it.",
 )
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="Where a fleet build (several --device) runs its builds: local processes or Ray tasks.",
-)
-@click.option("--address", help="Ray cluster to join: `auto` or HOST:PORT (default: local).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Local processes.")
+@executor_options("a fleet build's builds (several --device)")
 @json_option
 @friendly_errors
 def build(
@@ -130,46 +123,23 @@ def build(
     """
     import infopt
 
+    options: dict[str, Any] = dict(
+        plan_file=plan_file,
+        runtime=runtime,
+        context=context,
+        batch=batch,
+        latency_ms=latency_ms,
+        calibration=calibration,
+        speculative=speculative,
+        quantize=quantize,
+        sign=sign,
+    )
     if device is not None and "," in device:
-        _build_fleet(
-            model,
-            device,
-            out,
-            dict(
-                plan_file=plan_file,
-                runtime=runtime,
-                context=context,
-                batch=batch,
-                latency_ms=latency_ms,
-                calibration=calibration,
-                speculative=speculative,
-                quantize=quantize,
-                sign=sign,
-            ),
-            executor,
-            address,
-            workers,
-            archive,
-            as_json,
-        )
+        _build_fleet(model, device, out, options, executor, address, workers, archive, as_json)
         return
     bars = Bars(quiet=as_json)
     try:
-        summary = infopt.build(
-            model,
-            out,
-            device=device,
-            plan_file=plan_file,
-            runtime=runtime,
-            context=context,
-            batch=batch,
-            latency_ms=latency_ms,
-            calibration=calibration,
-            speculative=speculative,
-            quantize=quantize,
-            sign=sign,
-            progress=bars,
-        )
+        summary = infopt.build(model, out, device=device, progress=bars, **options)
     finally:
         bars.close()
     if archive:

@@ -65,6 +65,31 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(fn)
 
 
+def executor_options(runs: str) -> Callable[[F], F]:
+    """`--executor`, `--address` and `--workers`: where `runs` (a phrase: "candidates", "a
+    fleet build's builds") run, as `search` and `build` take them."""
+
+    def decorate(fn: F) -> F:
+        fn = click.option(
+            "--workers", type=int, default=1, show_default=True, help="Local processes."
+        )(fn)
+        fn = click.option(
+            "--address",
+            help="Ray cluster to join: `auto` (the running one) or HOST:PORT; default a local "
+            "instance.",
+        )(fn)
+        return click.option(
+            "--executor",
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help=f"Where {runs} run: a local process pool, or Ray tasks (pip install "
+            "'infopt[ray]').",
+        )(fn)
+
+    return decorate
+
+
 def quantize_option(fn: F) -> F:
     """`--quantize`, as `plan` and `build` take it (`infopt.plan.planner.requested`)."""
     return click.option(

@@ -9,6 +9,7 @@ import click
 from infopt.cli.output import (
     MODEL_HELP,
     emit_json,
+    executor_options,
     fmt_bytes,
     friendly_errors,
     json_option,
@@ -197,18 +198,7 @@ def plan(
     "--context", type=int, help="Tokens the KV cache must hold (default: min(model's, 4096))."
 )
 @click.option("--batch", type=int, default=1, show_default=True, help="Concurrent sequences.")
-@click.option(
-    "--executor",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="Where candidates run: a local process pool, or Ray tasks (pip install 'infopt[ray]').",
-)
-@click.option(
-    "--address",
-    help="Ray cluster to join: `auto` (the running one) or HOST:PORT; default a local instance.",
-)
-@click.option("--workers", type=int, default=1, show_default=True, help="Local processes.")
+@executor_options("candidates")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads per candidate.")
 @click.option("--wide", is_flag=True, help="More candidates: INT4 tables, symmetric INT4, ...")
 @click.option(

@@ -161,19 +161,28 @@ PEER_SCRIPTS = {  # peer -> (its bench script, its model under the peers dir or 
 
 def run_peer(name: str, peers: Path, threads: int) -> dict[str, Any] | None:
     script, arg = PEER_SCRIPTS[name]
+    result = run_peer_script(script, [str(peers / arg)] if arg else [], peers, threads)
+    return None if result is None else {"runtime": name, **result}
+
+
+def run_peer_script(
+    script: str, args: list[str], peers: Path, threads: int, env: dict[str, str] | None = None
+) -> dict[str, Any] | None:
+    """The figures one of the peers' bench scripts prints (pp512, tg128, ttft_ms: those it
+    has), run in the peers' environment; None where the peers are not set up or it failed."""
     path = peers / "bench" / script
     python = peers / "venv" / "bin" / "python"
     if not path.exists() or not python.exists():
         return None
-    cmd = [str(python), str(path)] + ([str(peers / arg)] if arg else [])
-    env = {**os.environ, "THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    env = {**os.environ, "THREADS": str(threads), "OMP_NUM_THREADS": str(threads), **(env or {})}
+    out = subprocess.run(
+        [str(python), str(path), *args], capture_output=True, text=True, timeout=900, env=env
+    )
     line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else ""
     found = {k: float(v) for k, v in re.findall(r"(pp512|tg128|ttft)=([\d.]+)", line)}
     if not found:
         return None
-    result: dict[str, Any] = {"runtime": name}
-    result.update({k: found[k] for k in ("pp512", "tg128") if k in found})
+    result: dict[str, Any] = {k: found[k] for k in ("pp512", "tg128") if k in found}
     if "ttft" in found:
         result["ttft_ms"] = found["ttft"]
     return result

@@ -385,3 +385,36 @@ def test_the_profiling_tool_takes_a_pass_apart(multi_bundle: Path) -> None:
     kernels = sum(ms for op, ms in ops.items() if op != "model_run")
     assert 0 < kernels <= ops["model_run"] * 1.01  # the operators run inside the pass, in turn
     assert tokenizer_rss(str(multi_bundle)) > 0
+
+
+def test_the_parity_tool_gives_genai_the_bundles_own_ir(multi_bundle: Path, tmp_path: Path) -> None:
+    """tools/ov_parity: OpenVINO GenAI's pipeline feeds four inputs and keeps the last logits;
+    the folder it gets computes what the bundle's IR computes, with the peers' tokenizer."""
+    import openvino as ov
+
+    from infopt.tools.ov_parity import PEER_MODEL, TOKENIZER_FILES, genai_folder
+
+    peers = tmp_path / "peers"
+    with pytest.raises(InvalidArgumentError, match="setup_peers.sh"):
+        genai_folder(multi_bundle, peers, tmp_path / "g")
+    (peers / PEER_MODEL).mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        (peers / PEER_MODEL / name).write_text(name)
+    folder = genai_folder(multi_bundle, peers, tmp_path / "g")
+    assert (folder / "openvino_tokenizer.xml").read_text() == "openvino_tokenizer.xml"
+    core = ov.Core()
+    ours = core.compile_model(str(folder / "openvino_model.xml"), "CPU")
+    theirs = core.compile_model(str(multi_bundle / "openvino_model.xml"), "CPU")
+    names = [p.get_any_name() for p in ours.inputs]
+    assert names == ["input_ids", "attention_mask", "position_ids", "beam_idx"]
+    ids = np.array([[1, 5, 9, 2, 7]], np.int64)
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "position_ids": np.arange(ids.shape[1])[None],
+        "beam_idx": np.zeros(1, np.int32),
+    }
+    got = ours.create_infer_request().infer(feed)[0]
+    want = theirs.create_infer_request().infer({**feed, "logits_to_keep": np.array([1])})[0]
+    assert got.shape == want.shape == (1, 1, want.shape[-1])
+    np.testing.assert_array_equal(got, want)
