@@ -26,7 +26,6 @@ bundle's KV-cache dtype.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
@@ -35,7 +34,18 @@ from pathlib import Path
 from typing import Any
 
 from infopt.errors import InvalidArgumentError
-from infopt.measure.speed import DEFAULT_PEERS, machine, run_child, run_peer_script
+from infopt.measure.speed import (
+    DEFAULT_PEERS,
+    bench_parser,
+    log_stderr,
+    machine,
+    parse_bench_args,
+    render_table,
+    run_child,
+    run_peer_script,
+)
+
+REPEAT = 5
 
 SCRIPT = "ovgenai_bench.py"
 PEER_MODEL = "ov-int4"  # the peers' OpenVINO GenAI folder (tools/peers/setup_peers.sh)
@@ -156,39 +166,19 @@ def render(rows: list[dict[str, Any]], threads: int, repeat: int, markdown: bool
         for r in rows
     ]
     head = f"{machine()}; {threads} threads, medians of {repeat} alternating rounds"
-    if not markdown:
-        return "\n".join([head, "\t".join(cols), *("\t".join(c) for c in cells)])
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+    return render_table(head, cols, cells, markdown)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+    ap = bench_parser(__doc__, REPEAT)
     ap.add_argument("bundles", nargs="+", help="bundles with an OpenVINO artifact")
     ap.add_argument("--peers", type=Path, default=DEFAULT_PEERS)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    out = ap.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true")
-    out.add_argument("--markdown", action="store_true")
-    args = ap.parse_args(argv)
-    if args.repeat < 1:
-        ap.error(f"--repeat {args.repeat}: at least 1")
-    rows = parity(args.bundles, args.peers, args.repeat, args.threads, log=_stderr)
+    args = parse_bench_args(ap, argv)
+    rows = parity(args.bundles, args.peers, args.repeat, args.threads, log=log_stderr)
     if args.json:
         print(json.dumps({"machine": machine(), "threads": args.threads, "rows": rows}))
     else:
         print(render(rows, args.threads, args.repeat, args.markdown))
-
-
-def _stderr(line: str) -> None:
-    import sys
-
-    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

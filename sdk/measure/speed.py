@@ -17,6 +17,7 @@ names the CPU and its flags.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -291,13 +292,43 @@ def one_line(r: dict[str, Any]) -> str:
 def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
     """The benchmark table as Markdown (or, not markdown, tab-separated), under a line naming
     the machine."""
-    head, cols, cells = table_cells(rows, threads)
-    sep = " | " if markdown else "\t"
-    lines = [head, "", sep.join(cols)]
-    if markdown:
-        lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += [("| " + " | ".join(c) + " |") if markdown else sep.join(c) for c in cells]
-    return "\n".join(lines)
+    return render_table(*table_cells(rows, threads), markdown)
+
+
+def render_table(head: str, cols: list[str], cells: list[list[str]], markdown: bool) -> str:
+    """`head` (a line naming the machine), then the table as Markdown or tab-separated."""
+    if not markdown:
+        return "\n".join([head, "", "\t".join(cols), *("\t".join(c) for c in cells)])
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+
+
+def bench_parser(doc: str | None, repeat: int) -> argparse.ArgumentParser:
+    """The command line of a benchmark tool (its module docstring as help): `--repeat`,
+    `--threads`, and `--json` or `--markdown`; `parse_bench_args` checks them."""
+    ap = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0] if doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc,
+    )
+    ap.add_argument("--repeat", type=int, default=repeat, help="alternating rounds")
+    ap.add_argument("--threads", type=int, default=2)
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true")
+    out.add_argument("--markdown", action="store_true")
+    return ap
+
+
+def parse_bench_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat {args.repeat}: at least 1")
+    return args
+
+
+def log_stderr(line: str) -> None:
+    """Progress of a benchmark tool, one line per measurement (stdout keeps the table)."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def table_cells(rows: list[dict[str, Any]], threads: int) -> tuple[str, list[str], list[list[str]]]:

@@ -137,3 +137,34 @@ def test_the_reference_runtime_and_bad_settings(tiny_gguf_q41: Path, empty_cache
         infopt.load(tiny_gguf_q41, max_context=32, dtype="float16")
     with pytest.raises(infopt.InvalidArgumentError, match="runs on the CPU"):
         infopt.load(tiny_gguf_q41, max_context=32, device="cuda", runtime="onnxruntime")
+
+
+def test_the_offsets_probe_rewrites_only_what_it_says(tiny_gguf_q41: Path, tmp_path: Path) -> None:
+    """tools/ort_offsets: the `as converted` graph is the one `load()` runs; each variant
+    changes the offsets terms as its name says, and nothing else."""
+    import numpy as np
+    import onnx
+
+    from infopt.bundle.cache import converted
+    from infopt.tools.ort_offsets import VARIANTS, offsets_terms, write_variant
+
+    ids = [1, 7, 3, 9, 4]
+    with converted(tiny_gguf_q41, "onnxruntime") as source:
+        terms = len(offsets_terms(onnx.load(str(source / "model.onnx")).graph))
+        layers = open_bundle(source).manifest["model"]["config"]["num_layers"]
+        assert terms == 4 * layers  # qkv, o, gate_up and down (the Q8_0 LM head has none)
+        nodes = len(onnx.load(str(source / "model.onnx")).graph.node)
+        out = {}
+        for i, variant in enumerate(VARIANTS):
+            bundle = tmp_path / str(i)
+            assert write_variant(source, bundle, variant) == terms
+            graph = onnx.load(str(bundle / "model.onnx")).graph
+            extra = {"no offsets": -4 * terms, "fp16 offsets": 2 * terms}.get(variant, 0)
+            assert len(graph.node) == nodes + extra
+            out[variant] = infopt.load(bundle, numerics="exact").runtime.forward(ids)
+        want = infopt.load(source, numerics="exact").runtime.forward(ids)
+    np.testing.assert_array_equal(out["as converted"], want)
+    assert not np.allclose(out["no offsets"], want, atol=1e-2)
+    assert not np.allclose(out["one block"], want, atol=1e-2)
+    # float16 offsets: equal where every offset is a float16 value (here all of them are)
+    np.testing.assert_allclose(out["fp16 offsets"], want, atol=5e-2, rtol=1e-2)
