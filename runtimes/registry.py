@@ -105,7 +105,7 @@ class Target:
         missing = [m for m in self.build_modules if importlib.util.find_spec(m) is None]
         if missing:
             raise RuntimeNotAvailableError(
-                f"building a {self.name} ({self.title}) artifact needs {', '.join(missing)}, "
+                f"building the {self.title} artifact ({self.name}) needs {', '.join(missing)}, "
                 "which is not installed; install it with: "
                 f"pip install 'infopt[{self.build_extra or self.extra}]'"
             )

@@ -175,6 +175,13 @@ class Model:
                 )
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, Sequence):
+            if prompt and all(
+                isinstance(m, Mapping) and m.get("content") == "" and not m.get("tool_calls")
+                for m in prompt
+            ):  # no messages, or what is not a message: the template refuses it, by name
+                raise InvalidArgumentError(
+                    "the prompt is empty: no message has any content (give some text)"
+                )
             shown = None
             if tools is not None:
                 shown = check_tools(tools)
@@ -424,7 +431,9 @@ def _load_source(
     runtime needs it, nothing cached)."""
     source: ModelSource = open_model(path)
     ctx = _check_load_args(
-        max_context or min(source.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT),
+        max_context
+        if max_context is not None
+        else min(source.spec.max_position_embeddings, DEFAULT_MAX_CONTEXT),
         source.spec.max_position_embeddings,
         threads,
         max_context,
@@ -481,7 +490,10 @@ def _load_converted(
         spec = bundle.spec
         trained = spec.max_position_embeddings
         ctx = _check_load_args(
-            max_context or min(trained, DEFAULT_MAX_CONTEXT), trained, threads, max_context
+            max_context if max_context is not None else min(trained, DEFAULT_MAX_CONTEXT),
+            trained,
+            threads,
+            max_context,
         )
         check_slot_memory(spec, ctx, slots)
         rt = bundle.load_runtime(
@@ -543,7 +555,10 @@ def _load_bundle(
     bundle.artifact(runtime)  # no such artifact: said before anything is loaded
     spec = bundle.spec
     ctx = _check_load_args(
-        max_context or bundle.max_context, spec.max_position_embeddings, threads, max_context
+        max_context if max_context is not None else bundle.max_context,
+        spec.max_position_embeddings,
+        threads,
+        max_context,
     )
     check_slot_memory(spec, ctx, slots)
     rt = bundle.load_runtime(

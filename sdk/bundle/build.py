@@ -9,13 +9,13 @@ writes the bundle atomically (`infopt.bundle.files.write_bundle`).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from infopt.bundle.files import write_bundle
+from infopt.bundle.files import check_out, write_bundle
 from infopt.bundle.manifest import TOKENIZER, tokenizer_section
 from infopt.bundle.signing import key_id, load_private_key
 from infopt.compress.apply import apply_plan, check_plan, make_symmetric, symmetric
@@ -24,7 +24,7 @@ from infopt.core.model import Decoder, load_core, parameter_count
 from infopt.core.progress import Progress, silent
 from infopt.errors import InvalidArgumentError
 from infopt.importers import ModelSource, open_model
-from infopt.plan.planner import SPECULATIVE, Plan, load_plan
+from infopt.plan.planner import SPECULATIVE, Plan, check_quantize, load_plan
 from infopt.runtimes.base import Writers
 from infopt.runtimes.registry import names, reference, target, targets
 
@@ -41,6 +41,7 @@ def make_plan(
     latency_ms: float | None,
     speculative: str = "none",
     quantize: str | None = None,
+    runtimes: Sequence[str] = (),
 ) -> Plan:
     from infopt.device_profiles import load_profile
     from infopt.plan.planner import plan
@@ -53,7 +54,8 @@ def make_plan(
         latency_ms=latency_ms,
         speculative=speculative,
         quantize=quantize,
-        file_weights=source.stored_weights() if quantize else None,
+        file_weights=source.stored_weights(),
+        runtimes=runtimes,
     )
 
 
@@ -107,6 +109,9 @@ def build(
     for name in requested:
         if name not in names():
             raise InvalidArgumentError(f"runtime {name!r}: expected one of {names()}")
+    if quantize is not None:
+        check_quantize(quantize)
+    check_out(out)  # before any work: a destination a bundle cannot replace is refused now
     signing_key = load_private_key(sign) if sign is not None else None
     draft_kind = speculative or "none"
     if draft_kind not in SPECULATIVE and not Path(draft_kind).exists():
@@ -121,7 +126,9 @@ def build(
     p = (
         load_plan(plan_file)
         if plan_file
-        else make_plan(source, str(device), context, batch, latency_ms, planned, quantize)
+        else make_plan(
+            source, str(device), context, batch, latency_ms, planned, quantize, requested
+        )
     )
     if draft_kind in ("auto", "self", "ngram"):
         draft_kind = _resolve_draft_kind(p, draft_kind)
@@ -187,6 +194,7 @@ def build(
         "files": full["files"],
         "signed_by": key_id(signing_key.public_key()) if signing_key else None,
         "predicted": p.predicted,
+        "context": p.context,
         "compression": done,
         "quality": done["quality"],
         "draft": None if draft is None else draft.get("source", draft["kind"]),

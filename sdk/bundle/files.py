@@ -136,6 +136,17 @@ def check_vocabulary(root: Path, manifest: dict[str, Any]) -> None:
         )
 
 
+def check_out(out: str | Path) -> Path:
+    """`out` as a bundle's destination: absent, empty, or a bundle (which a new one replaces);
+    a `BundleError` for anything else (callers check before any work, and again on writing)."""
+    out = Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BundleError(f"{out}: exists and is not a bundle directory; not replacing it")
+    if out.exists() and any(out.iterdir()) and not is_bundle(out):
+        raise BundleError(f"{out}: a non-empty directory that is not a bundle; not replacing it")
+    return out
+
+
 def write_bundle(
     out: str | Path,
     manifest: dict[str, Any],
@@ -149,11 +160,7 @@ def write_bundle(
     only when everything is written and verified; on any failure it is left as it was.
     `progress` hears of each file as it is written ("write files") and of the check. With
     `sign`, the manifest is signed before the bundle is swapped in."""
-    out = Path(out)
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise BundleError(f"{out}: exists and is not a bundle directory; not replacing it")
-    if out.exists() and any(out.iterdir()) and not is_bundle(out):
-        raise BundleError(f"{out}: a non-empty directory that is not a bundle; not replacing it")
+    out = check_out(out)
     tmp = partial_dir(out)
     try:
         step = progress or silent

@@ -17,6 +17,7 @@ from infopt.cli.output import (
     json_option,
     quality_text,
     quantize_option,
+    short_history,
     table,
 )
 from infopt.measure.speed import DEFAULT_PEERS
@@ -158,7 +159,8 @@ def build(
     if summary["signed_by"]:
         click.echo(f"signed   by key {summary['signed_by']} (manifest.sig)")
     click.echo(
-        f"predicted {fmt_bytes(est['total'])} memory, {est['decode_tok_s']:.1f} tok/s decode"
+        f"predicted {fmt_bytes(est['total'])} memory, {est['decode_tok_s']:.1f} tok/s decode "
+        f"({summary['context'] // 2} tokens in the cache){short_history(est)}"
     )
     click.echo(f"quality  {quality_text(summary['quality'])}")
     for f in summary["files"]:

@@ -90,6 +90,17 @@ def executor_options(runs: str) -> Callable[[F], F]:
     return decorate
 
 
+def short_history(predicted: dict[str, Any]) -> str:
+    """ "; N tok/s with M tokens in it": a plan's decode figure at a conversation's start (empty
+    for plans saved before it was predicted)."""
+    if not predicted.get("decode_tok_s_short"):
+        return ""
+    return (
+        f"; {predicted['decode_tok_s_short']:.1f} tok/s with {predicted['short_history']} "
+        "tokens in it"
+    )
+
+
 def quantize_option(fn: F) -> F:
     """`--quantize`, as `plan` and `build` take it (`infopt.plan.planner.requested`)."""
     return click.option(

@@ -15,6 +15,7 @@ from infopt.cli.output import (
     json_option,
     quantize_option,
     rows,
+    short_history,
     table,
 )
 
@@ -134,7 +135,7 @@ def plan(
         latency_ms=target,
         speculative=speculative,
         quantize=quantize,
-        file_weights=stored_weights(path) if quantize else None,
+        file_weights=stored_weights(path),
     )
     if as_json:
         click.echo(p.to_json())
@@ -164,7 +165,7 @@ def plan(
         (
             "decode",
             f"{est['decode_tok_s']:.1f} tok/s ({est['ms_per_token']:.1f} ms/token, "
-            f"{est['bound']}-bound, {p.context // 2} tokens in the cache)",
+            f"{est['bound']}-bound, {p.context // 2} tokens in the cache)" + short_history(est),
         ),
         ("prefill", f"{est['prefill_tok_s']:.0f} tok/s"),
     ]

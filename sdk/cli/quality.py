@@ -26,7 +26,12 @@ from infopt.cli.output import Bars, emit_json, fields, friendly_errors, json_opt
     type=click.Path(exists=True, dir_okay=False),
     help="An infopt weight file made from MODEL (pruned, distilled, ...): compare it with MODEL.",
 )
-@click.option("--method", type=click.Choice(["rtn", "gptq"]), default="gptq", show_default=True)
+@click.option(
+    "--method",
+    type=click.Choice(["rtn", "gptq"]),
+    help="How --quantize rounds: rtn (round to nearest) or gptq; by default gptq with "
+    "--calibration, else rtn, as `build --quantize` rounds.",
+)
 @click.option(
     "--calibration",
     type=click.Path(exists=True, dir_okay=False),
@@ -45,7 +50,7 @@ def evaluate_cmd(
     text_file: str,
     quantize: str | None,
     weights: str | None,
-    method: str,
+    method: str | None,
     calibration: str | None,
     window: int | None,
     stride: int | None,

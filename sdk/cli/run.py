@@ -275,6 +275,8 @@ def run(
             + (
                 f"; speculative: {speculation.accepted}/{speculation.drafted} drafts accepted "
                 f"({speculation.acceptance_rate:.0%}), ~{speculation.speedup:.2f}x the model alone"
+                if speculation and speculation.drafted
+                else "; speculative: no drafts proposed, the model decoded alone"
                 if speculation
                 else ""
             )

@@ -112,7 +112,7 @@ def evaluate(
     *,
     quantize: str | None = None,
     weights: str | Path | None = None,
-    method: str = "gptq",
+    method: str | None = None,
     calibration: str | Path | None = None,
     window: int | None = None,
     stride: int | None = None,
@@ -122,7 +122,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Perplexity of `model` (a model path; None: the default model) on a UTF-8 text file; with
     `quantize` (blocks in that scheme: int8, int4-g32, int4s-g64, ...; embeddings and LM head
-    int8, by `method`, GPTQ on `calibration` or the text shipped with infopt) or `weights` (an
+    int8, by `method`: "rtn", or "gptq" on `calibration` or the text shipped with infopt; by
+    default GPTQ when a calibration text is given, else RTN, as `build` rounds) or `weights` (an
     infopt weight file made from `model`: pruned, distilled, ...), also the KL divergence and
     top-1 agreement of the compressed model against `model`, on the same positions. Windows
     of `window` tokens (default 512, or the model's context if less) advance by `stride`
@@ -169,6 +170,8 @@ def evaluate(
         return result
     source = open_model(model if model is not None else default_model_path())
     core = load_core(source, window, device=None)  # on CUDA when present
+    if method is None:
+        method = "gptq" if calibration is not None else "rtn"
     cal = calibration_ids(source.tokenizer, calibration) if method == "gptq" else None
     start = time.perf_counter()
     layers, done = len(core.layers), [0]

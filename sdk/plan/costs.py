@@ -160,9 +160,16 @@ class Estimate:
     prefill_tok_s: float
     bound: str  # "memory" or "compute" for decode
     draft: float = 0.0  # a speculative draft model's weights + KV cache, included in total
+    # decode with a short history (SHORT_HISTORY tokens in the cache, or the whole context if
+    # smaller): a conversation's start, where decode_tok_s is the cache half full
+    decode_tok_s_short: float = 0.0
+    short_history: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+SHORT_HISTORY = 256  # tokens in the cache for the "short history" decode figure
 
 
 def runtime_overhead(runtime: str, kind: str) -> float:
@@ -245,18 +252,13 @@ def estimate(
     overhead = runtime_overhead(runtime, profile.kind)
     # Decode reads every matrix once per step (the embedding only one row, unless tied to the
     # LM head) and each sequence's KV cache at its current length (half the window on average).
-    read = weights - (per_group["embeddings"] if per_group["lm_head"] else 0.0)
-    filled = context / 2 if decode_context is None else decode_context
-    read += kv * filled / context
-    mem_time = read / (profile.bandwidth * decode_efficiency(runtime, profile, c))
+    matrix_bytes = weights - (per_group["embeddings"] if per_group["lm_head"] else 0.0)
+    bandwidth = profile.bandwidth * decode_efficiency(runtime, profile, c)
     matmul_params = sum(
         r * k for shapes in matrices(spec, 1 - c.mlp_prune).values() for r, k in shapes
     ) - (spec.vocab_size * spec.hidden_size if not spec.tie_word_embeddings else 0)
     if c.low_rank is not None:
         matmul_params = int(matmul_params * c.low_rank)
-    flops_token = 2 * matmul_params + 4 * spec.num_layers * spec.num_heads * spec.head_dim * (
-        filled
-    )
     peak = profile.peak_compute.get(
         precision,
         profile.peak_compute["fp32"]
@@ -264,8 +266,17 @@ def estimate(
         else max(profile.peak_compute.values()),
     )
     achieved = peak * profile.prefill_efficiency
-    compute_time = batch * flops_token / achieved
+
+    def step_times(filled: float) -> tuple[float, float, float]:
+        """(memory time, compute time, FLOPs) of one decode step with `filled` tokens cached."""
+        flops = 2 * matmul_params + 4 * spec.num_layers * spec.num_heads * spec.head_dim * filled
+        return (matrix_bytes + kv * filled / context) / bandwidth, batch * flops / achieved, flops
+
+    filled = context / 2 if decode_context is None else decode_context
+    mem_time, compute_time, flops_token = step_times(filled)
     step = max(mem_time, compute_time)
+    short = min(SHORT_HISTORY, context)
+    short_step = max(step_times(short)[:2])
     return Estimate(
         weights=weights,
         kv_cache=kv,
@@ -278,6 +289,8 @@ def estimate(
         prefill_tok_s=achieved / flops_token,
         bound="memory" if mem_time >= compute_time else "compute",
         draft=draft,
+        decode_tok_s_short=batch / short_step,
+        short_history=short,
     )
 
 

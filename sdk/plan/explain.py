@@ -44,6 +44,9 @@ class Plan:
         return json.dumps(self.to_dict(), indent=2)
 
 
+STORED = " as stored in the file"  # the name's end of a plan keeping a model file's blocks
+
+
 def _gb(x: float) -> str:
     return f"{x / GB:.2f} GB"
 
@@ -59,7 +62,13 @@ def _kv_source(c: Compression, runtime: str) -> str:
 def choice_reasons(c: Compression, profile: DeviceProfile, runtime: str) -> list[str]:
     """One sentence per decision of the chosen option."""
     w = c.weights
-    if w["attention"].startswith("int4"):
+    if c.name.endswith(STORED):
+        weights = (
+            f"weights: the model file's own blocks (blocks {w['attention']}, embeddings "
+            f"{w['embeddings']}, LM head {w['lm_head']}), kept as they are: nothing is rounded "
+            "again, and a float copy would hold the same values in several times the bytes"
+        )
+    elif w["attention"].startswith("int4"):
         weights = (
             f"weights: blocks {w['attention']} (4-bit, the finest group size that fits, "
             f"for accuracy), embeddings and LM head {w['embeddings']}: they set every "
@@ -109,7 +118,12 @@ def explain(
     fits = (
         f"{_gb(est.total)} of {_gb(profile.usable_bytes)} usable, keeping {HEADROOM:.0%} headroom"
     ) + (f", and meets {latency_ms:g} ms/token" if latency_ms else "")
-    if requested is None:
+    if requested is None and c.name.endswith(STORED):
+        first = (
+            f"{c.name}: the file's own precision, which no option improves on, fits "
+            f"{profile.name} ({fits})"
+        )
+    elif requested is None:
         first = f"{c.name}: the least lossy option that fits {profile.name} ({fits})"
     else:
         asked = {"as built": "as built", "search": "chosen by search"}.get(
@@ -125,7 +139,8 @@ def explain(
         + "; the quick formula (params x bytes x 1.2) says "
         f"{_gb(est.quick_formula)}",
         f"speed: {est.decode_tok_s:.1f} tok/s decode ({est.ms_per_token:.1f} ms/token, "
-        f"{est.bound}-bound, with the cache half full: {context // 2} tokens), "
+        f"{est.bound}-bound, with the cache half full: {context // 2} tokens; "
+        f"{est.decode_tok_s_short:.1f} tok/s with {est.short_history} tokens in it), "
         f"{est.prefill_tok_s:.0f} tok/s prefill",
         runtime_reason,
     ]

@@ -7,6 +7,7 @@ Needs only the model config: a 70B `config.json` plans without weights.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from infopt.plan.costs import (
     self_draft,
     with_kv,
 )
-from infopt.plan.explain import GB, HEADROOM, Plan, _gb, explain, refusal
+from infopt.plan.explain import GB, HEADROOM, STORED, Plan, _gb, explain, refusal
 
 # Named scenarios, as per-token decode latency targets in milliseconds.
 SCENARIOS = {"code-completion": 50.0, "chat": 200.0, "batch": None}
@@ -119,8 +120,7 @@ def requested(
     Q4_0 / Q4_1 / Q8_0: kept as they are, not rounded twice); a float (`fp16`, ...: everything
     that); or a scheme name (`int4s-g64`, `int8-g32`, ...: the blocks in it, the embeddings and
     LM head INT8, or that scheme when it is an INT8 one)."""
-    from infopt.core.quant import QuantScheme
-
+    check_quantize(quantize)
     kv = next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
     name, method = quantize, "rtn"
     if quantize in FLOATS:
@@ -132,7 +132,7 @@ def requested(
         blocks = (file_weights or {}).get("attention", "")
         if method == "rtn" and file_weights and blocks.startswith("int4"):
             weights = dict(file_weights)
-            return Compression(f"{blocks} as stored in the file", weights, kv_dtype=kv), method
+            return Compression(f"{blocks}{STORED}", weights, kv_dtype=kv), method
         shapes = matrices(spec)
         group = next(
             (
@@ -143,20 +143,53 @@ def requested(
             32,
         )
         return Compression(f"int4 g{group} ({quantize})", _int4(group), kv_dtype=kv), method
-    try:
-        scheme = QuantScheme.parse(name)
-    except InvalidArgumentError:
-        raise InvalidArgumentError(
-            f"--quantize {quantize!r}: expected one of {list(QUANTIZE)}, a float "
-            f"({', '.join(FLOATS)}) or a scheme (int8, int8-g<group>, int4-g<group>, "
-            "int4s-g<group>, int4m-g<group>)"
-        ) from None
+    from infopt.core.quant import QuantScheme
+
+    scheme = QuantScheme.parse(name)
     head = scheme.name if scheme.bits == 8 else "int8"
     weights = {"embeddings": head, "lm_head": head, "attention": name, "mlp": name}
     return Compression(f"{name} (requested)", weights, kv_dtype=kv), method
 
 
 _GROUPS = ("embeddings", "lm_head", "attention", "mlp")
+
+
+def check_quantize(quantize: str) -> None:
+    """An `InvalidArgumentError` listing the spellings unless `quantize` is one (`requested`)."""
+    from infopt.core.quant import QuantScheme
+
+    if quantize in FLOATS or quantize in QUANTIZE:
+        return
+    try:
+        QuantScheme.parse(quantize)
+    except InvalidArgumentError:
+        raise InvalidArgumentError(
+            f"--quantize {quantize!r}: expected one of {list(QUANTIZE)}, a float "
+            f"({', '.join(FLOATS)}) or a scheme (int8, int8-g<group>, int4-g<group>, "
+            "int4s-g<group>, int4m-g<group>)"
+        ) from None
+
+
+def as_stored(
+    profile: DeviceProfile, runtimes: Sequence[str], file_weights: dict[str, str] | None
+) -> Compression | None:
+    """The model file's own quantized blocks kept as they are (a GGUF's Q4_0 / Q4_1 / Q8_0),
+    where the file stores some and every one of `runtimes` on `profile` computes them as
+    stored, at least as fast as floats: the CPU runtimes that keep every block form (mobile
+    ones round INT4 to symmetric, and on accelerators 16-bit floats are the fast path); else
+    None."""
+    from infopt.runtimes.registry import names, target
+
+    if not file_weights or all(s in FLOATS for s in file_weights.values()):
+        return None
+    if profile.kind != "cpu" or any(r not in names() or target(r).symmetric_int4 for r in runtimes):
+        return None
+    kinds = {s.split("-")[0][:4] for s in file_weights.values() if s not in FLOATS}
+    if not all(k in profile.weight_precisions for k in kinds):
+        return None
+    kv = next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
+    blocks = file_weights.get("attention", "")
+    return Compression(f"{blocks}{STORED}", dict(file_weights), kv_dtype=kv)
 
 
 def plan(
@@ -169,6 +202,7 @@ def plan(
     speculative: str = "none",
     quantize: str | None = None,
     file_weights: dict[str, str] | None = None,
+    runtimes: Sequence[str] = (),
 ) -> Plan:
     """Choose and explain a compression plan; PlanError when nothing fits.
 
@@ -176,10 +210,12 @@ def plan(
     cache must fit beside the target's) or "auto" (the self-draft where the target is above
     INT4 and both fit, else prompt lookup). quantize: take this weight storage (`requested`)
     instead of searching for the least lossy one that fits; `file_weights` are the schemes a
-    model file stores its groups in, when it stores them quantized."""
+    model file stores its groups in, when it stores them quantized; `runtimes`: those the
+    bundle will carry when they are not the device's own choice (they decide whether the file's
+    blocks can be kept as they are)."""
     if speculative not in SPECULATIVE:
         raise InvalidArgumentError(f"speculative={speculative!r}: expected one of {SPECULATIVE}")
-    context = context or spec.max_position_embeddings
+    context = context if context is not None else spec.max_position_embeddings
     whole = (context, batch)
     if any(isinstance(v, bool) or not isinstance(v, int) for v in whole) or not (
         latency_ms is None
@@ -207,6 +243,10 @@ def plan(
     if quantize is not None:
         asked, method = requested(spec, profile, quantize, file_weights)
         candidates = [asked]
+    elif (stored := as_stored(profile, runtimes or [runtime[0]], file_weights)) is not None:
+        # the file's own blocks lose nothing against the file (a float copy holds the same
+        # values) and are the smallest and fastest form of them: first, before any float
+        candidates = [stored, *candidates]
     seen: set[str] = set()
     for asked_for in candidates:
         c = runtime_kv(asked_for, runtime[0])

@@ -28,7 +28,7 @@ from infopt.device_profiles import DeviceProfile
 from infopt.errors import InvalidArgumentError, PlanError
 from infopt.plan.costs import Compression, estimate, group_fits, matrices
 from infopt.plan.executors import Needs, Outcome, make_executor
-from infopt.plan.explain import HEADROOM, Plan, explain
+from infopt.plan.explain import HEADROOM, STORED, Plan, explain
 from infopt.plan.planner import _int4, pick_runtime, runtime_kv
 
 # Raised whenever the evaluation changes what a result means: cached results of another
@@ -89,7 +89,7 @@ def candidates(
     if "int8" in profile.weight_precisions:
         out.append(Candidate(Compression("int8", dict.fromkeys(every, "int8"), kv)))
     if file_weights and "int4" in profile.weight_precisions:  # a GGUF's Q4_0 / Q4_1 / Q8_0
-        name = f"{file_weights['attention']} as stored in the file"
+        name = f"{file_weights['attention']}{STORED}"
         out.append(Candidate(Compression(name, dict(file_weights), kv), stored=True))
     shapes = matrices(spec)
     blocks = shapes["attention"] + shapes["mlp"]
@@ -371,7 +371,7 @@ def search(
     path = Path(model) if model is not None else default_model_path()
     source = open_model(path)
     spec, profile = source.spec, load_profile(device)
-    context = context or min(spec.max_position_embeddings, 4096)
+    context = context if context is not None else min(spec.max_position_embeddings, 4096)
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise InvalidArgumentError(f"context={context!r}: expected an integer >= 1")
     if context > spec.max_position_embeddings:

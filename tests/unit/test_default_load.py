@@ -168,3 +168,17 @@ def test_the_offsets_probe_rewrites_only_what_it_says(tiny_gguf_q41: Path, tmp_p
     assert not np.allclose(out["one block"], want, atol=1e-2)
     # float16 offsets: equal where every offset is a float16 value (here all of them are)
     np.testing.assert_allclose(out["fp16 offsets"], want, atol=5e-2, rtol=1e-2)
+
+
+def test_a_build_for_the_host_keeps_the_files_blocks(tiny_gguf_q41: Path, tmp_path: Path) -> None:
+    """`build --device host` on a Q4_1 GGUF: the file's own blocks, not a float copy of them."""
+    from infopt.importers import stored_weights
+
+    out = tmp_path / "b"
+    result = CliRunner().invoke(main, ["build", str(tiny_gguf_q41), "-d", "host", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "as stored in the file" in result.stdout and "tokens in it" in result.stdout
+    manifest = open_bundle(out).manifest
+    assert manifest["plan"]["compression"]["weights"] == stored_weights(tiny_gguf_q41)
+    assert manifest["compression"]["quality"]["kind"] == "exact"
+    assert infopt.load(out).generate(PROMPT, max_new_tokens=4).token_ids

@@ -137,6 +137,8 @@ def test_bad_input_is_typed(tok: Tokenizer) -> None:
         m.generate("")
     with pytest.raises(InvalidArgumentError, match="messages is empty"):
         m.generate([])
+    with pytest.raises(InvalidArgumentError, match="the prompt is empty"):
+        m.generate([{"role": "user", "content": ""}])
     with pytest.raises(InvalidArgumentError, match="messages\\[0\\]"):
         m.generate([{"content": "no role"}])
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):

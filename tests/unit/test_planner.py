@@ -397,3 +397,40 @@ def test_a_runtime_prices_the_groups_it_holds_as_float32() -> None:
     assert on_pytorch.weights - on_ort.weights == pytest.approx(extra)
     on_gpu = estimate(spec, load_profile("a100-80gb"), c, context=1024, runtime="pytorch")
     assert on_gpu.weights == on_ort.weights  # on CUDA it keeps the codes
+
+
+def test_with_no_quantize_a_files_own_blocks_come_before_any_float() -> None:
+    """A Q4_1 GGUF on a CPU: fp32 would hold the same values in six times the bytes, so the plan
+    keeps the file's blocks and says why; a device that cannot store them searches as before."""
+    spec = load_spec(CONFIGS / "smollm2-135m.json")
+    q4_1 = {"embeddings": "int8-g32", "lm_head": "int8-g32", "attention": "int4m-g32"}
+    q4_1["mlp"] = "int4m-g32"
+    kept = plan(spec, load_profile("intel-cpu"), context=2048, file_weights=q4_1)
+    assert kept.compression["weights"] == q4_1 and not kept.rejected
+    assert "the file's own precision" in kept.reasons[0]
+    assert any("kept as they are: nothing is rounded again" in r for r in kept.reasons)
+    short = kept.predicted["decode_tok_s_short"]
+    assert kept.predicted["short_history"] == 256 and short > kept.predicted["decode_tok_s"]
+    floats = plan(spec, load_profile("intel-cpu"), context=2048)
+    assert floats.compression["weights"]["attention"] == "fp32"
+    assert kept.predicted["weights"] < floats.predicted["weights"] / 4
+    # a bundle that will carry a runtime rounding INT4 to symmetric (LiteRT): floats first
+    mobile = plan(spec, load_profile("host"), context=2048, file_weights=q4_1, runtimes=["tflite"])
+    assert mobile.compression["weights"]["attention"] == "fp32"
+    no_int4 = replace(load_profile("intel-cpu"), weight_precisions=("fp32", "fp16", "int8"))
+    searched = plan(spec, no_int4, context=2048, file_weights=q4_1)
+    assert searched.compression["weights"]["attention"] == "fp32"
+    unquantized = dict.fromkeys(q4_1, "fp32")  # an F32 GGUF: nothing of its own to keep
+    assert plan(spec, no_int4, context=2048, file_weights=unquantized).compression == (
+        searched.compression
+    )
+
+
+def test_a_context_of_zero_is_refused_not_taken_for_the_default(tmp_path: Path) -> None:
+    spec = load_spec(CONFIGS / "smollm2-135m.json")
+    with pytest.raises(InvalidArgumentError, match="context=0"):
+        plan(spec, load_profile("intel-cpu"), context=0)
+    runner = CliRunner()
+    model = str(CONFIGS / "smollm2-135m.json")
+    bad = runner.invoke(main, ["plan", "-m", model, "-d", "intel-cpu", "--context", "0"])
+    assert bad.exit_code == 1 and "context=0" in bad.stderr
