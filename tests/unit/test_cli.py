@@ -131,5 +131,9 @@ def test_a_distilled_draft_in_a_bundle_and_prompt_lookup(tmp_path: Path, tiny_gg
     assert json.loads(stdout)["stats"]["speculative"]["drafter"] == "NgramDrafter"
     code, _, stderr = invoke(*run, "--draft", "ngram", "--num-draft-tokens", "0")
     assert code == 1 and "num_draft_tokens=0" in stderr
+    # a prompt with no n-gram to look up: said so, with no speed-up claimed for nothing drafted
+    nothing = ["run", str(bundle), "--raw", "-p", "a b", "-n", "1", "--draft", "ngram"]
+    code, _, stderr = invoke(*nothing)
+    assert code == 0 and "no drafts proposed" in stderr and "0/0" not in stderr
     code, stdout, _ = invoke("plan", "-d", "host", "-m", str(tiny_gguf), "--speculative", "self")
     assert code == 0 and "INT4 self-draft" in stdout and "+ draft" in stdout
