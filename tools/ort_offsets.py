@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from infopt.errors import InvalidArgumentError
 from infopt.measure.speed import (
     bench_parser,
     log_stderr,
@@ -137,7 +138,9 @@ def probe(
                 bundles[variant] = Path(tmp) / str(i)
                 terms = write_variant(source, bundles[variant], variant)
         if not terms:
-            raise SystemExit(f"{model}: its conversion has no offsets terms (not a Q4_1 file)")
+            raise InvalidArgumentError(
+                f"{model}: its conversion has no offsets terms (not a Q4_1 file)"
+            )
         for _ in range(repeat):
             for variant in VARIANTS:
                 r = run_child(str(bundles[variant]), "onnxruntime", threads)

@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from infopt.errors import InvalidArgumentError
+from infopt.errors import InfoptError, InvalidArgumentError
 from infopt.measure.speed import (
     DEFAULT_PEERS,
     bench_parser,
@@ -100,6 +100,17 @@ def parity(
             f"no peers in {peers} (--peers): run `bash tools/peers/setup_peers.sh {peers}` "
             "from an infopt checkout first"
         )
+    script = peers / "bench" / SCRIPT
+    if "ATTENTION_BACKEND" not in (script.read_text() if script.exists() else ""):
+        raise InvalidArgumentError(
+            f"{script}: missing or older than this tool (it cannot pick GenAI's SDPA pipeline); "
+            f"run `bash tools/peers/setup_peers.sh {peers}` from an infopt checkout again"
+        )
+    labels = [Path(b).name for b in bundles]
+    if len(set(labels)) != len(labels):
+        raise InvalidArgumentError(
+            f"bundles {bundles}: their folder names label the rows, and two are the same"
+        )
     runs: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="infopt-ov-parity-") as tmp:
         todo: list[tuple[str, str, Any]] = []
@@ -117,7 +128,10 @@ def parity(
                     env = {"ATTENTION_BACKEND": "SDPA"} if kind == "genai" else {}
                     r = run_peer_script(SCRIPT, [str(path)], peers, threads, env)
                 if r is None:
-                    raise InvalidArgumentError(f"{name}: the peer's bench script failed")
+                    raise InfoptError(
+                        f"{name}: the peer's bench script failed; run it by hand to see why: "
+                        f"ATTENTION_BACKEND=SDPA {peers}/venv/bin/python {script} {path}"
+                    )
                 runs.setdefault(name, []).append(r)
                 if log:
                     log(f"{name}: ttft {r['ttft_ms']:.1f} ms, tg128 {r['tg128']:.1f} tok/s")

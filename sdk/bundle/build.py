@@ -84,7 +84,8 @@ def build(
 
     quantize: the weights' storage instead of the planner's choice (`infopt.plan.planner.
     requested`: int8, int4, int4-gptq, a float, or a scheme); `int4` of a GGUF stored in INT4
-    keeps its blocks as they are.
+    keeps its blocks as they are, as the planner's own choice does on a CPU whose runtimes keep
+    them (`infopt.plan.planner.as_stored`).
 
     runtime: the runtime to load by default, or a comma-separated list of runtimes to export
     (the first is the default); otherwise the plan's. speculative: "none", "ngram", "self" (an
@@ -164,6 +165,11 @@ def build(
     done["stored_dtype"] = str(core.float_dtype).removeprefix("torch.")
     exact = keep_blocks or _lossless(p, file_weights)
     done["quality"] = quality(core, source, exact=exact, progress=step)
+    if exact and any(s not in ("fp32", "fp16", "bf16") for s in p.compression["weights"].values()):
+        done["quality"]["note"] += (
+            "; the runtimes' fast INT4/INT8 kernels round activations (numerics='exact' "
+            "computes in float32)"
+        )
     timings = {"compress_s": round(time.perf_counter() - started, 1)}
     max_context = min(p.context, core.spec.max_position_embeddings)
     artifacts, writers = export_artifacts(core, built, max_context)
@@ -222,7 +228,7 @@ def _as_built(p: Plan, source: ModelSource, runtime: str, extra_reason: str | No
             p.runtime = runtime
         again = p
     else:
-        again = replan(p, source.spec, profile, runtime)
+        again = replan(p, source.spec, profile, runtime, source.stored_weights())
     if extra_reason:
         again.reasons.append(extra_reason)
     return again

@@ -58,6 +58,10 @@ def build_fleet(
     folders = [folder_name(d) for d in devices]
     if len(set(folders)) != len(folders):
         raise InvalidArgumentError(f"devices {devices} would share a bundle folder")
+    if options.get("quantize") is not None:  # said once, before any executor starts
+        from infopt.plan.planner import check_quantize
+
+        check_quantize(options["quantize"])
     # absolute paths: a Ray task runs elsewhere (on another node, only a shared file system
     # makes them the same files)
     path = (Path(model) if model is not None else default_model_path()).resolve()

@@ -160,8 +160,8 @@ class Estimate:
     prefill_tok_s: float
     bound: str  # "memory" or "compute" for decode
     draft: float = 0.0  # a speculative draft model's weights + KV cache, included in total
-    # decode with a short history (SHORT_HISTORY tokens in the cache, or the whole context if
-    # smaller): a conversation's start, where decode_tok_s is the cache half full
+    # decode with a short history (SHORT_HISTORY tokens in the cache, or as many as the main
+    # figure's if fewer): a conversation's start, where decode_tok_s is the cache half full
     decode_tok_s_short: float = 0.0
     short_history: int = 0
 
@@ -275,7 +275,7 @@ def estimate(
     filled = context / 2 if decode_context is None else decode_context
     mem_time, compute_time, flops_token = step_times(filled)
     step = max(mem_time, compute_time)
-    short = min(SHORT_HISTORY, context)
+    short = int(min(SHORT_HISTORY, filled))  # a start: never further in than the main figure
     short_step = max(step_times(short)[:2])
     return Estimate(
         weights=weights,

@@ -66,7 +66,7 @@ def choice_reasons(c: Compression, profile: DeviceProfile, runtime: str) -> list
         weights = (
             f"weights: the model file's own blocks (blocks {w['attention']}, embeddings "
             f"{w['embeddings']}, LM head {w['lm_head']}), kept as they are: nothing is rounded "
-            "again, and a float copy would hold the same values in several times the bytes"
+            "again, and no float copy holds more than these values"
         )
     elif w["attention"].startswith("int4"):
         weights = (

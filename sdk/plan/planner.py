@@ -174,10 +174,9 @@ def as_stored(
     profile: DeviceProfile, runtimes: Sequence[str], file_weights: dict[str, str] | None
 ) -> Compression | None:
     """The model file's own quantized blocks kept as they are (a GGUF's Q4_0 / Q4_1 / Q8_0),
-    where the file stores some and every one of `runtimes` on `profile` computes them as
-    stored, at least as fast as floats: the CPU runtimes that keep every block form (mobile
-    ones round INT4 to symmetric, and on accelerators 16-bit floats are the fast path); else
-    None."""
+    where the file stores some and every one of `runtimes` on `profile` keeps them: the CPU
+    runtimes (mobile ones round INT4 to symmetric, and on accelerators 16-bit floats are the
+    fast path); else None."""
     from infopt.runtimes.registry import names, target
 
     if not file_weights or all(s in FLOATS for s in file_weights.values()):
@@ -187,9 +186,9 @@ def as_stored(
     kinds = {s.split("-")[0][:4] for s in file_weights.values() if s not in FLOATS}
     if not all(k in profile.weight_precisions for k in kinds):
         return None
-    kv = next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
+    # the file's values, exactly: a float32 cache, as the float32 step of the ladder has
     blocks = file_weights.get("attention", "")
-    return Compression(f"{blocks}{STORED}", dict(file_weights), kv_dtype=kv)
+    return Compression(f"{blocks}{STORED}", dict(file_weights), kv_dtype="fp32")
 
 
 def plan(
@@ -367,17 +366,25 @@ def load_plan(path: str | Path) -> Plan:
     return Plan(**data)
 
 
-def replan(p: Plan, spec: ModelSpec, profile: DeviceProfile, runtime: str | None = None) -> Plan:
+def replan(
+    p: Plan,
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    runtime: str | None = None,
+    file_weights: dict[str, str] | None = None,
+) -> Plan:
     """`p` as it will be built, re-estimated and re-explained: its compression (edited by hand,
     made symmetric for a target, ...) on `profile`, loaded on `runtime` (default: its own; another
-    is one asked for with --runtime), so that the plan a bundle records describes what it holds."""
+    is one asked for with --runtime), so that the plan a bundle records describes what it holds.
+    `file_weights`: the model file's stored schemes, to name a plan that keeps them so."""
     from dataclasses import fields as dataclass_fields
 
     known = {f.name for f in dataclass_fields(Compression)}
     c = Compression(**{k: v for k, v in p.compression.items() if k in known})
     # the fields the build applies, not the compression record's copies of them
     c = replace(c, mlp_prune=float(p.pruning.get("sparsity") or 0.0), low_rank=p.low_rank_ratio)
-    c = replace(c, name=describe_weights(c))
+    kept = c.weights == file_weights and not c.mlp_prune and not c.low_rank
+    c = replace(c, name=f"{c.weights['attention']}{STORED}" if kept else describe_weights(c))
     name = runtime or p.runtime
     c = runtime_kv(c, name)
     est = estimate(spec, profile, c, context=p.context, batch=p.batch, runtime=name)

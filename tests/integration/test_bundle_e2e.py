@@ -44,8 +44,8 @@ def test_default_model_bundles_plan_load_and_answer(
                 infopt.load(path)
             continue  # Core ML predicts only on macOS: its package is checked below
         runtime = None if m["runtime"]["artifact_built"] else "pytorch"
-        # the host bundle keeps the file's blocks; with float32 activations they compute what
-        # the reference computes (int8 activations tip this question's first token to French)
+        # the host bundle keeps the file's blocks: with float32 activations they compute what
+        # the reference computes, where the fast kernels' int8 activations may part from it
         numerics = "exact" if device == "host" else "fast"
         model = infopt.load(path, runtime=runtime, max_context=256, threads=2, numerics=numerics)
         answer = model.generate(QUESTION, max_new_tokens=24)

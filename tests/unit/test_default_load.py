@@ -180,5 +180,7 @@ def test_a_build_for_the_host_keeps_the_files_blocks(tiny_gguf_q41: Path, tmp_pa
     assert "as stored in the file" in result.stdout and "tokens in it" in result.stdout
     manifest = open_bundle(out).manifest
     assert manifest["plan"]["compression"]["weights"] == stored_weights(tiny_gguf_q41)
-    assert manifest["compression"]["quality"]["kind"] == "exact"
+    quality = manifest["compression"]["quality"]
+    assert quality["kind"] == "exact"
+    assert "fast INT4/INT8 kernels round activations" in quality["note"]
     assert infopt.load(out).generate(PROMPT, max_new_tokens=4).token_ids

@@ -392,7 +392,7 @@ def test_the_parity_tool_gives_genai_the_bundles_own_ir(multi_bundle: Path, tmp_
     the folder it gets computes what the bundle's IR computes, with the peers' tokenizer."""
     import openvino as ov
 
-    from infopt.tools.ov_parity import PEER_MODEL, TOKENIZER_FILES, genai_folder
+    from infopt.tools.ov_parity import PEER_MODEL, TOKENIZER_FILES, genai_folder, parity
 
     peers = tmp_path / "peers"
     with pytest.raises(InvalidArgumentError, match="setup_peers.sh"):
@@ -402,6 +402,17 @@ def test_the_parity_tool_gives_genai_the_bundles_own_ir(multi_bundle: Path, tmp_
         (peers / PEER_MODEL / name).write_text(name)
     folder = genai_folder(multi_bundle, peers, tmp_path / "g")
     assert (folder / "openvino_tokenizer.xml").read_text() == "openvino_tokenizer.xml"
+    # a peers folder set up before the tool (its bench script cannot pick SDPA), or two bundles
+    # of one name (they label the rows): refused before anything runs
+    (peers / "venv" / "bin").mkdir(parents=True)
+    (peers / "venv" / "bin" / "python").write_text("")
+    (peers / "bench").mkdir()
+    (peers / "bench" / "ovgenai_bench.py").write_text("pipe = LLMPipeline(path, 'CPU')")
+    with pytest.raises(InvalidArgumentError, match="older than this tool"):
+        parity([str(multi_bundle)], peers, 1, 2)
+    (peers / "bench" / "ovgenai_bench.py").write_text("os.environ['ATTENTION_BACKEND']")
+    with pytest.raises(InvalidArgumentError, match="two are the same"):
+        parity([str(multi_bundle), str(multi_bundle)], peers, 1, 2)
     core = ov.Core()
     ours = core.compile_model(str(folder / "openvino_model.xml"), "CPU")
     theirs = core.compile_model(str(multi_bundle / "openvino_model.xml"), "CPU")

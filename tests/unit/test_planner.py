@@ -400,13 +400,15 @@ def test_a_runtime_prices_the_groups_it_holds_as_float32() -> None:
 
 
 def test_with_no_quantize_a_files_own_blocks_come_before_any_float() -> None:
-    """A Q4_1 GGUF on a CPU: fp32 would hold the same values in six times the bytes, so the plan
-    keeps the file's blocks and says why; a device that cannot store them searches as before."""
+    """A Q4_1 GGUF on a CPU: fp32 would hold the same values in more bytes, so the plan keeps the
+    file's blocks (with a float32 cache) and says why; a device that cannot store them, or a
+    bundle carrying a runtime that rounds them again, searches as before."""
     spec = load_spec(CONFIGS / "smollm2-135m.json")
     q4_1 = {"embeddings": "int8-g32", "lm_head": "int8-g32", "attention": "int4m-g32"}
     q4_1["mlp"] = "int4m-g32"
     kept = plan(spec, load_profile("intel-cpu"), context=2048, file_weights=q4_1)
     assert kept.compression["weights"] == q4_1 and not kept.rejected
+    assert kept.compression["kv_dtype"] == "fp32"
     assert "the file's own precision" in kept.reasons[0]
     assert any("kept as they are: nothing is rounded again" in r for r in kept.reasons)
     short = kept.predicted["decode_tok_s_short"]
@@ -434,3 +436,20 @@ def test_a_context_of_zero_is_refused_not_taken_for_the_default(tmp_path: Path) 
     model = str(CONFIGS / "smollm2-135m.json")
     bad = runner.invoke(main, ["plan", "-m", model, "-d", "intel-cpu", "--context", "0"])
     assert bad.exit_code == 1 and "context=0" in bad.stderr
+
+
+def test_a_replanned_build_keeps_the_name_of_the_files_own_blocks() -> None:
+    """`build --runtime` other than the plan's, `build --plan`: the recorded plan still says the
+    blocks are the file's own (`replan` given the file's schemes), and a short cache's figures
+    never claim a start further in than the main figure."""
+    spec = load_spec(CONFIGS / "smollm2-135m.json")
+    profile = load_profile("intel-cpu")
+    q4_1 = {"embeddings": "int8-g32", "lm_head": "int8-g32", "attention": "int4m-g32"}
+    q4_1["mlp"] = "int4m-g32"
+    kept = plan(spec, profile, context=2048, file_weights=q4_1)
+    again = replan(kept, spec, profile, "onnxruntime", file_weights=q4_1)
+    assert again.compression["name"] == "int4m-g32 as stored in the file"
+    assert any("the model file's own blocks" in r for r in again.reasons)
+    assert not replan(kept, spec, profile, "onnxruntime").compression["name"].endswith("file")
+    short = plan(spec, profile, context=128, file_weights=q4_1).predicted
+    assert short["short_history"] == 64 and short["decode_tok_s_short"] == short["decode_tok_s"]

@@ -225,6 +225,9 @@ def test_a_fleet_build_makes_one_bundle_per_device(tiny_gguf: Path, tmp_path: Pa
     args = ["build", str(tiny_gguf), "--device", "host,intel-cpu", "--plan", str(plan)]
     r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "other")])
     assert r.exit_code != 0 and "a plan file is for one device" in r.output
+    args = ["build", str(tiny_gguf), "--device", "host,intel-cpu", "--quantize", "int3"]
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "q3")])  # before any job runs
+    assert r.exit_code == 1 and "'int3'" in r.output and not (tmp_path / "q3").exists()
 
 
 def test_two_serve_replicas_answer_openais_client(tiny_gguf: Path, local_ray: Any) -> None:
