@@ -24,7 +24,7 @@ from infopt.core.model import Decoder, load_core, parameter_count
 from infopt.core.progress import Progress, silent
 from infopt.errors import InvalidArgumentError
 from infopt.importers import ModelSource, open_model
-from infopt.plan.planner import SPECULATIVE, Plan, check_quantize, load_plan
+from infopt.plan.planner import FLOATS, SPECULATIVE, Plan, check_quantize, load_plan
 from infopt.runtimes.base import Writers
 from infopt.runtimes.registry import names, reference, target, targets
 
@@ -165,7 +165,7 @@ def build(
     done["stored_dtype"] = str(core.float_dtype).removeprefix("torch.")
     exact = keep_blocks or _lossless(p, file_weights)
     done["quality"] = quality(core, source, exact=exact, progress=step)
-    if exact and any(s not in ("fp32", "fp16", "bf16") for s in p.compression["weights"].values()):
+    if exact and any(s not in FLOATS for s in p.compression["weights"].values()):
         done["quality"]["note"] += (
             "; the runtimes' fast INT4/INT8 kernels round activations (numerics='exact' "
             "computes in float32)"

@@ -44,6 +44,11 @@ def _int4(group: int, head: str = "int8") -> dict[str, str]:
     }
 
 
+def quantized_kv(profile: DeviceProfile) -> str:
+    """The KV-cache precision of a quantized plan: the device's preferred 16-bit float."""
+    return next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
+
+
 def ladder(spec: ModelSpec, profile: DeviceProfile) -> list[Compression]:
     """Candidate combinations, least lossy first, restricted to what the device stores."""
     every = ("embeddings", "lm_head", "attention", "mlp")
@@ -51,8 +56,7 @@ def ladder(spec: ModelSpec, profile: DeviceProfile) -> list[Compression]:
     if profile.kind != "cpu":
         floats = [p for p in floats if p != "fp32"] or floats  # accelerators: 16-bit first
     steps = [Compression(f, dict.fromkeys(every, f), kv_dtype=f) for f in floats]
-    # Quantized plans keep a 16-bit KV cache: the device's preferred 16-bit float.
-    kv = next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
+    kv = quantized_kv(profile)
     if "int8" in profile.weight_precisions:
         steps.append(Compression("int8", dict.fromkeys(every, "int8"), kv_dtype=kv))
     if "int4" not in profile.weight_precisions:
@@ -121,7 +125,7 @@ def requested(
     that); or a scheme name (`int4s-g64`, `int8-g32`, ...: the blocks in it, the embeddings and
     LM head INT8, or that scheme when it is an INT8 one)."""
     check_quantize(quantize)
-    kv = next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
+    kv = quantized_kv(profile)
     name, method = quantize, "rtn"
     if quantize in FLOATS:
         return Compression(quantize, dict.fromkeys(_GROUPS, quantize), kv_dtype=quantize), method

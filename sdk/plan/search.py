@@ -28,8 +28,8 @@ from infopt.device_profiles import DeviceProfile
 from infopt.errors import InvalidArgumentError, PlanError
 from infopt.plan.costs import Compression, estimate, group_fits, matrices
 from infopt.plan.executors import Needs, Outcome, make_executor
-from infopt.plan.explain import HEADROOM, STORED, Plan, explain
-from infopt.plan.planner import _int4, pick_runtime, runtime_kv
+from infopt.plan.explain import HEADROOM, Plan, explain
+from infopt.plan.planner import _int4, as_stored, pick_runtime, quantized_kv, runtime_kv
 
 # Raised whenever the evaluation changes what a result means: cached results of another
 # revision are not reused.
@@ -81,16 +81,16 @@ def candidates(
     tables, symmetric INT4, harder pruning, lower ranks and pruning with GPTQ; a model file
     that stores its blocks quantized (a GGUF's Q4_0 / Q4_1 / Q8_0) adds them as they are."""
     every = ("embeddings", "lm_head", "attention", "mlp")
-    kv = next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
+    kv = quantized_kv(profile)
+    runtime = pick_runtime(profile)[0]
     floats = [p for p in ("fp32", "bf16", "fp16") if p in profile.weight_precisions]
     out: list[Candidate] = []
     if floats:
         out.append(Candidate(Compression(floats[0], dict.fromkeys(every, floats[0]), floats[0])))
     if "int8" in profile.weight_precisions:
         out.append(Candidate(Compression("int8", dict.fromkeys(every, "int8"), kv)))
-    if file_weights and "int4" in profile.weight_precisions:  # a GGUF's Q4_0 / Q4_1 / Q8_0
-        name = f"{file_weights['attention']}{STORED}"
-        out.append(Candidate(Compression(name, dict(file_weights), kv), stored=True))
+    if (stored := as_stored(profile, [runtime], file_weights)) is not None:
+        out.append(Candidate(stored, stored=True))  # a GGUF's Q4_0 / Q4_1 / Q8_0, as they are
     shapes = matrices(spec)
     blocks = shapes["attention"] + shapes["mlp"]
     groups = [g for g in (32, 64, 128) if group_fits(f"int4-g{g}", blocks)]
@@ -121,7 +121,6 @@ def candidates(
                     coarse, name=f"{coarse.name} + MLP pruned 25%", mlp_prune=0.25
                 )
                 out.append(Candidate(pruned_gptq, "gptq"))
-    runtime = pick_runtime(profile)[0]
     # an int8 KV cache: where the device's runtime keeps the plan's cache precision; the others
     # keep their own, whatever the plan says
     quantized = [c for c in out if c.compression.weights["mlp"] in ("int8", *_int4s(groups))]
@@ -165,11 +164,10 @@ def job_needs(spec: ModelSpec, threads: int = 1) -> Needs:
     runtime's copy of the compressed one: the planner's memory model, at fp32; and the CPUs
     its threads use."""
     from infopt.device_profiles import load_profile
+    from infopt.runtimes.registry import reference
 
     host = load_profile("host")
     fp32 = Compression("fp32", dict.fromkeys(("embeddings", "lm_head", "attention", "mlp"), "fp32"))
-    from infopt.runtimes.registry import reference
-
     one = estimate(spec, host, fp32, context=WINDOW, runtime=reference().name).total
     return Needs(cpus=threads, memory=3 * one)
 
@@ -481,7 +479,7 @@ def _plan_of(
 ) -> dict[str, Any]:
     """The plan `build --plan` takes for a chosen result, its reasons saying why."""
     key = row["candidate"]
-    kv = next((p for p in ("bf16", "fp16") if p in profile.compute_precisions), "fp16")
+    kv = quantized_kv(profile)
     floats = set(key["weights"].values()) <= {"fp32", "bf16", "fp16"}
     c = Compression(
         row["name"],
