@@ -3,6 +3,7 @@ progress bars on stderr (none with --json)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -30,7 +31,8 @@ def friendly_errors(fn: F) -> F:
     """Typed infopt errors become one clear line on stderr and exit code 1, not a traceback; so
     do the machine's own refusals (a full disk, a denied permission: OSError, MemoryError).
     Anything else is a bug in infopt: one line saying so, exit code 70, and the traceback only
-    with INFOPT_DEBUG=1. Ctrl-C exits with 130 and no traceback."""
+    with INFOPT_DEBUG=1. Ctrl-C exits with 130 and no traceback; a closed pipe (`| head`)
+    with 141 and nothing on stderr."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -43,6 +45,10 @@ def friendly_errors(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # the reader left (`| head`): stop quietly, as Unix tools do
+            with contextlib.suppress(OSError, ValueError):  # and no second error at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(141)
         except (OSError, MemoryError) as e:
             raise click.ClickException(f"{type(e).__name__}: {e}") from e
         except (SystemExit, GeneratorExit):

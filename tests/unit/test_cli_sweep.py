@@ -127,3 +127,20 @@ def test_a_bug_is_one_line_and_exit_code_70_with_its_traceback_on_request(
     monkeypatch.setenv("INFOPT_DEBUG", "1")
     result = CliRunner().invoke(main, ["devices"])
     assert isinstance(result.exception, TypeError)  # raised: the traceback is printed
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly() -> None:
+    """`infopt-pack devices | head -1`: the pipe closes before the table is written; the
+    command stops with 141 (as a Unix tool killed by SIGPIPE) and says nothing on stderr."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infopt.cli", "devices"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child writes a byte: its first write finds no reader
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
