@@ -28,8 +28,8 @@ from infopt.device_profiles import DeviceProfile
 from infopt.errors import InvalidArgumentError, PlanError
 from infopt.plan.costs import Compression, estimate, group_fits, matrices
 from infopt.plan.executors import Needs, Outcome, make_executor
-from infopt.plan.explain import HEADROOM, Plan, explain
-from infopt.plan.planner import _int4, as_stored, pick_runtime, quantized_kv, runtime_kv
+from infopt.plan.explain import HEADROOM, STORED, Plan, explain
+from infopt.plan.planner import _int4, pick_runtime, quantized_kv, runtime_kv
 
 # Raised whenever the evaluation changes what a result means: cached results of another
 # revision are not reused.
@@ -82,15 +82,17 @@ def candidates(
     that stores its blocks quantized (a GGUF's Q4_0 / Q4_1 / Q8_0) adds them as they are."""
     every = ("embeddings", "lm_head", "attention", "mlp")
     kv = quantized_kv(profile)
-    runtime = pick_runtime(profile)[0]
     floats = [p for p in ("fp32", "bf16", "fp16") if p in profile.weight_precisions]
     out: list[Candidate] = []
     if floats:
         out.append(Candidate(Compression(floats[0], dict.fromkeys(every, floats[0]), floats[0])))
     if "int8" in profile.weight_precisions:
         out.append(Candidate(Compression("int8", dict.fromkeys(every, "int8"), kv)))
-    if (stored := as_stored(profile, [runtime], file_weights)) is not None:
-        out.append(Candidate(stored, stored=True))  # a GGUF's Q4_0 / Q4_1 / Q8_0, as they are
+    # a GGUF's Q4_0 / Q4_1 / Q8_0 as they are, wherever the device stores INT4: measured on
+    # every device (the planner's `as_stored` offers them first only where they are also fast)
+    if file_weights and "int4" in profile.weight_precisions:
+        name = f"{file_weights['attention']}{STORED}"
+        out.append(Candidate(Compression(name, dict(file_weights), kv), stored=True))
     shapes = matrices(spec)
     blocks = shapes["attention"] + shapes["mlp"]
     groups = [g for g in (32, 64, 128) if group_fits(f"int4-g{g}", blocks)]
@@ -121,6 +123,7 @@ def candidates(
                     coarse, name=f"{coarse.name} + MLP pruned 25%", mlp_prune=0.25
                 )
                 out.append(Candidate(pruned_gptq, "gptq"))
+    runtime = pick_runtime(profile)[0]
     # an int8 KV cache: where the device's runtime keeps the plan's cache precision; the others
     # keep their own, whatever the plan says
     quantized = [c for c in out if c.compression.weights["mlp"] in ("int8", *_int4s(groups))]
