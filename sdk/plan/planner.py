@@ -249,6 +249,16 @@ def plan(
     elif (stored := as_stored(profile, runtimes or [runtime[0]], file_weights)) is not None:
         # the file's own blocks lose nothing against the file (a float copy holds the same
         # values) and are the smallest and fastest form of them: first, before any float
+        if speculative == "self" and self_draft(stored) is None:
+            # going on would plan a float copy (several times larger and slower) only so
+            # that an INT4 draft of it exists: not what anyone asking for speed means
+            raise InvalidArgumentError(
+                f"speculative='self': the model file stores INT4 already ({stored.name}), "
+                "so its self-draft would be the model itself. Keep its blocks without a "
+                "draft, draft by prompt lookup ('ngram'), give a smaller draft model, or ask "
+                "for a float target (--quantize fp16) if a float copy with an INT4 draft is "
+                "what you want"
+            )
         candidates = [stored, *candidates]
     seen: set[str] = set()
     for asked_for in candidates:

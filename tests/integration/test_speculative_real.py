@@ -38,6 +38,7 @@ def bundle(module_dir: Path) -> Path:
         runtime="onnxruntime,openvino,pytorch",
         context=1024,
         speculative="self",
+        quantize="fp32",  # the file is INT4: a self-draft needs a float target, asked for
     )
     return out
 

@@ -426,6 +426,22 @@ def test_with_no_quantize_a_files_own_blocks_come_before_any_float() -> None:
     assert plan(spec, no_int4, context=2048, file_weights=unquantized).compression == (
         searched.compression
     )
+    # a self-draft of a file that is INT4 already would be the model: refused, where going
+    # on would plan a float copy several times larger only to draft for it
+    with pytest.raises(InvalidArgumentError, match="stores INT4 already"):
+        plan(spec, load_profile("host"), context=2048, file_weights=q4_1, speculative="self")
+    auto = plan(spec, load_profile("host"), context=2048, file_weights=q4_1, speculative="auto")
+    assert auto.compression["weights"] == q4_1 and auto.speculative["kind"] == "ngram"
+    asked = plan(
+        spec,
+        load_profile("host"),
+        context=2048,
+        file_weights=q4_1,
+        speculative="self",
+        quantize="fp16",
+    )
+    assert asked.compression["weights"]["attention"] == "fp16"
+    assert asked.speculative["kind"] == "self"
 
 
 def test_a_context_of_zero_is_refused_not_taken_for_the_default(tmp_path: Path) -> None:
