@@ -11,7 +11,11 @@ speculation stay per request.
 A finished request leaves its tokens' KV in its row: the prefix cache. A new request takes the
 free row whose cached tokens share the longest prefix with its prompt (the earlier turns of a
 chat, a shared system prompt) and prefills only the rest; when none matches, the least recently
-used row is overwritten. Its size is the rows' (`slots`), which the planner counts.
+used row is overwritten. Its size is the rows' (`slots`), which the planner counts. A prompt
+the row has just answered, repeated, prefills again the row's last pass over it (the same
+tokens in the same pass, after the same KV), not only its last token: kernels that round a
+several-token pass unlike a one-token one (int8 activations) would otherwise hand the repeat
+other logits, and the same request, greedy or with the same seed, other text.
 
 No thread of its own: a caller waiting for its next token drives a step when nobody else is
 (the one caller of a single stream computes its own tokens, with no hand-off between threads),
@@ -109,6 +113,9 @@ class Engine:
         self._active: list[Request] = []  # admitted, in admission order
         self._owner: list[Request | None] = [None] * self.rows
         self._cached: list[list[int]] = [[] for _ in range(self.rows)]  # tokens in each row's KV
+        # each row's last completed prompt and where the pass that ended it began (its KV
+        # before that point is the prompt's own): a repeat of it prefills from there again
+        self._answered: list[tuple[tuple[int, ...], int] | None] = [None] * self.rows
         self._used = [0] * self.rows  # when each row was last given to a request
         self._clock = itertools.count(1)
         self._changes = runtime.changes  # the runtime's change count after this engine's last step
@@ -127,6 +134,7 @@ class Engine:
             for row in range(self.rows):
                 if self._owner[row] is None:
                     self._cached[row] = []
+                    self._answered[row] = None
 
     def tokens(self, request: Request) -> Iterator[int]:
         """The request's token ids as they come; it is queued when the first is asked for,
@@ -180,6 +188,7 @@ class Engine:
             if rt.changes != self._changes:
                 # someone ran the runtime directly: what the rows hold is no longer known
                 self._cached = [[] for _ in range(self.rows)]
+                self._answered = [None] * self.rows
             self._reap()
             if self.batch_wait_s > 0 and not self._active and 0 < len(self._queue) < self.rows:
                 deadline = time.monotonic() + self.batch_wait_s
@@ -228,6 +237,7 @@ class Engine:
             if req.drafter is not None:  # speculative decoding starts from an empty row
                 rt.reset()
                 self._cached[row] = []
+                self._answered[row] = None
                 req.steps = speculative_step(
                     rt,
                     req.drafter,
@@ -241,6 +251,10 @@ class Engine:
                 continue
             # at least the prompt's last token is fed again: its logits give the first token
             reuse = min(shared[row], len(req.prompt) - 1)
+            answered = self._answered[row]
+            if answered is not None and answered[0] == tuple(req.prompt):
+                reuse = answered[1]  # a repeat: its last pass again, as it ran (see above)
+            self._answered[row] = None
             if reuse:
                 rt.rewind(rt.position - reuse)
             else:
@@ -256,7 +270,8 @@ class Engine:
         if req is None or req.row is None:
             return
         rt, row = self.runtime, req.row
-        chunk = req.prompt[req.fed : req.fed + PREFILL_CHUNK]
+        start = req.fed
+        chunk = req.prompt[start : start + PREFILL_CHUNK]
         rt.select(row)
         try:
             logits = rt.forward(chunk, only_last=True)[-1]
@@ -266,6 +281,7 @@ class Engine:
         self._cached[row] += chunk
         req.fed += len(chunk)
         if req.fed == len(req.prompt):
+            self._answered[row] = (tuple(req.prompt), start)
             self._choose(req, logits)
 
     def _speculate(self) -> None:
@@ -325,6 +341,7 @@ class Engine:
         self.runtime.swap_rows(a, b)
         self._owner[a], self._owner[b] = self._owner[b], self._owner[a]
         self._cached[a], self._cached[b] = self._cached[b], self._cached[a]
+        self._answered[a], self._answered[b] = self._answered[b], self._answered[a]
         self._used[a], self._used[b] = self._used[b], self._used[a]
         for row in (a, b):
             owner = self._owner[row]
@@ -362,6 +379,7 @@ class Engine:
             self.runtime.select(row)
             self.runtime.reset()
             self._cached[row] = []
+            self._answered[row] = None
             self._changes = self.runtime.changes
 
     def _fail(self, requests: Sequence[Request], error: BaseException) -> None:
@@ -380,5 +398,6 @@ class Engine:
                     rt.select(row)
                     rt.reset()
                     self._cached[row] = []
+                    self._answered[row] = None
             self._changes = rt.changes
             self._cond.notify_all()

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import infopt
@@ -135,10 +136,40 @@ def test_the_prefix_cache_serves_a_chat_s_next_turn(
     assert second.stats.cached_tokens >= first.stats.prompt_tokens - 1
     cold = infopt.load(path, runtime=runtime, max_context=256, **settings)
     assert cold.generate(chat, max_new_tokens=12, **GREEDY).token_ids == second.token_ids
-    # the same prompt again reuses all but its last token
+    # the same prompt again prefills its last pass again: from where turn two's began
     again = m.generate(chat, max_new_tokens=12, **GREEDY)
-    assert again.stats.cached_tokens == again.stats.prompt_tokens - 1
+    assert again.stats.cached_tokens == second.stats.cached_tokens
     assert again.token_ids == second.token_ids
+
+
+def test_a_repeated_request_gets_the_same_logits_from_fast_kernels(
+    tiny_gguf_q41: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fast INT4 kernels round a several-token pass unlike a one-token one: a repeat fed only
+    its last token would sample from other logits (other text for the same seed). It runs the
+    pass that ended the prompt again, as it ran: bit for bit the same logits, short prompts
+    and long ones (prefilled in chunks: only the last chunk again)."""
+    m = infopt.load(tiny_gguf_q41, runtime="onnxruntime", max_context=256)
+    chunk = 16  # prompts longer than this prefill in chunks
+    monkeypatch.setattr("infopt.decode.engine.PREFILL_CHUNK", chunk)
+    passes: list[tuple[int, np.ndarray]] = []
+    forward = m.runtime.forward
+
+    def recorded(ids: list[int], only_last: bool = False) -> np.ndarray:
+        out = forward(ids, only_last=only_last)
+        passes.append((len(ids), np.array(out[-1])))
+        return out
+
+    monkeypatch.setattr(m.runtime, "forward", recorded)
+    long = " ".join(["the quick brown fox jumps over the lazy dog"] * 4)
+    for prompt in ("The quick brown fox jumps", long):
+        first = m.generate(prompt, max_new_tokens=1, temperature=0.9, seed=1)
+        made, passes[:] = list(passes), []
+        again = m.generate(prompt, max_new_tokens=1, temperature=0.9, seed=1)
+        n = first.stats.prompt_tokens
+        assert again.stats.cached_tokens == (n - 1) // chunk * chunk
+        assert [size for size, _ in passes] == [n - again.stats.cached_tokens]
+        assert np.array_equal(passes[-1][1], made[-1][1]) and again.token_ids == first.token_ids
 
 
 def test_sampled_and_speculative_requests_stay_per_request_in_a_batch(tiny_gguf: Path) -> None:
