@@ -41,14 +41,20 @@ def cache_root() -> Path:
 CONVERTER_REVISION = 2
 
 
-def entry_name(model: str | Path, sha256: str, runtime: str) -> str:
-    """The entry of a model file on a runtime: its name, hash, runtime, and the versions that
-    made the artifact (a new infopt, exporter revision or runtime package converts again)."""
+def entry_key(sha256: str, runtime: str) -> str:
+    """What identifies an entry: the file's hash, the runtime, and the versions that made the
+    artifact (a new infopt, exporter revision or runtime package converts again)."""
     from infopt import __version__
 
     package = target(runtime).installed_requirement()["version"].removeprefix(">=") or "none"
+    return f"{sha256[:16]}-{runtime}{package}-infopt{__version__}r{CONVERTER_REVISION}"
+
+
+def entry_name(model: str | Path, sha256: str, runtime: str) -> str:
+    """The folder a new entry is written to: the file's name (for people reading the cache
+    directory), then its key."""
     stem = Path(model).name.replace(" ", "_")[:48]
-    return f"{stem}-{sha256[:16]}-{runtime}{package}-infopt{__version__}r{CONVERTER_REVISION}"
+    return f"{stem}-{entry_key(sha256, runtime)}"
 
 
 def cached(
@@ -59,16 +65,22 @@ def cached(
     progress: Progress | None = None,
 ) -> Path:
     """The verified bundle of `model` converted for `runtime`, converting it first when the
-    cache has no sound entry for it."""
+    cache has no sound entry for its contents (a copy of the file under another name finds
+    the entry made for the first)."""
     from infopt.bundle.reader import open_bundle
 
-    entry = cache_root() / entry_name(model, sha256, runtime)
-    if is_bundle(entry):
+    root = cache_root()
+    entry = root / entry_name(model, sha256, runtime)
+    key = entry_key(sha256, runtime)
+    others = sorted(p for p in root.glob(f"*-{key}") if p != entry) if root.is_dir() else []
+    for found in [entry, *others]:
+        if not is_bundle(found):
+            continue
         try:
-            open_bundle(entry)
-            return entry
+            open_bundle(found)
+            return found
         except BundleError:  # damaged or incomplete: rebuilt below, never loaded
-            shutil.rmtree(entry, ignore_errors=True)
+            shutil.rmtree(found, ignore_errors=True)
     _convert(model, entry, runtime, progress)
     return entry
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def stages(seen: list[str]) -> Any:
 
 
 def test_a_model_file_runs_converted_at_its_precision_and_later_from_the_cache(
-    tiny_gguf_q41: Path, empty_cache: Path
+    tiny_gguf_q41: Path, empty_cache: Path, tmp_path: Path
 ) -> None:
     assert default_runtime("cpu") in ("onnxruntime", "openvino")  # the host's fast CPU runtimes
     assert default_runtime("cuda") == "pytorch"
@@ -55,6 +56,12 @@ def test_a_model_file_runs_converted_at_its_precision_and_later_from_the_cache(
     m2 = infopt.load(tiny_gguf_q41, max_context=32, progress=stages(again))
     assert again == [] and len(entries()) == 1  # a hit: nothing converted
     assert m2.generate(PROMPT, max_new_tokens=8, stop_token_ids=[]).token_ids == first
+    # the same bytes under another name: the entry is found by content, not converted again
+    copy = tmp_path / "renamed.gguf"
+    shutil.copyfile(tiny_gguf_q41, copy)
+    m3 = infopt.load(copy, max_context=32, progress=stages(again))
+    assert again == [] and len(entries()) == 1
+    assert m3.generate(PROMPT, max_new_tokens=8, stop_token_ids=[]).token_ids == first
 
 
 def test_with_exact_numerics_the_default_runtime_is_the_dequantized_model(
