@@ -113,15 +113,18 @@ def scan_header(path: Path) -> None:
             start = take(n, what)
             return int.from_bytes(m[start : start + n], "little")
 
-        def string(what: str) -> None:
-            take(u(8, what), what)
+        def string(what: str) -> str:
+            n = u(8, what)
+            start = take(n, what)
+            return m[start : start + n].decode("utf-8", "replace")
 
         u(4, "the version")
         tensors, kvs = u(8, "the tensor count"), u(8, "the metadata count")
+        alignment = 32  # GGUF's default, unless general.alignment says otherwise
         for i in range(kvs):
             if pos >= size:
                 raise ModelFormatError(f"{path}: metadata entry {i} of {kvs} is past the file")
-            string("a metadata key")
+            key = string("a metadata key")
             kind = u(4, "a metadata type")
             count, item = 1, kind
             if kind == 9:  # array: element type, count
@@ -131,18 +134,52 @@ def scan_header(path: Path) -> None:
                     raise ModelFormatError(f"{path}: an array of {count} strings at byte {pos}")
                 for _ in range(count):
                     string("a string")
+            elif key == "general.alignment" and kind == 4:
+                alignment = u(4, "the alignment") or 1
             elif item in _SCALAR_SIZES:
                 take(count * _SCALAR_SIZES[item], "a metadata value")
             else:
                 raise ModelFormatError(f"{path}: metadata value type {item} at byte {pos}")
+        extents = []
         for i in range(tensors):
             if pos >= size:
                 raise ModelFormatError(f"{path}: tensor entry {i} of {tensors} is past the file")
-            string("a tensor name")
+            name = string("a tensor name")
             dims = u(4, "a tensor's dimension count")
             if dims > 8:
                 raise ModelFormatError(f"{path}: a tensor with {dims} dimensions at byte {pos}")
-            take(8 * dims + 4 + 8, "a tensor's shape, type and offset")
+            shape = [u(8, "a tensor's shape") for _ in range(dims)]
+            extents.append((name, shape, u(4, "a tensor's type"), u(8, "a tensor's offset")))
+        _check_data_fits(path, size, -(-pos // alignment) * alignment, extents)
+
+
+def _check_data_fits(
+    path: Path, size: int, data_start: int, extents: list[tuple[str, list[int], int, int]]
+) -> None:
+    """A tensor whose bytes (by its type and shape) end past the file: a truncated file (an
+    interrupted download, most often), said before gguf's reader fails on it less clearly.
+    Types gguf does not know are left to the reader."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    for name, shape, kind, offset in sorted(extents, key=lambda e: e[3]):
+        try:
+            block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            continue
+        elements = int(np.prod(shape, dtype=np.float64)) if shape else 1
+        start = data_start + offset
+        end = start + elements // block * block_bytes
+        if start >= size:
+            raise ModelFormatError(
+                f"{path}: tensor {name!r} starts at byte {start:,}, past the end of the file "
+                f"({size:,} bytes): a wrong offset, or a truncated file"
+            )
+        if end > size:
+            raise ModelFormatError(
+                f"{path}: tensor {name!r} ends at byte {end:,}, but the file has {size:,} "
+                f"bytes: truncated ({end - size:,} bytes or more missing; an interrupted "
+                "download or copy?)"
+            )
 
 
 def check_tensor_ranges(reader: GGUFReader, path: Path) -> None:

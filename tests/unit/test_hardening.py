@@ -270,6 +270,12 @@ def _rewrite(src: Path, dst: Path, changes: dict[str, Any]) -> Path:
     return dst
 
 
+def _cut(src: Path, dst: Path, size: int) -> Path:
+    """`src`'s first `size` bytes."""
+    dst.write_bytes(src.read_bytes()[:size])
+    return dst
+
+
 def _patch_tensor_info(src: Path, dst: Path, name: str, field: str, value: int) -> Path:
     """`src` with one tensor's type or data offset overwritten in its header."""
     import struct
@@ -341,7 +347,11 @@ BAD_GGUFS = {  # (how to make it from the tiny file, what the refusal names)
     ),
     "an offset of 2**64 - 1": (
         lambda src, dst: _patch_tensor_info(src, dst, "output_norm.weight", "offset", 2**64 - 1),
-        r"damaged or truncated GGUF file|starts at byte|past the file",
+        r"tensor 'output_norm.weight' starts at byte [\d,]+, past the end of the file",
+    ),
+    "a file cut short (an interrupted download)": (
+        lambda src, dst: _cut(src, dst, src.stat().st_size * 2 // 3),
+        r"tensor '.*' ends at byte [\d,]+, but the file has [\d,]+ bytes: truncated",
     ),
 }
 
