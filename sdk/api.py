@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -37,6 +38,7 @@ from infopt.decode.generate import (
     Stats,
     TextStream,
     check_request,
+    generate_options,
     stream_responses,
 )
 from infopt.decode.speculative import SpeculativeStats
@@ -230,10 +232,13 @@ class Model:
         return self._grammar_view
 
     def stream(
-        self, prompt: Prompt, options: GenerateOptions | None = None, **settings: Any
+        self,
+        prompt: Prompt,
+        options: GenerateOptions | Mapping[str, Any] | None = None,
+        **settings: Any,
     ) -> TextStream:
         """Text deltas as they are generated. Settings as in `generate`."""
-        opts = replace(options or GenerateOptions(), **settings)
+        opts = replace(generate_options(options), **settings)
         params = opts.sampling(self.defaults)
         stops = opts.stop_strings()
         stop_ids = opts.stop_ids(self.tokenizer.eos_token_ids, self.runtime.vocab_size)
@@ -286,14 +291,17 @@ class Model:
         return TextStream(responses, cancel=lambda: self.engine.cancel(request))
 
     def generate(
-        self, prompt: Prompt, options: GenerateOptions | None = None, **settings: Any
+        self,
+        prompt: Prompt,
+        options: GenerateOptions | Mapping[str, Any] | None = None,
+        **settings: Any,
     ) -> GenerationResult:
         """Generate a completion for a prompt string or chat messages.
 
-        Per-call settings are `GenerateOptions`' fields, given as an object, as keywords, or
-        both (keywords win): max_new_tokens, temperature (0, the default unless the model's
-        generation_config says otherwise, is greedy), top_k, top_p, min_p,
-        repetition_penalty, stop (strings that end generation and are not included in the
+        Per-call settings are `GenerateOptions`' fields, given as an object (or a dict of
+        them), as keywords, or both (keywords win): max_new_tokens, temperature (0, the
+        default unless the model's generation_config says otherwise, is greedy), top_k, top_p,
+        min_p, repetition_penalty, stop (strings that end generation and are not included in the
         text; EOS tokens, or `stop_token_ids`, end it too), seed, speculative,
         num_draft_tokens; structured output: response_format, regex, grammar; tool calling
         (chat messages only): tools, tool_choice, parallel_tool_calls. An unknown keyword is a
@@ -367,6 +375,11 @@ def load(
     from infopt.bundle.manifest import is_bundle
     from infopt.core.default_model import default_model_path
 
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise InvalidArgumentError(
+            f"model={model!r}: expected a path (str or Path) to a bundle, a GGUF file or a "
+            "Hugging Face folder, or None for the default model"
+        )
     check_numerics(numerics)
     check_slots(slots)
     if model is not None and is_bundle(model):

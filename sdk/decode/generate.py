@@ -91,6 +91,20 @@ class GenerateOptions:
         return ids
 
 
+def generate_options(options: GenerateOptions | Mapping[str, Any] | None) -> GenerateOptions:
+    """`options` as GenerateOptions: given as one, as a mapping of its fields (an unknown
+    field is a TypeError naming it, as an unknown keyword is), or None for the defaults."""
+    if options is None:
+        return GenerateOptions()
+    if isinstance(options, GenerateOptions):
+        return options
+    if isinstance(options, Mapping):
+        return GenerateOptions(**options)
+    raise InvalidArgumentError(
+        f"options={options!r}: expected GenerateOptions, a dict of its fields, or None"
+    )
+
+
 @dataclass
 class Stats:
     prompt_tokens: int = 0

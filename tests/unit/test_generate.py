@@ -213,3 +213,11 @@ def test_generate_and_stream_share_one_options_type(tiny_gguf: Path) -> None:
     assert shorter.token_ids == whole.token_ids[:3]
     with pytest.raises(TypeError, match="max_tokens"):
         m.generate("hello", opts, max_tokens=3)
+    as_dict = m.generate("hello", {"max_new_tokens": 5, "stop_token_ids": []})
+    assert as_dict.token_ids == whole.token_ids
+    with pytest.raises(TypeError, match="max_tokens"):
+        m.generate("hello", {"max_tokens": 3})
+    with pytest.raises(infopt.InvalidArgumentError, match="options=5: expected GenerateOptions"):
+        m.generate("hello", 5)  # type: ignore[arg-type]
+    with pytest.raises(infopt.InvalidArgumentError, match="model=123: expected a path"):
+        infopt.load(123)  # type: ignore[arg-type]
