@@ -106,7 +106,7 @@ class Target:
         if missing:
             raise RuntimeNotAvailableError(
                 f"building the {self.title} artifact ({self.name}) needs {', '.join(missing)}, "
-                "which is not installed; install it with: "
+                f"which {'is' if len(missing) == 1 else 'are'} not installed; install it with: "
                 f"pip install 'infopt[{self.build_extra or self.extra}]'"
             )
 

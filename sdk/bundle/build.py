@@ -112,6 +112,11 @@ def build(
             raise InvalidArgumentError(f"runtime {name!r}: expected one of {names()}")
     if quantize is not None:
         check_quantize(quantize)
+    if device is not None:  # the runtimes known before planning: their exporters, checked now
+        from infopt.device_profiles import load_profile
+
+        for name in requested or load_profile(device).runtimes[:1]:
+            target(name).check_buildable()
     check_out(out)  # before any work: a destination a bundle cannot replace is refused now
     signing_key = load_private_key(sign) if sign is not None else None
     draft_kind = speculative or "none"

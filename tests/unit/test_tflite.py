@@ -131,6 +131,37 @@ def test_a_missing_converter_names_the_extra(
     assert not (tmp_path / "m.tflite").exists()
 
 
+def test_a_build_missing_its_converter_stops_before_any_work(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Whether the runtime is asked for (--runtime) or the device's own (apple-ane: Core ML),
+    its converter's packages are checked before the model is read or planned."""
+    import importlib.util
+
+    from infopt.bundle.build import build
+    from infopt.errors import RuntimeNotAvailableError
+
+    real = importlib.util.find_spec
+    gone = {"litert_torch", "ai_edge_quantizer", "coremltools"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in gone else real(name, *a)
+    )
+    seen: list[str] = []
+    for device, runtime, message in [
+        ("host", "tflite", r"litert_torch, ai_edge_quantizer, which are not installed"),
+        ("apple-ane", None, r"coremltools, which is not installed"),
+    ]:
+        with pytest.raises(RuntimeNotAvailableError, match=message):
+            build(
+                tiny_gguf,
+                tmp_path / "b",
+                device=device,
+                runtime=runtime,
+                progress=lambda stage, *_: seen.append(stage),
+            )
+    assert seen == [] and not (tmp_path / "b").exists()
+
+
 def test_a_missing_interpreter_names_the_extra_and_tflite_runtime_stands_in(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
