@@ -175,6 +175,8 @@ def build(
             "; the runtimes' fast INT4/INT8 kernels round activations (numerics='exact' "
             "computes in float32)"
         )
+    elif (again := rounded_again(source.spec, file_weights, p)) is not None:
+        done["quality"]["note"] = again
     timings = {"compress_s": round(time.perf_counter() - started, 1)}
     max_context = min(p.context, core.spec.max_position_embeddings)
     artifacts, writers = export_artifacts(core, built, max_context)
@@ -212,6 +214,31 @@ def build(
         "seconds": round(time.perf_counter() - started, 1),
         **timings,
     }
+
+
+def rounded_again(spec: Any, file_weights: dict[str, str] | None, p: Plan) -> str | None:
+    """What a build should say when it rounds a file that stores quantized blocks to another
+    scheme: the file's values are the ceiling, so the new rounding can only lose, and its
+    blocks may well be larger than the file's. None when there is nothing to say."""
+    from infopt.plan.costs import Compression, weight_bytes
+
+    weights = p.compression["weights"]
+    if not file_weights or all(s in FLOATS for s in file_weights.values()):
+        return None
+    if weights == file_weights or all(s in FLOATS for s in weights.values()):
+        return None
+    stored = sum(weight_bytes(spec, Compression("file", dict(file_weights))).values())
+    built = sum(weight_bytes(spec, Compression("built", dict(weights))).values())
+    size = (
+        f", in {(built - stored) / 1e6:.0f} MB more than the file's own blocks"
+        if built > stored
+        else ""
+    )
+    blocks = ", ".join(sorted(set(file_weights.values()) - set(FLOATS)))
+    return (
+        f"the file stores {blocks} blocks already: this plan rounds their values a second "
+        f"time{size} (leave out --quantize, or give int4, to keep the file's blocks)"
+    )
 
 
 def _as_built(p: Plan, source: ModelSource, runtime: str, extra_reason: str | None) -> Plan:

@@ -233,4 +233,4 @@ def quality_text(q: dict[str, Any] | None) -> str:
         f"perplexity {q['perplexity']:.2f} against {q['reference_perplexity']:.2f} for the "
         f"model as given ({q['change']:+.1%}), top-1 agreement {q['top1']:.0%}, on a "
         f"{q['tokens']}-token text shipped with infopt"
-    )
+    ) + (f"; {q['note']}" if q.get("note") else "")

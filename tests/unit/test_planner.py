@@ -442,6 +442,13 @@ def test_with_no_quantize_a_files_own_blocks_come_before_any_float() -> None:
     )
     assert asked.compression["weights"]["attention"] == "fp16"
     assert asked.speculative["kind"] == "self"
+    # asked to round the file's blocks to another scheme: the build says what that costs
+    from infopt.bundle.build import rounded_again
+
+    int8 = plan(spec, load_profile("host"), context=2048, file_weights=q4_1, quantize="int8")
+    note = rounded_again(spec, q4_1, int8)
+    assert note is not None and "rounds their values a second time, in" in note
+    assert rounded_again(spec, q4_1, kept) is None and rounded_again(spec, q4_1, asked) is None
 
 
 def test_a_context_of_zero_is_refused_not_taken_for_the_default(tmp_path: Path) -> None:
