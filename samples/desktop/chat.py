@@ -5,7 +5,8 @@
 MODEL is a bundle, a GGUF file or a Hugging Face folder (default: SmolLM2-135M-Instruct).
 --draft turns on speculative decoding (a bundle built with --speculative uses its own draft):
 "ngram" looks tokens up in the conversation so far, a path names a draft model. Type a message
-and press Enter; an empty line or Ctrl-D quits. When the conversation outgrows the context
+and press Enter; an empty line, /exit, /quit or Ctrl-D quits (`infopt-pack chat` is the full
+command: /reset, /system, history). When the conversation outgrows the context
 window, the oldest turns are dropped.
 """
 
@@ -44,7 +45,7 @@ def main() -> None:
             user = input("you> ").strip()
         except EOFError:
             break
-        if not user:
+        if not user or user in ("/exit", "/quit"):
             break
         history = trim([*history, {"role": "user", "content": user}], model, args.max_new_tokens)
         print("assistant> ", end="", flush=True)

@@ -253,9 +253,12 @@ def run(
         tool_choice=choice,
     )
     if not as_json:
+        wrote = False
         for delta in stream:
             click.echo(delta, nl=False)
-        click.echo()
+            wrote = wrote or bool(delta)
+        if wrote or not stream.tool_calls:  # an answer that is only calls: no empty line
+            click.echo()
         for call in stream.tool_calls:  # each on a line of its own: name, then its arguments
             click.echo(f"call {call.name} {call.arguments}")
     else:

@@ -28,7 +28,7 @@ def test_desktop_chat_runs_two_turns(tiny_gguf: Path, draft: list[str]) -> None:
             "Be brief.",
             *draft,
         ],
-        input="hello\nand again\n",
+        input="hello\nand again\n/exit\nnot sent\n",  # /exit quits, as in `infopt-pack chat`
         capture_output=True,
         text=True,
         timeout=120,

@@ -411,6 +411,7 @@ def test_run_takes_tools_from_a_file(tool_gguf: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     calls = [line for line in r.output.splitlines() if line.startswith("call ")]
     assert len(calls) == 1 and calls[0].startswith("call add {")
+    assert r.stdout.startswith("call add {")  # an answer that is only a call: no empty line
     r = CliRunner().invoke(main, [*base, "--tool-choice", "required", "--json", "-n", "200"])
     out = json.loads(r.output)
     assert out["finish_reason"] == "tool_calls" and out["tool_calls"][0]["type"] == "function"
