@@ -229,7 +229,9 @@ class Engine:
                 return  # one draft model: its requests take turns
             self._queue.popleft()
             shared = [common_prefix(self._cached[r], req.prompt) for r in range(self.rows)]
-            row = max(free, key=lambda r: (shared[r], -self._used[r]))
+            prompt = tuple(req.prompt)
+            # a repeat goes back to the row that answered it (see `_answered`), ties aside
+            row = max(free, key=lambda r: (shared[r], self._repeats(r, prompt), -self._used[r]))
             self._owner[row], req.row, self._used[row] = req, row, next(self._clock)
             self._active.append(req)
             rt = self.runtime
@@ -251,9 +253,8 @@ class Engine:
                 continue
             # at least the prompt's last token is fed again: its logits give the first token
             reuse = min(shared[row], len(req.prompt) - 1)
-            answered = self._answered[row]
-            if answered is not None and answered[0] == tuple(req.prompt):
-                reuse = answered[1]  # a repeat: its last pass again, as it ran (see above)
+            if self._repeats(row, prompt):
+                reuse = self._answered[row][1]  # type: ignore[index]  # its last pass again
             self._answered[row] = None
             if reuse:
                 rt.rewind(rt.position - reuse)
@@ -263,6 +264,16 @@ class Engine:
             req.fed = reuse
             if req.stats is not None:
                 req.stats.cached_tokens = reuse
+
+    def _repeats(self, row: int, prompt: tuple[int, ...]) -> bool:
+        """Whether `prompt` is the one `row` last answered, its tokens still all in the row
+        (the record alone is not trusted: the row's tokens must say so too)."""
+        answered = self._answered[row]
+        return (
+            answered is not None
+            and answered[0] == prompt
+            and common_prefix(self._cached[row], prompt) == len(prompt)
+        )
 
     def _prefill(self) -> None:
         """One chunk of the oldest request still reading its prompt."""
@@ -338,15 +349,23 @@ class Engine:
         self._emit(req, token)
 
     def _swap(self, a: int, b: int) -> None:
-        self.runtime.swap_rows(a, b)
-        self._owner[a], self._owner[b] = self._owner[b], self._owner[a]
-        self._cached[a], self._cached[b] = self._cached[b], self._cached[a]
-        self._answered[a], self._answered[b] = self._answered[b], self._answered[a]
-        self._used[a], self._used[b] = self._used[b], self._used[a]
-        for row in (a, b):
-            owner = self._owner[row]
-            if owner is not None:
-                owner.row = row
+        try:
+            self.runtime.swap_rows(a, b)
+        except BaseException as e:  # half swapped: neither row's KV is what its records say
+            with self._cond:
+                for row in (a, b):
+                    self._cached[row], self._answered[row] = [], None
+            self._fail([o for o in (self._owner[a], self._owner[b]) if o is not None], e)
+            raise
+        with self._cond:  # `clear_cache` reads these from other threads
+            self._owner[a], self._owner[b] = self._owner[b], self._owner[a]
+            self._cached[a], self._cached[b] = self._cached[b], self._cached[a]
+            self._answered[a], self._answered[b] = self._answered[b], self._answered[a]
+            self._used[a], self._used[b] = self._used[b], self._used[a]
+            for row in (a, b):
+                owner = self._owner[row]
+                if owner is not None:
+                    owner.row = row
 
     def _emit(self, req: Request, token: int) -> None:
         req.produced += 1
@@ -376,16 +395,20 @@ class Engine:
         self._owner[row], req.row = None, None
         if req.steps is not None:
             req.steps = None
+            # a runtime used directly since this engine's last step must still be noticed
+            in_sync = self._changes == self.runtime.changes
             self.runtime.select(row)
             self.runtime.reset()
             self._cached[row] = []
             self._answered[row] = None
-            self._changes = self.runtime.changes
+            if in_sync:
+                self._changes = self.runtime.changes
 
     def _fail(self, requests: Sequence[Request], error: BaseException) -> None:
         """End `requests` with `error` (raised to each caller); their rows are emptied."""
         rt = self.runtime
         with self._cond:
+            in_sync = self._changes == rt.changes  # as in `_free`
             for req in requests:
                 row = req.row
                 req.error = (
@@ -399,5 +422,6 @@ class Engine:
                     rt.reset()
                     self._cached[row] = []
                     self._answered[row] = None
-            self._changes = rt.changes
+            if in_sync:
+                self._changes = rt.changes
             self._cond.notify_all()

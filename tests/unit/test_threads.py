@@ -265,3 +265,46 @@ def test_a_model_given_another_runtime_generates_on_it(tiny_gguf: Path) -> None:
     m.runtime = other.runtime
     m.generate("hello there", max_new_tokens=4, **GREEDY)
     assert other.runtime.position > 0 and first.position == 0
+
+
+def test_a_row_swap_that_fails_halfway_leaves_no_record_to_reuse(
+    tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batched decoding moves requests' rows together; a swap that fails after moving part of
+    the KV (memory, say) must not leave a row's prefix-cache record pointing at moved KV: the
+    requests on both rows fail, and a repeat of the row's last prompt computes what a fresh
+    model does."""
+    from infopt.decode.engine import Engine, Request
+    from infopt.decode.sampling import SamplingParams
+
+    def fresh() -> Any:
+        return infopt.load(tiny_gguf, runtime="onnxruntime", max_context=64, slots=3).runtime
+
+    def run(engine: Engine, prompt: list[int]) -> list[int]:
+        return list(engine.tokens(Request(prompt, SamplingParams(temperature=0.0), 3, [])))
+
+    prompt = [5, 6, 7, 8, 9]
+    want = run(Engine(fresh()), prompt)
+    rt = fresh()
+    engine = Engine(rt)
+    run(engine, [5, 6, 7, 40])
+    assert run(engine, prompt) == want  # row 0, its record kept
+    a = engine.tokens(Request([11, 12, 13], SamplingParams(temperature=0.0), 6, []))
+    b = engine.tokens(Request([14, 15], SamplingParams(temperature=0.0), 6, []))
+    next(a), next(b)  # rows 1 and 2; their next step decodes both, moved to rows 0 and 1
+    real = rt._swap_rows
+
+    def half(x: int, y: int, used: int) -> None:
+        _, buf = rt._caches[0]  # one layer's keys moved, then out of memory
+        held = buf[x, :, :used].copy()
+        buf[x, :, :used], buf[y, :, :used] = buf[y, :, :used], held
+        raise MemoryError("out of memory mid-swap")
+
+    monkeypatch.setattr(rt, "_swap_rows", half)
+    with pytest.raises(MemoryError):
+        list(a)
+    with pytest.raises(MemoryError):
+        list(b)
+    monkeypatch.setattr(rt, "_swap_rows", real)
+    assert engine._answered[0] is None and run(engine, prompt) == want
+    assert engine.status() == {"slots": 3, "busy": 0, "queued": 0}
