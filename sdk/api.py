@@ -376,7 +376,7 @@ def load(
     from infopt.core.default_model import default_model_path
 
     if model is not None and not isinstance(model, (str, os.PathLike)):
-        raise InvalidArgumentError(
+        raise TypeError(  # a wrong Python type stays a TypeError, saying what it should be
             f"model={model!r}: expected a path (str or Path) to a bundle, a GGUF file or a "
             "Hugging Face folder, or None for the default model"
         )

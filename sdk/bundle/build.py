@@ -112,10 +112,11 @@ def build(
             raise InvalidArgumentError(f"runtime {name!r}: expected one of {names()}")
     if quantize is not None:
         check_quantize(quantize)
-    if device is not None:  # the runtimes known before planning: their exporters, checked now
+    # the runtimes known before planning: their exporters' packages, checked now
+    if requested or device is not None:
         from infopt.device_profiles import load_profile
 
-        for name in requested or load_profile(device).runtimes[:1]:
+        for name in requested or load_profile(str(device)).runtimes[:1]:
             target(name).check_buildable()
     check_out(out)  # before any work: a destination a bundle cannot replace is refused now
     signing_key = load_private_key(sign) if sign is not None else None
@@ -175,7 +176,7 @@ def build(
             "; the runtimes' fast INT4/INT8 kernels round activations (numerics='exact' "
             "computes in float32)"
         )
-    elif (again := rounded_again(source.spec, file_weights, p)) is not None:
+    elif (again := rounded_again(source.spec, file_weights, p, quantize, built)) is not None:
         done["quality"]["note"] = again
     timings = {"compress_s": round(time.perf_counter() - started, 1)}
     max_context = min(p.context, core.spec.max_position_embeddings)
@@ -216,11 +217,22 @@ def build(
     }
 
 
-def rounded_again(spec: Any, file_weights: dict[str, str] | None, p: Plan) -> str | None:
+def rounded_again(
+    spec: Any,
+    file_weights: dict[str, str] | None,
+    p: Plan,
+    quantize: str | None = None,
+    runtimes: Sequence[str] = (),
+) -> str | None:
     """What a build should say when it rounds a file that stores quantized blocks to another
     scheme: the file's values are the ceiling, so the new rounding can only lose, and its
-    blocks may well be larger than the file's. None when there is nothing to say."""
+    blocks may well be larger than the file's; with `quantize` given where leaving it out
+    would keep the file's blocks (for `runtimes` on the plan's device), it says so. None when
+    there is nothing to say."""
+    from infopt.device_profiles import load_profile
+    from infopt.errors import ProfileError
     from infopt.plan.costs import Compression, weight_bytes
+    from infopt.plan.planner import as_stored
 
     weights = p.compression["weights"]
     if not file_weights or all(s in FLOATS for s in file_weights.values()):
@@ -235,9 +247,14 @@ def rounded_again(spec: Any, file_weights: dict[str, str] | None, p: Plan) -> st
         else ""
     )
     blocks = ", ".join(sorted(set(file_weights.values()) - set(FLOATS)))
+    try:
+        kept = as_stored(load_profile(p.device), runtimes or [p.runtime], file_weights)
+    except ProfileError:  # a plan file's device that is not a profile here
+        kept = None
+    advice = " (leave out --quantize to keep them)" if quantize and kept is not None else ""
     return (
         f"the file stores {blocks} blocks already: this plan rounds their values a second "
-        f"time{size} (leave out --quantize, or give int4, to keep the file's blocks)"
+        f"time{size}{advice}"
     )
 
 

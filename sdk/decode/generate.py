@@ -100,9 +100,7 @@ def generate_options(options: GenerateOptions | Mapping[str, Any] | None) -> Gen
         return options
     if isinstance(options, Mapping):
         return GenerateOptions(**options)
-    raise InvalidArgumentError(
-        f"options={options!r}: expected GenerateOptions, a dict of its fields, or None"
-    )
+    raise TypeError(f"options={options!r}: expected GenerateOptions, a dict of its fields, or None")
 
 
 @dataclass

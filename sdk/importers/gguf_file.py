@@ -135,7 +135,11 @@ def scan_header(path: Path) -> None:
                 for _ in range(count):
                     string("a string")
             elif key == "general.alignment" and kind == 4:
-                alignment = u(4, "the alignment") or 1
+                alignment = u(4, "the alignment")
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise ModelFormatError(
+                        f"{path}: general.alignment = {alignment}: must be a power of two"
+                    )
             elif item in _SCALAR_SIZES:
                 take(count * _SCALAR_SIZES[item], "a metadata value")
             else:
@@ -177,8 +181,8 @@ def _check_data_fits(
         if end > size:
             raise ModelFormatError(
                 f"{path}: tensor {name!r} ends at byte {end:,}, but the file has {size:,} "
-                f"bytes: truncated ({end - size:,} bytes or more missing; an interrupted "
-                "download or copy?)"
+                f"bytes: truncated ({end - size:,} bytes or more missing: an interrupted "
+                "download or copy?), or a wrong type or shape in the header"
             )
 
 

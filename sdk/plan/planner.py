@@ -252,8 +252,10 @@ def plan(
         if speculative == "self" and self_draft(stored) is None:
             # going on would plan a float copy (several times larger and slower) only so
             # that an INT4 draft of it exists: not what anyone asking for speed means
+            int4 = sorted(w for w in stored.weights.values() if w.startswith("int4"))
             raise InvalidArgumentError(
-                f"speculative='self': the model file stores INT4 already ({stored.name}), "
+                f"speculative='self': the model file stores INT4 already ({int4[0]} blocks, "
+                "kept as they are on this device), "
                 "so its self-draft would be the model itself. Keep its blocks without a "
                 "draft, draft by prompt lookup ('ngram'), give a smaller draft model, or ask "
                 "for a float target (--quantize fp16) if a float copy with an INT4 draft is "

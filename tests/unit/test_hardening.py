@@ -245,8 +245,8 @@ def test_an_unlisted_or_bomb_member_is_refused_before_a_byte_is_written(
 
 
 def _rewrite(src: Path, dst: Path, changes: dict[str, Any]) -> Path:
-    """`src` written again with metadata `changes`: key -> (value, GGUFValueType) to set, or
-    None to drop; tensors as they are."""
+    """`src` written again with metadata `changes`: key -> (value, GGUFValueType) to set (or
+    add), or None to drop; tensors as they are."""
     import gguf
 
     reader = gguf.GGUFReader(src)
@@ -261,6 +261,9 @@ def _rewrite(src: Path, dst: Path, changes: dict[str, Any]) -> Path:
         kind = fld.types[0]
         sub = fld.types[1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, fld.contents(), kind, sub_type=sub)
+    for key, change in changes.items():  # keys the file lacks
+        if key not in reader.fields and change is not None:
+            writer.add_key_value(key, *change)
     for t in reader.tensors:
         writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     writer.write_header_to_file()
@@ -348,6 +351,10 @@ BAD_GGUFS = {  # (how to make it from the tiny file, what the refusal names)
     "an offset of 2**64 - 1": (
         lambda src, dst: _patch_tensor_info(src, dst, "output_norm.weight", "offset", 2**64 - 1),
         r"tensor 'output_norm.weight' starts at byte [\d,]+, past the end of the file",
+    ),
+    "an alignment of 3": (
+        lambda src, dst: _rewrite(src, dst, {"general.alignment": (3, _gguf_value("UINT32"))}),
+        r"general.alignment = 3: must be a power of two",
     ),
     "a file cut short (an interrupted download)": (
         lambda src, dst: _cut(src, dst, src.stat().st_size * 2 // 3),
@@ -624,5 +631,5 @@ def test_api_values_of_the_wrong_kind_are_typed_errors(model: Any, tiny_gguf: Pa
         infopt.load(tiny_gguf, numerics="precise")
     with pytest.raises(InvalidArgumentError, match="computes in float32"):
         infopt.load(tiny_gguf, runtime="pytorch", dtype="bfloat16", numerics="exact")
-    with pytest.raises(TypeError):  # a wrong Python signature stays a TypeError
+    with pytest.raises(TypeError, match="model=123"):  # a wrong Python type stays a TypeError
         infopt.load(123)  # type: ignore[arg-type]

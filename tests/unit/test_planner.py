@@ -428,7 +428,7 @@ def test_with_no_quantize_a_files_own_blocks_come_before_any_float() -> None:
     )
     # a self-draft of a file that is INT4 already would be the model: refused, where going
     # on would plan a float copy several times larger only to draft for it
-    with pytest.raises(InvalidArgumentError, match="stores INT4 already"):
+    with pytest.raises(InvalidArgumentError, match=r"stores INT4 already \(int4m-g32 blocks"):
         plan(spec, load_profile("host"), context=2048, file_weights=q4_1, speculative="self")
     auto = plan(spec, load_profile("host"), context=2048, file_weights=q4_1, speculative="auto")
     assert auto.compression["weights"] == q4_1 and auto.speculative["kind"] == "ngram"
@@ -446,8 +446,18 @@ def test_with_no_quantize_a_files_own_blocks_come_before_any_float() -> None:
     from infopt.bundle.build import rounded_again
 
     int8 = plan(spec, load_profile("host"), context=2048, file_weights=q4_1, quantize="int8")
-    note = rounded_again(spec, q4_1, int8)
+    note = rounded_again(spec, q4_1, int8, "int8")
     assert note is not None and "rounds their values a second time, in" in note
+    assert note.endswith("(leave out --quantize to keep them)")
+    # a Q8_0 file asked for int4: no advice to give int4; on a GPU, leaving --quantize out
+    # would not keep the blocks either
+    q8 = dict.fromkeys(q4_1, "int8-g32")
+    int4 = plan(spec, load_profile("host"), context=2048, file_weights=q8, quantize="int4")
+    q8_note = rounded_again(spec, q8, int4, "int4")
+    assert q8_note is not None and "leave out --quantize" in q8_note and "give int4" not in q8_note
+    gpu = plan(spec, load_profile("rtx4090-24gb"), context=2048, file_weights=q4_1, quantize="int8")
+    gpu_note = rounded_again(spec, q4_1, gpu, "int8")
+    assert gpu_note is not None and "leave out" not in gpu_note
     assert rounded_again(spec, q4_1, kept) is None and rounded_again(spec, q4_1, asked) is None
 
 
