@@ -59,7 +59,9 @@ def prompt(i: int) -> list[dict[str, str]]:
 
 
 def run_requests(model: infopt.Model, prompts: list[Any]) -> float:
-    """Aggregate new tokens per second of `prompts` started together (one thread each)."""
+    """Aggregate new tokens per second of `prompts` started together (one thread each), from
+    an empty prefix cache: the rounds repeat prompts, and the peers cache none."""
+    model.engine.clear_cache()
     counts: list[int] = [0] * len(prompts)
     start = threading.Barrier(len(prompts) + 1)
 
