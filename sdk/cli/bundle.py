@@ -118,7 +118,7 @@ def build(
       infopt-pack build --device host --runtime onnxruntime,pytorch -o smollm2-ort
       infopt-pack build --device apple-ane -o smollm2-ane        # Core ML .mlpackage
       infopt-pack build --device host --runtime tflite -o smollm2-tflite
-      infopt-pack build --device host --speculative self -o smollm2-spec
+      infopt-pack build ./Qwen2-0.5B-Instruct -d host --speculative self -o qwen-spec
       infopt-pack build --device host --sign release.key -o smollm2-signed
       infopt-pack run smollm2-host --prompt "Hi"
     """

@@ -76,7 +76,12 @@ class Conversation:
     type=click.FloatRange(min=0),
     help="0 = greedy (the default unless the model's generation config says otherwise).",
 )
-@click.option("--seed", type=int, help="Seed for sampling; the same seed gives the same answers.")
+@click.option(
+    "--seed",
+    type=int,
+    help="Seed for sampling; the same seed gives the same answers (without speculation, whose "
+    "draft length follows measured timings).",
+)
 @click.option(
     "--numerics",
     type=click.Choice(["fast", "exact"]),

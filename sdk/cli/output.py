@@ -113,9 +113,10 @@ def quantize_option(fn: F) -> F:
         "--quantize",
         metavar="int8|int4|int4-gptq|SCHEME",
         help="Store the weights so instead of the planner's choice: int8 (per channel), int4 "
-        "(the blocks in groups of 32, embeddings and LM head int8; a GGUF stored in INT4 keeps "
-        "its own blocks), int4-gptq (the same by GPTQ, on build's --calibration text or the one "
-        "shipped with infopt), fp16/bf16, or a scheme (int4s-g64, int8-g32, ...).",
+        "(the blocks in the finest of groups 32/64/128 that divides them, embeddings and LM "
+        "head int8; a GGUF stored in INT4 keeps its own blocks), int4-gptq (the same by GPTQ, "
+        "on build's --calibration text or the one shipped with infopt, never the file's "
+        "blocks), fp32/fp16/bf16, or a scheme (int4s-g64, int8-g32, ...).",
     )(fn)
 
 

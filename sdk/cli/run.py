@@ -44,7 +44,12 @@ from infopt.runtimes.registry import reference
 @click.option("--min-p", type=float)
 @click.option("--repetition-penalty", type=float)
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
-@click.option("--seed", type=int, help="Seed for sampling; the same seed gives the same text.")
+@click.option(
+    "--seed",
+    type=int,
+    help="Seed for sampling; the same seed gives the same text (without speculation, whose "
+    "draft length follows measured timings).",
+)
 @click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
 @click.option(
     "--max-context",

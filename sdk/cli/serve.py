@@ -73,7 +73,10 @@ from infopt.runtimes.registry import reference
     envvar="INFOPT_API_KEY",
     help="Require 'Authorization: Bearer KEY' on /v1 requests (or set INFOPT_API_KEY).",
 )
-@click.option("--model-id", help="The model's name in the API (default: its file or folder name).")
+@click.option(
+    "--model-id",
+    help="The model's name in the API (default: its file name without .gguf, or folder name).",
+)
 @click.option(
     "--ray-replicas",
     type=click.IntRange(min=1),
