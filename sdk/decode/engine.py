@@ -230,8 +230,9 @@ class Engine:
             self._queue.popleft()
             shared = [common_prefix(self._cached[r], req.prompt) for r in range(self.rows)]
             prompt = tuple(req.prompt)
+            again = [self._repeat_start(r, prompt, shared[r]) for r in range(self.rows)]
             # a repeat goes back to the row that answered it (see `_answered`), ties aside
-            row = max(free, key=lambda r: (shared[r], self._repeats(r, prompt), -self._used[r]))
+            row = max(free, key=lambda r: (shared[r], again[r] is not None, -self._used[r]))
             self._owner[row], req.row, self._used[row] = req, row, next(self._clock)
             self._active.append(req)
             rt = self.runtime
@@ -251,10 +252,10 @@ class Engine:
                     constraint=req.constraint,
                 )
                 continue
-            # at least the prompt's last token is fed again: its logits give the first token
-            reuse = min(shared[row], len(req.prompt) - 1)
-            if self._repeats(row, prompt):
-                reuse = self._answered[row][1]  # type: ignore[index]  # its last pass again
+            # at least the prompt's last token is fed again (its logits give the first token);
+            # a repeat, its last pass again, as it ran
+            start = again[row]
+            reuse = start if start is not None else min(shared[row], len(req.prompt) - 1)
             self._answered[row] = None
             if reuse:
                 rt.rewind(rt.position - reuse)
@@ -265,15 +266,14 @@ class Engine:
             if req.stats is not None:
                 req.stats.cached_tokens = reuse
 
-    def _repeats(self, row: int, prompt: tuple[int, ...]) -> bool:
-        """Whether `prompt` is the one `row` last answered, its tokens still all in the row
-        (the record alone is not trusted: the row's tokens must say so too)."""
+    def _repeat_start(self, row: int, prompt: tuple[int, ...], shared: int) -> int | None:
+        """Where `row`'s last pass over `prompt` began, if `prompt` is the one it last answered
+        and all its tokens (`shared` of them are) are still in the row: the record alone is
+        not trusted. None otherwise."""
         answered = self._answered[row]
-        return (
-            answered is not None
-            and answered[0] == prompt
-            and common_prefix(self._cached[row], prompt) == len(prompt)
-        )
+        if answered is None or answered[0] != prompt or shared != len(prompt):
+            return None
+        return answered[1]
 
     def _prefill(self) -> None:
         """One chunk of the oldest request still reading its prompt."""

@@ -97,7 +97,7 @@ def test_the_front_and_the_choice() -> None:
     assert [r["name"] for r in pareto(rows)] == ["tiny", "small", "big"]
     assert choose(rows, 0.05, None)["name"] == "small"  # type: ignore[index]
     assert choose(rows, None, 45.0)["name"] == "tiny"  # type: ignore[index]
-    assert choose(rows, 0.01, 50.0) is None  # big is within 1 % but too slow for 50 ms/token
+    assert choose(rows, 0.01, 50.0) is None  # big is within 1 % but misses the latency
 
 
 def test_search_on_the_pool_and_on_ray_agree_and_a_rerun_computes_nothing(
