@@ -57,11 +57,17 @@ def build_edited(
     with every tensor group's weights set as `weights` says, no pruning, no low rank."""
     from infopt.bundle import is_bundle
     from infopt.bundle.build import build
+    from infopt.core.default_model import default_model_path
+    from infopt.device_profiles import load_profile
+    from infopt.importers import load_spec, stored_weights
+    from infopt.plan.planner import plan
 
     if is_bundle(bundle):
         return
-    cmd = [sys.executable, "-m", "infopt.cli", "plan", "-d", "host", "--context", "1024", "--json"]
-    data = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    path = default_model_path()
+    spec, host = load_spec(path), load_profile("host")
+    # what `infopt-pack plan -d host --context 1024 --json` prints
+    data = json.loads(plan(spec, host, context=1024, file_weights=stored_weights(path)).to_json())
     data["compression"]["weights"] = weights
     data["compression"]["name"] = f"{label} (edited host plan)"
     data["pruning"], data["low_rank_ratio"] = {"kind": "none", "sparsity": 0.0}, None
@@ -70,13 +76,16 @@ def build_edited(
     build(None, bundle, plan_file=plan_file, runtime=runtimes, **options)
 
 
-def build_matrix(folder: Path, tflite: bool = False) -> list[tuple[str, str]]:
-    """(label, bundle) of the fp32 / INT8 / INT4 bundles, built with the three CPU artifacts
-    (and, with `tflite`, fp32 / INT8 / INT4 bundles with a LiteRT artifact and a PyTorch one)."""
+def build_matrix(
+    folder: Path, tflite: bool = False, labels: tuple[str, ...] = tuple(MATRIX)
+) -> list[tuple[str, str]]:
+    """(label, bundle) of the `labels` bundles of MATRIX (default: fp32 / INT8 / INT4 /
+    INT4-all), built with the three CPU artifacts (and, with `tflite`, fp32 / INT8 / INT4 bundles
+    with a LiteRT artifact and a PyTorch one)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for label, weights in MATRIX.items():
-        build_edited(folder / label, label, weights, ",".join(CPU_RUNTIMES))
-    pairs = [(label, str(folder / label)) for label in MATRIX]
+    for label in labels:
+        build_edited(folder / label, label, MATRIX[label], ",".join(CPU_RUNTIMES))
+    pairs = [(label, str(folder / label)) for label in labels]
     for label, weights in TFLITE_MATRIX.items() if tflite else ():
         build_edited(folder / label, label.removeprefix("tflite-"), weights, "tflite,pytorch")
         pairs.append((label.removeprefix("tflite-"), str(folder / label)))

@@ -17,7 +17,9 @@ held-out text).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,51 +41,94 @@ def eval_ids(tokenizer: Any, n: int) -> list[int]:
     return list(tokenizer.encode(text)[:n])
 
 
+@dataclass
+class Reference:
+    """What every row of a bundle is compared with: the bundle's PyTorch artifact computing its
+    stored weights exactly (dequantized, float32) on `ids`, and its greedy continuations."""
+
+    model: Any  # an infopt.Model on the exact PyTorch runtime
+    served: Any  # the PyTorch runtime as `infopt.load` serves the bundle (packed kernels)
+    ids: list[int]
+    expected: np.ndarray
+    greedy: list[Any]
+    new_tokens: int
+    weights_sha256: str  # of the PyTorch artifact's weights: bundles holding the same share it
+
+    @property
+    def measured(self) -> tuple[list[int], np.ndarray, list[Any], int]:
+        """`agreement`'s arguments after the model."""
+        return self.ids, self.expected, self.greedy, self.new_tokens
+
+
+def reference(bundle: str, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> Reference:
+    """`bundle`'s PyTorch artifact as the reference: its logits on `tokens` tokens of held-out
+    text, and `new_tokens` greedy tokens of each of PROMPTS."""
+    import infopt
+    from infopt.bundle import open_bundle
+    from infopt.bundle.manifest import read_manifest
+    from infopt.runtimes.pytorch.runtime import from_bundle
+
+    if "pytorch" not in read_manifest(bundle)["artifacts"]:
+        raise SystemExit(f"{bundle}: no pytorch artifact to compare with")
+    model = infopt.load(bundle, runtime="pytorch", threads=2)  # verifies the bundle
+    served = model.runtime
+    # the reference computes the stored weights exactly (dequantized, float32), not on the packed
+    # bfloat16 kernels the PyTorch runtime serves quantized layers with: those get a row
+    artifact = open_bundle(bundle, verify=False).artifact("pytorch")  # verified just now
+    model.runtime = from_bundle(
+        artifact, max_context=served.max_context, threads=2, numerics="exact"
+    )
+    ids = eval_ids(model.tokenizer, tokens)
+    expected = model.runtime.forward(ids)
+    greedy = [model.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
+    return Reference(model, served, ids, expected, greedy, new_tokens, reference_sha(bundle))
+
+
 def compare(
     bundle: str,
     tokens: int = 512,
     new_tokens: int = NEW_TOKENS,
     runtimes: list[str] | None = None,
     device: str | None = None,
-    numerics: str = "fast",
+    numerics: str | tuple[str, ...] = "fast",
+    against: Reference | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per non-PyTorch artifact of `bundle` (or per one of `runtimes`, on `device`),
-    loaded with `numerics`; with "fast", a row for the PyTorch runtime's packed kernels too."""
+    """One row per non-PyTorch artifact of `bundle` (or per one of `runtimes`, on `device`) and
+    per mode of `numerics` it is loaded with; with "fast", a row for the PyTorch runtime's packed
+    kernels too. `against`: a reference already computed (`reference()`), of this bundle or of
+    one whose PyTorch artifact holds the very same weights (checked)."""
     import infopt
-    from infopt.bundle import verify_bundle
+    from infopt.bundle.manifest import read_manifest
 
-    artifacts = verify_bundle(bundle)["artifacts"]
-    if "pytorch" not in artifacts:
-        raise SystemExit(f"{bundle}: no pytorch artifact to compare with")
-    from infopt.bundle import open_bundle
-    from infopt.runtimes.pytorch.runtime import from_bundle
-
-    reference = infopt.load(bundle, runtime="pytorch", threads=2)
-    served = reference.runtime
-    # the reference computes the stored weights exactly (dequantized, float32), not on the packed
-    # bfloat16 kernels the PyTorch runtime serves quantized layers with: those get a row
-    artifact = open_bundle(bundle).artifact("pytorch")
-    reference.runtime = from_bundle(
-        artifact, max_context=reference.runtime.max_context, threads=2, numerics="exact"
-    )
-    ids = eval_ids(reference.tokenizer, tokens)
-    expected = reference.runtime.forward(ids)
-    greedy = [reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
+    artifacts = read_manifest(bundle)["artifacts"]  # each load below verifies the bundle
+    ref = against or reference(bundle, tokens, new_tokens)
+    if against is not None and reference_sha(bundle) != against.weights_sha256:
+        raise ValueError(f"{bundle}: its PyTorch weights are not the reference's")
     names = runtimes or sorted(a for a in artifacts if a != "pytorch")
-    rows = [
-        agreement(Path(bundle).name,
-                  infopt.load(bundle, runtime=name, threads=2, device=device, numerics=numerics),
-                  ids, expected, greedy, new_tokens)
-        for name in names
-    ]  # fmt: skip
-    for row in rows:
-        row["numerics"] = numerics
-    if runtimes is None and numerics == "fast" and getattr(served, "kernels", None):
-        reference.runtime = served  # the same model, now on the packed kernels
-        rows.append(agreement(Path(bundle).name, reference, ids, expected, greedy, new_tokens))
-        rows[-1]["runtime"] = "pytorch (packed bf16 kernels)"
-        rows[-1]["numerics"] = "fast"
+    rows = []
+    for mode in (numerics,) if isinstance(numerics, str) else numerics:
+        for name in names:
+            model = infopt.load(bundle, runtime=name, threads=2, device=device, numerics=mode)
+            row = agreement(Path(bundle).name, model, *ref.measured)
+            rows.append({**row, "numerics": mode})
+        if runtimes is None and mode == "fast" and getattr(ref.served, "kernels", None):
+            exact, ref.model.runtime = ref.model.runtime, ref.served  # now on the packed kernels
+            try:
+                row = agreement(Path(bundle).name, ref.model, *ref.measured)
+            finally:
+                ref.model.runtime = exact
+            rows.append({**row, "runtime": "pytorch (packed bf16 kernels)", "numerics": "fast"})
     return rows
+
+
+def reference_sha(bundle: str) -> str:
+    """The digest `Reference.weights_sha256` of `bundle`'s PyTorch artifact."""
+    from infopt.bundle.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    digests = {e["path"]: e["sha256"] for e in manifest["files"]}
+    names = manifest["artifacts"]["pytorch"]["files"]
+    return hashlib.sha256("".join(digests[n] for n in names).encode()).hexdigest()
 
 
 def compare_default(
@@ -196,8 +241,8 @@ def main() -> None:
         from infopt.tools.runtime_bench import build_matrix
 
         bundles += [b for _, b in build_matrix(args.matrix, args.tflite)]
-    modes = [m for m in args.numerics.split(",") if m]
-    rows = [r for b in bundles for m in modes for r in compare(b, args.tokens, numerics=m)]
+    modes = tuple(m for m in args.numerics.split(",") if m)
+    rows = [r for b in bundles for r in compare(b, args.tokens, numerics=modes)]
     print(markdown(rows) if args.markdown else json.dumps(rows, indent=2))
 
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,36 @@ def gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def smol(gguf_path: Path) -> infopt.Model:
     return infopt.load(gguf_path, runtime="pytorch", threads=2, max_context=1024)
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The default model's host bundle at float32 (ONNX Runtime, OpenVINO and PyTorch artifacts,
+    a 1,024-token context) with its INT4 self-draft: built once, for the runtime agreement tests
+    and the speculative ones, removed at the end of the session."""
+    from infopt.bundle.build import build
+
+    out = tmp_path_factory.mktemp("fp32-bundle") / "fp32-self"
+    build(
+        None,
+        out,
+        device="host",
+        runtime="onnxruntime,openvino,pytorch",
+        context=1024,
+        speculative="self",
+        quantize="fp32",  # the file is INT4: a self-draft needs a float target, asked for
+    )
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fp32_reference(fp32_bundle: Path) -> Any:
+    """The PyTorch artifact of `fp32_bundle` as `runtime_check`'s reference on 256 tokens: any
+    bundle of the same float32 weights is compared with it (`compare(against=...)` checks)."""
+    from infopt.tools.runtime_check import reference
+
+    return reference(str(fp32_bundle), tokens=256)
 
 
 @pytest.fixture(scope="session")

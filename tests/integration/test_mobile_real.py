@@ -6,6 +6,7 @@ what the manifest tells an app (that part in test_bundle_e2e.py, on its apple-an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,8 +27,9 @@ def tflite_fp32(module_dir: Path) -> Path:
     return bundle
 
 
-def test_tflite_fp32_generates_the_pytorch_tokens(tflite_fp32: Path) -> None:
-    [row] = compare(str(tflite_fp32), tokens=256)
+def test_tflite_fp32_generates_the_pytorch_tokens(tflite_fp32: Path, fp32_reference: Any) -> None:
+    # the reference: the host fp32 bundle's PyTorch artifact, the same weights (compare checks)
+    [row] = compare(str(tflite_fp32), against=fp32_reference)
     assert row["runtime"] == "tflite"
     # 4 prompts (2 chat, 2 plain) x 64 greedy tokens, token for token; 256 positions of logits
     assert row["greedy_identical"] == row["prompts"] == 4, row
