@@ -67,7 +67,6 @@ class Target:
     float_schemes: tuple[str, ...] = ()
     draft_rank: int | None = None  # on a CPU, a bundle's INT4 draft prefers the lowest rank
     host_rank: int | None = None  # its place in the `host` profile's runtimes (None: absent)
-    home_cpu: str | None = None  # the CPU vendor on which `host` lists it first
     reads_back: bool = False  # `check.check_package` reads its artifact back on `verify`
     runs_here: Callable[[], bool] = _always  # whether it can compute on this machine
     describe: Callable[[Mapping[str, Any]], Rows] = _no_rows  # inspect's rows for its artifact

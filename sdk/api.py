@@ -525,12 +525,12 @@ def default_runtime(device: str | None = None) -> str:
     computes on CUDA (`device` "cuda...", or None with a GPU present); on a CPU, the first of
     the host's runtimes (`infopt.device_profiles.host.host_runtimes`) whose package and
     converter are installed; the reference runtime when none is."""
-    from infopt.device_profiles.host import cpu_info, host_runtimes
+    from infopt.device_profiles.host import host_runtimes
 
     ref = reference().name
     if device not in (None, "auto", "cpu") or (device in (None, "auto") and _cuda_present()):
         return ref
-    for name in host_runtimes(cpu_info()[0]):
+    for name in host_runtimes():
         t = target(name)
         if t.converts_files and t.installed() and t.buildable():
             return name

@@ -15,6 +15,5 @@ TARGET = Target(
     draft_rank=1,
     converts_files=True,
     host_rank=1,
-    home_cpu="intel",  # its CPU plugin's home ground; ONNX Runtime decodes faster elsewhere
     artifact_fields={"states": STR, "inputs": STRS},
 )

@@ -100,7 +100,15 @@ def _convert(model: str | Path, out: Path, runtime: str, progress: Progress | No
     from infopt.importers import open_model
 
     source = open_model(model)
-    convert(source, out, runtime, source.spec.max_position_embeddings, progress)
+    # the stages say what they are part of: a first load's conversion, not the load itself
+    step = None
+    if progress is not None:
+        report = progress
+
+        def step(stage: str, done: int, total: int, detail: str = "") -> None:
+            report(f"converting for {runtime}: {stage}", done, total, detail)
+
+    convert(source, out, runtime, source.spec.max_position_embeddings, step)
 
 
 def entries() -> list[dict[str, Any]]:

@@ -273,11 +273,11 @@ def run(
     assert result is not None
     s = result.stats
     if as_json:
-        click.echo(json.dumps(result.to_dict()))
+        click.echo(json.dumps({**result.to_dict(), "runtime": m.runtime.name}))
     else:
         speculation = s.speculative
         click.echo(
-            f"[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, "
+            f"[{m.runtime.name}: {s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, "
             f"TTFT {s.ttft_s * 1000:.0f} ms, {s.decode_tokens_per_s:.1f} tok/s decode, "
             f"finish: {result.finish_reason}"
             + (

@@ -172,7 +172,15 @@ def serve(
     url = f"http://{f'[{bound}]' if ':' in bound else bound}:{actual}"
     # the slots the runtime grants: one, on runtimes whose graph holds a single KV state
     granted = m.status()["slots"]
-    click.echo(f"Serving {name} ({m.runtime.name}, {granted} slots) at {url}/  API: {url}/v1")
+    plural = "slot" if granted == 1 else "slots"
+    click.echo(f"Serving {name} ({m.runtime.name}, {granted} {plural}) at {url}/  API: {url}/v1")
+    if granted < slots:
+        click.echo(
+            f"note: {m.runtime.name} takes {granted} request at a time (its graph holds one KV "
+            f"state), not the {slots} of --slots: the others wait in the queue (docs/serve.md "
+            "lists the runtimes that batch requests)",
+            err=True,
+        )
     click.echo("Ctrl-C stops it.", err=True)
     # uvicorn re-raises the Ctrl-C once it has shut down cleanly, unless the process started
     # with SIGINT ignored (a background job of a shell): then it just returns

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from infopt.api import default_runtime
 from infopt.cli import main
 
 
@@ -38,6 +39,7 @@ def test_run_json_is_greedy_and_reproducible(tiny_gguf: Path) -> None:
     second = json.loads(invoke(*args)[1])
     assert (second["token_ids"], second["text"]) == (first["token_ids"], first["text"])
     assert first["stats"]["prompt_tokens"] > 0
+    assert first["runtime"] == default_runtime()  # which runtime answered
 
 
 def test_run_streams_text_and_prints_stats(tiny_gguf: Path) -> None:
@@ -57,6 +59,7 @@ def test_run_streams_text_and_prints_stats(tiny_gguf: Path) -> None:
         "64",
     )
     assert code == 0 and "prompt tokens" in err and "tok/s" in err
+    assert err.splitlines()[-1].startswith(f"[{default_runtime()}: ")
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path: Path, tiny_gguf: Path) -> None:

@@ -40,7 +40,8 @@ def test_a_model_file_runs_converted_at_its_precision_and_later_from_the_cache(
     assert default_runtime("cuda") == "pytorch"
     seen: list[str] = []
     m = infopt.load(tiny_gguf_q41, max_context=64, progress=stages(seen))
-    assert m.runtime.name == default_runtime() and {"read weights", "write files"} <= set(seen)
+    converting = {f"converting for {m.runtime.name}: {s}" for s in ("read weights", "write files")}
+    assert m.runtime.name == default_runtime() and converting <= set(seen)
     (entry,) = entries()
     assert entry["model"] == "tiny-q4_1.gguf" and entry["runtime"] == m.runtime.name
     bundle = open_bundle(entry["path"])
@@ -87,7 +88,7 @@ def test_a_damaged_cache_entry_is_rebuilt_never_loaded(
     data.write_bytes(bytes(raw))
     seen: list[str] = []
     infopt.load(tiny_gguf_q41, max_context=32, progress=stages(seen))
-    assert "write files" in seen  # converted again
+    assert any(s.endswith("write files") for s in seen)  # converted again
     open_bundle(entry["path"])  # and sound
 
 

@@ -79,8 +79,7 @@ def test_per_target_lists_come_from_the_records() -> None:
     from infopt.device_profiles.host import host_runtimes
     from infopt.plan.costs import runtime_overhead
 
-    assert host_runtimes("Intel(R) Xeon(R)")[0] == "openvino"
-    assert host_runtimes("AMD EPYC 7B13") == ("onnxruntime", "openvino", "pytorch")
+    assert host_runtimes() == ("onnxruntime", "openvino", "pytorch")  # on every CPU vendor
     assert runtime_overhead("onnxruntime", "cpu") == targets()["onnxruntime"].overhead["cpu"]
     for name in ("a100-80gb", "apple-ane", "intel-cpu"):
         assert set(load_profile(name).runtimes) <= set(targets())
