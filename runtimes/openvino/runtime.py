@@ -73,6 +73,12 @@ class OpenVINORuntime(BaseRuntime):
         self.compiled = compiled
         self.request = compiled.create_infer_request()
         self._beam = np.zeros(1, np.int32)
+        # the CPU plugin prepares its kernels on a request's first inference, a cost many times
+        # a token's: paid here, at load, so that a first request's time to first token is that
+        # of every later one
+        self._pass(np.zeros(1, np.int64), only_last=True)
+        self.position = 0
+        self.request.reset_state()
 
     def _pass(self, ids: np.ndarray, only_last: bool) -> np.ndarray:
         n, total = len(ids), self.position + len(ids)
