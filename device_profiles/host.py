@@ -124,8 +124,8 @@ def host_profile(measure_bandwidth: bool = False) -> DeviceProfile:
             else "not measured: 25 GB/s assumed (pass --measure-bandwidth to measure)",
             "peak_compute": f"estimated: {cores} cores x {hz / 1e9:.2f} GHz x {lanes * 4} "
             "FP32 FLOP/cycle; bf16 2x, int8 4x where the ISA has them",
-            "runtimes": "the desktop CPU targets, the one whose home ground is this CPU's "
-            "vendor first (docs/benchmarks.md)",
+            "runtimes": "the desktop CPU targets in their records' order, the same on every CPU "
+            "vendor (docs/benchmarks.md)",
             "efficiency": "decode 0.44 / prefill 0.35, as intel-cpu.toml (measured on this "
             "project's CI machine kind)",
         },

@@ -28,7 +28,7 @@ from typing import Any
 from infopt.measure.speed import DEFAULT_PEERS, bench, table
 from infopt.runtimes.registry import targets
 
-CPU_RUNTIMES = tuple(  # the desktop CPU targets, the default (first) as on an AMD host
+CPU_RUNTIMES = tuple(  # the desktop CPU targets, the host's default first
     t.name
     for t in sorted(targets().values(), key=lambda t: t.host_rank or 0)
     if t.host_rank is not None

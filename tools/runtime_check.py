@@ -47,7 +47,7 @@ class Reference:
     stored weights exactly (dequantized, float32) on `ids`, and its greedy continuations."""
 
     model: Any  # an infopt.Model on the exact PyTorch runtime
-    served: Any  # the PyTorch runtime as `infopt.load` serves the bundle (packed kernels)
+    served: Any  # the PyTorch runtime as `infopt.load` serves the bundle: packed kernels, or None
     ids: list[int]
     expected: np.ndarray
     greedy: list[Any]
@@ -70,13 +70,14 @@ def reference(bundle: str, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> R
 
     if "pytorch" not in read_manifest(bundle)["artifacts"]:
         raise SystemExit(f"{bundle}: no pytorch artifact to compare with")
-    model = infopt.load(bundle, runtime="pytorch", threads=2)  # verifies the bundle
-    served = model.runtime
+    # verifies the bundle; plain decoding (a bundle's draft would speculate in every row)
+    model = infopt.load(bundle, runtime="pytorch", threads=2, draft=False)
+    served = model.runtime if getattr(model.runtime, "kernels", None) else None
     # the reference computes the stored weights exactly (dequantized, float32), not on the packed
     # bfloat16 kernels the PyTorch runtime serves quantized layers with: those get a row
     artifact = open_bundle(bundle, verify=False).artifact("pytorch")  # verified just now
     model.runtime = from_bundle(
-        artifact, max_context=served.max_context, threads=2, numerics="exact"
+        artifact, max_context=model.runtime.max_context, threads=2, numerics="exact"
     )
     ids = eval_ids(model.tokenizer, tokens)
     expected = model.runtime.forward(ids)
@@ -95,8 +96,9 @@ def compare(
 ) -> list[dict[str, Any]]:
     """One row per non-PyTorch artifact of `bundle` (or per one of `runtimes`, on `device`) and
     per mode of `numerics` it is loaded with; with "fast", a row for the PyTorch runtime's packed
-    kernels too. `against`: a reference already computed (`reference()`), of this bundle or of
-    one whose PyTorch artifact holds the very same weights (checked)."""
+    kernels too. `against`: a reference already computed (`reference()`, whose `tokens` and
+    `new_tokens` then apply), of this bundle or of one whose PyTorch artifact holds the very same
+    weights (checked). A bundle's draft is not loaded: every row decodes plainly."""
     import infopt
     from infopt.bundle.manifest import read_manifest
 
@@ -108,11 +110,14 @@ def compare(
     rows = []
     for mode in (numerics,) if isinstance(numerics, str) else numerics:
         for name in names:
-            model = infopt.load(bundle, runtime=name, threads=2, device=device, numerics=mode)
+            model = infopt.load(
+                bundle, runtime=name, threads=2, device=device, numerics=mode, draft=False
+            )
             row = agreement(Path(bundle).name, model, *ref.measured)
             rows.append({**row, "numerics": mode})
-        if runtimes is None and mode == "fast" and getattr(ref.served, "kernels", None):
+        if runtimes is None and mode == "fast" and ref.served is not None:
             exact, ref.model.runtime = ref.model.runtime, ref.served  # now on the packed kernels
+            ref.served.reset()  # an earlier row's tokens are not this row's context
             try:
                 row = agreement(Path(bundle).name, ref.model, *ref.measured)
             finally:
@@ -126,6 +131,8 @@ def reference_sha(bundle: str) -> str:
     from infopt.bundle.manifest import read_manifest
 
     manifest = read_manifest(bundle)
+    if "pytorch" not in manifest["artifacts"]:
+        raise SystemExit(f"{bundle}: no pytorch artifact to compare with")
     digests = {e["path"]: e["sha256"] for e in manifest["files"]}
     names = manifest["artifacts"]["pytorch"]["files"]
     return hashlib.sha256("".join(digests[n] for n in names).encode()).hexdigest()

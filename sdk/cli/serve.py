@@ -176,9 +176,9 @@ def serve(
     click.echo(f"Serving {name} ({m.runtime.name}, {granted} {plural}) at {url}/  API: {url}/v1")
     if granted < slots:
         click.echo(
-            f"note: {m.runtime.name} takes {granted} request at a time (its graph holds one KV "
-            f"state), not the {slots} of --slots: the others wait in the queue (docs/serve.md "
-            "lists the runtimes that batch requests)",
+            f"note: {m.runtime.name} takes {granted} request at a time, not the {slots} of "
+            "--slots: the others wait in the queue (docs/serve.md lists the runtimes that batch "
+            "requests)",
             err=True,
         )
     click.echo("Ctrl-C stops it.", err=True)

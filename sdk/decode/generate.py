@@ -135,7 +135,7 @@ class GenerationResult:
     tool_calls: list[ToolCall] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (what `infopt-pack run --json` prints)."""
+        """Plain data (what `infopt-pack run --json` prints, with the runtime's name)."""
         spec = self.stats.speculative
         return {
             "text": self.text,

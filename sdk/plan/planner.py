@@ -135,8 +135,9 @@ def requested(
         method = "gptq" if quantize == "int4-gptq" else "rtn"
         blocks = (file_weights or {}).get("attention", "")
         if method == "rtn" and file_weights and blocks.startswith("int4"):
+            # the plan without --quantize keeps these blocks too: the same plan, cache included
             weights = dict(file_weights)
-            return Compression(f"{blocks}{STORED}", weights, kv_dtype=kv), method
+            return Compression(f"{blocks}{STORED}", weights, kv_dtype="fp32"), method
         shapes = matrices(spec)
         group = next(
             (

@@ -16,7 +16,7 @@ from infopt.tools.runtime_check import Reference, compare
 
 @pytest.fixture(scope="module")
 def matrix(module_dir: Path, fp32_bundle: Path) -> dict[str, str]:
-    # the session's fp32 bundle (with a self-draft, which runs on none of the rows below)
+    # the session's fp32 bundle (its self-draft is not loaded: runtime_check decodes plainly)
     return {"fp32": str(fp32_bundle), **dict(build_matrix(module_dir, labels=("int8", "int4")))}
 
 

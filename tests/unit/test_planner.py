@@ -338,6 +338,10 @@ def test_quantize_int4_keeps_a_files_int4_blocks_and_refuses_what_does_not_fit()
     q4_1["mlp"] = "int4m-g32"
     kept = plan(spec, profile, context=2048, quantize="int4", file_weights=q4_1)
     assert kept.compression["weights"] == q4_1 and "as stored in the file" in kept.reasons[0]
+    # what the plan without --quantize chooses for the same file: the same plan, its KV cache too
+    unasked = plan(spec, profile, context=2048, file_weights=q4_1)
+    assert unasked.compression == kept.compression
+    assert unasked.predicted["total"] == kept.predicted["total"]
     # GPTQ rounds from floats again: the file's blocks are not its input
     again = plan(spec, profile, context=2048, quantize="int4-gptq", file_weights=q4_1)
     assert again.compression["weights"]["attention"] == "int4-g32" and again.method == "gptq"
