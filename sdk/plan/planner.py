@@ -135,9 +135,8 @@ def requested(
         method = "gptq" if quantize == "int4-gptq" else "rtn"
         blocks = (file_weights or {}).get("attention", "")
         if method == "rtn" and file_weights and blocks.startswith("int4"):
-            # the plan without --quantize keeps these blocks too: the same plan, cache included
             weights = dict(file_weights)
-            return Compression(f"{blocks}{STORED}", weights, kv_dtype="fp32"), method
+            return Compression(f"{blocks}{STORED}", weights, kv_dtype=kv), method
         shapes = matrices(spec)
         group = next(
             (
@@ -246,6 +245,9 @@ def plan(
     candidates = ladder(spec, profile)
     if quantize is not None:
         asked, method = requested(spec, profile, quantize, file_weights)
+        stored = as_stored(profile, runtimes or [runtime[0]], file_weights)
+        if stored is not None and asked.weights == stored.weights:
+            asked = stored  # what the plan without --quantize keeps: the same plan, cache too
         candidates = [asked]
     elif (stored := as_stored(profile, runtimes or [runtime[0]], file_weights)) is not None:
         # the file's own blocks lose nothing against the file (a float copy holds the same
