@@ -2,9 +2,9 @@
 exported artifact converts the file once (`infopt.bundle.build.convert`: its own precision,
 nothing compressed) and keeps the result as a bundle in the user's cache directory, keyed by the
 file's sha256 and the versions of infopt and of the runtime's package. Later loads verify that
-bundle and load it: no conversion, no torch. A damaged entry is rebuilt, never loaded; two
-processes converting the same file at once each write a whole bundle and the last one's swap
-wins (both are the same bytes).
+bundle and load it: no conversion, no torch. A damaged entry is rebuilt, never loaded. Two
+processes loading the same file at once take turns on a lock file per key (`.KEY.lock` in the
+cache, kept): the first converts, the second then finds its entry and loads it.
 """
 
 from __future__ import annotations
@@ -67,21 +67,30 @@ def cached(
     """The verified bundle of `model` converted for `runtime`, converting it first when the
     cache has no sound entry for its contents (a copy of the file under another name finds
     the entry made for the first)."""
+    from filelock import FileLock
+
     from infopt.bundle.reader import open_bundle
 
     root = cache_root()
     entry = root / entry_name(model, sha256, runtime)
     key = entry_key(sha256, runtime)
-    others = sorted(p for p in root.glob(f"*-{key}") if p != entry) if root.is_dir() else []
-    for found in [entry, *others]:
-        if not is_bundle(found):
-            continue
-        try:
-            open_bundle(found)
-            return found
-        except BundleError:  # damaged or incomplete: rebuilt below, never loaded
-            shutil.rmtree(found, ignore_errors=True)
-    _convert(model, entry, runtime, progress)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BundleError(f"{root}: cannot cache converted models here ({e.strerror or e})") from e
+    # one process at a time per key: a second one waits, then finds the first one's entry (two
+    # writing the same entry would race to put it in place, and one would fail)
+    with FileLock(root / f".{key}.lock"):
+        others = sorted(p for p in root.glob(f"*-{key}") if p != entry)
+        for found in [entry, *others]:
+            if not is_bundle(found):
+                continue
+            try:
+                open_bundle(found)
+                return found
+            except BundleError:  # damaged or incomplete: rebuilt below, never loaded
+                shutil.rmtree(found, ignore_errors=True)
+        _convert(model, entry, runtime, progress)
     return entry
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import hashlib
 import json
 import os
@@ -278,8 +279,12 @@ def swap_into_place(tmp: Path, out: Path) -> None:
     """Put directory `tmp` at `out`: a plain rename when `out` is absent; an atomic exchange
     (Linux renameat2) when it exists, so no moment leaves `out` missing; elsewhere two renames."""
     if not out.exists():
-        os.rename(tmp, out)
-        return
+        try:
+            os.rename(tmp, out)
+            return
+        except OSError as e:  # another writer put its OUT there meanwhile: replace it below
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     if _exchange(tmp, out):
         shutil.rmtree(tmp)  # now holds the previous bundle
         return

@@ -114,9 +114,57 @@ def test_two_processes_converting_at_once_both_get_a_sound_entry(
     outputs = [r.communicate(timeout=300) for r in runs]
     assert all(r.returncode == 0 for r in runs), [o[1][-800:] for o in outputs]
     assert outputs[0][0] == outputs[1][0]
-    folders = [p for p in (tmp_path / "shared-cache").iterdir()]
+    folders = [p for p in (tmp_path / "shared-cache").iterdir() if p.is_dir()]
     assert len(folders) == 1  # one entry, no partial directory left
     open_bundle(folders[0])
+
+
+def test_a_second_process_waits_for_the_first_ones_conversion(
+    tiny_gguf_q41: Path, tmp_path: Path
+) -> None:
+    """While another process holds the key's lock (converting), a load waits rather than write
+    the same entry beside it (two writers raced to put it in place, and one failed)."""
+    import hashlib
+
+    from filelock import FileLock
+
+    from infopt.bundle.cache import entry_key
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    sha = hashlib.sha256(tiny_gguf_q41.read_bytes()).hexdigest()
+    code = "import sys, infopt; infopt.load(sys.argv[1], max_context=32); print('loaded')"
+    env = {**os.environ, "INFOPT_CACHE": str(cache)}
+    with FileLock(cache / f".{entry_key(sha, default_runtime())}.lock"):
+        load = subprocess.Popen(
+            [sys.executable, "-c", code, str(tiny_gguf_q41)], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        with pytest.raises(subprocess.TimeoutExpired):
+            load.wait(timeout=8)  # waits on the lock, well past a tiny model's conversion
+        assert not [p for p in cache.iterdir() if p.is_dir()]  # nothing written meanwhile
+    out, err = load.communicate(timeout=120)
+    assert load.returncode == 0 and out.strip() == "loaded", err
+    (entry,) = [p for p in cache.iterdir() if p.is_dir()]
+    open_bundle(entry)
+
+
+def test_a_bundle_put_in_place_by_another_writer_meanwhile_is_replaced(tmp_path: Path) -> None:
+    """`build` to an OUT that another writer creates between the check and the rename: the
+    rename fails (OUT is a non-empty directory) and the atomic exchange replaces it."""
+    from infopt.bundle.files import swap_into_place
+
+    class AppearsLate(type(Path())):  # type: ignore[misc]
+        def exists(self, *args: Any, **kwargs: Any) -> bool:
+            return False  # absent when checked; the other writer's OUT is there by the rename
+
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    (out / "theirs").write_text("x")
+    tmp.mkdir()
+    (tmp / "ours").write_text("y")
+    swap_into_place(tmp, AppearsLate(out))
+    assert [p.name for p in out.iterdir()] == ["ours"] and not tmp.exists()
 
 
 def test_the_cache_commands_and_run_without_the_cache(
