@@ -37,7 +37,7 @@ def test_the_default_models_search_agrees_on_the_pool_and_on_ray(
                 "rtx4090-24gb",
                 context=1024,
                 gptq=False,
-                tokens=256,
+                tokens=128,
                 executor=executor,
                 workers=2,
             )
