@@ -65,11 +65,9 @@ def reference(bundle: str, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> R
     text, and `new_tokens` greedy tokens of each of PROMPTS."""
     import infopt
     from infopt.bundle import open_bundle
-    from infopt.bundle.manifest import read_manifest
     from infopt.runtimes.pytorch.runtime import from_bundle
 
-    if "pytorch" not in read_manifest(bundle)["artifacts"]:
-        raise SystemExit(f"{bundle}: no pytorch artifact to compare with")
+    sha = reference_sha(bundle)  # exits unless the bundle has a PyTorch artifact
     # verifies the bundle; plain decoding (a bundle's draft would speculate in every row)
     model = infopt.load(bundle, runtime="pytorch", threads=2, draft=False)
     served = model.runtime if getattr(model.runtime, "kernels", None) else None
@@ -82,7 +80,7 @@ def reference(bundle: str, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> R
     ids = eval_ids(model.tokenizer, tokens)
     expected = model.runtime.forward(ids)
     greedy = [model.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
-    return Reference(model, served, ids, expected, greedy, new_tokens, reference_sha(bundle))
+    return Reference(model, served, ids, expected, greedy, new_tokens, sha)
 
 
 def compare(

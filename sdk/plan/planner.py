@@ -243,13 +243,13 @@ def plan(
     tried: list[tuple[Compression, Estimate]] = []
     method = "rtn"
     candidates = ladder(spec, profile)
+    stored = as_stored(profile, runtimes or [runtime[0]], file_weights)
     if quantize is not None:
         asked, method = requested(spec, profile, quantize, file_weights)
-        stored = as_stored(profile, runtimes or [runtime[0]], file_weights)
         if stored is not None and asked.weights == stored.weights:
             asked = stored  # what the plan without --quantize keeps: the same plan, cache too
         candidates = [asked]
-    elif (stored := as_stored(profile, runtimes or [runtime[0]], file_weights)) is not None:
+    elif stored is not None:
         # the file's own blocks lose nothing against the file (a float copy holds the same
         # values) and are the smallest and fastest form of them: first, before any float
         if speculative == "self" and self_draft(stored) is None:

@@ -124,15 +124,14 @@ def test_a_second_process_waits_for_the_first_ones_conversion(
 ) -> None:
     """While another process holds the key's lock (converting), a load waits rather than write
     the same entry beside it (two writers raced to put it in place, and one failed)."""
-    import hashlib
-
     from filelock import FileLock
 
     from infopt.bundle.cache import entry_key
+    from infopt.importers import content_hash
 
     cache = tmp_path / "cache"
     cache.mkdir()
-    sha = hashlib.sha256(tiny_gguf_q41.read_bytes()).hexdigest()
+    sha = content_hash(tiny_gguf_q41)  # the hash `load` keys the cache by
     code = "import sys, infopt; infopt.load(sys.argv[1], max_context=32); print('loaded')"
     env = {**os.environ, "INFOPT_CACHE": str(cache)}
     with FileLock(cache / f".{entry_key(sha, default_runtime())}.lock"):
