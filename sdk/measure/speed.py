@@ -163,6 +163,13 @@ PEER_SCRIPTS = {  # peer -> (its bench script, its model under the peers dir or 
 def run_peer(name: str, peers: Path, threads: int) -> dict[str, Any] | None:
     script, arg = PEER_SCRIPTS[name]
     result = run_peer_script(script, [str(peers / arg)] if arg else [], peers, threads)
+    if result is None and name == "llama.cpp Q4_1":
+        # llama.cpp repacks weights into its "extra buffer types" (AMX tiles on CPUs that have
+        # AMX), and that path crashed (segmentation fault) on such a machine: measured again
+        # with repacking off, on its plain kernels, and the row says so
+        env = {"LLAMA_NO_EXTRA_BUFTS": "1"}
+        result = run_peer_script(script, [], peers, threads, env=env)
+        name = f"{name} (repacking off)"
     return None if result is None else {"runtime": name, **result}
 
 
@@ -270,7 +277,10 @@ def bench(
     for label, results in runs.items():
         if not results:
             continue
-        row: dict[str, Any] = {"system": label, "peer": not label.startswith("infopt ")}
+        peer = not label.startswith("infopt ")
+        # a peer's run may name how it ran (run_peer: llama.cpp with its repacking off)
+        system = str(results[-1].get("runtime", label)) if peer else label
+        row: dict[str, Any] = {"system": system, "peer": peer}
         for key in results[0]:
             values = [r[key] for r in results if isinstance(r.get(key), int | float)]
             row[key] = statistics.median(values) if values else results[0][key]
