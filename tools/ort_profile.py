@@ -1,12 +1,15 @@
 """Where a forward pass of an ONNX Runtime bundle spends its time, per operator type.
 
-    python -m infopt.tools.ort_profile BUNDLE [--tokens 32] [--runs 10] [--threads 2] [--json]
+    python -m infopt.tools.ort_profile BUNDLE [--tokens 32] [--runs 10] [--rows N] [--threads 2]
+                                              [--json]
 
 Loads the bundle's ONNX Runtime artifact with onnxruntime's own profiler on, runs `--runs`
-prefills of `--tokens` tokens (the first, a warm-up, not counted), and prints the milliseconds
-per run of each operator type and of the whole `model_run`, most expensive first. With
-`--tokens 32` this is the time to the first token of the runtime table's TTFT prompt, taken
-apart; with `--tokens 1` one decode step.
+prefills of `--tokens` tokens (a first one, a warm-up, not counted), and prints the
+milliseconds per run of each operator type and of the whole `model_run`, most expensive first.
+With `--tokens 32` this is the time to the first token of the runtime table's TTFT prompt, taken
+apart; with `--tokens 1` one decode step. With `--rows N`, N KV rows each read the prompt first
+(not counted), then each run is one batched decode step of all N rows, as the engine runs N
+concurrent requests.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 
-def profile(bundle: str, tokens: int, runs: int, threads: int) -> dict[str, Any]:
+def profile(bundle: str, tokens: int, runs: int, threads: int, rows: int = 0) -> dict[str, Any]:
     import onnxruntime as ort
 
     from infopt.bundle import open_bundle
@@ -36,16 +39,23 @@ def profile(bundle: str, tokens: int, runs: int, threads: int) -> dict[str, Any]
         so.profile_file_prefix = str(Path(folder) / "ort")
         graph = root / artifact["files"][0]
         session = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
-        rt = ort_runtime.ONNXRuntime(session, int(artifact["max_context"]), vocab)
-        for _ in range(runs + 1):
-            rt.reset()
-            rt.forward(prompt, only_last=True)
+        rt = ort_runtime.ONNXRuntime(session, int(artifact["max_context"]), vocab, rows=rows or 1)
+        if rows:
+            for row in range(rows):
+                rt.select(row)
+                rt.forward(prompt, only_last=True)
+            for _ in range(runs + 1):
+                rt.decode_batch([prompt[-1]] * rows)
+        else:
+            for _ in range(runs + 1):
+                rt.reset()
+                rt.forward(prompt, only_last=True)
         events = json.loads(Path(session.end_profiling()).read_text())
     passes = sorted(
         (e["ts"], e["ts"] + e["dur"])
         for e in events
         if e.get("cat") == "Session" and e.get("name") == "model_run"
-    )[1:]  # the first is the warm-up
+    )[-runs:]  # the last `runs`: not the warm-up, nor the rows' prompts
     totals: collections.Counter[str] = collections.Counter()
     totals["model_run"] = sum(end - start for start, end in passes)
     for e in events:
@@ -54,7 +64,13 @@ def profile(bundle: str, tokens: int, runs: int, threads: int) -> dict[str, Any]
             totals[e["args"]["op_name"]] += e["dur"]
     counted = len(passes)
     per_run = {k: v / 1000 / max(counted, 1) for k, v in totals.most_common()}
-    return {"bundle": bundle, "tokens": tokens, "runs": counted, "ms_per_run": per_run}
+    return {
+        "bundle": bundle,
+        "tokens": tokens,
+        "rows": rows,
+        "runs": counted,
+        "ms_per_run": per_run,
+    }
 
 
 def main() -> None:
@@ -62,14 +78,18 @@ def main() -> None:
     ap.add_argument("bundle")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--rows", type=int, default=0, help="profile batched decode steps of N rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    out = profile(args.bundle, args.tokens, args.runs, args.threads)
+    if args.runs < 1 or args.tokens < 1 or args.rows < 0:
+        ap.error("--runs and --tokens must be at least 1, --rows at least 0")
+    out = profile(args.bundle, args.tokens, args.runs, args.threads, args.rows)
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    print(f"{out['bundle']}: {out['tokens']} tokens, {out['runs']} runs, ms per run")
+    what = f"{args.rows} rows, one batched decode step" if args.rows else f"{args.tokens} tokens"
+    print(f"{out['bundle']}: {what} per run, {out['runs']} runs, ms per run")
     for op, ms in out["ms_per_run"].items():
         print(f"  {op:<36} {ms:8.2f}")
 

@@ -160,17 +160,63 @@ PEER_SCRIPTS = {  # peer -> (its bench script, its model under the peers dir or 
 }
 
 
+# Peers whose bench script crashed in this process with their defaults, run since without them
+# (llama.cpp only, for now): every later round measures the same way as the first fallback.
+FELL_BACK: set[str] = set()
+# llama.cpp repacks weights into its "extra buffer types" (AMX tiles on CPUs that have AMX), and
+# with them on it crashed (segmentation fault) on such a machine: a crash is run again with
+# them off, on llama.cpp's plain kernels. The script says when it turned them off
+# (`extra_bufts=off`) and the row is named for it.
+FALLBACK_ENV = {"llama.cpp Q4_1": {"LLAMA_NO_EXTRA_BUFTS": "1"}}
+
+
 def run_peer(name: str, peers: Path, threads: int) -> dict[str, Any] | None:
     script, arg = PEER_SCRIPTS[name]
-    result = run_peer_script(script, [str(peers / arg)] if arg else [], peers, threads)
-    if result is None and name == "llama.cpp Q4_1":
-        # llama.cpp repacks weights into its "extra buffer types" (AMX tiles on CPUs that have
-        # AMX), and that path crashed (segmentation fault) on such a machine: measured again
-        # with repacking off, on its plain kernels, and the row says so
-        env = {"LLAMA_NO_EXTRA_BUFTS": "1"}
-        result = run_peer_script(script, [], peers, threads, env=env)
+    args = [str(peers / arg)] if arg else []
+    fallback = FALLBACK_ENV.get(name)
+    env = fallback if name in FELL_BACK else None
+    out = peer_process(script, args, peers, threads, env)
+    if out is not None and out.returncode < 0 and fallback and env is None:
+        FELL_BACK.add(name)
+        out = peer_process(script, args, peers, threads, fallback)
+    result = peer_figures(out)
+    if result is None:
+        return None
+    if result.pop("extra_bufts_off", False):
         name = f"{name} (repacking off)"
-    return None if result is None else {"runtime": name, **result}
+    return {"runtime": name, **result}
+
+
+def peer_process(
+    script: str, args: list[str], peers: Path, threads: int, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str] | None:
+    """One run of a peer's bench script in the peers' environment (None where the peers are
+    not set up)."""
+    path = peers / "bench" / script
+    python = peers / "venv" / "bin" / "python"
+    if not path.exists() or not python.exists():
+        return None
+    env = {**os.environ, "THREADS": str(threads), "OMP_NUM_THREADS": str(threads), **(env or {})}
+    return subprocess.run(
+        [str(python), str(path), *args], capture_output=True, text=True, timeout=900, env=env
+    )
+
+
+def peer_figures(out: subprocess.CompletedProcess[str] | None) -> dict[str, Any] | None:
+    """The figures a peer's bench script printed (pp512, tg128, ttft_ms: those it has); None
+    where it failed or printed none."""
+    if out is None or out.returncode != 0 or not out.stdout.strip():
+        return None
+    line = out.stdout.strip().splitlines()[0]
+    found = {k: float(v) for k, v in re.findall(r"(pp512|tg128|ttft)=([\d.]+)", line)}
+    if not found:
+        return None
+    result: dict[str, Any] = {k: found[k] for k in ("pp512", "tg128") if k in found}
+    if "ttft" in found:
+        result["ttft_ms"] = found["ttft"]
+    if "extra_bufts=off" in line:
+        result["extra_bufts_off"] = True
+    return result
 
 
 def run_peer_script(
@@ -178,22 +224,7 @@ def run_peer_script(
 ) -> dict[str, Any] | None:
     """The figures one of the peers' bench scripts prints (pp512, tg128, ttft_ms: those it
     has), run in the peers' environment; None where the peers are not set up or it failed."""
-    path = peers / "bench" / script
-    python = peers / "venv" / "bin" / "python"
-    if not path.exists() or not python.exists():
-        return None
-    env = {**os.environ, "THREADS": str(threads), "OMP_NUM_THREADS": str(threads), **(env or {})}
-    out = subprocess.run(
-        [str(python), str(path), *args], capture_output=True, text=True, timeout=900, env=env
-    )
-    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout else ""
-    found = {k: float(v) for k, v in re.findall(r"(pp512|tg128|ttft)=([\d.]+)", line)}
-    if not found:
-        return None
-    result: dict[str, Any] = {k: found[k] for k in ("pp512", "tg128") if k in found}
-    if "ttft" in found:
-        result["ttft_ms"] = found["ttft"]
-    return result
+    return peer_figures(peer_process(script, args, peers, threads, env))
 
 
 def systems(
@@ -272,7 +303,7 @@ def bench(
                 continue
             runs[label].append(r)
             if log:
-                log(f"{label}: {one_line(r)}")
+                log(f"{r['runtime'] if bundle is None else label}: {one_line(r)}")
     rows = []
     for label, results in runs.items():
         if not results:

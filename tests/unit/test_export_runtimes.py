@@ -385,6 +385,10 @@ def test_the_profiling_tool_takes_a_pass_apart(multi_bundle: Path) -> None:
     kernels = sum(ms for op, ms in ops.items() if op != "model_run")
     assert 0 < kernels <= ops["model_run"] * 1.01  # the operators run inside the pass, in turn
     assert tokenizer_rss(str(multi_bundle)) > 0
+    # batched decode steps of 3 rows, each row having read the prompt first (not counted)
+    batched = profile(str(multi_bundle), tokens=5, runs=3, threads=1, rows=3)
+    assert batched["runs"] == 3 and batched["rows"] == 3
+    assert 0 < batched["ms_per_run"]["GroupQueryAttention"] <= batched["ms_per_run"]["model_run"]
 
 
 def test_the_parity_tool_gives_genai_the_bundles_own_ir(multi_bundle: Path, tmp_path: Path) -> None:
