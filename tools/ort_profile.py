@@ -7,9 +7,9 @@ Loads the bundle's ONNX Runtime artifact with onnxruntime's own profiler on, run
 prefills of `--tokens` tokens (a first one, a warm-up, not counted), and prints the
 milliseconds per run of each operator type and of the whole `model_run`, most expensive first.
 With `--tokens 32` this is the time to the first token of the runtime table's TTFT prompt, taken
-apart; with `--tokens 1` one decode step. With `--rows N`, N KV rows each read the prompt first
-(not counted), then each run is one batched decode step of all N rows, as the engine runs N
-concurrent requests.
+apart. With `--rows N`, N KV rows each read the prompt first (not counted), then each run is one
+decode step of all N rows together, as the engine runs N concurrent requests (`--rows 1`: one
+request's decode step after its prompt).
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ def profile(bundle: str, tokens: int, runs: int, threads: int, rows: int = 0) ->
                 rt.select(row)
                 rt.forward(prompt, only_last=True)
             for _ in range(runs + 1):
-                rt.decode_batch([prompt[-1]] * rows)
+                if rows == 1:  # one row's decode step
+                    rt.forward(prompt[-1:], only_last=True)
+                else:
+                    rt.decode_batch([prompt[-1]] * rows)
         else:
             for _ in range(runs + 1):
                 rt.reset()
@@ -78,17 +81,22 @@ def main() -> None:
     ap.add_argument("bundle")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--rows", type=int, default=0, help="profile batched decode steps of N rows")
+    ap.add_argument("--rows", type=int, default=0, help="profile decode steps of N rows together")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.runs < 1 or args.tokens < 1 or args.rows < 0:
         ap.error("--runs and --tokens must be at least 1, --rows at least 0")
-    out = profile(args.bundle, args.tokens, args.runs, args.threads, args.rows)
+    from infopt.errors import InfoptError
+
+    try:
+        out = profile(args.bundle, args.tokens, args.runs, args.threads, args.rows)
+    except InfoptError as e:  # a bundle that is not one, a graph that cannot batch, ...
+        ap.exit(2, f"{ap.prog}: error: {e}\n")
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    what = f"{args.rows} rows, one batched decode step" if args.rows else f"{args.tokens} tokens"
+    what = f"{args.rows} rows, one decode step of each" if args.rows else f"{args.tokens} tokens"
     print(f"{out['bundle']}: {what} per run, {out['runs']} runs, ms per run")
     for op, ms in out["ms_per_run"].items():
         print(f"  {op:<36} {ms:8.2f}")

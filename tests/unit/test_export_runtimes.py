@@ -389,6 +389,7 @@ def test_the_profiling_tool_takes_a_pass_apart(multi_bundle: Path) -> None:
     batched = profile(str(multi_bundle), tokens=5, runs=3, threads=1, rows=3)
     assert batched["runs"] == 3 and batched["rows"] == 3
     assert 0 < batched["ms_per_run"]["GroupQueryAttention"] <= batched["ms_per_run"]["model_run"]
+    assert profile(str(multi_bundle), tokens=5, runs=3, threads=1, rows=1)["runs"] == 3
 
 
 def test_the_parity_tool_gives_genai_the_bundles_own_ir(multi_bundle: Path, tmp_path: Path) -> None:
