@@ -77,16 +77,28 @@ def profile(bundle: str, tokens: int, runs: int, threads: int, rows: int = 0) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("bundle")
-    ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--rows", type=int, default=0, help="profile decode steps of N rows together")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", action="store_true")
+    ap = argparse.ArgumentParser(
+        prog="python -m infopt.tools.ort_profile",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    ap.add_argument("bundle", help="a bundle with an ONNX Runtime artifact, or a cache entry")
+    ap.add_argument("--tokens", type=int, default=32, help="prompt tokens (default: 32)")
+    ap.add_argument("--runs", type=int, default=10, help="passes counted (default: 10)")
+    ap.add_argument(
+        "--rows", type=int, default=0, help="profile decode steps of N rows together (default: off)"
+    )
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads (default: 2)")
+    ap.add_argument("--json", action="store_true", help="the figures as JSON on stdout")
     args = ap.parse_args()
-    if args.runs < 1 or args.tokens < 1 or args.rows < 0:
-        ap.error("--runs and --tokens must be at least 1, --rows at least 0")
+    for flag, value, least in (
+        ("--tokens", args.tokens, 1),
+        ("--runs", args.runs, 1),
+        ("--rows", args.rows, 0),
+        ("--threads", args.threads, 1),
+    ):
+        if value < least:
+            ap.error(f"{flag} {value}: must be at least {least}")
     from infopt.errors import InfoptError
 
     try:
@@ -96,8 +108,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=2))
         return
-    what = f"{args.rows} rows, one decode step of each" if args.rows else f"{args.tokens} tokens"
-    print(f"{out['bundle']}: {what} per run, {out['runs']} runs, ms per run")
+    rows = "1 row" if args.rows == 1 else f"{args.rows} rows"
+    what = f"{rows}, one decode step of each" if args.rows else f"{args.tokens} tokens"
+    print(f"{out['bundle']}: {what} per run, {out['runs']} run(s), ms per run")
     for op, ms in out["ms_per_run"].items():
         print(f"  {op:<36} {ms:8.2f}")
 

@@ -150,10 +150,23 @@ def entries() -> list[dict[str, Any]]:
 
 
 def clear() -> list[dict[str, Any]]:
-    """Remove every entry (and what killed conversions left); returns what was removed."""
+    """Remove every entry (and what killed conversions left, and the lock files no load holds);
+    returns what was removed."""
+    from filelock import FileLock, Timeout
+
     removed = entries()
     root = cache_root()
     for path in root.iterdir() if root.is_dir() else []:
         if path.is_dir() and (is_bundle(path) or ".partial-" in path.name or ".old-" in path.name):
             shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".*.lock") if root.is_dir() else []:
+        lock = FileLock(path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # a load is converting under it: its file stays
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            lock.release()
     return removed

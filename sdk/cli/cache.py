@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from infopt.cli.output import emit_json, friendly_errors, json_option, table
@@ -27,9 +29,16 @@ def list_entries(as_json: bool) -> None:
         emit_json({"root": str(cache_root()), "entries": found})
         return
     total = sum(e["bytes"] for e in found) / 1e6
-    title = f"{cache_root()}: {len(found)} entries, {total:.1f} MB"
-    cells = [(e["model"], e["runtime"], f"{e['bytes'] / 1e6:.1f} MB", e["created"]) for e in found]
-    table(["model", "runtime", "size", "made"], cells, title=title)
+    title = f"{cache_root()}: {entries_phrase(len(found))}, {total:.1f} MB"
+    cells = [
+        (e["model"], e["runtime"], f"{e['bytes'] / 1e6:.1f} MB", e["created"], Path(e["path"]).name)
+        for e in found
+    ]
+    table(["model", "runtime", "size", "made", "where (in the folder above)"], cells, title=title)
+
+
+def entries_phrase(n: int) -> str:
+    return f"{n} entry" if n == 1 else f"{n} entries"
 
 
 @cache.command()
@@ -45,4 +54,4 @@ def clear(as_json: bool) -> None:
         emit_json({"root": str(cache_root()), "removed": removed})
         return
     freed = sum(e["bytes"] for e in removed) / 1e6
-    click.echo(f"{cache_root()}: removed {len(removed)} entries, {freed:.1f} MB")
+    click.echo(f"{cache_root()}: removed {entries_phrase(len(removed))}, {freed:.1f} MB")

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from filelock import FileLock
 
 import infopt
 from infopt.api import default_runtime
@@ -179,9 +180,15 @@ def test_the_cache_commands_and_run_without_the_cache(
     assert runner.invoke(main, args).exit_code == 0
     listed = json.loads(runner.invoke(main, ["cache", "ls", "--json"]).stdout)
     assert len(listed["entries"]) == 1 and listed["entries"][0]["bytes"] > 0
-    shown = runner.invoke(main, ["cache", "ls"])
-    assert "tiny-q4_1.gguf" in shown.stdout
-    cleared = json.loads(runner.invoke(main, ["cache", "clear", "--json"]).stdout)
+    shown = runner.invoke(main, ["cache", "ls"], terminal_width=200)
+    where = Path(listed["entries"][0]["path"]).name
+    assert "tiny-q4_1.gguf" in shown.stdout and "1 entry," in shown.stdout
+    assert where in shown.stdout  # the entry's folder, under the root the title names
+    # a lock file a load left, and one a load is holding: clear removes the first only
+    (empty_cache / ".left-behind.lock").write_text("")
+    with FileLock(empty_cache / ".held.lock"):
+        cleared = json.loads(runner.invoke(main, ["cache", "clear", "--json"]).stdout)
+        assert sorted(p.name for p in empty_cache.iterdir()) == [".held.lock"]
     assert len(cleared["removed"]) == 1 and entries() == []
 
 
