@@ -58,21 +58,23 @@ def profile(bundle: str, tokens: int, runs: int, threads: int, rows: int = 0) ->
         (e["ts"], e["ts"] + e["dur"])
         for e in events
         if e.get("cat") == "Session" and e.get("name") == "model_run"
-    )[-runs:]  # the last `runs`: not the warm-up, nor the rows' prompts
+    )
+    # the last `runs` runs, not the warm-up nor the rows' prompts: a decode step is one pass,
+    # a prompt longer than one prefill chunk several
+    per_run = 1 if rows else len(passes) // (runs + 1)
+    passes = passes[-runs * per_run :]
     totals: collections.Counter[str] = collections.Counter()
     totals["model_run"] = sum(end - start for start, end in passes)
     for e in events:
         kernel = e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
         if kernel and any(start <= e["ts"] <= end for start, end in passes):
             totals[e["args"]["op_name"]] += e["dur"]
-    counted = len(passes)
-    per_run = {k: v / 1000 / max(counted, 1) for k, v in totals.most_common()}
     return {
         "bundle": bundle,
         "tokens": tokens,
         "rows": rows,
-        "runs": counted,
-        "ms_per_run": per_run,
+        "runs": runs,
+        "ms_per_run": {k: v / 1000 / runs for k, v in totals.most_common()},
     }
 
 

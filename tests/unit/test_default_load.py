@@ -125,8 +125,6 @@ def test_a_second_process_waits_for_the_first_ones_conversion(
 ) -> None:
     """While another process holds the key's lock (converting), a load waits rather than write
     the same entry beside it (two writers raced to put it in place, and one failed)."""
-    from filelock import FileLock
-
     from infopt.bundle.cache import entry_key
     from infopt.importers import content_hash
 
