@@ -354,7 +354,12 @@ def convert(
     weights = {
         g: m.scheme.name if isinstance(m, QuantStorage) else "fp32" for g, m in groups.items()
     }
-    compression = {"stored_dtype": "float32", "quantization": "as in the file", "weights": weights}
+    compression = {
+        "stored_dtype": "float32",
+        "quantization": "as in the file",
+        "weights": weights,
+        "quality": quality(core, source, exact=True),
+    }
     manifest = package_manifest(
         core,
         source,

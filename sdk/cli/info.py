@@ -98,7 +98,7 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
             "layers / hidden / mlp",
             f"{config['num_layers']} / {config['hidden_size']} / {config['intermediate_size']}",
         ),
-        ("plan", f"{plan.get('compression', {}).get('name')} for {plan.get('device')}"),
+        ("plan", _plan_row(plan, m.get("compression", {}))),
         ("quality", quality_text(m.get("compression", {}).get("quality"))),
         ("runtime", f"{bundle.default_runtime} (needs {_requirement(m['runtime'])})"),
         ("artifacts", ", ".join(bundle.runtimes)),
@@ -114,6 +114,15 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
         click.echo(f"  {f['path']:<24} {f['size']:>12,} bytes  sha256 {f['sha256'][:16]}")
     for reason in plan.get("reasons", []):
         click.echo(f"  why: {reason}")
+
+
+def _plan_row(plan: dict[str, Any], compression: dict[str, Any]) -> str:
+    """The plan a bundle was built to, or, for the artifact `infopt.load` converts a model file
+    to (no plan), what it stores."""
+    if plan:
+        return f"{plan['compression']['name']} for {plan['device']}"
+    weights = ", ".join(f"{g} {s}" for g, s in compression.get("weights", {}).items())
+    return f"none: the model file's own precision ({weights})" if weights else "none"
 
 
 def _requirement(section: dict[str, Any]) -> str:

@@ -195,33 +195,61 @@ class Bars:
             self.started = False
 
 
+WRAPPED_MIN = 24  # the narrowest a wrapped text column gets before a table turns into records
+
+
 def table(columns: Sequence[str], cells: Sequence[Sequence[object]], title: str = "") -> None:
     """A table on stdout, laid out by rich to the terminal's width (160 columns when stdout is
-    not a terminal, so that a file or pipe gets the same layout)."""
+    not a terminal, so that a file or pipe gets the same layout). Short cells never wrap (their
+    headers do, when the table is too wide), long ones wrap in their column; a terminal too
+    narrow even for that gets one record per row instead, so that no column is squeezed out."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console(
         width=None if sys.stdout.isatty() else 160, highlight=False, markup=False, soft_wrap=False
     )
-    t = Table(box=None, pad_edge=False)
-    widest = [max((len(str(row[i])) for row in cells), default=0) for i in range(len(columns))]
+    text = [[str(c) for c in row] for row in cells]
+    widest = [max((len(row[i]) for row in text), default=0) for i in range(len(columns))]
+    words = [max(len(word) for word in name.split()) for name in columns]
+    wrapped = [w > 40 for w in widest]
+    least = sum(
+        (WRAPPED_MIN if long else max(w, word)) + 2
+        for w, word, long in zip(widest, words, wrapped, strict=True)
+    )
+    if least > console.width:
+        _records(columns, text, title, console.width)
+        return
     fits = sum(max(len(c), w) + 2 for c, w in zip(columns, widest, strict=True)) <= console.width
-    for name, w in zip(columns, widest, strict=True):
-        # short cells are never wrapped: their headers are, when the table is too wide
-        if w > 40:
-            t.add_column(name)
+    t = Table(box=None, pad_edge=False)
+    for name, w, word, long in zip(columns, widest, words, wrapped, strict=True):
+        if long:
+            t.add_column(name, min_width=WRAPPED_MIN)
         else:
-            words = max(len(word) for word in name.split())
-            head = name if fits else "\n".join(textwrap.wrap(name, max(w, words, 8)))
-            t.add_column(head, min_width=w, no_wrap=True)
-    for row in cells:
-        t.add_row(*(str(c) for c in row))
+            head = name if fits else "\n".join(textwrap.wrap(name, max(w, word)))
+            t.add_column(head, min_width=max(w, word), no_wrap=True)
+    for row in text:
+        t.add_row(*row)
     with console.capture() as captured:
-        console.print(t, crop=False)  # a terminal narrower than the cells wraps, never cuts
+        console.print(t, crop=False)
     if title:  # on a line of its own: a table's title would wrap at the table's width
         print(title)
     print("\n".join(line.rstrip() for line in captured.get().splitlines()))
+
+
+def _records(columns: Sequence[str], text: list[list[str]], title: str, width: int) -> None:
+    """`table`'s rows as records: the first cell as a heading, then one `column  value` line
+    per other cell, wrapped under itself."""
+    if title:
+        print(title)
+    label = max((len(c) for c in columns[1:]), default=0)
+    for row in text:
+        print(row[0])
+        for name, cell in zip(columns[1:], row[1:], strict=True):
+            lines = textwrap.wrap(cell, max(width - label - 4, 20)) or [""]
+            print(f"  {name:<{label}}  {lines[0]}")
+            for more in lines[1:]:
+                print(" " * (label + 4) + more)
 
 
 def quality_text(q: dict[str, Any] | None) -> str:

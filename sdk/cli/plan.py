@@ -18,6 +18,7 @@ from infopt.cli.output import (
     short_history,
     table,
 )
+from infopt.core.defaults import DEFAULT_MAX_CONTEXT
 
 
 def _speculative_row(choice: dict[str, Any]) -> str:
@@ -68,7 +69,12 @@ def devices(measure_bandwidth: bool, as_json: bool) -> None:
     required=True,
     help="A profile name (see `infopt-pack devices`), `host`, or a .toml file.",
 )
-@click.option("--context", type=int, help="Tokens the KV cache must hold (default: the model's).")
+@click.option(
+    "--context",
+    type=int,
+    help=f"Tokens the KV cache must hold (default: min(model's, {DEFAULT_MAX_CONTEXT}), as "
+    "`run` and `infopt.load` give it).",
+)
 @click.option(
     "--batch",
     "--slots",
@@ -196,7 +202,9 @@ def plan(
 )
 @click.option("--latency-ms", type=float, help="Per-token decode latency the plan must meet.")
 @click.option(
-    "--context", type=int, help="Tokens the KV cache must hold (default: min(model's, 4096))."
+    "--context",
+    type=int,
+    help=f"Tokens the KV cache must hold (default: min(model's, {DEFAULT_MAX_CONTEXT})).",
 )
 @click.option("--batch", type=int, default=1, show_default=True, help="Concurrent sequences.")
 @executor_options("candidates")

@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from infopt.core.defaults import DEFAULT_MAX_CONTEXT
 from infopt.core.spec import ModelSpec
 from infopt.device_profiles import DeviceProfile
 from infopt.errors import InvalidArgumentError, PlanError
@@ -160,18 +161,18 @@ _GROUPS = ("embeddings", "lm_head", "attention", "mlp")
 
 def check_quantize(quantize: str) -> None:
     """An `InvalidArgumentError` listing the spellings unless `quantize` is one (`requested`)."""
-    from infopt.core.quant import QuantScheme
+    from infopt.core.quant import SCHEME, QuantScheme
 
     if quantize in FLOATS or quantize in QUANTIZE:
         return
-    try:
+    if SCHEME.fullmatch(quantize):  # a scheme's own error names what is wrong (the group)
         QuantScheme.parse(quantize)
-    except InvalidArgumentError:
-        raise InvalidArgumentError(
-            f"--quantize {quantize!r}: expected one of {list(QUANTIZE)}, a float "
-            f"({', '.join(FLOATS)}) or a scheme (int8, int8-g<group>, int4-g<group>, "
-            "int4s-g<group>, int4m-g<group>)"
-        ) from None
+        return
+    raise InvalidArgumentError(
+        f"--quantize {quantize!r}: expected {', '.join(QUANTIZE)}, a float "
+        f"({', '.join(FLOATS)}) or a scheme (int8-g<group>, int4-g<group>, int4s-g<group>, "
+        "int4m-g<group>, the group a power of two)"
+    )
 
 
 def as_stored(
@@ -215,10 +216,14 @@ def plan(
     instead of searching for the least lossy one that fits; `file_weights` are the schemes a
     model file stores its groups in, when it stores them quantized; `runtimes`: those the
     bundle will carry when they are not the device's own choice (they decide whether the file's
-    blocks can be kept as they are)."""
+    blocks can be kept as they are). context: tokens the KV cache holds (default: the model's
+    trained context, at most `DEFAULT_MAX_CONTEXT`)."""
     if speculative not in SPECULATIVE:
         raise InvalidArgumentError(f"speculative={speculative!r}: expected one of {SPECULATIVE}")
-    context = context if context is not None else spec.max_position_embeddings
+    # the context `infopt.load` and `run` give a model by default, so that a plan and a run agree
+    context = (
+        context if context is not None else min(spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    )
     whole = (context, batch)
     if any(isinstance(v, bool) or not isinstance(v, int) for v in whole) or not (
         latency_ms is None

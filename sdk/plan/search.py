@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from infopt.core.defaults import DEFAULT_MAX_CONTEXT
 from infopt.core.spec import ModelSpec
 from infopt.device_profiles import DeviceProfile
 from infopt.errors import InvalidArgumentError, PlanError
@@ -372,7 +373,9 @@ def search(
     path = Path(model) if model is not None else default_model_path()
     source = open_model(path)
     spec, profile = source.spec, load_profile(device)
-    context = context if context is not None else min(spec.max_position_embeddings, 4096)
+    context = (
+        context if context is not None else min(spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    )
     if isinstance(context, bool) or not isinstance(context, int) or context < 1:
         raise InvalidArgumentError(f"context={context!r}: expected an integer >= 1")
     if context > spec.max_position_embeddings:

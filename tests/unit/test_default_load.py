@@ -182,6 +182,12 @@ def test_the_cache_commands_and_run_without_the_cache(
     where = Path(listed["entries"][0]["path"]).name
     assert "tiny-q4_1.gguf" in shown.stdout and "1 entry," in shown.stdout
     assert where in shown.stdout  # the entry's folder, under the root the title names
+    # an entry has no plan: inspect says what it stores instead, and that nothing was rounded
+    inspected = runner.invoke(main, ["inspect", listed["entries"][0]["path"]])
+    assert inspected.exit_code == 0, inspected.output
+    assert "none: the model file's own precision (embeddings int8-g32," in inspected.stdout
+    assert "the model file's own values, nothing rounded again" in inspected.stdout
+    assert "None" not in inspected.stdout
     # a lock file a load left, and one a load is holding: clear removes the first only
     (empty_cache / ".left-behind.lock").write_text("")
     with FileLock(empty_cache / ".held.lock"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -234,6 +236,35 @@ def test_cli_plan_and_devices() -> None:
     assert lines[0].split()[:4] == ["name", "kind", "usable", "bandwidth"]
     starts = {line.split()[0] for line in lines[1:] if line and not line.startswith(" ")}
     assert starts == {*DEVICES, "host"}
+
+
+@pytest.mark.parametrize("columns", [80, 120, 240])
+def test_devices_on_a_terminal_of_any_width_keeps_every_column(
+    columns: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Too narrow for the table (80 or 120 columns), one record per profile; wide enough, the
+    table: either way every column of every profile is there, and no line is wider than the
+    terminal unless one word is."""
+    from infopt.cli.plan import devices
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    devices.callback(measure_bandwidth=False, as_json=False)  # type: ignore[misc]
+    out = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # a terminal's header is bold
+    lines = [line.rstrip() for line in out.splitlines()]
+    assert all(len(line) <= columns for line in lines)
+    for name in ("kind", "usable", "bandwidth", "weights", "compute", "runtimes", "description"):
+        assert name in out
+    assert "Core ML: fp16 compute" in " ".join(out.split())  # the longest description, whole
+    if columns < 240:  # records: a profile's name alone, then its cells
+        assert {line for line in lines if not line.startswith(" ")} == {*DEVICES, "host"}
+        assert sum(line.split()[0] == "kind" for line in lines) == len(DEVICES) + 1
+    else:
+        assert lines[0].split()[:4] == ["name", "kind", "usable", "bandwidth"]
+
+
+def test_cli_plan_on_a_model_config() -> None:
+    runner = CliRunner()
     result = runner.invoke(
         main,
         [
