@@ -30,14 +30,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from infopt.core.model import Block, Decoder, LowRankLinear, rope_angles, rope_kinds
-from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, unpack_int4
+from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, stacked, unpack_int4
 from infopt.errors import InvalidArgumentError
 from infopt.runtimes.base import Exported
 from infopt.runtimes.onnxruntime import TARGET
@@ -217,38 +217,6 @@ def _linear(g: _Graph, x: str, module: nn.Module, name: str) -> str:
     raise InvalidArgumentError(f"{name}: cannot export a {type(module).__name__} to ONNX")
 
 
-def _fused(mods: tuple[nn.Module, ...]) -> nn.Module | None:
-    """One module computing the concatenated outputs of `mods` (which read the same input) when
-    they are stored alike, else None: one wider matmul instead of several small ones."""
-    biases: list[torch.Tensor | None] = [getattr(m, "bias", None) for m in mods]
-    if any(b is None for b in biases) and any(b is not None for b in biases):
-        return None
-    bias = (
-        torch.cat([b.detach() for b in biases if b is not None]) if biases[0] is not None else None
-    )
-    if all(type(m) is nn.Linear for m in mods):
-        fused = nn.Linear(1, 1, bias=bias is not None)
-        fused.weight = nn.Parameter(torch.cat([cast(nn.Linear, m).weight.detach() for m in mods]))
-        if bias is not None:
-            fused.bias = nn.Parameter(bias)
-        return fused
-    if all(isinstance(m, QuantLinear) for m in mods):
-        qws = [m.quantized() for m in mods if isinstance(m, QuantLinear)]
-        if len({q.scheme for q in qws}) != 1:
-            return None
-        zeros, offsets = [q.zeros for q in qws], [q.offsets for q in qws]
-        qw = QuantizedWeight(
-            qws[0].scheme,
-            torch.cat([q.qweight for q in qws]),
-            torch.cat([q.scales for q in qws]),
-            torch.cat([z for z in zeros if z is not None]) if zeros[0] is not None else None,
-            (sum(q.shape[0] for q in qws), qws[0].shape[1]),
-            torch.cat([o for o in offsets if o is not None]) if offsets[0] is not None else None,
-        )
-        return QuantLinear(qw, bias)
-    return None
-
-
 def _head_norm(g: _Graph, x: str, weight: torch.Tensor, heads: int, name: str, eps: float) -> str:
     """RMSNorm over each head's slice of x [B, S, heads * D] (QK-norm)."""
     d = weight.shape[0]
@@ -265,7 +233,7 @@ def _head_norm(g: _Graph, x: str, weight: torch.Tensor, heads: int, name: str, e
 
 def _attention(g: _Graph, x: str, block: Block, i: int, rope: tuple[str, str], window: int) -> str:
     a = block.self_attn
-    fused = None if a.q_norm is not None else _fused((a.q_proj, a.k_proj, a.v_proj))
+    fused = None if a.q_norm is not None else stacked((a.q_proj, a.k_proj, a.v_proj))
     if fused is not None:
         qkv = [_linear(g, x, fused, f"layers.{i}.attn.qkv_proj"), "", ""]
     else:
@@ -303,7 +271,7 @@ def _attention(g: _Graph, x: str, block: Block, i: int, rope: tuple[str, str], w
 
 def _mlp(g: _Graph, x: str, block: Block, i: int) -> str:
     m = block.mlp
-    fused = _fused((m.gate_proj, m.up_proj))
+    fused = stacked((m.gate_proj, m.up_proj))
     if fused is not None:
         both = _linear(g, x, fused, f"layers.{i}.mlp.gate_up_proj")
         width = np.array([m.gate_proj.out_features, m.up_proj.out_features])

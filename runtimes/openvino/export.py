@@ -22,14 +22,14 @@ logits float32 [1, logits_to_keep, vocab]. States `past_key_values.{i}.key|value
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from infopt.core.model import Block, Decoder, LowRankLinear, rope_angles, rope_kinds
-from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, unpack_int4
+from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, stacked, unpack_int4
 from infopt.errors import InvalidArgumentError
 from infopt.runtimes.base import Exported
 from infopt.runtimes.openvino import TARGET
@@ -101,6 +101,19 @@ def _linear(x: Any, module: nn.Module, name: str) -> Any:
     else:
         raise InvalidArgumentError(f"{name}: cannot export a {type(module).__name__} to OpenVINO")
     return ops.add(y, ops.constant(_f32(bias))) if bias is not None else y
+
+
+def _linears(x: Any, modules: tuple[nn.Module, ...], name: str) -> list[Any]:
+    """Each module's output for the same input `x`: one matmul of their stacked rows, then a
+    split, where they are stored alike (`stacked`); for a GGUF's Q4_1 blocks that is also one
+    offsets term instead of one per module."""
+    _, ops = _ov()
+    whole = stacked(modules)
+    if whole is None:
+        return [_linear(x, m, f"{name}.{i}") for i, m in enumerate(modules)]
+    widths = np.array([cast(nn.Linear, m).out_features for m in modules], np.int64)
+    y = _linear(x, whole, name)
+    return list(ops.variadic_split(y, np.int64(-1), widths).outputs())
 
 
 def _plus_offsets(x: Any, y: Any, qw: QuantizedWeight) -> Any:
@@ -176,12 +189,11 @@ def _attention(x: Any, block: Block, i: int, ctx: dict[str, Any], sinks: list[An
     a = block.self_attn
     d, eps = a.head_dim, block.input_layernorm.eps
     cos, sin, mask = ctx[a.kind]
-    q = _heads(_linear(x, a.q_proj, f"layers.{i}.q"), a.n_heads, d)
-    k = _heads(_linear(x, a.k_proj, f"layers.{i}.k"), a.n_kv, d)
+    q, k, v = _linears(x, (a.q_proj, a.k_proj, a.v_proj), f"layers.{i}.qkv")
+    q, k, v = _heads(q, a.n_heads, d), _heads(k, a.n_kv, d), _heads(v, a.n_kv, d)
     if a.q_norm is not None and a.k_norm is not None:  # over each head's dim, before RoPE
         q, k = _rms_norm(q, a.q_norm.weight, eps), _rms_norm(k, a.k_norm.weight, eps)
     q, k = _rope(q, cos, sin, d), _rope(k, cos, sin, d)
-    v = _heads(_linear(x, a.v_proj, f"layers.{i}.v"), a.n_kv, d)
     k_all = _kv_state(k, a.n_kv, d, f"past_key_values.{i}.key", ctx["beam_idx"], sinks)
     v_all = _kv_state(v, a.n_kv, d, f"past_key_values.{i}.value", ctx["beam_idx"], sinks)
     groups = a.n_heads // a.n_kv
@@ -207,11 +219,9 @@ def _soft_cap(x: Any, cap: float | None) -> Any:
 def _mlp(x: Any, block: Block, i: int) -> Any:
     _, ops = _ov()
     m = block.mlp
-    gate = _linear(x, m.gate_proj, f"layers.{i}.gate")
+    gate, up = _linears(x, (m.gate_proj, m.up_proj), f"layers.{i}.gate_up")
     gate = ops.swish(gate) if m.act == "silu" else ops.gelu(gate, "tanh")
-    return _linear(
-        ops.multiply(gate, _linear(x, m.up_proj, f"layers.{i}.up")), m.down_proj, f"layers.{i}.down"
-    )
+    return _linear(ops.multiply(gate, up), m.down_proj, f"layers.{i}.down")
 
 
 def _embedding(model: Decoder, ids: Any) -> tuple[Any, Any]:

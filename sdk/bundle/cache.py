@@ -37,8 +37,9 @@ def cache_root() -> Path:
 
 
 # Raised whenever an exporter's output changes within one release (e.g. ONNX graphs gained a
-# batch dimension), so that entries converted before are converted again.
-CONVERTER_REVISION = 2
+# batch dimension, OpenVINO graphs stacked q/k/v), so that entries converted before are
+# converted again.
+CONVERTER_REVISION = 3
 
 
 def entry_key(sha256: str, runtime: str) -> str:

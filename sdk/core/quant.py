@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn.functional as F
@@ -301,3 +301,37 @@ def float_copy(core: Decoder) -> tuple[Decoder, dict[str, QuantScheme]]:
     if core.spec.tie_word_embeddings and "embed_tokens" in schemes:
         clone.tie_weights()
     return clone.eval(), schemes
+
+
+def stacked(mods: tuple[nn.Module, ...]) -> nn.Module | None:
+    """One module computing the concatenated outputs of `mods` (which read the same input) when
+    they are stored alike, else None: one wider matmul instead of several small ones (the
+    exporters' q/k/v and gate/up projections: runtimes run a few large kernels faster than many
+    small ones, whose fixed costs add up per token)."""
+    biases: list[torch.Tensor | None] = [getattr(m, "bias", None) for m in mods]
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        return None
+    bias = (
+        torch.cat([b.detach() for b in biases if b is not None]) if biases[0] is not None else None
+    )
+    if all(type(m) is nn.Linear for m in mods):
+        fused = nn.Linear(1, 1, bias=bias is not None)
+        fused.weight = nn.Parameter(torch.cat([cast(nn.Linear, m).weight.detach() for m in mods]))
+        if bias is not None:
+            fused.bias = nn.Parameter(bias)
+        return fused
+    if all(isinstance(m, QuantLinear) for m in mods):
+        qws = [m.quantized() for m in mods if isinstance(m, QuantLinear)]
+        if len({q.scheme for q in qws}) != 1:
+            return None
+        zeros, offsets = [q.zeros for q in qws], [q.offsets for q in qws]
+        qw = QuantizedWeight(
+            qws[0].scheme,
+            torch.cat([q.qweight for q in qws]),
+            torch.cat([q.scales for q in qws]),
+            torch.cat([z for z in zeros if z is not None]) if zeros[0] is not None else None,
+            (sum(q.shape[0] for q in qws), qws[0].shape[1]),
+            torch.cat([o for o in offsets if o is not None]) if offsets[0] is not None else None,
+        )
+        return QuantLinear(qw, bias)
+    return None

@@ -137,12 +137,17 @@ def test_quantized_weights_are_carried_over_exactly(
     assert_same(core, runtime, atol=5e-5, numerics="exact")
 
 
-def test_exact_numerics_carry_int8_weights_with_a_bias_exactly(folders: dict[str, Path]) -> None:
-    """Qwen2's q/k/v biases on INT8 layers: on ONNX Runtime, numerics="exact" computes 8-bit
-    layers as a float32 MatMul on the dequantized weights, then adds the bias."""
+@pytest.mark.parametrize("runtime", list(EXPORTERS))
+@pytest.mark.parametrize("attention", ["int8", "int4m-g32"])
+def test_exact_numerics_carry_quantized_weights_with_a_bias_exactly(
+    folders: dict[str, Path], runtime: str, attention: str
+) -> None:
+    """Qwen2's q/k/v biases on quantized layers: on ONNX Runtime, numerics="exact" computes
+    8-bit layers as a float32 MatMul on the dequantized weights, then adds the bias; OpenVINO
+    stacks q/k/v into one matrix, their biases into one vector."""
     core = core_of(folders["qwen2-bias"])
-    quantize_model(core, {"attention": "int8", "mlp": "int8", "embeddings": "int8"})
-    assert_same(core, "onnxruntime", atol=5e-5, numerics="exact")
+    quantize_model(core, {"attention": attention, "mlp": "int8", "embeddings": "int8"})
+    assert_same(core, runtime, atol=5e-5, numerics="exact")
 
 
 @pytest.mark.parametrize("runtime", list(EXPORTERS))
