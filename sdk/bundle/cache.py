@@ -36,8 +36,8 @@ def cache_root() -> Path:
     return Path(platformdirs.user_cache_dir("infopt")) / "models"
 
 
-# Raised whenever an exporter's output changes within one release (e.g. ONNX graphs gained a
-# batch dimension, OpenVINO graphs stacked q/k/v), so that entries converted before are
+# Raised whenever an exporter's output changes within one release (e.g. graphs gained a batch
+# dimension, or stacked q/k/v into one matrix), so that entries converted before are
 # converted again.
 CONVERTER_REVISION = 3
 
