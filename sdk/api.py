@@ -364,8 +364,9 @@ def load(
     slots: requests that can run at once, each with its own KV cache of max_context positions
     (memory: the planner's `kv_cache_bytes` with batch = slots; more than is available is a
     `MemoryBudgetError`). Where the runtime batches (`Runtime.batched`), requests running
-    together decode in one pass per token; a runtime holding one stateful or fixed-shape graph
-    has one slot whatever is asked (its `from_bundle` says so) and requests take turns.
+    together decode in one pass per token; a runtime holding one fixed-shape graph, or an
+    artifact exported before its runtime batched, has one slot whatever is asked (its
+    `from_bundle` says so) and requests take turns.
     Finished requests' KV stays in their slots as a prefix cache.
 
     public_key: a PEM public key; the bundle must be signed by it (`infopt-pack build --sign`),

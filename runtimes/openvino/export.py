@@ -16,7 +16,10 @@ opset API, in the patterns the CPU plugin fuses (those of optimum-intel's export
 
 Interface (batch 1): input_ids int64 [1, S], attention_mask int64 [1, past + S] (ones),
 position_ids int64 [1, S], beam_idx int32 [1] (zero), logits_to_keep int64 [1] ->
-logits float32 [1, logits_to_keep, vocab]. States `past_key_values.{i}.key|value`.
+logits float32 [1, logits_to_keep, vocab]. States `past_key_values.{i}.key|value`. Nothing in
+the graph fixes the batch to 1 but that interface, so OpenVINO's SDPA-to-PagedAttention rewrite
+(which makes every token of a pass a batch row) yields a model that decodes several rows at once
+(`infopt.runtimes.openvino.runtime.PagedOpenVINORuntime`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from infopt.core.model import Block, Decoder, LowRankLinear, rope_angles, rope_k
 from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear, stacked, unpack_int4
 from infopt.errors import InvalidArgumentError
 from infopt.runtimes.base import Exported
-from infopt.runtimes.openvino import TARGET
+from infopt.runtimes.openvino import PAGED, TARGET
 
 XML, BIN = "openvino_model.xml", "openvino_model.bin"
 
@@ -205,7 +208,7 @@ def _attention(x: Any, block: Block, i: int, ctx: dict[str, Any], sinks: list[An
         scores = _soft_cap(scores, a.softcap)
         out = ops.matmul(ops.softmax(ops.add(scores, mask), -1), v_all, False, False)
     out = ops.transpose(out, ops.constant(np.array([0, 2, 1, 3], np.int64)))
-    out = ops.reshape(out, ops.constant(np.array([1, -1, a.n_heads * d], np.int64)), False)
+    out = ops.reshape(out, ops.constant(np.array([0, 0, a.n_heads * d], np.int64)), True)
     return _linear(out, a.o_proj, f"layers.{i}.o")
 
 
@@ -305,6 +308,10 @@ def build_model(model: Decoder, max_context: int) -> Any:
         if (norm := block.mlp_out_norm) is not None:
             h = _rms_norm(h, norm.weight, eps)
         x = ops.add(x, h)
+    # the last logits_to_keep tokens of the pass: in PagedAttention's layout (OpenVINO's
+    # rewrite for several rows: batch = the pass's tokens, one each) they lie along the batch
+    # axis, so both layouts flatten to [1, tokens, hidden] first
+    x = ops.reshape(x, _i64(1, -1, spec.hidden_size), False)
     start = ops.negative(params["logits_to_keep"])
     x = ops.slice(
         x,
@@ -345,6 +352,8 @@ def artifact(core: Decoder, max_context: int, prefix: str = "") -> Exported:
         "kv_dtype": "the plan's (kv_cache.dtype), set when the CPU plugin compiles it",
         "requires": TARGET.installed_requirement(),
         "states": "past_key_values.%d.key / past_key_values.%d.value",
+        # several slots: the runtime applies OpenVINO's SDPA-to-PagedAttention rewrite at load
+        "batching": PAGED,
         "inputs": ["input_ids", "attention_mask", "position_ids", "beam_idx", "logits_to_keep"],
     }
     return entry, {f"{prefix}{XML}": lambda path: export_openvino(core, path, max_context)}

@@ -39,7 +39,7 @@ def cache_root() -> Path:
 # Raised whenever an exporter's output changes within one release (e.g. graphs gained a batch
 # dimension, or stacked q/k/v into one matrix), so that entries converted before are
 # converted again.
-CONVERTER_REVISION = 3
+CONVERTER_REVISION = 4
 
 
 def entry_key(sha256: str, runtime: str) -> str:

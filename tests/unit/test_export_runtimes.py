@@ -31,6 +31,7 @@ from tests.conftest import ARCH_CONFIGS, hf_model, save_hf_folder
 TOKENS = [5, 17, 42, 99, 3, 250, 77, 8, 120, 64, 11, 12, 13, 14, 15, 16, 17, 18]
 EXPORTERS = {"onnxruntime": ort_rt.from_model, "openvino": ov_rt.from_model}
 PROMPT = [{"role": "user", "content": "hello there"}]
+GREEDY = {"stop_token_ids": [], "temperature": 0}
 
 
 def core_of(folder: Path) -> Any:
@@ -352,6 +353,36 @@ def test_the_wrong_package_version_or_a_missing_package_is_refused(
         infopt.load(b)
     with pytest.raises(RuntimeNotAvailableError, match=r"pip install 'infopt\[openvino\]'"):
         infopt.load(b, runtime="openvino")
+
+
+def test_an_openvino_bundle_batches_its_slots_unless_built_before_paged_batching(
+    multi_bundle: Path, tmp_path: Path
+) -> None:
+    """Slots on an OpenVINO bundle run its IR in PagedAttention form, batched, each request's
+    greedy tokens those it gets alone (fp32); a bundle without the "batching" entry (built
+    before it) keeps one slot, whose requests take turns."""
+    alone = infopt.load(multi_bundle, runtime="openvino", max_context=64)
+    assert not alone.runtime.batched
+    m = infopt.load(multi_bundle, runtime="openvino", max_context=64, slots=3)
+    assert m.runtime.batched and m.slots == 3
+    prompts = [PROMPT, PROMPT * 3, "Once upon a time"]
+    expected = [alone.generate(p, max_new_tokens=12, **GREEDY).token_ids for p in prompts]
+    streams = [m.stream(p, max_new_tokens=12, **GREEDY) for p in prompts]
+    live = list(streams)
+    while live:  # round-robin from one thread: all three decode together
+        for s in list(live):
+            if next(s, None) is None:
+                live.remove(s)
+    assert [s.result.token_ids for s in streams] == expected
+    assert m.engine.largest_batch >= 2  # joined a running batch
+    b = tmp_path / "b"
+    shutil.copytree(multi_bundle, b)
+    manifest = json.loads((b / MANIFEST).read_text())
+    del manifest["artifacts"]["openvino"]["batching"]
+    (b / MANIFEST).write_text(json.dumps(manifest))
+    old = infopt.load(b, runtime="openvino", max_context=64, slots=3)
+    assert not old.runtime.batched and old.slots == 1
+    assert old.generate(prompts[1], max_new_tokens=12, **GREEDY).token_ids == expected[1]
 
 
 def test_version_ranges() -> None:

@@ -435,12 +435,12 @@ def test_tool_calls_through_the_api(client: Any, local: Any) -> None:
         )
 
 
-def test_a_one_slot_runtime_says_so_at_start(long_gguf: Path, tmp_path: Path) -> None:
-    """OpenVINO's stateful graph holds one KV state: asked for three slots, the server says it
+def test_a_one_slot_runtime_says_so_at_start(tiny_tflite_bundle: Path, tmp_path: Path) -> None:
+    """LiteRT's fixed-shape graph holds one KV state: asked for three slots, the server says it
     grants one (and no "1 slots"), and a note on stderr says where the others wait."""
     log = tmp_path / "stderr.txt"
-    cmd = [sys.executable, "-m", "infopt.cli", "serve", str(long_gguf), "--port", "0"]
-    cmd += ["--runtime", "openvino", "--context", "256", "--slots", "3"]
+    cmd = [sys.executable, "-m", "infopt.cli", "serve", str(tiny_tflite_bundle), "--port", "0"]
+    cmd += ["--slots", "3"]
     with log.open("w") as err:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
@@ -453,6 +453,6 @@ def test_a_one_slot_runtime_says_so_at_start(long_gguf: Path, tmp_path: Path) ->
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
-    assert "(openvino, 1 slot) at http://" in line, (line, log.read_text())
-    assert "note: openvino takes 1 request at a time" in log.read_text()
+    assert "(tflite, 1 slot) at http://" in line, (line, log.read_text())
+    assert "note: tflite takes 1 request at a time" in log.read_text()
     assert "not the 3 of --slots" in log.read_text()

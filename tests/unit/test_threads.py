@@ -47,7 +47,7 @@ def test_eight_threads_sharing_a_one_slot_model_get_the_serial_results(
     eight_threads(load_tiny(runtime, 64))
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch", "openvino"])
 def test_eight_threads_batched_on_four_slots_get_the_serial_results(
     tiny_gguf: Path, runtime: str
 ) -> None:
@@ -57,7 +57,7 @@ def test_eight_threads_batched_on_four_slots_get_the_serial_results(
     assert m.engine.batched_passes > 0  # they did run together
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch", "openvino"])
 def test_a_batch_of_eight_equals_each_request_alone_on_fp32(tiny_gguf: Path, runtime: str) -> None:
     """Requests of different lengths joining one running batch: every greedy output is token for
     token the one it gets alone (fp32 weights: the batched pass computes the same sums)."""
@@ -116,7 +116,14 @@ def test_a_closed_stream_frees_its_slot_for_a_waiting_caller(tiny_gguf: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("runtime", "blocks"), [("onnxruntime", "f32"), ("pytorch", "f32"), ("onnxruntime", "q4_1")]
+    ("runtime", "blocks"),
+    [
+        ("onnxruntime", "f32"),
+        ("pytorch", "f32"),
+        ("openvino", "f32"),
+        ("onnxruntime", "q4_1"),
+        ("openvino", "q4_1"),
+    ],
 )
 def test_the_prefix_cache_serves_a_chat_s_next_turn(
     tiny_gguf: Path, tiny_gguf_q41: Path, runtime: str, blocks: str
