@@ -57,14 +57,22 @@ def test_eight_threads_batched_on_four_slots_get_the_serial_results(
     assert m.engine.batched_passes > 0  # they did run together
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "pytorch", "openvino"])
-def test_a_batch_of_eight_equals_each_request_alone_on_fp32(tiny_gguf: Path, runtime: str) -> None:
+@pytest.mark.parametrize(
+    ("runtime", "blocks"),
+    [("onnxruntime", "f32"), ("pytorch", "f32"), ("openvino", "f32"), ("openvino", "q4_1")],
+)
+def test_a_batch_of_eight_equals_each_request_alone(
+    tiny_gguf: Path, tiny_gguf_q41: Path, runtime: str, blocks: str
+) -> None:
     """Requests of different lengths joining one running batch: every greedy output is token for
-    token the one it gets alone (fp32 weights: the batched pass computes the same sums)."""
-    alone_model = infopt.load(tiny_gguf, runtime=runtime, max_context=128)
+    token the one it gets alone (fp32 weights, or Q4_1 blocks with exact numerics: the batched
+    pass computes the same sums)."""
+    path = tiny_gguf if blocks == "f32" else tiny_gguf_q41
+    settings = {} if blocks == "f32" else {"numerics": "exact"}
+    alone_model = infopt.load(path, runtime=runtime, max_context=128, **settings)
     prompts = [p * (1 + i % 3) for i, p in enumerate(PROMPTS * 2)]
     alone = [alone_model.generate(p, max_new_tokens=24, **GREEDY).token_ids for p in prompts]
-    m = infopt.load(tiny_gguf, runtime=runtime, max_context=128, slots=8)
+    m = infopt.load(path, runtime=runtime, max_context=128, slots=8, **settings)
     streams = [m.stream(p, max_new_tokens=24, **GREEDY) for p in prompts]
     # read round-robin from one thread: every stream open at once, joining as it is first read
     live = list(streams)
