@@ -13,9 +13,10 @@ the pipelines and their settings differ:
   last position's logits, as infopt asks while decoding);
 - the tokenizer and detokenizer models of the peers' OpenVINO folder (the same model's
   tokenizer, converted by openvino_tokenizers), with its config files;
-- GenAI's stateful pipeline (ATTENTION_BACKEND=SDPA). Its default, PagedAttention, rewrites the
-  graph's attention by pattern, and the rewritten infopt graph fails at its first
-  PagedAttention node (a shape mismatch), so it is not used for this row.
+- GenAI's stateful pipeline (ATTENTION_BACKEND=SDPA), as infopt's runtime runs one slot. Its
+  default, PagedAttention, is the form infopt's runtime takes for several slots (the IR
+  rewritten by OpenVINO's SDPA-to-PagedAttention transformation); `batch_bench --runtime
+  openvino` compares that one with GenAI's continuous batching.
 
 Also measured, as in the runtime table: GenAI on its own model with its default backend. Every
 figure is the median of `--repeat` alternating rounds, each system in a fresh process, so the
