@@ -12,7 +12,7 @@ from pathlib import Path
 from infopt.bundle import verify_bundle
 from infopt.errors import BundleError
 
-KILLS = 20
+KILLS = 10
 
 
 def start_build(model: Path, out: Path) -> subprocess.Popen[bytes]:

@@ -14,7 +14,7 @@ import pytest
 from infopt.tools.fuzz import READERS, Seeds, run_case
 
 LEGACY = Path(__file__).parents[1] / "data" / "legacy" / "tiny-v1"
-CASES = {"gguf": 60, "hf": 60, "safetensors": 60, "manifest": 80, "archive": 40, "template": 80}
+CASES = {"gguf": 60, "hf": 60, "safetensors": 60, "manifest": 40, "archive": 40, "template": 80}
 
 
 @pytest.fixture(scope="module")
