@@ -82,24 +82,28 @@ def hf_tokenizer(gguf_path: Path):  # type: ignore[no-untyped-def]
 
 ROOT = Path(__file__).resolve().parents[2]
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-# Run in a fresh environment: infopt.load(BUNDLE), 24 greedy tokens of QUESTION, as JSON; fails
-# if any module named after the bundle path can be imported there.
+# Run in a fresh environment: infopt.load(BUNDLE, max_context=CONTEXT), 24 greedy tokens of
+# QUESTION, as JSON; fails if any module named after those two arguments can be imported there.
 GENERATE = f"""
 import importlib.util, json, sys, infopt
-absent = [m for m in sys.argv[2:] if importlib.util.find_spec(m) is not None]
+absent = [m for m in sys.argv[3:] if importlib.util.find_spec(m) is not None]
 assert not absent, absent
-m = infopt.load(sys.argv[1], max_context=256, threads=2)
+m = infopt.load(sys.argv[1], max_context=int(sys.argv[2]), threads=2)
 r = m.generate({QUESTION!r}, max_new_tokens=24)
 print(json.dumps({{'ids': r.token_ids, 'text': r.text, 'runtime': m.runtime.name}}))
 """
 
 
 def fresh_env_generate(
-    tmp_path: Path, bundle: Path, requirements: list[str], absent: list[str]
+    tmp_path: Path,
+    bundle: Path,
+    requirements: list[str],
+    absent: list[str],
+    max_context: int = 256,
 ) -> dict[str, Any]:
     """Install infopt from its sources (no venv, no build tree) and `requirements` into a new
     virtual environment, check that the modules `absent` cannot be imported there, and run
-    GENERATE on `bundle` in it, outside the repository."""
+    GENERATE on `bundle` (loaded with `max_context`) in it, outside the repository."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -111,11 +115,11 @@ def fresh_env_generate(
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, *requirements, str(src)], check=True, timeout=900)
     run = subprocess.run(
-        [str(venv / "bin" / "python"), "-c", GENERATE, str(bundle), *absent],
-        check=True,
+        [str(venv / "bin" / "python"), "-c", GENERATE, str(bundle), str(max_context), *absent],
         capture_output=True,
         text=True,
         timeout=600,
         cwd=tmp_path,  # not the repository: the installed infopt is the one imported
     )
+    assert run.returncode == 0, run.stderr[-3000:]
     return dict(json.loads(run.stdout.strip().splitlines()[-1]))

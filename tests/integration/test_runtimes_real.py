@@ -16,8 +16,16 @@ from infopt.tools.runtime_check import Reference, compare
 
 @pytest.fixture(scope="module")
 def matrix(module_dir: Path, fp32_bundle: Path) -> dict[str, str]:
-    # the session's fp32 bundle (its self-draft is not loaded: runtime_check decodes plainly)
-    return {"fp32": str(fp32_bundle), **dict(build_matrix(module_dir, labels=("int8", "int4")))}
+    """The session's fp32 bundle (its self-draft is not loaded: runtime_check decodes plainly),
+    and the INT8 and INT4 ones, built at once in processes of their own (their exports are
+    single-threaded for the most part)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(build_matrix, module_dir, labels=(q,)) for q in ("int8", "int4")]
+        built = [pair for job in jobs for pair in job.result()]
+    return {"fp32": str(fp32_bundle), **dict(built)}
 
 
 def test_fp32_bundles_generate_the_pytorch_tokens(

@@ -1,9 +1,9 @@
 """Speculative decoding on the default model: with and without speculation, identical greedy
 tokens over chat, code, summarization and rewriting prompts, long outputs that hit
 max_new_tokens, and stops (EOS, stop strings) that land inside accepted drafts; on ONNX Runtime,
-OpenVINO and PyTorch targets (the session's fp32 bundle; on PyTorch, the chat and rewriting
-prompts), with the bundle's INT4 self-draft (which runs on ONNX Runtime, its default on a CPU)
-and with prompt lookup."""
+OpenVINO and PyTorch targets (the session's fp32 bundle; on PyTorch, the chat prompt), with the
+bundle's INT4 self-draft (which runs on ONNX Runtime, its default on a CPU) and with prompt
+lookup."""
 
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ PROMPTS = {
 def test_greedy_output_is_the_targets_own(fp32_bundle: Path, runtime: str) -> None:
     m = infopt.load(fp32_bundle, runtime=runtime, threads=2)
     drafted = 0
-    # PyTorch's float32 decode is the slowest here: two of the four prompts, short and long
-    names = ("chat", "rewrite") if runtime == "pytorch" else tuple(PROMPTS)
+    # PyTorch's float32 decode is the slowest here: the chat prompt alone (the long outputs and
+    # the stops inside drafts run on the other two)
+    names = ("chat",) if runtime == "pytorch" else tuple(PROMPTS)
     for name in names:
         prompt = PROMPTS[name]
         n = 160 if name == "rewrite" else 64
