@@ -22,9 +22,10 @@ from infopt.runtimes.tflite import runtime as tfl_rt
 from tests.integration.conftest import QUESTION, fresh_env_generate
 
 # Every layer converts to the same operators, and the conversion's time grows with the layers
-# (a single-threaded trace: minutes for all 30 here), so the test converts the first four, with
-# the real vocabulary, widths, weights and tokenizer. The whole model's LiteRT bundles are what
-# `python -m infopt.tools.runtime_bench --tflite` builds, checks and measures.
+# (a single-threaded trace: minutes for all 30), so the test converts the first four, with the
+# real vocabulary, widths, weights and tokenizer. The whole model's LiteRT bundles are built and
+# measured by `python -m infopt.tools.runtime_bench --matrix DIR --tflite`, and compared with
+# the PyTorch runtime by `python -m infopt.tools.runtime_check --matrix DIR --tflite`.
 LAYERS = 4
 PROMPTS = [
     QUESTION,
@@ -58,7 +59,8 @@ def test_tflite_fp32_generates_the_pytorch_tokens(
         want = reference.generate(prompt, max_new_tokens=48)
         got = tflite.generate(prompt, max_new_tokens=48)
         assert want.finish_reason == "length" and got.token_ids == want.token_ids, prompt
-    # every signature's logits: a prompt longer than one prefill window, then decode steps
+    # generate() ran the prefill and decode signatures; all the logits of a prompt longer than
+    # one prefill window run the verify one, window after window
     ids = tflite.tokenizer.encode("The capital of France is Paris. " * 12)
     for model in shallow:
         model.runtime.reset()
