@@ -32,8 +32,8 @@ PROMPTS = {
 def test_greedy_output_is_the_targets_own(fp32_bundle: Path, runtime: str) -> None:
     m = infopt.load(fp32_bundle, runtime=runtime, threads=2)
     drafted = 0
-    # PyTorch's float32 decode is the slowest here: the chat prompt alone (the long outputs and
-    # the stops inside drafts run on the other two)
+    # PyTorch's float32 decode is the slowest here: the chat prompt alone (the long outputs run
+    # on the other two targets, the stops inside drafts on ONNX Runtime)
     names = ("chat",) if runtime == "pytorch" else tuple(PROMPTS)
     for name in names:
         prompt = PROMPTS[name]
