@@ -1,18 +1,18 @@
-"""Bundles of the default model: built for three devices, loaded, generating; and the host bundle
-(ONNX Runtime or OpenVINO) run in a fresh virtual environment holding only infopt and the package
-its manifest asks for: no torch, no transformers."""
+"""Bundles of the default model: built for two devices, loaded, generating; the plan for a third
+(the Apple Neural Engine); and the host bundle (ONNX Runtime or OpenVINO) run in a fresh virtual
+environment holding only infopt and the package its manifest asks for: no torch, no
+transformers."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 import infopt
 from infopt.bundle import verify_bundle
-from infopt.bundle.build import build
-from infopt.runtimes.coreml.check import check_package
+from infopt.bundle.build import build, make_plan
+from infopt.importers import open_model
 from tests.integration.conftest import QUESTION, fresh_env_generate
 
 
@@ -20,7 +20,7 @@ from tests.integration.conftest import QUESTION, fresh_env_generate
 def bundles(module_dir: Path, gguf_path: Path) -> dict[str, Path]:
     root = module_dir
     out = {}
-    for device in ("host", "apple-ane", "rtx4090-24gb"):
+    for device in ("host", "rtx4090-24gb"):
         out[device] = root / device
         build(gguf_path, out[device], device=device)
     return out
@@ -34,10 +34,6 @@ def test_default_model_bundles_plan_load_and_answer(
     for device, path in bundles.items():
         m = verify_bundle(path)
         plans[device] = (m["plan"]["compression"]["name"], m["runtime"]["name"])
-        if m["runtime"]["name"] == "coreml" and sys.platform != "darwin":
-            with pytest.raises(infopt.UnsupportedPlatformError, match="macOS"):
-                infopt.load(path)
-            continue  # Core ML predicts only on macOS: its package is checked below
         runtime = None if m["runtime"]["artifact_built"] else "pytorch"
         # the host bundle keeps the file's blocks: with float32 activations they compute what
         # the reference computes, where the fast kernels' int8 activations may part from it
@@ -48,17 +44,17 @@ def test_default_model_bundles_plan_load_and_answer(
         if device == "host":  # the file's own values, like the reference: the very same tokens
             assert answer.token_ids == expected.token_ids
     assert plans["host"] == ("int4m-g32 as stored in the file", "onnxruntime")
-    assert plans["apple-ane"] == ("fp16", "coreml")
     assert plans["rtx4090-24gb"][1] == "pytorch"
-    ane = verify_bundle(bundles["apple-ane"])
-    assert ane["plan"]["static_shapes"] and ane["kv_cache"]["dtype"] == "fp16"
-    # the .mlpackage read back: what the manifest says, one attention per layer, fp16 weights
-    package = check_package(bundles["apple-ane"], ane["artifacts"]["coreml"])
-    assert package["attention_ops"] == 30 and package["quantized_weights"] == {}
-    assert (
-        ane["model"]["source"]["sha256"]
-        == verify_bundle(bundles["host"])["model"]["source"]["sha256"]
-    )
+
+
+def test_default_model_plan_for_the_neural_engine(gguf_path: Path) -> None:
+    # Converting all 30 layers to Core ML is a long single-threaded trace, and this machine cannot
+    # run the package: what a Neural Engine bundle holds is checked on the tiny model
+    # (tests/unit/test_coreml.py), the graph it is converted from on this model's core
+    # (test_mobile_real.py). Here: what the planner picks for it.
+    plan = make_plan(open_model(gguf_path), "apple-ane", None, 1, None)
+    assert (plan.compression["name"], plan.runtime) == ("fp16", "coreml")
+    assert plan.static_shapes and plan.compression["kv_dtype"] == "fp16"
 
 
 def test_the_host_bundle_runs_in_a_fresh_env_without_torch(

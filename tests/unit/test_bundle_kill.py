@@ -12,7 +12,7 @@ from pathlib import Path
 from infopt.bundle import verify_bundle
 from infopt.errors import BundleError
 
-KILLS = 10
+KILLS = 6
 
 
 def start_build(model: Path, out: Path) -> subprocess.Popen[bytes]:
