@@ -73,7 +73,11 @@ def _decompressed(qw: QuantizedWeight) -> Any:
         return ops.convert(w, ov.Type.f32)
     codes = unpack_int4(qw.qweight).cpu().numpy().reshape(shape)  # 0..15
     scale = ops.constant(np.ascontiguousarray(qw.scales.cpu().numpy()).reshape(out, groups, 1))
-    if qw.scheme.offset:  # codes times scales; the offsets are a term of their own
+    # Q4_1's offsets are a term of their own. Float zero points z = -m/d (w = d·(q - z)) would
+    # also be exact and spare that term while decoding, but the CPU plugin does not quantize
+    # activations dynamically before weights with float zero points, so several-token passes
+    # (prefill) lose its int8 kernels and slow down by more than decoding gains.
+    if qw.scheme.offset:  # codes times scales
         w = ops.multiply(ops.convert(_low_bit(codes, "u4"), f16), scale)
     elif qw.zeros is None:  # symmetric: the zero-point is 8, so the codes are signed nibbles
         signed = _low_bit(codes.astype(np.int8) - 8, "i4")
