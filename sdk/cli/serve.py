@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -182,11 +183,21 @@ def serve(
             err=True,
         )
     click.echo("Ctrl-C stops it.", err=True)
-    # uvicorn re-raises the Ctrl-C once it has shut down cleanly, unless the process started
-    # with SIGINT ignored (a background job of a shell): then it just returns
-    with contextlib.suppress(KeyboardInterrupt):
-        run_server(app, sock)
+    # uvicorn shuts down cleanly on Ctrl-C or SIGTERM, then re-raises the signal to the handler
+    # it found: SIGTERM's (systemd, `docker stop`) is made Ctrl-C's, so either ends here, with
+    # "stopped" and status 0, not in a kill by the default handler. A process started with
+    # SIGINT ignored (a background job of a shell) gets nothing re-raised for it: it returns.
+    previous = signal.signal(signal.SIGTERM, _as_ctrl_c)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run_server(app, sock)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo("stopped", err=True)
+
+
+def _as_ctrl_c(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -437,7 +437,8 @@ def test_tool_calls_through_the_api(client: Any, local: Any) -> None:
 
 def test_a_one_slot_runtime_says_so_at_start(tiny_tflite_bundle: Path, tmp_path: Path) -> None:
     """LiteRT's fixed-shape graph holds one KV state: asked for three slots, the server says it
-    grants one (and no "1 slots"), and a note on stderr says where the others wait."""
+    grants one (and no "1 slots"), and a note on stderr says where the others wait. SIGTERM, as
+    systemd or `docker stop` sends it, stops it as Ctrl-C does: "stopped", status 0."""
     log = tmp_path / "stderr.txt"
     cmd = [sys.executable, "-m", "infopt.cli", "serve", str(tiny_tflite_bundle), "--port", "0"]
     cmd += ["--slots", "3"]
@@ -445,10 +446,10 @@ def test_a_one_slot_runtime_says_so_at_start(tiny_tflite_bundle: Path, tmp_path:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         line = _first_line(process.stdout, timeout=120)
-        if "http://" in line:  # up (the note came before): Ctrl-C once it answers, as a user
+        if "http://" in line:  # up (the note came before): stopped once it answers
             Server(process, line.split(" at ")[1].split("/ ")[0], log).health()
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
@@ -456,3 +457,4 @@ def test_a_one_slot_runtime_says_so_at_start(tiny_tflite_bundle: Path, tmp_path:
     assert "(tflite, 1 slot) at http://" in line, (line, log.read_text())
     assert "note: tflite takes 1 request at a time" in log.read_text()
     assert "not the 3 of --slots" in log.read_text()
+    assert process.returncode == 0 and log.read_text().rstrip().endswith("stopped")
