@@ -38,6 +38,7 @@ from infopt.decode.generate import (
     Stats,
     TextStream,
     check_request,
+    check_settings,
     generate_options,
     stream_responses,
 )
@@ -238,6 +239,7 @@ class Model:
         **settings: Any,
     ) -> TextStream:
         """Text deltas as they are generated. Settings as in `generate`."""
+        check_settings(settings)
         opts = replace(generate_options(options), **settings)
         params = opts.sampling(self.defaults)
         stops = opts.stop_strings()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from numbers import Integral
 from typing import Any
 
@@ -99,8 +99,26 @@ def generate_options(options: GenerateOptions | Mapping[str, Any] | None) -> Gen
     if isinstance(options, GenerateOptions):
         return options
     if isinstance(options, Mapping):
+        check_settings(options)
         return GenerateOptions(**options)
     raise TypeError(f"options={options!r}: expected GenerateOptions, a dict of its fields, or None")
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """A TypeError naming an unknown setting of `generate()` / `stream()`, the nearest known
+    one, and all of them (not the dataclass's own message, which names a class users never
+    see)."""
+    import difflib
+
+    known = [f.name for f in fields(GenerateOptions)]
+    for name in settings:
+        if name not in known:
+            near = difflib.get_close_matches(str(name), known, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise TypeError(
+                f"generate() got an unknown setting {name!r}{hint}; the settings are: "
+                + ", ".join(known)
+            )
 
 
 @dataclass

@@ -151,7 +151,9 @@ def test_bad_input_is_typed(tok: Tokenizer) -> None:
         m.generate("Hi there", max_new_tokens=20)
     with pytest.raises(ContextLengthError):
         m.stream("Hi there", max_new_tokens=20)  # raised at the call, not at the first next()
-    with pytest.raises(TypeError, match="temprature"):
+    # named as the caller wrote it, with the nearest setting: not the dataclass's own message
+    unknown = r"generate\(\) got an unknown setting 'temprature' \(did you mean 'temperature'\?\)"
+    with pytest.raises(TypeError, match=unknown):
         m.generate("Hi", temprature=0.5)  # type: ignore[call-arg]
     with pytest.raises(InvalidArgumentError, match="prompt must be"):
         m.generate(42)  # type: ignore[arg-type]
@@ -215,7 +217,7 @@ def test_generate_and_stream_share_one_options_type(tiny_gguf: Path) -> None:
         m.generate("hello", opts, max_tokens=3)
     as_dict = m.generate("hello", {"max_new_tokens": 5, "stop_token_ids": []})
     assert as_dict.token_ids == whole.token_ids
-    with pytest.raises(TypeError, match="max_tokens"):
+    with pytest.raises(TypeError, match="'max_tokens' .*the settings are: max_new_tokens, "):
         m.generate("hello", {"max_tokens": 3})
     with pytest.raises(TypeError, match="options=5: expected GenerateOptions"):
         m.generate("hello", 5)  # type: ignore[arg-type]
