@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -154,10 +154,15 @@ class SpeculativeStats:
     draft_tokens: int = 0  # the draft length in use at the end
     switched_off: int = 0  # times speculation measured no gain and stopped
     exact: bool = True  # the target computes a k+1-token pass exactly as k+1 single steps
-    target_tokens_per_s: float = 0.0  # the target alone, measured in this call
-    speculative_tokens_per_s: float = 0.0  # tokens per second of the speculative passes
-    _spec_time: float = 0.0
-    _spec_tokens: int = 0
+    # tokens per second of this call's plain steps (the target alone) and of its speculative
+    # ones, each step timed from its start to the next one's (the caller's handling of the
+    # tokens it yielded included, which speculation does not shorten)
+    target_tokens_per_s: float = 0.0
+    speculative_tokens_per_s: float = 0.0
+    # [seconds, tokens] of the plain steps and of the speculative ones
+    _walls: dict[bool, list[float]] = field(
+        default_factory=lambda: {False: [0.0, 0.0], True: [0.0, 0.0]}, repr=False
+    )
 
     @property
     def acceptance_rate(self) -> float:
@@ -165,10 +170,24 @@ class SpeculativeStats:
 
     @property
     def speedup(self) -> float:
-        """Estimated: speculative passes' tokens/s over the target's own tokens/s."""
+        """Estimated: this call's decode tokens/s, its plain steps (the first ones among them,
+        which time the target) and speculative steps together, over the plain steps' alone;
+        what decoding the same tokens without a draft would have been slower by."""
         if not self.target_tokens_per_s or not self.speculative_tokens_per_s:
             return 0.0
-        return self.speculative_tokens_per_s / self.target_tokens_per_s
+        seconds = self._walls[False][0] + self._walls[True][0]
+        tokens = self._walls[False][1] + self._walls[True][1]
+        return tokens / seconds / self.target_tokens_per_s
+
+    def step_done(self, seconds: float, speculative: bool, tokens: int) -> None:
+        """One decode step, timed from its start to the next one's."""
+        wall = self._walls[speculative]
+        wall[0], wall[1] = wall[0] + seconds, wall[1] + tokens
+        rate = wall[1] / max(wall[0], 1e-9)
+        if speculative:
+            self.speculative_tokens_per_s = rate
+        else:
+            self.target_tokens_per_s = rate
 
     def to_dict(self) -> dict[str, float | int | str]:
         return {
@@ -225,9 +244,14 @@ def speculative_step(
     yield first
     drafter.prefill(context)  # not in the timed passes: a one-off, as the target's prefill
     produced, plain_time, plain_n, off_until = 1, 0.0, 0, 0
+    target_rate = 0.0  # the target's own passes per second, which the draft length is chosen by
+    last: tuple[float, bool, int] | None = None  # the step before: start, speculative?, tokens
     trial_steps, trial_time, trial_tokens = 0, 0.0, 0  # since speculation was last (re)started
     length = DraftLength()
     while True:
+        now = time.perf_counter()
+        if last is not None:
+            stats.step_done(now - last[0], last[1], last[2])
         budget = target.max_context - target.position - 1
         if max_new_tokens is not None:
             budget = min(budget, max_new_tokens - produced - 1)
@@ -238,8 +262,9 @@ def speculative_step(
             if plain_n < PROBE_STEPS:  # the target's own speed: the mean of a few steps
                 plain_n += 1
                 plain_time = dt if plain_n == 1 else plain_time + dt
-                stats.target_tokens_per_s = plain_n / max(plain_time, 1e-9)
+                target_rate = plain_n / max(plain_time, 1e-9)
             stats.plain_steps += 1
+            last = (now, False, 1)
             token = _chosen(constraint, logits, params, rng, context if penalize else ())
             context.append(token)
             produced += 1
@@ -260,22 +285,20 @@ def speculative_step(
         stats.verify_steps += 1
         stats.drafted += len(drafts)
         stats.accepted += j
-        stats._spec_time += dt
-        stats._spec_tokens += j + 1
-        stats.speculative_tokens_per_s = stats._spec_tokens / max(stats._spec_time, 1e-9)
+        last = (now, True, j + 1)
         trial_steps += 1
         trial_time += dt
         trial_tokens += j + 1
         predicted = 1.0
         if adaptive:
-            step_s = 1.0 / stats.target_tokens_per_s
+            step_s = 1.0 / target_rate
             length.update(len(drafts), j, t1 - t0, t0 + dt - t1, step_s)
             k, predicted = length.best(step_s)
         stats.draft_tokens = k
         if (
             adaptive
             and trial_steps >= MIN_TRIAL
-            and trial_tokens / max(trial_time, 1e-9) < stats.target_tokens_per_s
+            and trial_tokens / max(trial_time, 1e-9) < target_rate
             and predicted < 1.0
         ):  # no gain, measured and predicted: plain decoding for a while, then a fresh trial
             stats.switched_off += 1  # each failed trial waits twice as long as the last

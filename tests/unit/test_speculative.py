@@ -405,6 +405,34 @@ def test_the_draft_length_follows_acceptance_and_cost() -> None:
     assert runs.best(step_s=1.0)[0] >= 6
 
 
+def test_the_speedup_counts_the_time_speculation_cannot_shorten(load_tiny: Any) -> None:
+    """The estimate ("~Nx the model alone") times each step up to the next one, the caller's
+    handling of the tokens included: a caller slower than the model's passes (a terminal, a
+    network) gains nothing from several tokens a pass, and the estimate says about 1x, where
+    timing the passes alone claimed several times."""
+    import time
+
+    from infopt.decode.sampling import SamplingParams
+
+    target = load_tiny("onnxruntime", 96)
+    draft = load_tiny("onnxruntime", 96)  # the same model: every draft is kept
+    ids = target.tokenizer.encode("hello there, tell me about the sea")
+    stats = SpeculativeStats()
+    steps = speculative_step(
+        target.runtime,
+        ModelDrafter(draft.runtime),
+        ids,
+        SamplingParams(temperature=0.0),
+        num_draft_tokens=4,
+        stats=stats,
+        max_new_tokens=40,
+    )
+    for _, _token in zip(range(40), steps, strict=False):
+        time.sleep(0.01)  # the caller's work per token, well above a pass of the tiny model
+    assert stats.accepted == stats.drafted > 0 and stats.plain_steps >= 3
+    assert 0.7 < stats.speedup < 1.3, stats.to_dict()
+
+
 def test_the_benchmarks_bound_on_any_draft_length_schedule() -> None:
     from infopt.tools.spec_bench import cost_for, draft_runs, fixed_speedup, oracle_speedup
 
