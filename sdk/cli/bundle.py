@@ -53,7 +53,13 @@ key_option = click.option(
 )
 @quantize_option
 @click.option("--context", type=int, help="Tokens the KV cache must hold.")
-@click.option("--batch", type=int, default=1, show_default=True)
+@click.option(
+    "--batch",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Concurrent sequences the memory plan must fit (KV-cache rows; a server's --slots).",
+)
 @click.option("--latency-ms", type=float, help="Per-token decode latency target.")
 @click.option(
     "--calibration",

@@ -28,6 +28,9 @@ def list_entries(as_json: bool) -> None:
     if as_json:
         emit_json({"root": str(cache_root()), "entries": found})
         return
+    if not found:  # a title and no rows would read as a table that failed to print
+        click.echo(f"{cache_root()}: empty (a model file is converted there on first load)")
+        return
     total = sum(e["bytes"] for e in found) / 1e6
     title = f"{cache_root()}: {entries_phrase(len(found))}, {total:.1f} MB"
     cells = [

@@ -29,7 +29,8 @@ COMMANDS = """\
 /help         this list
 /exit         quit (Ctrl-D too)
 // sends a line that starts with / (//etc/hosts: "/etc/hosts").
-A line ending in \\ continues on the next line. Ctrl-C stops an answer."""
+In a terminal, a line ending in \\ continues on the next line (read from a pipe, each line
+is one message). Ctrl-C stops an answer."""
 HISTORY_LENGTH = 1000
 PROMPT = "\001\033[1;32m\002>>> \001\033[0m\002"  # \001 \002: readline's zero-width markers
 

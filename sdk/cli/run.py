@@ -259,9 +259,14 @@ def run(
     )
     if not as_json:
         wrote = False
-        for delta in stream:
-            click.echo(delta, nl=False)
-            wrote = wrote or bool(delta)
+        try:
+            for delta in stream:
+                click.echo(delta, nl=False)
+                wrote = wrote or bool(delta)
+        except KeyboardInterrupt:
+            if wrote:  # the answer's end on its own line: "interrupted" follows on stderr
+                click.echo()
+            raise
         if wrote or not stream.tool_calls:  # an answer that is only calls: no empty line
             click.echo()
         for call in stream.tool_calls:  # each on a line of its own: name, then its arguments

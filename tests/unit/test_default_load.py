@@ -175,6 +175,8 @@ def test_the_cache_commands_and_run_without_the_cache(
     assert json.loads(done.stdout)["token_ids"]  # stdout is the JSON alone
     listed = json.loads(runner.invoke(main, ["cache", "ls", "--json"]).stdout)
     assert listed["entries"] == [] and listed["root"] == str(empty_cache)
+    shown = runner.invoke(main, ["cache", "ls"]).stdout  # said, not a table with no rows
+    assert shown.startswith(f"{empty_cache}: empty") and "runtime" not in shown
     assert runner.invoke(main, args).exit_code == 0
     listed = json.loads(runner.invoke(main, ["cache", "ls", "--json"]).stdout)
     assert len(listed["entries"]) == 1 and listed["entries"][0]["bytes"] > 0
