@@ -201,9 +201,9 @@ WRAPPED_MIN = 24  # the narrowest a wrapped text column gets before a table turn
 def table(columns: Sequence[str], cells: Sequence[Sequence[object]], title: str = "") -> None:
     """A table on stdout, laid out by rich to the terminal's width (when stdout is not a
     terminal: $COLUMNS if set, else 160, so that a file or pipe gets one layout). Short cells
-    never wrap (their
-    headers do, when the table is too wide), long ones wrap in their column; a terminal too
-    narrow even for that gets one record per row instead, so that no column is squeezed out."""
+    never wrap (their headers do, when the table is too wide), long ones wrap in their column;
+    a terminal too narrow even for that gets one record per row instead, so that no column is
+    squeezed out."""
     from rich.console import Console
     from rich.table import Table
 
