@@ -199,15 +199,16 @@ WRAPPED_MIN = 24  # the narrowest a wrapped text column gets before a table turn
 
 
 def table(columns: Sequence[str], cells: Sequence[Sequence[object]], title: str = "") -> None:
-    """A table on stdout, laid out by rich to the terminal's width (when stdout is not a
-    terminal: $COLUMNS if set, else 160, so that a file or pipe gets one layout). Short cells
-    never wrap (their headers do, when the table is too wide), long ones wrap in their column;
-    a terminal too narrow even for that gets one record per row instead, so that no column is
+    """A table on stdout, laid out by rich to the terminal's width (160 columns when stdout is
+    not a terminal, whatever $COLUMNS says: a parent process may have exported it for a
+    terminal this output is not going to; a file or pipe gets one layout). Short cells never
+    wrap (their headers do, when the table is too wide), long ones wrap in their column; a
+    terminal too narrow even for that gets one record per row instead, so that no column is
     squeezed out."""
     from rich.console import Console
     from rich.table import Table
 
-    width = None if sys.stdout.isatty() else _columns(160)
+    width = None if sys.stdout.isatty() else 160
     console = Console(width=width, highlight=False, markup=False, soft_wrap=False)
     text = [[str(c) for c in row] for row in cells]
     widest = [max((len(row[i]) for row in text), default=0) for i in range(len(columns))]
@@ -235,12 +236,6 @@ def table(columns: Sequence[str], cells: Sequence[Sequence[object]], title: str 
     if title:  # on a line of its own: a table's title would wrap at the table's width
         print(title)
     print("\n".join(line.rstrip() for line in captured.get().splitlines()))
-
-
-def _columns(default: int) -> int:
-    """$COLUMNS as a width (a user's or a script's choice), else `default`."""
-    value = os.environ.get("COLUMNS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else default
 
 
 def _records(columns: Sequence[str], text: list[list[str]], title: str, width: int) -> None:
