@@ -108,11 +108,11 @@ def check_settings(settings: Mapping[str, Any]) -> None:
     """A TypeError naming an unknown setting of `generate()` / `stream()`, the nearest known
     one, and all of them (not the dataclass's own message, which names a class users never
     see)."""
-    import difflib
-
     known = [f.name for f in fields(GenerateOptions)]
     for name in settings:
         if name not in known:
+            import difflib
+
             near = difflib.get_close_matches(str(name), known, n=1)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise TypeError(

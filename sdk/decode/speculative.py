@@ -154,40 +154,44 @@ class SpeculativeStats:
     draft_tokens: int = 0  # the draft length in use at the end
     switched_off: int = 0  # times speculation measured no gain and stopped
     exact: bool = True  # the target computes a k+1-token pass exactly as k+1 single steps
-    # tokens per second of this call's plain steps (the target alone) and of its speculative
+    # seconds and tokens of this call's plain steps (the target alone) and of its speculative
     # ones, each step timed from its start to the next one's (the caller's handling of the
     # tokens it yielded included, which speculation does not shorten)
-    target_tokens_per_s: float = 0.0
-    speculative_tokens_per_s: float = 0.0
-    # [seconds, tokens] of the plain steps and of the speculative ones
-    _walls: dict[bool, list[float]] = field(
-        default_factory=lambda: {False: [0.0, 0.0], True: [0.0, 0.0]}, repr=False
-    )
+    _plain_s: float = field(default=0.0, repr=False)
+    _plain_n: int = field(default=0, repr=False)
+    _spec_s: float = field(default=0.0, repr=False)
+    _spec_n: int = field(default=0, repr=False)
 
     @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
+    def target_tokens_per_s(self) -> float:
+        """Tokens per second of the plain steps: the target alone, measured in this call."""
+        return self._plain_n / self._plain_s if self._plain_s else 0.0
+
+    @property
+    def speculative_tokens_per_s(self) -> float:
+        """Tokens per second of the speculative steps."""
+        return self._spec_n / self._spec_s if self._spec_s else 0.0
+
+    @property
     def speedup(self) -> float:
-        """Estimated: this call's decode tokens/s, its plain steps (the first ones among them,
-        which time the target) and speculative steps together, over the plain steps' alone;
-        what decoding the same tokens without a draft would have been slower by."""
+        """Estimated: this call's decode tokens/s (plain and speculative steps together) over
+        its plain steps' alone, i.e. how much slower the same tokens would have come without a
+        draft."""
         if not self.target_tokens_per_s or not self.speculative_tokens_per_s:
             return 0.0
-        seconds = self._walls[False][0] + self._walls[True][0]
-        tokens = self._walls[False][1] + self._walls[True][1]
-        return tokens / seconds / self.target_tokens_per_s
+        rate = (self._plain_n + self._spec_n) / (self._plain_s + self._spec_s)
+        return rate / self.target_tokens_per_s
 
     def step_done(self, seconds: float, speculative: bool, tokens: int) -> None:
         """One decode step, timed from its start to the next one's."""
-        wall = self._walls[speculative]
-        wall[0], wall[1] = wall[0] + seconds, wall[1] + tokens
-        rate = wall[1] / max(wall[0], 1e-9)
         if speculative:
-            self.speculative_tokens_per_s = rate
+            self._spec_s, self._spec_n = self._spec_s + seconds, self._spec_n + tokens
         else:
-            self.target_tokens_per_s = rate
+            self._plain_s, self._plain_n = self._plain_s + seconds, self._plain_n + tokens
 
     def to_dict(self) -> dict[str, float | int | str]:
         return {

@@ -412,8 +412,6 @@ def test_the_speedup_counts_the_time_speculation_cannot_shorten(load_tiny: Any) 
     timing the passes alone claimed several times."""
     import time
 
-    from infopt.decode.sampling import SamplingParams
-
     target = load_tiny("onnxruntime", 96)
     draft = load_tiny("onnxruntime", 96)  # the same model: every draft is kept
     ids = target.tokenizer.encode("hello there, tell me about the sea")
