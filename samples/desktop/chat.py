@@ -13,6 +13,7 @@ window, the oldest turns are dropped.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import infopt
 
@@ -45,6 +46,8 @@ def main() -> None:
             user = input("you> ").strip()
         except EOFError:
             break
+        if not sys.stdin.isatty():  # a terminal echoes what was typed; a pipe does not
+            print(user)
         if not user or user in ("/exit", "/quit"):
             break
         history = trim([*history, {"role": "user", "content": user}], model, args.max_new_tokens)

@@ -227,7 +227,8 @@ def test_the_offsets_probe_rewrites_only_what_it_says(tiny_gguf_q41: Path, tmp_p
             bundle = tmp_path / str(i)
             assert write_variant(source, bundle, variant) == terms
             graph = onnx.load(str(bundle / "model.onnx")).graph
-            extra = {"no offsets": -4 * terms, "fp16 offsets": 2 * terms}.get(variant, 0)
+            extra = {"no offsets": -4 * terms, "fp16 offsets": 2 * terms, "pooled sums": -terms}
+            extra = extra.get(variant, 0)
             assert len(graph.node) == nodes + extra
             out[variant] = infopt.load(bundle, numerics="exact").runtime.forward(ids)
         want = infopt.load(source, numerics="exact").runtime.forward(ids)
@@ -236,6 +237,8 @@ def test_the_offsets_probe_rewrites_only_what_it_says(tiny_gguf_q41: Path, tmp_p
     assert not np.allclose(out["one block"], want, atol=1e-2)
     # float16 offsets: equal where every offset is a float16 value (here all of them are)
     np.testing.assert_allclose(out["fp16 offsets"], want, atol=5e-2, rtol=1e-2)
+    # pooled sums: the same sums (as means, the offsets scaled to match), added in another order
+    np.testing.assert_allclose(out["pooled sums"], want, atol=1e-4, rtol=1e-4)
 
 
 def test_a_build_for_the_host_keeps_the_files_blocks(tiny_gguf_q41: Path, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The samples run: the desktop chat answers two turns on stdin, then quits; the mobile TFLite
-loop, written without infopt, gives infopt's own tokens from the bundle's manifest alone."""
+"""The samples run: the desktop chat answers two turns on stdin (echoed), then quits; the mobile
+TFLite loop, written without infopt, gives infopt's own tokens from the bundle's manifest alone."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def test_desktop_chat_runs_two_turns(tiny_gguf: Path, draft: list[str]) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 2
+    # piped input is echoed after its prompt, so each turn reads on its own lines
+    assert "you> hello\nassistant> " in proc.stdout
+    assert "you> and again\nassistant> " in proc.stdout
 
 
 def test_the_mobile_sample_needs_only_the_manifest(tiny_tflite_bundle: Path) -> None:
