@@ -52,15 +52,19 @@ key_option = click.option(
     "bundle (the first is the default).",
 )
 @quantize_option
-@click.option("--context", type=int, help="Tokens the KV cache must hold.")
+@click.option("--context", type=click.IntRange(min=1), help="Tokens the KV cache must hold.")
 @click.option(
     "--batch",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Concurrent sequences the memory plan must fit (KV-cache rows; a server's --slots).",
 )
-@click.option("--latency-ms", type=float, help="Per-token decode latency target.")
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Per-token decode latency target.",
+)
 @click.option(
     "--calibration",
     type=click.Path(exists=True, dir_okay=False),
@@ -240,8 +244,10 @@ def _signed(signer: str | None) -> str:
 @click.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
 @click.option("--runtime", help="Only this artifact (default: every runtime the bundle carries).")
-@click.option("--threads", type=int, default=2, show_default=True)
-@click.option("--repeat", type=int, default=3, show_default=True, help="Alternating rounds.")
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--repeat", type=click.IntRange(min=1), default=3, show_default=True, help="Alternating rounds."
+)
 @click.option("--compare", is_flag=True, help="Also run the peers (llama.cpp, ORT GenAI, ...).")
 @click.option(
     "--peers",

@@ -71,20 +71,24 @@ def devices(measure_bandwidth: bool, as_json: bool) -> None:
 )
 @click.option(
     "--context",
-    type=int,
+    type=click.IntRange(min=1),
     help=f"Tokens the KV cache must hold (default: min(model's, {DEFAULT_MAX_CONTEXT}), as "
     "`run` and `infopt.load` give it).",
 )
 @click.option(
     "--batch",
     "--slots",
-    type=int,
+    type=click.IntRange(min=1),
     default=1,
     show_default=True,
     help="Concurrent sequences: a server's --slots (each slot's KV cache of --context tokens "
     "also holds the prefix cache, so this counts both).",
 )
-@click.option("--latency-ms", type=float, help="Per-token decode latency target.")
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Per-token decode latency target.",
+)
 @click.option(
     "--scenario",
     type=click.Choice(["code-completion", "chat", "batch"]),
@@ -200,13 +204,23 @@ def plan(
     help="Largest perplexity increase over the uncompressed model, as a fraction (0.05: 5 %). "
     "Default 0.05 when --latency-ms is not given either.",
 )
-@click.option("--latency-ms", type=float, help="Per-token decode latency the plan must meet.")
+@click.option(
+    "--latency-ms",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Per-token decode latency the plan must meet.",
+)
 @click.option(
     "--context",
-    type=int,
+    type=click.IntRange(min=1),
     help=f"Tokens the KV cache must hold (default: min(model's, {DEFAULT_MAX_CONTEXT})).",
 )
-@click.option("--batch", type=int, default=1, show_default=True, help="Concurrent sequences.")
+@click.option(
+    "--batch",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Concurrent sequences.",
+)
 @executor_options("candidates")
 @click.option("--threads", type=int, default=1, show_default=True, help="Threads per candidate.")
 @click.option("--wide", is_flag=True, help="More candidates: INT4 tables, symmetric INT4, ...")

@@ -168,7 +168,10 @@ def generation_defaults(folder: Path) -> tuple[dict[str, Any], tuple[int, ...]]:
 def import_hf(folder: Path) -> tuple[ModelSpec, Tokenizer, Any, dict[str, Any]]:
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise ModelFormatError(f"{folder}: config.json is missing; not a Hugging Face model folder")
+        raise ModelFormatError(
+            f"{folder}: config.json is missing; not a Hugging Face model folder (nor an infopt "
+            "bundle: no manifest.json)"
+        )
     spec = spec_from_hf_config(read_json(config_path))
     defaults, eos_ids = generation_defaults(folder)
     if eos_ids:

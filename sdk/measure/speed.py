@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from infopt.errors import InfoptError, InvalidArgumentError
+from infopt.errors import InfoptError, InvalidArgumentError, RuntimeNotAvailableError
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 PREFILL, DECODE, TTFT_TOKENS = 512, 128, 32
@@ -238,17 +238,25 @@ def systems(
     ones where it has any (its other artifacts are there as their reference), in each of
     `numerics` the artifact has (Core ML and a quantized LiteRT model have no exact mode)."""
     from infopt.bundle import open_bundle
-    from infopt.runtimes.registry import targets
+    from infopt.runtimes.registry import target, targets
 
     out: list[tuple[str, str | None, str | None, str]] = []
     for label, bundle in bundles:
         opened = open_bundle(bundle)
+        carried = opened.runtimes
+        if runtime:  # refused here, as `run` refuses it, not inside each measuring process
+            known = target(runtime)
+            opened.artifact(runtime)
+            if not known.installed():
+                raise RuntimeNotAvailableError(
+                    f"runtime {runtime!r} ({known.title}) is not installed; install it with: "
+                    f"pip install 'infopt[{known.extra}]'"
+                )
         if opened.max_context < PREFILL:
             raise InvalidArgumentError(
                 f"{bundle}: a context of {opened.max_context} tokens; the measurement prefills "
                 f"{PREFILL}: build the bundle with --context {PREFILL} or more"
             )
-        carried = opened.runtimes
         found = [n for n, t in targets().items() if n in carried and t.runs_here()]
         mobile = [n for n in found if targets()[n].fixed_windows]
         for rt in [runtime] if runtime else mobile or found:
@@ -279,6 +287,9 @@ def bench(
     bundle paths (labelled by their names) or (label, path) pairs; `compare` adds the peers
     prepared in `peers`; `log` gets each measurement as it comes; `numerics`: the modes each
     artifact is measured in (`infopt.load`'s)."""
+    for name, value in (("repeat", repeat), ("threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidArgumentError(f"{name}={value!r}: must be a whole number, at least 1")
     pairs = [
         (str(b[0]), str(b[1])) if isinstance(b, tuple) else (Path(b).name, str(b)) for b in bundles
     ]

@@ -233,10 +233,10 @@ def plan(
             f"context={context!r}, batch={batch!r}, latency_ms={latency_ms!r}: context and batch "
             "must be integers, latency_ms a number"
         )
-    if context < 1 or batch < 1 or (latency_ms is not None and latency_ms <= 0):
-        raise InvalidArgumentError(
-            f"context={context}, batch={batch}, latency_ms={latency_ms}: must all be positive"
-        )
+    bad = [f"context={context}"] * (context < 1) + [f"batch={batch}"] * (batch < 1)
+    bad += [f"latency_ms={latency_ms}"] * (latency_ms is not None and latency_ms <= 0)
+    if bad:
+        raise InvalidArgumentError(f"{', '.join(bad)}: must be positive")
     if context > spec.max_position_embeddings:
         raise InvalidArgumentError(
             f"context={context} exceeds the model's trained context of "

@@ -78,6 +78,11 @@ def bad_values(g: str, root: Path) -> list[list[str]]:
         [*plan, "--quantize", "int3"],
         [*plan, "--batch", "0"],
         [*plan, "--latency-ms", "-1"],
+        [*build, out, "--context", "-5"],
+        [*build, out, "--batch", "0"],
+        ["bench", str(LEGACY), "--repeat", "0"],
+        ["bench", str(LEGACY), "--threads", "0"],
+        ["bench", str(LEGACY), "--runtime", "bogus"],
         ["build", g, "--plan", str(root / "plan.json"), "-o", out],
         ["build", g, "-o", out],
         [*build, str(root / "text.txt")],
@@ -144,3 +149,28 @@ def test_a_reader_that_leaves_ends_the_command_quietly() -> None:
     proc.stdout.close()  # before the child writes a byte: its first write finds no reader
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_bench_refuses_a_runtime_before_measuring(tmp_path: Path) -> None:
+    """`bench --runtime X` says what is wrong with X as `run` does (unknown, or not in the
+    bundle), at once, not as a failed measurement of a child process; bad counts are usage
+    errors naming the option."""
+    bundle = Path(shutil.copytree(LEGACY, tmp_path / "b"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["artifacts"]["openvino"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["bench", str(bundle), "--runtime", "bogus"])
+    assert result.exit_code == 1
+    assert "unknown runtime 'bogus'" in result.stderr and "measurement" not in result.stderr
+    result = CliRunner().invoke(main, ["bench", str(bundle), "--runtime", "openvino"])
+    assert result.exit_code == 1
+    assert "no 'openvino' artifact in this bundle" in result.stderr
+    assert "measurement" not in result.stderr
+    for option in ("--repeat", "--threads"):
+        result = CliRunner().invoke(main, ["bench", str(bundle), option, "0"])
+        assert result.exit_code == 2 and option in result.stderr
+    result = CliRunner().invoke(
+        main, ["build", str(bundle), "-d", "host", "--context", "-5", "-o", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "--context" in result.stderr
+    assert not (tmp_path / "o").exists()
