@@ -62,7 +62,10 @@ def devices(measure_bandwidth: bool, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("-m", "--model", help=MODEL_HELP + " A bare config.json is enough.")
+@click.argument("model_arg", metavar="[MODEL]", required=False)
+@click.option(
+    "-m", "--model", help=MODEL_HELP + " A bare config.json is enough. (Or give it as MODEL.)"
+)
 @click.option(
     "-d",
     "--device",
@@ -107,6 +110,7 @@ def devices(measure_bandwidth: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @friendly_errors
 def plan(
+    model_arg: str | None,
     model: str | None,
     device: str,
     context: int | None,
@@ -125,8 +129,11 @@ def plan(
       infopt-pack plan --device host
       infopt-pack plan --device host --quantize int4
       infopt-pack plan --model llama-2-70b/config.json --device rtx4090-24gb --context 4096
-      infopt-pack plan --model m.gguf --device apple-ane --scenario chat --json
+      infopt-pack plan m.gguf --device apple-ane --scenario chat --json
     """
+    if model_arg is not None and model is not None and model_arg != model:
+        raise click.UsageError(f"two models, {model_arg!r} and --model {model!r}: give one")
+    model = model if model is not None else model_arg
     from infopt.core.default_model import default_model_path
     from infopt.device_profiles import load_profile
     from infopt.importers import load_spec, stored_weights

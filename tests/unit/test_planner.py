@@ -509,6 +509,17 @@ def test_a_context_of_zero_is_refused_not_taken_for_the_default(tmp_path: Path) 
     )
 
 
+def test_plan_takes_the_model_as_an_argument_like_every_command() -> None:
+    model = str(CONFIGS / "smollm2-135m.json")
+    runner = CliRunner()
+    named = runner.invoke(main, ["plan", "-m", model, "-d", "intel-cpu", "--json"])
+    given = runner.invoke(main, ["plan", model, "-d", "intel-cpu", "--json"])
+    assert named.exit_code == given.exit_code == 0, given.output
+    assert json.loads(given.stdout) == json.loads(named.stdout)
+    both = runner.invoke(main, ["plan", model, "-m", "other.gguf", "-d", "intel-cpu"])
+    assert both.exit_code == 2 and "give one" in both.stderr
+
+
 def test_a_replanned_build_keeps_the_name_of_the_files_own_blocks() -> None:
     """`build --runtime` other than the plan's, `build --plan`: the recorded plan still says the
     blocks are the file's own (`replan` given the file's schemes), and a short cache's figures
