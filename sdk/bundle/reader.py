@@ -15,7 +15,7 @@ from infopt.bundle.files import safe_relative, verify_bundle
 from infopt.bundle.manifest import TOKENIZER, read_manifest
 from infopt.errors import BundleError, ModelFormatError
 from infopt.runtimes.base import Artifact
-from infopt.runtimes.registry import target, targets
+from infopt.runtimes.registry import Target, target, targets
 
 if TYPE_CHECKING:
     from infopt.core.spec import ModelSpec
@@ -133,6 +133,20 @@ class Bundle:
             if t.reads_back and name in self.manifest["artifacts"]
         ]
 
+    def runnable_artifact(self, runtime: str | None = None) -> tuple[Artifact, Target]:
+        """The artifact of `runtime` (default: the manifest's) and its target, refused as a
+        load refuses it: not in the bundle, an unknown runtime, its package missing (naming the
+        pip extra) or of another version range."""
+        artifact = self.artifact(runtime)
+        name = runtime or self.default_runtime
+        known = target(name)
+        main = self.manifest["runtime"]
+        requires = artifact.entry.get("requires") or (
+            main.get("requires") if main["name"] == name else None
+        )
+        known.check_requirement(str(self.root), requires)
+        return artifact, known
+
     def load_runtime(
         self,
         runtime: str | None = None,
@@ -146,16 +160,8 @@ class Bundle:
         """The runtime of one of its artifacts, loaded (`numerics`: see `infopt.load`): a missing
         package is a `RuntimeNotAvailableError` naming the pip extra, another version range a
         `BundleError`."""
-        artifact = self.artifact(runtime)
-        name = runtime or self.default_runtime
-        known = target(name)
-        module = known.module("runtime")
-        main = self.manifest["runtime"]
-        requires = artifact.entry.get("requires") or (
-            main.get("requires") if main["name"] == name else None
-        )
-        known.check_requirement(str(self.root), requires)
-        rt: Runtime = module.from_bundle(
+        artifact, known = self.runnable_artifact(runtime)
+        rt: Runtime = known.module("runtime").from_bundle(
             artifact,
             max_context=max_context,
             device=device,
