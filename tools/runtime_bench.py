@@ -162,7 +162,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"rows": rows, "loads": loads} if loads else rows, indent=2))
         return
-    print(table(rows, args.threads, args.markdown))
+    print(table(rows, args.threads, args.markdown, args.repeat))
     if loads:
         print(
             f"\ninfopt.load() on {loads['runtime']}: first load (converting) "

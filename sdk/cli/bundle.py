@@ -278,8 +278,8 @@ def bench(
 ) -> None:
     """Measure BUNDLE: TTFT (32-token prompt), prefill (512 tokens) and decode (128 greedy
     tokens) speed, per-token latency p50/p95/p99 and peak RSS, each run in a fresh process,
-    rounds alternating; medians. --compare runs the peers in the same session and prints
-    ratios against the best one.
+    --repeat rounds alternating; their medians. --compare runs the peers in the same session
+    and prints ratios against the best one.
 
     \b
     Examples:
@@ -302,7 +302,7 @@ def bench(
     if as_json:
         emit_json(rows)
         return
-    head, columns, cells = table_cells(rows, threads)
+    head, columns, cells = table_cells(rows, threads, repeat)
     table(columns, cells, title=head)
 
 

@@ -52,12 +52,14 @@ class Conversation:
 @click.command(epilog="\b\nIn the chat:\n" + COMMANDS)
 @click.argument("model", required=False)
 @click.option("--runtime", help="The runtime to run on, or a bundle's artifact (as for `run`).")
-@click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="CPU threads (default: the runtime's choice)."
+)
 @click.option(
     "--context",
     "--max-context",
     "max_context",
-    type=int,
+    type=click.IntRange(min=1),
     help=f"KV-cache size in tokens (default: min(model, {DEFAULT_MAX_CONTEXT}); a bundle's: the "
     "context it was built for). The oldest turns are dropped when the conversation outgrows it.",
 )
@@ -137,6 +139,13 @@ def chat(
             f"{m.source or 'this model'} has no chat template, so it cannot chat; "
             "`infopt-pack run --raw` sends it plain text"
         )
+    room = answer_room(m, max_context)
+    if room is not None and max_tokens > room:
+        note(
+            f"answers capped at {room} tokens: -n {max_tokens} does not fit the context of "
+            f"{m.runtime.max_context} beside a message"
+        )
+        max_tokens = room
     settings: dict[str, Any] = {"max_new_tokens": max_tokens, "seed": seed}
     if temperature is not None:
         settings["temperature"] = temperature
@@ -240,7 +249,8 @@ def turn(
 def _start(m: Model, conv: Conversation, settings: dict[str, Any]) -> tuple[TextStream, str, int]:
     """A stream of the answer and its first delta, dropping the oldest exchanges while the
     conversation and the answer do not fit the context (asked of the model, which knows its
-    limit). Returns (stream, first delta, messages dropped)."""
+    limit); where the new message alone leaves less room than the longest answer, the answer
+    gets the room there is. Returns (stream, first delta, messages dropped)."""
     dropped = 0
     while True:
         try:
@@ -251,10 +261,34 @@ def _start(m: Model, conv: Conversation, settings: dict[str, Any]) -> tuple[Text
                 stream.close()
                 raise
         except ContextLengthError:
-            if len(conv.turns) < 3:  # the new message alone does not fit
-                raise
+            if len(conv.turns) < 3:  # the new message alone: what room is left for an answer
+                room = m.runtime.max_context - len(m.encode_prompt(conv.messages()))
+                if not 0 < room < settings["max_new_tokens"]:
+                    raise
+                settings = {**settings, "max_new_tokens": room}
+                continue
             del conv.turns[:2]
             dropped += 2
+
+
+def answer_room(m: Model, asked: int | None) -> int | None:
+    """Tokens left for an answer beside the shortest chat request (one short message in the
+    model's chat template); None where no chat template renders. A context with no room is
+    refused (a usage error naming --context when `asked` for it): every chat would fail."""
+    try:
+        framing = len(m.encode_prompt([{"role": "user", "content": "Hi"}]))
+    except InfoptError:
+        return None
+    context = m.runtime.max_context
+    if framing < context:
+        return context - framing
+    why = (
+        f"leaves no room for a chat: one short message in the model's chat template takes "
+        f"{framing} tokens, and an answer at least one more"
+    )
+    if asked is not None:
+        raise click.BadParameter(f"{context} {why}", param_hint="--context")
+    raise click.ClickException(f"this bundle's context of {context} tokens (as built) {why}")
 
 
 def footer(result: GenerationResult) -> str:
@@ -268,7 +302,7 @@ def footer(result: GenerationResult) -> str:
         f"{s.generated_tokens} generated",
     ]
     if result.finish_reason == "length":
-        parts.append("cut at --max-tokens")
+        parts.append("cut at the length limit (-n, or the context)")
     return "[" + ", ".join(parts) + "]"
 
 

@@ -77,7 +77,11 @@ def executor_options(runs: str) -> Callable[[F], F]:
 
     def decorate(fn: F) -> F:
         fn = click.option(
-            "--workers", type=int, default=1, show_default=True, help="Local processes."
+            "--workers",
+            type=click.IntRange(min=1),
+            default=1,
+            show_default=True,
+            help="Local processes.",
         )(fn)
         fn = click.option(
             "--address",

@@ -229,7 +229,13 @@ def plan(
     help="Concurrent sequences.",
 )
 @executor_options("candidates")
-@click.option("--threads", type=int, default=1, show_default=True, help="Threads per candidate.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Threads per candidate.",
+)
 @click.option("--wide", is_flag=True, help="More candidates: INT4 tables, symmetric INT4, ...")
 @click.option(
     "--no-gptq", "no_gptq", is_flag=True, help="Leave out the GPTQ candidates (the slow ones)."
@@ -240,7 +246,9 @@ def plan(
     type=click.Path(exists=True, dir_okay=False),
     help="Held-out UTF-8 text to score on (default: a short text shipped with infopt).",
 )
-@click.option("--tokens", type=int, default=1024, show_default=True, help="Held-out tokens.")
+@click.option(
+    "--tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Held-out tokens."
+)
 @click.option(
     "-o",
     "--out",

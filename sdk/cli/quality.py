@@ -38,11 +38,15 @@ from infopt.cli.output import Bars, emit_json, fields, friendly_errors, json_opt
     help="Calibration text for GPTQ (default: the text shipped with infopt).",
 )
 @click.option(
-    "--window", type=int, help="Tokens per window (default: 512, or the model's context if less)."
+    "--window",
+    type=click.IntRange(min=2),
+    help="Tokens per window (default: 512, or the model's context if less).",
 )
-@click.option("--stride", type=int, help="Window step (default: half a window).")
-@click.option("--max-tokens", type=int, help="Score only the first N tokens of the text.")
-@click.option("--threads", type=int)
+@click.option("--stride", type=click.IntRange(min=1), help="Window step (default: half a window).")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens of the text."
+)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads.")
 @json_option
 @friendly_errors
 def evaluate_cmd(
@@ -103,7 +107,9 @@ def evaluate_cmd(
     help="An infopt weight file to recover (e.g. a pruned or low-rank TEACHER).",
 )
 @click.option(
-    "--layers", type=int, help="Or: a draft model of N of TEACHER's layers (evenly spread)."
+    "--layers",
+    type=click.IntRange(min=1),
+    help="Or: a draft model of N of TEACHER's layers (evenly spread).",
 )
 @click.option(
     "--text",
@@ -114,14 +120,20 @@ def evaluate_cmd(
 @click.option(
     "--generate",
     "generate_n",
-    type=int,
+    type=click.IntRange(min=1),
     default=64,
     show_default=True,
     help="Without --text: how many sequences TEACHER samples to train on.",
 )
-@click.option("--seq-len", type=int, default=256, show_default=True, help="Tokens per sequence.")
-@click.option("--steps", type=int, default=200, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=2),
+    default=256,
+    show_default=True,
+    help="Tokens per sequence.",
+)
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--lr", type=float, default=2e-4, show_default=True, help="Peak AdamW rate.")
 @click.option("--temperature", type=float, default=2.0, show_default=True)
 @click.option(
@@ -133,7 +145,7 @@ def evaluate_cmd(
     type=click.Path(dir_okay=False),
     help="Resumable state file (default: OUT.state). An existing one is resumed.",
 )
-@click.option("--threads", type=int)
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads.")
 @json_option
 @friendly_errors
 def distill(

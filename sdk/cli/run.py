@@ -50,12 +50,14 @@ from infopt.runtimes.registry import reference
     help="Seed for sampling; the same seed gives the same text (without speculation, whose "
     "draft length follows measured timings).",
 )
-@click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="CPU threads (default: the runtime's choice)."
+)
 @click.option(
     "--max-context",
     "--context",
     "max_context",
-    type=int,
+    type=click.IntRange(min=1),
     help=f"KV-cache size in tokens (default: min(model, {DEFAULT_MAX_CONTEXT}); a bundle's: the "
     "context it was built for).",
 )

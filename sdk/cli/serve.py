@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from infopt.cli.chat import answer_room
 from infopt.cli.output import Bars, friendly_errors
 from infopt.core.defaults import DEFAULT_MAX_CONTEXT
 from infopt.runtimes.registry import reference
@@ -36,12 +37,14 @@ from infopt.runtimes.registry import reference
     "file: the runtime to run it on (default: the fastest installed here; "
     f"{reference().name} reads it as float32 with nothing converted).",
 )
-@click.option("--threads", type=int, help="CPU threads (default: the runtime's choice).")
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="CPU threads (default: the runtime's choice)."
+)
 @click.option(
     "--context",
     "--max-context",
     "max_context",
-    type=int,
+    type=click.IntRange(min=1),
     help=f"KV-cache size in tokens, per slot (default: min(model, {DEFAULT_MAX_CONTEXT}); a "
     "bundle's: the context it was built for).",
 )
@@ -166,6 +169,7 @@ def serve(
         )
     finally:
         bars.close()
+    answer_room(m, max_context)  # a context no chat fits in: refused, not 400 per request
     m.engine.batch_wait_s = batch_wait_ms / 1000
     name = model_id or Path(m.source).name.removesuffix(".gguf")
     app = create_app(m, model_id=name, api_key=api_key, max_queue=max_queue)

@@ -72,7 +72,7 @@ def score(
     its KV cache (as when decoding), not to the ones computed in the same pass: what a cache
     stored at a lower precision changes shows only so."""
     window = min(window, runtime.max_context)
-    stride = stride or window // 2
+    stride = max(1, window // 2) if stride is None else stride
     nll, kl, agree, ref_nll, count = 0.0, 0.0, 0, 0.0, 0
     spans = list(windows(len(ids), window, stride))
     for i, (start, end, first) in enumerate(spans):
@@ -140,6 +140,16 @@ def evaluate(
 
     if quantize is not None and weights is not None:
         raise InvalidArgumentError("give --quantize or --weights, not both")
+    # a window scores the tokens after its first, so it needs two; so does the text
+    for name, value, least in (
+        ("window", window, 2),
+        ("stride", stride, 1),
+        ("max_tokens", max_tokens, 2),
+    ):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            raise InvalidArgumentError(f"{name}={value!r}: expected an integer >= {least}")
     text = Path(text_file).read_text(encoding="utf-8")
     if not text.strip():
         raise InvalidArgumentError(f"{text_file} is empty")

@@ -336,10 +336,10 @@ def one_line(r: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def table(rows: list[dict[str, Any]], threads: int, markdown: bool) -> str:
+def table(rows: list[dict[str, Any]], threads: int, markdown: bool, repeat: int) -> str:
     """The benchmark table as Markdown (or, not markdown, tab-separated), under a line naming
     the machine."""
-    return render_table(*table_cells(rows, threads), markdown)
+    return render_table(*table_cells(rows, threads, repeat), markdown)
 
 
 def render_table(head: str, cols: list[str], cells: list[list[str]], markdown: bool) -> str:
@@ -378,12 +378,16 @@ def log_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def table_cells(rows: list[dict[str, Any]], threads: int) -> tuple[str, list[str], list[list[str]]]:
-    """(the line naming the machine, the columns, the cells) of the benchmark table."""
+def table_cells(
+    rows: list[dict[str, Any]], threads: int, repeat: int
+) -> tuple[str, list[str], list[list[str]]]:
+    """(the line naming the machine and how the figures were taken, the columns, the cells) of
+    the benchmark table of `repeat` rounds."""
     peers = [r for r in rows if r["peer"]]
     best_tg = max((r["tg128"] for r in peers if "tg128" in r), default=None)
     best_pp = max((r["pp512"] for r in peers if "pp512" in r), default=None)
-    head = f"{machine()}; {threads} threads, medians of alternating runs"
+    runs = f"medians of {repeat} alternating rounds" if repeat > 1 else "one round"
+    head = f"{machine()}; {threads} threads, {runs}"
     cols = [
         "system",
         "TTFT ms (32 tok)",

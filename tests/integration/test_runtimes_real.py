@@ -115,10 +115,12 @@ def test_bench_prints_json_alone_with_json_and_a_table_without(matrix: dict[str,
     assert row["tg128"] > 0 and row["ttft_ms"] > 0 and as_json.stderr == ""
     shown = subprocess.run(cli, capture_output=True, text=True, check=True)
     lines = shown.stdout.splitlines()
-    assert "flags" in lines[0] and "threads, medians" in lines[0]  # the machine, then the table
+    # the machine and how its figures were taken (one round: no "medians"), then the table
+    assert "flags" in lines[0] and lines[0].endswith("threads, one round")
     row_at = next(i for i, line in enumerate(lines) if line.startswith("infopt onnxruntime int4"))
     assert lines[row_at - 1].split()[0] == "system" and "tg128" in "".join(lines[1:row_at])
     assert len(lines[row_at].split()) >= 12  # the whole row on one line, none of it wrapped
     assert "{" not in shown.stderr and "tg128" in shown.stderr  # progress lines, not JSON
-    markdown = table([{**row, "system": "x", "peer": False}], 2, markdown=True).splitlines()
+    markdown = table([{**row, "system": "x", "peer": False}], 2, True, 3).splitlines()
+    assert markdown[0].endswith("2 threads, medians of 3 alternating rounds")
     assert "flags" in markdown[0] and markdown[4].count("|") == markdown[2].count("|") == 11

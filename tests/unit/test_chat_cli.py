@@ -102,6 +102,27 @@ def test_oldest_turns_are_dropped_to_fit_the_context(tiny_gguf: Path) -> None:
     assert max(prompt_tokens(err)) + 6 <= 128
 
 
+def test_an_answer_gets_the_room_the_context_has(tiny_gguf: Path, model: Any) -> None:
+    """`-n` longer than the context leaves beside a message caps the answers (a note says so)
+    rather than refusing every turn; a context no message fits in is refused at start, by
+    `chat` and `serve` alike, as a usage error naming --context."""
+    framing = len(model.encode_prompt([user("Hi")]))
+    alone = len(model.encode_prompt([user("hello there, the quick brown fox")]))
+    assert alone > framing  # so this turn's own room is below the start's cap
+    code, _, err = chat(tiny_gguf, ["hello there, the quick brown fox"], "-n", "500")
+    assert code == 0, err
+    assert f"answers capped at {128 - framing} tokens: -n 500 does not fit" in err
+    assert prompt_tokens(err) == [alone]
+    generated = int(re.findall(r"(\d+) generated", err)[0])
+    assert 0 < generated <= 128 - alone
+    for command in (["chat"], ["serve", "--port", "0"]):
+        result = CliRunner().invoke(
+            main, [*command, str(tiny_gguf), "--runtime", RUNTIME, "--context", str(framing)]
+        )
+        assert result.exit_code == 2, (command, result.output)
+        assert "--context" in result.stderr and "leaves no room for a chat" in result.stderr
+
+
 def test_a_model_without_chat_template_is_refused(tmp_path: Path, tiny_folder: Path) -> None:
     folder = tmp_path / "plain"
     shutil.copytree(tiny_folder, folder)

@@ -156,6 +156,13 @@ def test_cli_eval_plain_and_quantized(tmp_path: Path, tied_gguf: Path) -> None:
     empty.write_text("  \n")
     bad = runner.invoke(main, ["eval", str(tied_gguf), "--text", str(empty)])
     assert bad.exit_code == 1 and "empty" in bad.stderr
+    # counts a window cannot score with are refused by name, never taken as the default
+    for option, value in (("--window", "1"), ("--stride", "0"), ("--max-tokens", "1")):
+        bad = runner.invoke(main, ["eval", str(tied_gguf), "--text", str(text), option, value])
+        assert bad.exit_code == 2 and option in bad.stderr, (option, bad.output)
+        name = option[2:].replace("-", "_")
+        with pytest.raises(InvalidArgumentError, match=f"{name}={value}: expected an integer"):
+            infopt.evaluate(tied_gguf, text, **{name: int(value)})
 
 
 @pytest.mark.parametrize("with_calibration", [False, True])
