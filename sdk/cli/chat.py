@@ -17,7 +17,7 @@ import click
 
 from infopt.cli.output import Bars, friendly_errors
 from infopt.core.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_NEW_TOKENS
-from infopt.errors import ContextLengthError, InfoptError
+from infopt.errors import InfoptError
 
 if TYPE_CHECKING:
     from infopt.api import Model
@@ -139,13 +139,11 @@ def chat(
             f"{m.source or 'this model'} has no chat template, so it cannot chat; "
             "`infopt-pack run --raw` sends it plain text"
         )
-    room = answer_room(m, max_context)
-    if room is not None and max_tokens > room:
-        note(
-            f"answers capped at {room} tokens: -n {max_tokens} does not fit the context of "
-            f"{m.runtime.max_context} beside a message"
-        )
-        max_tokens = room
+    why = no_room_for_chat(m)
+    if why and max_context is not None:
+        raise click.BadParameter(f"{m.runtime.max_context} {why}", param_hint="--context")
+    if why:
+        raise click.ClickException(f"the model's context of {m.runtime.max_context} tokens {why}")
     settings: dict[str, Any] = {"max_new_tokens": max_tokens, "seed": seed}
     if temperature is not None:
         settings["temperature"] = temperature
@@ -247,48 +245,42 @@ def turn(
 
 
 def _start(m: Model, conv: Conversation, settings: dict[str, Any]) -> tuple[TextStream, str, int]:
-    """A stream of the answer and its first delta, dropping the oldest exchanges while the
-    conversation and the answer do not fit the context (asked of the model, which knows its
-    limit); where the new message alone leaves less room than the longest answer, the answer
-    gets the room there is. Returns (stream, first delta, messages dropped)."""
+    """A stream of the answer and its first delta. The answer gets at most the room the context
+    leaves beside the conversation, and the oldest exchanges are dropped while that room is
+    under the smaller of -n and a quarter of the context: a long conversation keeps its latest
+    turns, a small context (or a long -n) still gets answers. Returns (stream, first delta,
+    messages dropped)."""
+    limit, context = settings["max_new_tokens"], m.runtime.max_context
+    floor = max(1, min(limit, context // 4))
     dropped = 0
     while True:
-        try:
-            stream = m.stream(conv.messages(), **settings)
-            try:
-                return stream, next(stream, ""), dropped
-            except BaseException:
-                stream.close()
-                raise
-        except ContextLengthError:
-            if len(conv.turns) < 3:  # the new message alone: what room is left for an answer
-                room = m.runtime.max_context - len(m.encode_prompt(conv.messages()))
-                if not 0 < room < settings["max_new_tokens"]:
-                    raise
-                settings = {**settings, "max_new_tokens": room}
-                continue
-            del conv.turns[:2]
-            dropped += 2
-
-
-def answer_room(m: Model, asked: int | None) -> int | None:
-    """Tokens left for an answer beside the shortest chat request (one short message in the
-    model's chat template); None where no chat template renders. A context with no room is
-    refused (a usage error naming --context when `asked` for it): every chat would fail."""
+        room = context - len(m.encode_prompt(conv.messages()))
+        if room >= floor or len(conv.turns) < 3:
+            break
+        del conv.turns[:2]
+        dropped += 2
+    # a message too long for any answer: the model's own error says by how much
+    stream = m.stream(conv.messages(), **{**settings, "max_new_tokens": max(1, min(limit, room))})
     try:
-        framing = len(m.encode_prompt([{"role": "user", "content": "Hi"}]))
+        return stream, next(stream, ""), dropped
+    except BaseException:
+        stream.close()
+        raise
+
+
+def no_room_for_chat(m: Model) -> str | None:
+    """Why the model's context holds no chat at all (the chat template's framing of a message,
+    one token of message and one of answer), or None: it does, or no chat template renders."""
+    try:
+        framing = len(m.tokenizer.encode_chat([{"role": "user", "content": ""}]))
     except InfoptError:
         return None
-    context = m.runtime.max_context
-    if framing < context:
-        return context - framing
-    why = (
-        f"leaves no room for a chat: one short message in the model's chat template takes "
-        f"{framing} tokens, and an answer at least one more"
+    if framing + 2 <= m.runtime.max_context:
+        return None
+    return (
+        f"leaves no room for a chat: the chat template's framing of a message takes {framing} "
+        "tokens, and a message and its answer at least one each"
     )
-    if asked is not None:
-        raise click.BadParameter(f"{context} {why}", param_hint="--context")
-    raise click.ClickException(f"this bundle's context of {context} tokens (as built) {why}")
 
 
 def footer(result: GenerationResult) -> str:

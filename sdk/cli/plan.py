@@ -19,6 +19,7 @@ from infopt.cli.output import (
     table,
 )
 from infopt.core.defaults import DEFAULT_MAX_CONTEXT
+from infopt.plan.search import MIN_TOKENS
 
 
 def _speculative_row(choice: dict[str, Any]) -> str:
@@ -247,7 +248,11 @@ def plan(
     help="Held-out UTF-8 text to score on (default: a short text shipped with infopt).",
 )
 @click.option(
-    "--tokens", type=click.IntRange(min=1), default=1024, show_default=True, help="Held-out tokens."
+    "--tokens",
+    type=click.IntRange(min=MIN_TOKENS),
+    default=1024,
+    show_default=True,
+    help="Held-out tokens.",
 )
 @click.option(
     "-o",

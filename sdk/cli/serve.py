@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from infopt.cli.chat import answer_room
+from infopt.cli.chat import no_room_for_chat
 from infopt.cli.output import Bars, friendly_errors
 from infopt.core.defaults import DEFAULT_MAX_CONTEXT
 from infopt.runtimes.registry import reference
@@ -169,7 +169,6 @@ def serve(
         )
     finally:
         bars.close()
-    answer_room(m, max_context)  # a context no chat fits in: refused, not 400 per request
     m.engine.batch_wait_s = batch_wait_ms / 1000
     name = model_id or Path(m.source).name.removesuffix(".gguf")
     app = create_app(m, model_id=name, api_key=api_key, max_queue=max_queue)
@@ -184,6 +183,13 @@ def serve(
             f"note: {m.runtime.name} takes {granted} request at a time, not the {slots} of "
             "--slots: the others wait in the queue (docs/serve.md lists the runtimes that batch "
             "requests)",
+            err=True,
+        )
+    why = no_room_for_chat(m)
+    if why:  # plain completions may still fit: said, not refused
+        click.echo(
+            f"note: the context of {m.runtime.max_context} tokens (--context) {why}; chat "
+            "requests will be refused with 400, only short /v1/completions prompts answered",
             err=True,
         )
     click.echo("Ctrl-C stops it.", err=True)

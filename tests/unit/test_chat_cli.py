@@ -102,25 +102,39 @@ def test_oldest_turns_are_dropped_to_fit_the_context(tiny_gguf: Path) -> None:
     assert max(prompt_tokens(err)) + 6 <= 128
 
 
-def test_an_answer_gets_the_room_the_context_has(tiny_gguf: Path, model: Any) -> None:
-    """`-n` longer than the context leaves beside a message caps the answers (a note says so)
-    rather than refusing every turn; a context no message fits in is refused at start, by
-    `chat` and `serve` alike, as a usage error naming --context."""
-    framing = len(model.encode_prompt([user("Hi")]))
-    alone = len(model.encode_prompt([user("hello there, the quick brown fox")]))
-    assert alone > framing  # so this turn's own room is below the start's cap
+def test_an_answer_gets_the_room_the_context_leaves(tiny_gguf: Path, model: Any) -> None:
+    """`-n` longer than the context leaves: the answer gets the room beside the conversation
+    (every turn was refused), and the conversation keeps its turns while that room is at least
+    a quarter of the context, then drops the oldest. A context no chat fits in is refused at
+    start, as a usage error naming --context."""
+    from infopt.cli.chat import Conversation, _start
+
+    def answered(turns: list[dict[str, str]]) -> tuple[int, Any]:
+        conv = Conversation(turns=list(turns))
+        stream, _, dropped = _start(model, conv, {"max_new_tokens": 500, "seed": None})
+        for _ in stream:
+            pass
+        return dropped, stream.result
+
+    asked = [user("hello there"), {"role": "assistant", "content": "the fox"}, user("and then?")]
+    sent = len(model.encode_prompt(asked))
+    assert 128 - sent >= 128 // 4  # room enough: the history stays
+    dropped, result = answered(asked)
+    assert dropped == 0 and result.stats.prompt_tokens == sent
+    assert 0 < result.stats.generated_tokens <= 128 - sent
+    long = {"role": "assistant", "content": "the quick brown fox jumps " * 12}
+    last = len(model.encode_prompt([user("and then?")]))
+    assert len(model.encode_prompt([asked[0], long, asked[2]])) > 128 - 128 // 4
+    dropped, result = answered([asked[0], long, asked[2]])
+    assert dropped == 2 and result.stats.prompt_tokens == last
     code, _, err = chat(tiny_gguf, ["hello there, the quick brown fox"], "-n", "500")
-    assert code == 0, err
-    assert f"answers capped at {128 - framing} tokens: -n 500 does not fit" in err
-    assert prompt_tokens(err) == [alone]
-    generated = int(re.findall(r"(\d+) generated", err)[0])
-    assert 0 < generated <= 128 - alone
-    for command in (["chat"], ["serve", "--port", "0"]):
-        result = CliRunner().invoke(
-            main, [*command, str(tiny_gguf), "--runtime", RUNTIME, "--context", str(framing)]
-        )
-        assert result.exit_code == 2, (command, result.output)
-        assert "--context" in result.stderr and "leaves no room for a chat" in result.stderr
+    assert code == 0 and "error" not in err, err
+    framing = len(model.tokenizer.encode_chat([{"role": "user", "content": ""}]))
+    result = CliRunner().invoke(
+        main, ["chat", str(tiny_gguf), "--runtime", RUNTIME, "--context", str(framing + 1)]
+    )
+    assert result.exit_code == 2 and "--context" in result.stderr, result.output
+    assert f"framing of a message takes {framing} tokens" in result.stderr
 
 
 def test_a_model_without_chat_template_is_refused(tmp_path: Path, tiny_folder: Path) -> None:

@@ -458,3 +458,35 @@ def test_a_one_slot_runtime_says_so_at_start(tiny_tflite_bundle: Path, tmp_path:
     assert "note: tflite takes 1 request at a time" in log.read_text()
     assert "not the 3 of --slots" in log.read_text()
     assert process.returncode == 0 and log.read_text().rstrip().endswith("stopped")
+
+
+def test_a_context_no_chat_fits_in_is_said_at_start(tiny_gguf: Path, tmp_path: Path) -> None:
+    """A context too small for any chat request: the server still starts (short plain
+    completions fit) but says at start that chat requests will be refused."""
+    import infopt
+
+    local = infopt.load(tiny_gguf, runtime=RUNTIME, max_context=64)
+    framing = len(local.tokenizer.encode_chat([{"role": "user", "content": ""}]))
+    log = tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "infopt.cli", "serve", str(tiny_gguf), "--port", "0"]
+    cmd += ["--runtime", RUNTIME, "--context", str(framing + 1)]
+    with log.open("w") as err:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        line = _first_line(process.stdout, timeout=120)
+        if "http://" in line:
+            server = Server(process, line.split(" at ")[1].split("/ ")[0], log)
+            body = {"model": "tiny", "prompt": "a", "max_tokens": 1}
+            assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=30).is_success
+            ask = {"model": "tiny", "messages": [{"role": "user", "content": "a"}]}
+            chat = httpx.post(f"{server.url}/v1/chat/completions", json=ask, timeout=30)
+            assert chat.status_code == 400, chat.text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    assert "http://" in line, (line, log.read_text())
+    note = f"note: the context of {framing + 1} tokens (--context) leaves no room for a chat"
+    assert note in log.read_text(), log.read_text()
