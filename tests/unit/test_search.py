@@ -18,6 +18,7 @@ import infopt
 from infopt.bundle import verify_bundle
 from infopt.cli import main
 from infopt.device_profiles import load_profile
+from infopt.errors import InvalidArgumentError
 from infopt.importers import load_spec
 from infopt.plan import search as search_module
 from infopt.plan.executors import LocalExecutor, RayExecutor
@@ -185,12 +186,15 @@ def test_the_command_prints_the_front_and_writes_the_plan(
     assert data["chosen"] and all(row["cached"] for row in data["results"])
     for bad, said in (
         (["--max-ppl-delta", "-1"], "max_ppl_delta=-1"),
-        (["--threads", "0"], "threads=0"),
-        (["--tokens", "10"], "tokens=10"),
+        (["--threads", "0"], "'--threads': 0 is not in the range x>=1"),
+        (["--tokens", "10"], "'--tokens': 10 is not in the range x>=64"),
         (["--context", "100000"], "exceeds the model's trained context"),
     ):
         r = CliRunner().invoke(main, [*args, *bad])
         assert r.exit_code != 0 and said in r.output, (bad, r.output)
+    for kwargs, said in (({"threads": 0}, "threads=0"), ({"tokens": 10}, "tokens=10")):
+        with pytest.raises(InvalidArgumentError, match=said):  # the API's own checks
+            search(tiny_folder, "intel-cpu", **kwargs)
 
 
 @pytest.mark.parametrize("kind", ["local", "ray"])
