@@ -54,7 +54,7 @@ from infopt.decode.tools import (
     tool_support,
 )
 from infopt.errors import InvalidArgumentError, MemoryBudgetError
-from infopt.importers import ModelSource, open_model
+from infopt.importers import ModelSource, is_weight_file, open_model
 from infopt.runtimes import Runtime
 from infopt.runtimes.base import check_numerics, check_slots, cpu_only
 from infopt.runtimes.registry import reference, target
@@ -351,8 +351,9 @@ def load(
     one for a bundle is refused.
 
     draft (speculative decoding): None takes a bundle's own draft, if it was built with one
-    (True: and requires it); False loads none; "ngram" drafts by prompt lookup; a path or a
-    loaded `Model` is a draft model sharing the target's tokenizer, loaded on `draft_runtime`
+    (True: and requires it); False loads none; "ngram" drafts by prompt lookup; a path (a model
+    file or folder, a bundle, or an infopt weight file such as `distill` writes) or a loaded
+    `Model` is a draft model sharing the target's tokenizer, loaded on `draft_runtime`
     (default: the target's; a bundle's own draft: `Bundle.draft_runtime_for`).
 
     numerics: how quantized weights are computed. "fast" (the default): each runtime's fastest
@@ -607,6 +608,8 @@ def _load_draft(
                 f"draft {str(draft)!r}: with a public key, a draft must be a bundle signed by "
                 "it too (a model file cannot be signed)"
             )
+        if is_weight_file(draft):  # as `distill` writes: no tokenizer of its own, the target's
+            return ModelDrafter(_weights_draft(target_model, Path(draft), draft_runtime, threads))
         draft = load(
             draft,
             runtime=draft_runtime or target_model.runtime.name,
@@ -627,6 +630,26 @@ def _load_draft(
             "tokenizer"
         )
     return ModelDrafter(draft.runtime)
+
+
+def _weights_draft(
+    target_model: Model, path: Path, draft_runtime: str | None, threads: int | None
+) -> Runtime:
+    """An infopt weight file's model core on `draft_runtime` (default: the target's), with the
+    target's context; its vocabulary must be the target's."""
+    from infopt.core.weights import load_model
+
+    core = load_model(path)
+    if core.spec.vocab_size != target_model.runtime.vocab_size:
+        raise DraftMismatchError(
+            f"draft {path}: a vocabulary of {core.spec.vocab_size} tokens, the target's has "
+            f"{target_model.runtime.vocab_size}; a draft must share the target's tokenizer"
+        )
+    runs = target(draft_runtime or target_model.runtime.name).module("runtime")
+    runtime: Runtime = runs.from_model(
+        core, max_context=target_model.runtime.max_context, threads=threads
+    )
+    return runtime
 
 
 def check_slot_memory(spec: ModelSpec, max_context: int, slots: int) -> None:

@@ -7,7 +7,8 @@ MODEL is a bundle, a GGUF file or a Hugging Face folder (default: SmolLM2-135M-I
 "ngram" looks tokens up in the conversation so far, a path names a draft model. Type a message
 and press Enter; an empty line, /exit, /quit or Ctrl-D quits (`infopt-pack chat` is the full
 command: /reset, /system, history). When the conversation outgrows the context
-window, the oldest turns are dropped.
+window, the oldest turns are dropped; a message too long for it alone is refused, and the chat
+goes on.
 """
 
 from __future__ import annotations
@@ -50,14 +51,18 @@ def main() -> None:
             print(user)
         if not user or user in ("/exit", "/quit"):
             break
-        history = trim([*history, {"role": "user", "content": user}], model, args.max_new_tokens)
+        asked = trim([*history, {"role": "user", "content": user}], model, args.max_new_tokens)
+        try:
+            stream = model.stream(asked, max_new_tokens=args.max_new_tokens)
+        except infopt.InfoptError as e:  # a message too long for the context, say: not kept
+            print(f"error: {e}", file=sys.stderr)
+            continue
         print("assistant> ", end="", flush=True)
-        stream = model.stream(history, max_new_tokens=args.max_new_tokens)
         for delta in stream:
             print(delta, end="", flush=True)
         print()
         assert stream.result is not None
-        history.append({"role": "assistant", "content": stream.result.text})
+        history = [*asked, {"role": "assistant", "content": stream.result.text}]
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 Kotlin (LiteRT's `Interpreter.runSignature` takes the same names), using only `manifest.json`,
 `tokenizer.json` and the interpreter's public signature API.
 
-    pip install ai-edge-litert tokenizers
+    pip install 'infopt[tflite-convert]'   # on the build machine: the converter (litert-torch)
     infopt-pack build --device host --runtime tflite -o smollm2-tflite
+    pip install ai-edge-litert tokenizers  # all the app itself needs
     python samples/mobile/tflite_app.py smollm2-tflite "The capital of France is" [-n 32]
 
 Everything the loop needs is in the manifest's `artifacts.tflite` section: the signatures

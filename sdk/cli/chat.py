@@ -81,7 +81,7 @@ class Conversation:
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(min=0),
     help="Seed for sampling; the same seed gives the same answers (without speculation, whose "
     "draft length follows measured timings).",
 )

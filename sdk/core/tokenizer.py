@@ -400,11 +400,14 @@ class StreamDecoder:
         return after[len(before) :]
 
     def flush(self) -> str:
-        """Whatever is still held back (an incomplete character at the very end)."""
+        """Whatever is still held back, at the end of generation, less an incomplete character
+        at the very end (a token limit can cut one: its bytes decode to U+FFFD, one per byte
+        with SentencePiece's byte fallback, which is no text the model wrote; a literal U+FFFD
+        at the very end is dropped with it)."""
         decode = self.tokenizer.decode
         rest = decode(self.ids[self.prefix :])[len(decode(self.ids[self.prefix : self.read])) :]
         self.prefix = self.read = len(self.ids)
-        return rest
+        return rest.rstrip("\ufffd")
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:

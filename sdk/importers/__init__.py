@@ -166,6 +166,12 @@ def open_model(path: str | Path) -> ModelSource:
             f"{p}: a pickle checkpoint; infopt never unpickles (it can run "
             "arbitrary code). Give a GGUF file or an HF folder with safetensors"
         )
+    if is_weight_file(p):
+        raise ModelFormatError(
+            f"{p}: an infopt weight file (as `distill` writes), with no tokenizer of its own; "
+            "use it beside the model it was made from: as a draft (--draft, load(draft=...)), "
+            "build --speculative, or eval --weights"
+        )
     if p.suffix == ".safetensors":
         raise ModelFormatError(
             f"{p}: a bare safetensors file; give its folder (with config.json "
@@ -175,6 +181,21 @@ def open_model(path: str | Path) -> ModelSource:
         f"{p}: neither a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}) "
         "nor a Hugging Face model folder"
     )
+
+
+def is_weight_file(path: str | Path) -> bool:
+    """Whether `path` is a safetensors file with infopt's header (`save_model`'s), not, say,
+    one shard of a Hugging Face checkpoint. Reads the header only (no torch)."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file() or p.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            return "infopt" in (f.metadata() or {})
+    except Exception:  # not readable as safetensors at all: not ours
+        return False
 
 
 def load_spec(path: str | Path) -> ModelSpec:

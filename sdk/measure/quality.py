@@ -102,7 +102,11 @@ def score(
     if reference is None:
         return Quality(float(np.exp(nll / count)), count)
     return Quality(
-        float(np.exp(nll / count)), count, kl / count, agree / count, float(np.exp(ref_nll / count))
+        float(np.exp(nll / count)),
+        count,
+        float(kl / count),
+        agree / count,
+        float(np.exp(ref_nll / count)),
     )
 
 
@@ -130,7 +134,7 @@ def evaluate(
     (default: half a window)."""
     import infopt
     from infopt.bundle.manifest import is_bundle
-    from infopt.compress.calibration import calibration_ids
+    from infopt.compress.calibration import calibration_ids, read_text
     from infopt.compress.quantize import quantize_model
     from infopt.core.default_model import default_model_path
     from infopt.core.model import load_core
@@ -150,7 +154,7 @@ def evaluate(
             isinstance(value, bool) or not isinstance(value, int) or value < least
         ):
             raise InvalidArgumentError(f"{name}={value!r}: expected an integer >= {least}")
-    text = Path(text_file).read_text(encoding="utf-8")
+    text = read_text(text_file, "evaluation text")
     if not text.strip():
         raise InvalidArgumentError(f"{text_file} is empty")
     if window is None:

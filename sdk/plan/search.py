@@ -353,7 +353,7 @@ def search(
     the candidates' results (cached ones marked), the Pareto front, the chosen one (and its
     plan, written to `plan_out` for `build --plan`), failures and the rejected candidates.
     `gptq=False` leaves out the GPTQ candidates (the slow ones)."""
-    from infopt.compress.calibration import calibration_ids, shipped_text
+    from infopt.compress.calibration import calibration_ids, read_text, shipped_text
     from infopt.core.default_model import default_model_path
     from infopt.device_profiles import load_profile
     from infopt.importers import content_hash, open_model
@@ -383,7 +383,7 @@ def search(
             f"context={context} exceeds the model's trained context of "
             f"{spec.max_position_embeddings}"
         )
-    text = Path(text_file).read_text(encoding="utf-8") if text_file else shipped_text("quality.txt")
+    text = read_text(text_file, "held-out text") if text_file else shipped_text("quality.txt")
     ids = source.tokenizer.encode(text)[:tokens]
     if len(ids) < MIN_TOKENS:
         raise InvalidArgumentError(

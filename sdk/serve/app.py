@@ -60,8 +60,8 @@ class Gate:
         if self.count >= self.limit:
             raise ApiError(
                 429,
-                f"the server is busy: {self.count} requests are running or queued (at most "
-                f"{self.limit}); retry shortly",
+                f"the server is busy: all {self.limit} places (running or queued) are taken; "
+                "retry shortly",
                 type="rate_limit_error",
                 code="rate_limit_exceeded",
             )

@@ -65,8 +65,11 @@ def test_run_streams_text_and_prints_stats(tiny_gguf: Path) -> None:
 def test_errors_are_one_line_and_exit_1(tmp_path: Path, tiny_gguf: Path) -> None:
     code, _, err = invoke("run", str(tmp_path / "missing.gguf"), "-p", "x")
     assert code == 1 and "ModelNotFoundError" in err and "Traceback" not in err
+    code, _, err = invoke("run", str(tiny_gguf), "-p", "x", "--min-p", "nan")
+    assert code == 1 and "min_p=nan: must be finite" in err and "Traceback" not in err
+    # a value out of its option's range is a usage error (exit 2) naming the option
     code, _, err = invoke("run", str(tiny_gguf), "-p", "x", "--top-p", "2")
-    assert code == 1 and "top_p=2.0" in err
+    assert code == 2 and "'--top-p': 2.0 is not in the range 0<x<=1" in err
 
 
 def test_help_teaches() -> None:
@@ -133,10 +136,20 @@ def test_a_distilled_draft_in_a_bundle_and_prompt_lookup(tmp_path: Path, tiny_gg
     code, stdout, _ = invoke(*run, "--draft", "ngram", "--num-draft-tokens", "3")
     assert json.loads(stdout)["stats"]["speculative"]["drafter"] == "NgramDrafter"
     code, _, stderr = invoke(*run, "--draft", "ngram", "--num-draft-tokens", "0")
-    assert code == 1 and "num_draft_tokens=0" in stderr
+    assert code == 2 and "'--num-draft-tokens': 0 is not in the range 1<=x<=16" in stderr
     # a prompt with no n-gram to look up: said so, with no speed-up claimed for nothing drafted
     nothing = ["run", str(bundle), "--raw", "-p", "a b", "-n", "1", "--draft", "ngram"]
     code, _, stderr = invoke(*nothing)
     assert code == 0 and "no drafts proposed" in stderr and "0/0" not in stderr
+    # the weight file itself as a draft of the model file, with no bundle: the same tokens
+    direct = ["run", str(tiny_gguf), "--runtime", "pytorch", "--raw", "-p", "hello hello hello"]
+    direct += ["-n", "12", "--json"]
+    code, stdout, stderr = invoke(*direct, "--draft", str(draft))
+    assert code == 0, stderr
+    drafted = json.loads(stdout)
+    assert drafted["stats"]["speculative"]["drafter"] == "ModelDrafter"
+    assert drafted["token_ids"] == json.loads(invoke(*direct)[1])["token_ids"]
+    code, _, stderr = invoke("run", str(draft), "-p", "hi")  # no tokenizer: said what it is for
+    assert code == 1 and "an infopt weight file (as `distill` writes)" in stderr
     code, stdout, _ = invoke("plan", "-d", "host", "-m", str(tiny_gguf), "--speculative", "self")
     assert code == 0 and "INT4 self-draft" in stdout and "+ draft" in stdout

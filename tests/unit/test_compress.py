@@ -152,6 +152,7 @@ def test_cli_eval_plain_and_quantized(tmp_path: Path, tied_gguf: Path) -> None:
     assert quant.exit_code == 0, quant.output
     result = json.loads(quant.stdout)
     assert result["kl"] > 0 and 0 < result["top1"] < 1 and result["method"] == "gptq"
+    assert type(infopt.evaluate(tied_gguf, text, window=64, quantize="int8")["kl"]) is float
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     bad = runner.invoke(main, ["eval", str(tied_gguf), "--text", str(empty)])
@@ -163,6 +164,11 @@ def test_cli_eval_plain_and_quantized(tmp_path: Path, tied_gguf: Path) -> None:
         name = option[2:].replace("-", "_")
         with pytest.raises(InvalidArgumentError, match=f"{name}={value}: expected an integer"):
             infopt.evaluate(tied_gguf, text, **{name: int(value)})
+    with pytest.raises(InvalidArgumentError, match="evaluation text '.*nope.txt': No such file"):
+        infopt.evaluate(tied_gguf, tmp_path / "nope.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(InvalidArgumentError, match="not UTF-8 text"):
+        infopt.evaluate(tied_gguf, tmp_path / "latin1.txt")
 
 
 @pytest.mark.parametrize("with_calibration", [False, True])

@@ -232,6 +232,11 @@ def test_stream_decoding_and_the_serialized_backend_agree() -> None:
     encoded = tok.encode(text, add_special_tokens=False)
     stream = StreamDecoder(tok)
     assert "".join(stream.push(i) for i in encoded) + stream.flush() == text
+    # a token limit that cuts the emoji's byte tokens: no U+FFFD, the cut character is left out
+    cut = tok.encode("hello 😀", add_special_tokens=False)[:-1]
+    assert tok.decode(cut).endswith("\ufffd")  # what a plain decode of the cut ids says
+    stream = StreamDecoder(tok)
+    assert "".join(stream.push(i) for i in cut) + stream.flush() == "hello "
     # a bundle stores the backend as tokenizer.json
     again = HFTokenizer.from_str(tok.backend.to_str())
     assert again.encode(text, add_special_tokens=False).ids == encoded

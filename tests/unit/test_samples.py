@@ -28,7 +28,8 @@ def test_desktop_chat_runs_two_turns(tiny_gguf: Path, draft: list[str]) -> None:
             "Be brief.",
             *draft,
         ],
-        input="hello\nand again\n/exit\nnot sent\n",  # /exit quits, as in `infopt-pack chat`
+        # a message too long for the context is refused and the chat goes on; /exit quits
+        input=f"hello\n{'word ' * 5000}\nand again\n/exit\nnot sent\n",
         capture_output=True,
         text=True,
         timeout=120,
@@ -36,6 +37,7 @@ def test_desktop_chat_runs_two_turns(tiny_gguf: Path, draft: list[str]) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("assistant> ") == 2
+    assert "error: prompt (" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # piped input is echoed after its prompt, so each turn reads on its own lines
     assert "you> hello\nassistant> " in proc.stdout
     assert "you> and again\nassistant> " in proc.stdout
