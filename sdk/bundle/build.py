@@ -479,7 +479,9 @@ def _draft(
     """The manifest's draft section and the writers of the draft's artifacts (under draft/)."""
     from dataclasses import replace
 
-    from infopt.plan.costs import Compression, self_draft
+    from infopt.compress.quantize import quantize_model
+    from infopt.core.quant import QuantStorage
+    from infopt.plan.costs import GROUPS, Compression, self_draft
 
     if kind == "none":
         return None, {}
@@ -498,6 +500,16 @@ def _draft(
         label = "self-int4"
     else:
         core, weights, label = _draft_model(Path(kind), source, target_core)
+        if not any(isinstance(m, QuantStorage) for m in core.modules()):
+            # A float draft would read more bytes per token than an INT4 target (its
+            # embeddings and head alone): it gets the self-draft's weights (RTN; the target
+            # decides every token, the draft's rounding only changes how many it keeps).
+            scheme = self_draft(Compression("draft", dict.fromkeys(GROUPS, "fp32")))
+            assert scheme is not None
+            weights = dict(scheme.weights)
+            if any(target(r).symmetric_int4 for r in runtimes):
+                weights = symmetric(weights)
+            quantize_model(core, weights)
     step("draft", 1, 1)
     artifacts, writers = export_artifacts(core, runtimes, max_context, prefix=DRAFT_DIR)
     section = {

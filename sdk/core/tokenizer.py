@@ -400,14 +400,24 @@ class StreamDecoder:
         return after[len(before) :]
 
     def flush(self) -> str:
-        """Whatever is still held back, at the end of generation, less an incomplete character
-        at the very end (a token limit can cut one: its bytes decode to U+FFFD, one per byte
-        with SentencePiece's byte fallback, which is no text the model wrote; a literal U+FFFD
-        at the very end is dropped with it)."""
-        decode = self.tokenizer.decode
-        rest = decode(self.ids[self.prefix :])[len(decode(self.ids[self.prefix : self.read])) :]
+        """Whatever is still held back, at the end of generation, less a character cut short
+        at the very end (by a token limit): the U+FFFD its bytes decode to (one per byte with
+        SentencePiece's byte fallback) is no text the model wrote. The replacement characters
+        are dropped where the last few held tokens add nothing else to text that otherwise
+        ends cleanly; undecodable bytes elsewhere keep their U+FFFD, as a plain decode has."""
+        decode, ids = self.tokenizer.decode, self.ids[self.prefix :]
+        text = decode(ids)
+        done = len(decode(self.ids[self.prefix : self.read]))
+        kept = len(text.rstrip("\ufffd"))
+        held = len(self.ids) - self.read
+        # a character is at most four bytes, so it spans at most four tokens
+        for t in range(1, min(4, held) + 1) if kept < len(text) else ():
+            before = decode(ids[:-t])
+            if not before.endswith("\ufffd") and kept >= len(before):
+                text = text[:kept]
+                break
         self.prefix = self.read = len(self.ids)
-        return rest.rstrip("\ufffd")
+        return text[done:]
 
 
 def tokenizer_from_gguf_metadata(meta: dict[str, Any]) -> Tokenizer:

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from infopt.api import Prompt
 from infopt.decode.tools import ToolCall
@@ -60,6 +60,20 @@ class Message(BaseModel):
     content: str | list[TextPart] | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls
     tool_call_id: str | None = None  # a tool turn's: the call it answers
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        # pydantic would try every member of the union and report the string one ("Input
+        # should be a valid string"); an image or audio part deserves its own answer
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                raise ValueError(
+                    f"a content part of type {kind!r}: this model reads text only "
+                    "(parts of type 'text')"
+                )
+        return content
 
     def as_dict(self) -> dict[str, Any]:
         content = self.content or ""

@@ -124,6 +124,9 @@ def test_a_distilled_draft_in_a_bundle_and_prompt_lookup(tmp_path: Path, tiny_gg
     )  # fmt: skip
     assert code == 0, stderr
     assert json.loads(stdout)["draft"] == "draft.safetensors"
+    # the float student is stored quantized as the self-draft is, not at four bytes a weight
+    section = json.loads((bundle / "manifest.json").read_text())["draft"]
+    assert section["weights"]["mlp"].startswith("int4") and section["weights"]["lm_head"] == "int8"
     run = ["run", str(bundle), "--raw", "-p", "hello hello hello", "-n", "12", "--json"]
     with_draft = json.loads(invoke(*run)[1])
     spec = with_draft["stats"]["speculative"]

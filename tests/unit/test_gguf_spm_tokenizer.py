@@ -237,6 +237,14 @@ def test_stream_decoding_and_the_serialized_backend_agree() -> None:
     assert tok.decode(cut).endswith("\ufffd")  # what a plain decode of the cut ids says
     stream = StreamDecoder(tok)
     assert "".join(stream.push(i) for i in cut) + stream.flush() == "hello "
+    # bytes that never decode (a lone continuation byte) keep their U+FFFD, as a plain decode
+    # has them, at the end too: only a character cut short is left out
+    meta = llama_meta()
+    hello, lone = tok.encode("hello", add_special_tokens=False), ids(meta, "<0x80>")
+    for garbage in (hello + lone + hello, lone * 6):
+        stream = StreamDecoder(tok)
+        streamed = "".join(stream.push(i) for i in garbage) + stream.flush()
+        assert streamed == tok.decode(garbage) and "\ufffd" in streamed
     # a bundle stores the backend as tokenizer.json
     again = HFTokenizer.from_str(tok.backend.to_str())
     assert again.encode(text, add_special_tokens=False).ids == encoded

@@ -246,6 +246,11 @@ def test_bad_requests(server: Server, client: Any) -> None:
         client.completions.create(model=MODEL_ID, prompt="Hi", stop=[""])
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL_ID, messages=[{"role": "robot", "content": "x"}])
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError, match="type 'image_url': this model reads text"):
+        client.chat.completions.create(
+            model=MODEL_ID, messages=[{"role": "user", "content": [image]}]
+        )
     assert server.wait_idle(timeout=5)["cancelled"] == 0
 
 
