@@ -144,9 +144,16 @@ def from_source(
 
 
 def from_model(
-    core: Any, *, max_context: int, device: str | None = None, numerics: str = "fast"
+    core: Any,
+    *,
+    max_context: int,
+    device: str | None = None,
+    threads: int | None = None,
+    numerics: str = "fast",
 ) -> CoreMLRuntime:
-    """Convert a model core (as compressed, if it is) and load it (macOS 15+ only)."""
+    """Convert a model core (as compressed, if it is) and load it (macOS 15+ only). `threads`
+    is taken as every runtime's `from_model` takes it, and unused: Core ML schedules its own
+    compute units."""
     from infopt.runtimes.coreml.export import FILE, coreml_io, export_coreml
 
     no_exact_numerics("Core ML", numerics, FP16)
