@@ -609,7 +609,8 @@ def _load_draft(
                 "it too (a model file cannot be signed)"
             )
         if is_weight_file(draft):  # as `distill` writes: no tokenizer of its own, the target's
-            return ModelDrafter(_weights_draft(target_model, Path(draft), draft_runtime, threads))
+            drafted = _weights_draft(target_model, Path(draft), draft_runtime, threads, device)
+            return ModelDrafter(drafted)
         draft = load(
             draft,
             runtime=draft_runtime or target_model.runtime.name,
@@ -633,19 +634,26 @@ def _load_draft(
 
 
 def _weights_draft(
-    target_model: Model, path: Path, draft_runtime: str | None, threads: int | None
+    target_model: Model,
+    path: Path,
+    draft_runtime: str | None,
+    threads: int | None,
+    device: str | None,
 ) -> Runtime:
     """An infopt weight file's model core on `draft_runtime` (default: the target's), with the
-    target's context; its vocabulary must be the target's."""
+    target's context (on PyTorch, on `device` as a model path's draft would be); its
+    vocabulary must be the target's."""
+    from infopt.core.model import pick_device
     from infopt.core.weights import load_model
 
-    core = load_model(path)
+    name = draft_runtime or target_model.runtime.name
+    core = load_model(path, device=pick_device(device) if name == reference().name else "cpu")
     if core.spec.vocab_size != target_model.runtime.vocab_size:
         raise DraftMismatchError(
             f"draft {path}: a vocabulary of {core.spec.vocab_size} tokens, the target's has "
             f"{target_model.runtime.vocab_size}; a draft must share the target's tokenizer"
         )
-    runs = target(draft_runtime or target_model.runtime.name).module("runtime")
+    runs = target(name).module("runtime")
     runtime: Runtime = runs.from_model(
         core, max_context=target_model.runtime.max_context, threads=threads
     )

@@ -394,7 +394,7 @@ def distill(
     samples itself. Resumable: an existing state file (`state`, default OUT.state) is continued
     exactly where it stopped. Returns a summary (out, bytes, parameters, layers, sequences,
     state, and the training report)."""
-    from infopt.compress.calibration import calibration_batches
+    from infopt.compress.calibration import calibration_batches, read_text
     from infopt.core.default_model import default_model_path
     from infopt.core.model import load_core
     from infopt.core.weights import load_model, save_model
@@ -421,7 +421,7 @@ def distill(
     tokenizer = source.tokenizer
     pupil = load_model(student) if student is not None else student_from_layers(core, layers or 0)
     if text is not None:
-        ids = tokenizer.encode(Path(text).read_text(encoding="utf-8"))
+        ids = tokenizer.encode(read_text(text, "training text"))
         data = calibration_batches(ids, seq_len, 1_000_000)
     else:
         if generate < 1:

@@ -401,21 +401,26 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """Whatever is still held back, at the end of generation, less a character cut short
-        at the very end (by a token limit): the U+FFFD its bytes decode to (one per byte with
-        SentencePiece's byte fallback) is no text the model wrote. The replacement characters
-        are dropped where the last few held tokens add nothing else to text that otherwise
-        ends cleanly; undecodable bytes elsewhere keep their U+FFFD, as a plain decode has."""
+        at the very end (by a token limit), which decodes to U+FFFD: text the model never
+        wrote. It is looked for in the last held tokens (at most four: a character's bytes),
+        after text that ends cleanly: tokens that decode to U+FFFD alone are dropped (the text
+        before them decoded again: SentencePiece's byte fallback turns a whole run of byte
+        tokens into U+FFFD when its end is cut; a stray undecodable byte right before goes
+        with them), a token with text before the cut bytes loses its trailing U+FFFD. Other
+        U+FFFD stay, as a plain decode has them."""
         decode, ids = self.tokenizer.decode, self.ids[self.prefix :]
         text = decode(ids)
         done = len(decode(self.ids[self.prefix : self.read]))
-        kept = len(text.rstrip("\ufffd"))
         held = len(self.ids) - self.read
-        # a character is at most four bytes, so it spans at most four tokens
-        for t in range(1, min(4, held) + 1) if kept < len(text) else ():
+        for t in range(1, min(4, held) + 1) if text.endswith("\ufffd") else ():
             before = decode(ids[:-t])
-            if not before.endswith("\ufffd") and kept >= len(before):
-                text = text[:kept]
-                break
+            if before.endswith("\ufffd"):
+                continue  # the cut reaches further back, or garbage does
+            if not decode(ids[-t:]).strip("\ufffd"):
+                text = before
+            elif text.startswith(before) and len(text.rstrip("\ufffd")) >= len(before):
+                text = text.rstrip("\ufffd")
+            break
         self.prefix = self.read = len(self.ids)
         return text[done:]
 

@@ -80,3 +80,17 @@ def test_eos_ends_chat_and_stream_equals_one_shot(smol: infopt.Model) -> None:
     stream = smol.stream(messages, max_new_tokens=64)
     assert "".join(stream) == result.text
     assert stream.result is not None and stream.result.token_ids == result.token_ids
+
+
+def test_a_character_cut_by_the_token_limit_is_left_out(smol: infopt.Model, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """SmolLM2's byte-level tokens split 😊 and 日本 across tokens (one with a space before the
+    cut bytes): text cut inside a character is a plain decode's less its U+FFFD, and where it
+    is not cut, transformers' own decode."""
+    from infopt.core.tokenizer import StreamDecoder
+
+    ids = smol.tokenizer.encode("ok 😊 日本 アプリ", add_special_tokens=False)
+    for cut in range(1, len(ids) + 1):
+        stream = StreamDecoder(smol.tokenizer)
+        text = "".join(stream.push(i) for i in ids[:cut]) + stream.flush()
+        plain = hf_tokenizer.decode(ids[:cut])
+        assert text == plain.rstrip("\ufffd") and "\ufffd" not in text, (cut, text, plain)

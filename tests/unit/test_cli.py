@@ -109,6 +109,12 @@ def test_distill_refuses_unclear_requests(tmp_path: Path, tiny_gguf: Path) -> No
         "distill", str(tiny_gguf), "--layers", "1", "--lr", "0", "-o", str(out)
     )
     assert code == 1 and "lr=0" in stderr
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    code, _, stderr = invoke(
+        "distill", str(tiny_gguf), "--layers", "1", "--text", str(latin), "-o", str(out)
+    )
+    assert code == 1 and "training text" in stderr and "not UTF-8 text" in stderr, stderr
     assert not out.exists()
 
 

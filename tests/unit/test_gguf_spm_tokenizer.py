@@ -237,10 +237,21 @@ def test_stream_decoding_and_the_serialized_backend_agree() -> None:
     assert tok.decode(cut).endswith("\ufffd")  # what a plain decode of the cut ids says
     stream = StreamDecoder(tok)
     assert "".join(stream.push(i) for i in cut) + stream.flush() == "hello "
+    # byte fallback decodes a whole run of byte tokens to U+FFFD when its end is cut: a
+    # complete character before the cut one in the same run is kept, as it was streamed
+    meta = llama_meta()
+    hello = tok.encode("hello", add_special_tokens=False)
+
+    def byte_ids(data: bytes) -> list[int]:
+        return ids(meta, *(f"<0x{b:02X}>" for b in data))
+
+    for whole, data in (("😀", "😀".encode() + b"\xf0\x9f"), ("你", "你好".encode()[:5])):
+        stream = StreamDecoder(tok)
+        cut = hello + byte_ids(data)
+        assert "".join(stream.push(i) for i in cut) + stream.flush() == "hello" + whole
     # bytes that never decode (a lone continuation byte) keep their U+FFFD, as a plain decode
     # has them, at the end too: only a character cut short is left out
-    meta = llama_meta()
-    hello, lone = tok.encode("hello", add_special_tokens=False), ids(meta, "<0x80>")
+    lone = byte_ids(b"\x80")
     for garbage in (hello + lone + hello, lone * 6):
         stream = StreamDecoder(tok)
         streamed = "".join(stream.push(i) for i in garbage) + stream.flush()
