@@ -641,8 +641,8 @@ def _weights_draft(
     device: str | None,
 ) -> Runtime:
     """An infopt weight file's model core on `draft_runtime` (default: the target's), with the
-    target's context (on PyTorch, on `device` as a model path's draft would be); its
-    vocabulary must be the target's."""
+    target's context (on the reference runtime, on `device` as a model path's draft would be);
+    its vocabulary must be the target's."""
     from infopt.core.model import pick_device
     from infopt.core.weights import load_model
 
