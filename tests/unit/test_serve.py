@@ -5,6 +5,7 @@ in this process. The model has the tiny shape with a 4096-token context, so that
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import shutil
@@ -440,6 +441,22 @@ def test_tool_calls_through_the_api(client: Any, local: Any) -> None:
         )
 
 
+@contextlib.contextmanager
+def _started(cmd: list[str], log: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """A server process of `cmd` (stderr into `log`) and the first line it prints; stopped
+    with SIGTERM on the way out (killed if it lingers past 30 s)."""
+    with log.open("w") as err:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        yield process, _first_line(process.stdout, timeout=120)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 def test_a_one_slot_runtime_says_so_at_start(tiny_tflite_bundle: Path, tmp_path: Path) -> None:
     """LiteRT's fixed-shape graph holds one KV state: asked for three slots, the server says it
     grants one (and no "1 slots"), and a note on stderr says where the others wait. SIGTERM, as
@@ -447,18 +464,9 @@ def test_a_one_slot_runtime_says_so_at_start(tiny_tflite_bundle: Path, tmp_path:
     log = tmp_path / "stderr.txt"
     cmd = [sys.executable, "-m", "infopt.cli", "serve", str(tiny_tflite_bundle), "--port", "0"]
     cmd += ["--slots", "3"]
-    with log.open("w") as err:
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        line = _first_line(process.stdout, timeout=120)
+    with _started(cmd, log) as (process, line):
         if "http://" in line:  # up (the note came before): stopped once it answers
             Server(process, line.split(" at ")[1].split("/ ")[0], log).health()
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
     assert "(tflite, 1 slot) at http://" in line, (line, log.read_text())
     assert "note: tflite takes 1 request at a time" in log.read_text()
     assert "not the 3 of --slots" in log.read_text()
@@ -475,10 +483,7 @@ def test_a_context_no_chat_fits_in_is_said_at_start(tiny_gguf: Path, tmp_path: P
     log = tmp_path / "stderr.txt"
     cmd = [sys.executable, "-m", "infopt.cli", "serve", str(tiny_gguf), "--port", "0"]
     cmd += ["--runtime", RUNTIME, "--context", str(framing + 1)]
-    with log.open("w") as err:
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
-    try:
-        line = _first_line(process.stdout, timeout=120)
+    with _started(cmd, log) as (process, line):
         if "http://" in line:
             server = Server(process, line.split(" at ")[1].split("/ ")[0], log)
             body = {"model": "tiny", "prompt": "a", "max_tokens": 1}
@@ -486,12 +491,6 @@ def test_a_context_no_chat_fits_in_is_said_at_start(tiny_gguf: Path, tmp_path: P
             ask = {"model": "tiny", "messages": [{"role": "user", "content": "a"}]}
             chat = httpx.post(f"{server.url}/v1/chat/completions", json=ask, timeout=30)
             assert chat.status_code == 400, chat.text
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
     assert "http://" in line, (line, log.read_text())
     note = f"note: the context of {framing + 1} tokens (--context) leaves no room for a chat"
     assert note in log.read_text(), log.read_text()
