@@ -341,10 +341,10 @@ def load(
     bundle, the manifest's unless given; for a model file, the fastest here unless given
     (`default_runtime`: on a CPU the first installed of the host's runtimes, e.g. ONNX
     Runtime; on CUDA the reference runtime). On a runtime that runs an exported artifact, a
-    model file is converted once at its own precision (a GGUF's Q4_0 / Q4_1 / Q8_0 blocks as
-    they are) and the result cached (`infopt.bundle.cache`; `cache=False` converts into a
-    temporary directory instead; `progress` sees the conversion); on the reference runtime it
-    is read as float32 (or `dtype`). max_context defaults to min(the model's, 4096) (a
+    model file is converted once at its own precision (a GGUF's Q4_0 / Q4_1 / Q8_0 / Q5_0 /
+    Q2_K–Q4_K / Q6_K blocks as they are) and the result cached (`infopt.bundle.cache`; `cache=False`
+    converts into a temporary directory instead; `progress` sees the conversion); on the reference
+    runtime it is read as float32 (or `dtype`). max_context defaults to min(the model's, 4096) (a
     bundle's: the context it was planned for). device: "cpu", "cuda", or None for CUDA when
     present. dtype: the compute dtype of a model file on the reference runtime ("float32", the
     default; "float16", "bfloat16"); a bundle's precision was fixed when it was built, so giving

@@ -183,6 +183,10 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
+# byte offsets of the fp16 super-block scales in a block (d, and dmin where there is one)
+SUPER_BLOCK_SCALES = {"Q4_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,)}
+
+
 def write_gguf(
     model: Any,
     tokenizer: Any,
@@ -191,12 +195,17 @@ def write_gguf(
     pre: str = "smollm",
     blocks: str | None = None,
     written: dict[str, Any] | None = None,
+    mix: dict[str, str] | None = None,
+    chat_template: bool = True,
 ) -> Path:
     """A GGUF file as llama.cpp's converter writes it (permuted q/k for llama): F32 tensors, or
     with `blocks` ("Q4_1", "Q4_0") the blocks' matrices in that type and the embedding table in
     Q8_0, as llama.cpp quantizes a small model (SmolLM2's Q4_1 file). A type gguf-py cannot
     quantize (the k- and i-quants) gets random blocks instead, every byte below 0x40 so that
-    each fp16 scale in them is finite; `written` receives each block matrix's raw blocks."""
+    each fp16 scale in them is finite (Q4_K's and Q6_K's super-block scales set small, so the
+    weights are of a trained model's size); `mix` gives some tensors (by GGUF name) a type of
+    their own, as a Q4_K_M file does; `written` receives each block matrix's raw blocks;
+    without `chat_template`, a base model's file (none)."""
     import gguf
 
     cfg = model.config
@@ -272,7 +281,8 @@ def write_gguf(
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    if chat_template:
+        w.add_chat_template(CHAT_TEMPLATE)
     names = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}
     block = {
         "input_layernorm": "attn_norm",
@@ -314,6 +324,8 @@ def write_gguf(
         kind = None
         if blocks and array.ndim == 2:
             kind = gguf.GGMLQuantizationType[blocks if parts[0] == "layers" else "Q8_0"]
+        if mix and gname in mix:
+            kind = gguf.GGMLQuantizationType[mix[gname]]
         if kind is None:
             w.add_tensor(gname, array)
             continue
@@ -323,6 +335,9 @@ def write_gguf(
             width, size = gguf.constants.GGML_QUANT_SIZES[kind]
             shape = (array.shape[0], array.shape[1] // width * size)
             raw = np.random.default_rng(len(gname)).integers(0, 0x40, shape, dtype=np.uint8)
+            small = np.array([1e-4], np.float16).view(np.uint8)
+            for start in SUPER_BLOCK_SCALES.get(kind.name, ()):
+                raw.reshape(-1, size)[:, start : start + 2] = small
         if written is not None:
             written[gname] = raw
         w.add_tensor(gname, raw, raw_dtype=kind)

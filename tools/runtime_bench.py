@@ -158,6 +158,7 @@ def main() -> None:
         peers=args.peers,
         log=lambda line: print(line, file=sys.stderr, flush=True),
         numerics=[m for m in args.numerics.split(",") if m],
+        peer_model=args.default or None,  # a model file of its own: llama.cpp on it
     )
     if args.json:
         print(json.dumps({"rows": rows, "loads": loads} if loads else rows, indent=2))

@@ -4,11 +4,11 @@ The graph is written module by module from the (possibly compressed) model core 
 opset API, in the patterns the CPU plugin fuses (those of optimum-intel's exports):
 
 - weights keep their stored form: INT4 groups as `u4` codes with `u4` zero-points (or `i4`
-  without, when symmetric) and fp16 scales, INT8 rows or groups as `i8` with fp16 scales, each
-  decompressed right before its MatMul (Convert -> Subtract -> Multiply), which the plugin
-  executes as a low-bit kernel; a float offset per group (`int4m`, a GGUF's Q4_1) as `u4` codes
-  times their scales plus the input's per-block sums times the offsets (exact in fp32); float
-  weights as fp32 constants; low-rank layers as two MatMuls;
+  without, when symmetric) and fp16 scales (fp32 for a k-quant's), INT8 rows or groups as `i8`
+  with fp16 (fp32) scales, each decompressed right before its MatMul (Convert -> Subtract ->
+  Multiply), which the plugin executes as a low-bit kernel; a float offset per group (`int4m`,
+  a GGUF's Q4_1 or Q4_K) as `u4` codes times their scales plus the input's per-block sums times
+  the offsets (exact in fp32); float weights as fp32 constants; low-rank layers as two MatMuls;
 - the KV cache is model state: per layer ReadValue -> Gather(beam_idx) -> Concat -> Assign,
   read by ScaledDotProductAttention (grouped KV heads broadcast as optimum-intel does), which
   the plugin turns into its own in-place cache;
@@ -61,7 +61,9 @@ def _decompressed(qw: QuantizedWeight) -> Any:
     """The fp32 [N, K] weight as a decompression subgraph over the stored low-bit constants."""
     ov, ops = _ov()
     out, inp = qw.shape
-    f16 = ov.Type.f16
+    # the scales' own type: fp16, or fp32 where they are a k-quant's products, which fp16
+    # would round
+    f16 = ov.Type.f32 if qw.scales.dtype == torch.float32 else ov.Type.f16
     group = int(qw.scheme.group_size or inp)
     groups = inp // group
     shape = (out, groups, group)

@@ -18,7 +18,14 @@ import torch
 from infopt.bundle.files import check_out, write_bundle
 from infopt.bundle.manifest import TOKENIZER, tokenizer_section
 from infopt.bundle.signing import key_id, load_private_key
-from infopt.compress.apply import apply_plan, check_plan, make_symmetric, symmetric
+from infopt.compress.apply import (
+    apply_plan,
+    check_plan,
+    group_schemes,
+    make_symmetric,
+    stored_matrices,
+    symmetric,
+)
 from infopt.compress.calibration import CALIBRATION_LENGTH
 from infopt.core.model import Decoder, load_core, parameter_count
 from infopt.core.progress import Progress, silent
@@ -169,6 +176,7 @@ def build(
     gptq = calibration is not None or p.method == "gptq"
     done = apply_plan(core, p, cal_ids, gptq=gptq, progress=progress)
     done["stored_dtype"] = str(core.float_dtype).removeprefix("torch.")
+    done["matrices"] = stored_matrices(core)
     exact = keep_blocks or _lossless(p, file_weights)
     done["quality"] = quality(core, source, exact=exact, progress=step)
     if exact and any(s not in FLOATS for s in p.compression["weights"].values()):
@@ -333,31 +341,21 @@ def convert(
     max_context: int,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """A bundle of `source` for `runtime` at the file's own precision, nothing compressed: a
-    GGUF's Q4_0 / Q4_1 / Q8_0 blocks as they are (see `load_core(stored=True)`), every other
-    weight as float32; its graph exported for `max_context` positions. What `infopt.load` of a
-    model file caches for a runtime that runs an exported artifact."""
-    from infopt.core.quant import QuantStorage
-
+    """A bundle of `source` for `runtime` at the file's own precision, nothing compressed: a GGUF's
+    Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q2_K–Q4_K / Q6_K blocks as they are (see `load_core(stored=True)`),
+    every other weight as float32; its graph exported for `max_context` positions. What
+    `infopt.load` of a model file caches for a runtime that runs an exported artifact."""
     step = progress or silent
     target(runtime).check_buildable()
     step("read weights", 0, 1)
     core = load_core(source, CORE_CONTEXT, device="cpu", stored=True)
     step("read weights", 1, 1)
     artifacts, writers = export_artifacts(core, [runtime], max_context)
-    groups = {
-        "embeddings": core.embed_tokens,
-        "lm_head": core.lm_head,
-        "attention": core.blocks[0].self_attn.q_proj,
-        "mlp": core.blocks[0].mlp.gate_proj,
-    }
-    weights = {
-        g: m.scheme.name if isinstance(m, QuantStorage) else "fp32" for g, m in groups.items()
-    }
     compression = {
         "stored_dtype": "float32",
         "quantization": "as in the file",
-        "weights": weights,
+        "weights": group_schemes(core),
+        "matrices": stored_matrices(core),
         "quality": quality(core, source, exact=True),
     }
     manifest = package_manifest(

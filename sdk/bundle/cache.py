@@ -37,9 +37,9 @@ def cache_root() -> Path:
 
 
 # Raised whenever an exporter's output changes within one release (e.g. graphs gained a batch
-# dimension, or stacked q/k/v into one matrix), so that entries converted before are
-# converted again.
-CONVERTER_REVISION = 4
+# dimension, stacked q/k/v into one matrix, or kept a GGUF's k-quant blocks), so that entries
+# converted before are converted again.
+CONVERTER_REVISION = 5
 
 
 def entry_key(sha256: str, runtime: str) -> str:

@@ -100,6 +100,7 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
         ),
         ("plan", _plan_row(plan, m.get("compression", {}))),
         ("quality", quality_text(m.get("compression", {}).get("quality"))),
+        ("matrices", _matrices(m.get("compression", {}).get("matrices"))),
         ("runtime", f"{bundle.default_runtime} (needs {_requirement(m['runtime'])})"),
         ("artifacts", ", ".join(bundle.runtimes)),
         ("KV cache", f"{kv['max_context']} tokens x batch {kv['batch']}, {kv['dtype']}"),
@@ -123,6 +124,14 @@ def _plan_row(plan: dict[str, Any], compression: dict[str, Any]) -> str:
         return f"{plan['compression']['name']} for {plan['device']}"
     weights = ", ".join(f"{g} {s}" for g, s in compression.get("weights", {}).items())
     return f"none: the model file's own precision ({weights})" if weights else "none"
+
+
+def _matrices(counts: dict[str, int] | None) -> str:
+    """ "int8-g32 ×97, int4m-g32 ×27, int8-g16 ×9": how the bundle stores its matrices (a
+    model file's mix of block types, kept as they are, differs within a group)."""
+    if not counts:
+        return "not recorded (an older bundle)"
+    return ", ".join(f"{scheme} ×{n}" for scheme, n in counts.items())
 
 
 def _requirement(section: dict[str, Any]) -> str:

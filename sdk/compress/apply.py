@@ -105,21 +105,60 @@ def apply_plan(
 
 
 def stored_groups(core: Decoder, weights: dict[str, str]) -> set[str]:
-    """The tensor groups whose every matrix `core` already stores in the scheme `weights` gives
-    it (a model file loaded with its blocks kept)."""
-    from infopt.core.quant import QuantStorage
+    """The quantized tensor groups `core` already stores in the scheme `weights` gives them (a
+    model file loaded with its blocks kept), named as `group_schemes` names them: a group of a
+    k-quant mix whose name matches keeps each matrix as the file stores it."""
+    from infopt.compress.quantize import FLOATS
 
-    modules = {
+    return {g for g, s in group_schemes(core).items() if s not in FLOATS and weights.get(g) == s}
+
+
+def group_schemes(core: Decoder) -> dict[str, str]:
+    """Each tensor group's scheme as `core` stores it: the scheme of most of its weights
+    (`group_scheme`), "fp32" for float matrices."""
+    from infopt.core.quant import group_scheme
+
+    out = {}
+    for group, modules in _group_modules(core).items():
+        elements: dict[str, int] = {}
+        for scheme, count in (m for module in modules for m in _matrices(module)):
+            elements[scheme] = elements.get(scheme, 0) + count
+        out[group] = group_scheme(elements)
+    return out
+
+
+def stored_matrices(core: Decoder) -> dict[str, int]:
+    """How many of `core`'s matrices (embedding table and head included, a tied head once) each
+    scheme stores, most first: what a manifest records beside the groups' names."""
+    groups = _group_modules(core)
+    if core.spec.tie_word_embeddings:
+        del groups["lm_head"]
+    counts: dict[str, int] = {}
+    for scheme, _ in (m for mods in groups.values() for module in mods for m in _matrices(module)):
+        counts[scheme] = counts.get(scheme, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _group_modules(core: Decoder) -> dict[str, list[nn.Module]]:
+    return {
         "embeddings": [core.embed_tokens],
         "lm_head": [core.lm_head],
         "attention": [b.self_attn.get_submodule(n) for b in core.blocks for n in ATTENTION],
         "mlp": [b.mlp.get_submodule(n) for b in core.blocks for n in MLP],
     }
-    return {
-        group
-        for group, mods in modules.items()
-        if all(isinstance(m, QuantStorage) and m.scheme.name == weights.get(group) for m in mods)
-    }
+
+
+def _matrices(module: nn.Module) -> list[tuple[str, int]]:
+    """(scheme, weight count) of each matrix one layer stores (a low-rank layer's two factors):
+    quantized ones by their scheme, float ones by their dtype (fp32, fp16, bf16)."""
+    from infopt.core.quant import QuantStorage
+
+    floats = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    found = [(m.scheme.name, m.shape[0] * m.shape[1])
+             for m in module.modules() if isinstance(m, QuantStorage)]  # fmt: skip
+    found += [(floats.get(p.dtype, str(p.dtype)), p.numel())
+              for p in module.parameters() if p.dim() == 2]  # fmt: skip
+    return found
 
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

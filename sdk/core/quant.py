@@ -6,7 +6,9 @@ A `QuantizedWeight` holds integer codes plus fp16 scales (and zero-points or off
 `dequantize` gives the float matrix back. `QuantLinear` runs it in torch, dequantizing on the
 fly. The group-wise INT8 and the offset INT4 forms are a GGUF file's own Q8_0 and Q4_1 blocks
 (w = d·q and w = d·q + m per 32 weights; Q4_0 is symmetric INT4), so such a file keeps its
-precision, bit for bit.
+precision, bit for bit; Q5_0's codes fit group-wise INT8 too, and the k-quants Q4_K and Q6_K
+are the offset INT4 and group-wise INT8 forms with float32 scales and offsets (products of a
+super-block scale and a 6- or 8-bit sub-block one, which fp16 would round).
 """
 
 from __future__ import annotations
@@ -121,14 +123,14 @@ def quantize_codes(
 
 @dataclass
 class QuantizedWeight:
-    """Integer codes + per-group fp16 scales (+ zero-points) for one [out, in] matrix."""
+    """Integer codes + per-group scales (+ zero-points) for one [out, in] matrix."""
 
     scheme: QuantScheme
     qweight: torch.Tensor  # int8 [out, in], or uint8 [out, in/2] (two int4 per byte)
-    scales: torch.Tensor  # fp16 [out, groups]
+    scales: torch.Tensor  # fp16 [out, groups] (fp32: a GGUF k-quant's, see the module note)
     zeros: torch.Tensor | None  # uint8 [out, groups/2] packed 4-bit (asymmetric int4 only)
     shape: tuple[int, int]
-    offsets: torch.Tensor | None = None  # fp16 [out, groups], added after scaling (int4m only)
+    offsets: torch.Tensor | None = None  # as scales, added after scaling (int4m only)
 
     @property
     def nbytes(self) -> int:
@@ -202,6 +204,13 @@ def quantize_rtn(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     scale, zero = group_params(grouped, scheme)  # [out, groups, 1]
     codes = quantize_codes(grouped, scale, zero, scheme).reshape(out, inp)
     return from_codes(codes, scale[..., 0], zero[..., 0], scheme)
+
+
+def group_scheme(elements: dict[str, int]) -> str:
+    """The name a tensor group takes in a plan when its matrices are stored in several schemes
+    (a GGUF k-quant mix): the scheme holding most of its weights (`elements`: scheme -> weight
+    count; "fp32" when empty), ties to the first name in order."""
+    return max(sorted(elements), key=elements.__getitem__, default="fp32")
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

@@ -1,9 +1,14 @@
 """Import a GGUF file: config, weights, tokenizer and chat template (via `gguf`).
 
-Weights come dequantized to float32, or, asked to keep the file's precision, Q4_0 / Q4_1 / Q8_0
-matrices as infopt's own storage of the same codes and scales (`int4s-g32`, `int4m-g32`,
-`int8-g32`): the values are the file's, bit for bit. Other block types (the k-quants) come as
-float32, their exact values, larger.
+Weights come dequantized to float32, or, asked to keep the file's precision, the matrices of the
+block types below as infopt's own storage of the same codes and scales: the values are the
+file's, bit for bit. Q4_0, Q4_1 and Q8_0 are such storage already (`int4s-g32`, `int4m-g32`,
+`int8-g32`); Q5_0's 5-bit codes fit `int8-g32`; Q4_K's sub-blocks of 32 are Q4_1's form with a
+scale d·sc and an offset -dmin·m each (`int4m-g32`), Q2_K's sub-blocks of 16 the same with 2-bit
+codes (`int4m-g16`), Q6_K's and Q3_K's sub-blocks of 16 symmetric codes with a scale d·sc
+(`int8-g16`). Those k-quant products take float32 (fp16 cannot hold them), so their scales are
+kept in float32. Other block types (Q5_1, Q5_K, the i-quants, ...) come as float32, their exact
+values, larger.
 """
 
 from __future__ import annotations
@@ -26,9 +31,17 @@ if TYPE_CHECKING:
     from infopt.core.quant import QuantizedWeight
 
 GGUF_MAGIC = b"GGUF"
-# GGML block types kept as they are: type -> (infopt scheme, bytes per block of 32 weights)
-BLOCK_SCHEMES = {"Q4_0": ("int4s-g32", 18), "Q4_1": ("int4m-g32", 20), "Q8_0": ("int8-g32", 34)}
-BLOCK = 32
+# GGML block types kept at their precision: type -> the infopt scheme holding them exactly
+BLOCK_SCHEMES = {
+    "Q4_0": "int4s-g32",
+    "Q4_1": "int4m-g32",
+    "Q8_0": "int8-g32",
+    "Q5_0": "int8-g32",
+    "Q4_K": "int4m-g32",
+    "Q6_K": "int8-g16",
+    "Q3_K": "int8-g16",
+    "Q2_K": "int4m-g16",
+}
 # general.architecture -> our family (llama.cpp writes Mistral v0.1 as llama)
 SUPPORTED = {a: a for a in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")}
 # GGUF tensor names -> HF names (per block, then global), as llama.cpp's converter maps them
@@ -417,8 +430,8 @@ def iter_weights(
 ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """Tensors one at a time, under HF names, q/k rows un-permuted for llama (one at a time, so
     a caller converting them keeps one float32 copy alive at most): dequantized to float32, or
-    with `keep_blocks` the Q4_0 / Q4_1 / Q8_0 matrices as `QuantizedWeight`s of the same
-    values."""
+    with `keep_blocks` the Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q2_K–Q4_K / Q6_K matrices as
+    `QuantizedWeight`s of the same values (`stored_blocks`)."""
     import torch
     from gguf.quants import dequantize
 
@@ -490,39 +503,43 @@ def _split_rows(
 
 
 def stored_blocks(t: Any, name: str, spec: ModelSpec, path: Path) -> QuantizedWeight:
-    """A Q4_0 / Q4_1 / Q8_0 matrix as infopt's storage of the same codes and fp16 scales (and
-    Q4_1's fp16 mins as offsets): `dequantize()` gives the file's values exactly."""
+    """A matrix of one of the `BLOCK_SCHEMES` types as infopt's storage of the same codes and
+    scales (and offsets, from Q4_1's mins or Q4_K's): `dequantize()` gives the file's values
+    exactly."""
     import torch
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     from infopt.core.quant import QuantizedWeight, QuantScheme, pack_int4
 
-    scheme_name, size = BLOCK_SCHEMES[t.tensor_type.name]
+    kind = t.tensor_type.name
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[kind]]
     k, rows = int(t.shape[0]), int(t.shape[1])
     data = np.asarray(t.data)
-    if k % BLOCK or data.size != rows * (k // BLOCK) * size:
+    if k % block or data.size != rows * (k // block) * size:
         raise ModelFormatError(
-            f"{path}: tensor {t.name!r} ({t.tensor_type.name}) holds {data.size} bytes, its "
+            f"{path}: tensor {t.name!r} ({kind}) holds {data.size} bytes, its "
             f"header says {rows} x {k} weights (truncated file?)"
         )
-    blocks = data.reshape(rows, k // BLOCK, size)
-
-    def half(start: int) -> np.ndarray:  # [rows, blocks] fp16 at a byte offset of each block
-        return np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0]
-
-    scales, offsets = half(0), half(2) if t.tensor_type.name == "Q4_1" else None
-    if t.tensor_type.name == "Q8_0":
-        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, k)
-    else:  # byte j of a block: weight j in its low nibble, weight j + 16 in its high one
-        qs = blocks[..., 4:] if offsets is not None else blocks[..., 2:]
-        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, k)
+    blocks = data.reshape(rows, k // block, size)
+    if kind in _UNIT_SCALES:
+        codes, scales, offsets = _k_codes(kind, blocks)
+    else:
+        scales = _half(blocks, 0)
+        offsets = _half(blocks, 2) if kind == "Q4_1" else None
+        if kind == "Q8_0":
+            codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, k)
+        else:  # byte j of a block: weight j in its low nibble, weight j + 16 in its high one
+            qs = blocks[..., 4:] if offsets is not None else blocks[..., 2:]
+            codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, k)
     if spec.architecture == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
         heads = spec.num_heads if "q_proj" in name else spec.num_kv_heads
         codes, scales = unpermute_qk(codes, heads), unpermute_qk(scales, heads)
         offsets = unpermute_qk(offsets, heads) if offsets is not None else None
+    scheme = QuantScheme.parse(BLOCK_SCHEMES[kind])
     c = torch.from_numpy(np.ascontiguousarray(codes))
     return QuantizedWeight(
-        QuantScheme.parse(scheme_name),
-        c if t.tensor_type.name == "Q8_0" else pack_int4(c),
+        scheme,
+        c if scheme.bits == 8 else pack_int4(c),
         torch.from_numpy(np.ascontiguousarray(scales)),
         None,
         (rows, k),
@@ -530,23 +547,100 @@ def stored_blocks(t: Any, name: str, spec: ModelSpec, path: Path) -> QuantizedWe
     )
 
 
+def _half(blocks: np.ndarray, start: int) -> np.ndarray:
+    """[rows, blocks] fp16 at a byte offset of each block."""
+    return np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16)[..., 0]
+
+
+_ONE = np.array([1], np.float16).view(np.uint8)
+# byte ranges of each block that `_k_codes` sets so gguf-py's dequantizer returns bare codes:
+# Q5_0's d = 1; Q4_K's d = 1, dmin = 0 and every 6-bit sub-block scale 1 and min 0 (its packed
+# layout: bytes 0-3 and 8-11 carry the scales' low bits, 4-7 the mins'); Q6_K's 16 int8 scales
+# 1 and its d = 1; Q2_K's 16 (scale, min) nibble pairs (1, 0), d = 1, dmin = 0; Q3_K's 6-bit
+# scales, stored plus 32, 33 (low nibbles 1 in bytes 96-103, high bit pairs 2 in 104-107), d = 1
+_UNIT_SCALES: dict[str, list[tuple[slice, Any]]] = {
+    "Q5_0": [(slice(0, 2), _ONE)],
+    "Q4_K": [(slice(0, 2), _ONE), (slice(2, 4), 0), (slice(4, 16), [1] * 4 + [0] * 4 + [1] * 4)],
+    "Q6_K": [(slice(192, 208), 1), (slice(208, 210), _ONE)],
+    "Q2_K": [(slice(0, 16), 1), (slice(80, 82), _ONE), (slice(82, 84), 0)],
+    "Q3_K": [(slice(96, 104), 0x11), (slice(104, 108), 0xAA), (slice(108, 110), _ONE)],
+}
+# and the bytes that make every Q3_K code 1 (2-bit parts 1, high-bit mask set: no -4), so that
+# its scales come out of the same dequantizer
+_UNIT_CODES_Q3_K = [(slice(0, 32), 0xFF), (slice(32, 96), 0x55)]
+
+
+def _k_codes(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(codes [rows, k], scales [rows, groups], offsets or None) of Q5_0 / Q2_K / Q3_K / Q4_K /
+    Q6_K blocks [rows, blocks, bytes]. The codes are what gguf-py's own dequantizer reads from
+    the blocks with their scales set to one (`_UNIT_SCALES`), so its bit layouts are not
+    written twice; the scales (and the offsets, minus the mins) are the float32 products it
+    multiplies the codes by, exact in float32 (Q5_0's is the block's own fp16 d)."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import Q4_K, dequantize
+
+    rows, qtype = blocks.shape[0], GGMLQuantizationType[kind]
+    unit = blocks.copy()
+    for where, value in _UNIT_SCALES[kind]:
+        unit[..., where] = value
+    codes = dequantize(unit.reshape(rows, -1), qtype)
+    offsets = None
+    if kind == "Q5_0":
+        scales = _half(blocks, 0)
+    elif kind == "Q4_K":
+        sc, mins = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
+        d = _half(blocks, 0).astype(np.float32).reshape(-1, 1)
+        dmin = _half(blocks, 2).astype(np.float32).reshape(-1, 1)
+        scales = (d * sc.astype(np.float32)).reshape(rows, -1)
+        offsets = -(dmin * mins.astype(np.float32)).reshape(rows, -1)
+    elif kind == "Q2_K":
+        sc = blocks[..., 0:16]
+        d = _half(blocks, 80).astype(np.float32)[..., None]
+        scales = (d * (sc & 0x0F).astype(np.float32)).reshape(rows, -1)
+        offsets = -(_half(blocks, 82).astype(np.float32)[..., None] * (sc >> 4)).reshape(rows, -1)
+    elif kind == "Q3_K":  # its scales are d (set to one) times the codes set to one
+        ones = blocks.copy()
+        for where, value in [*_UNIT_CODES_Q3_K, (slice(108, 110), _ONE)]:
+            ones[..., where] = value
+        sc = dequantize(ones.reshape(rows, -1), qtype)[:, ::16].reshape(*blocks.shape[:2], 16)
+        scales = (_half(blocks, 108).astype(np.float32)[..., None] * sc).reshape(rows, -1)
+    else:  # Q6_K
+        sc = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
+        scales = (_half(blocks, 208).astype(np.float32)[..., None] * sc).reshape(rows, -1)
+    as_int = np.uint8 if kind in ("Q4_K", "Q2_K") else np.int8
+    return codes.astype(as_int), scales, offsets
+
+
 def stored_weights(path: Path) -> dict[str, str] | None:
     """The scheme infopt keeps each tensor group in when it keeps the file's blocks (see
-    `stored_blocks`), read from the tensor types alone; None when it keeps none of them."""
+    `stored_blocks`), read from the tensor types alone; None when it keeps none of them. A
+    group whose matrices differ (a Q4_K_M file's Q5_0, Q4_K and Q6_K) is named by the scheme
+    holding most of its weights (`group_scheme`); each matrix keeps its own."""
+    from infopt.core.quant import group_scheme
+
     reader = open_reader(path)
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
-    fused = "blk.0.attn_qkv.weight" in types  # Phi-3
-    first = {
-        "embeddings": "token_embd.weight",
-        "lm_head": "output.weight" if "output.weight" in types else "token_embd.weight",
-        "attention": "blk.0.attn_qkv.weight" if fused else "blk.0.attn_q.weight",
-        "mlp": "blk.0.ffn_up.weight" if fused else "blk.0.ffn_gate.weight",
-    }
-    weights = {
-        group: BLOCK_SCHEMES[types[name]][0] if types.get(name) in BLOCK_SCHEMES else "fp32"
-        for group, name in first.items()
-    }
+    types = {t.name: t for t in reader.tensors}
+    elements: dict[str, dict[str, int]] = {g: {} for g in GROUPS}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        group = _GROUP_OF.get(parts[2] if parts[0] == "blk" and len(parts) == 4 else parts[0])
+        tables = [group] if group else []
+        if t.name == "token_embd.weight" and "output.weight" not in types:
+            tables.append("lm_head")  # tied: the head is the embedding table
+        for g in tables:
+            scheme = BLOCK_SCHEMES.get(t.tensor_type.name, "fp32")
+            elements[g][scheme] = elements[g].get(scheme, 0) + int(t.n_elements)
+    weights = {g: group_scheme(counts) for g, counts in elements.items()}
     return weights if set(weights.values()) != {"fp32"} else None
+
+
+GROUPS = ("embeddings", "lm_head", "attention", "mlp")
+_GROUP_OF = {
+    "token_embd": "embeddings",
+    "output": "lm_head",
+    **dict.fromkeys(("attn_q", "attn_k", "attn_v", "attn_output", "attn_qkv"), "attention"),
+    **dict.fromkeys(("ffn_gate", "ffn_up", "ffn_down"), "mlp"),
+}
 
 
 def tensor_types(path: Path) -> dict[str, dict[str, int]]:

@@ -89,13 +89,15 @@ def measure(
     cfg = manifest["model"]["config"]
     kv = 2 * cfg["num_layers"] * cfg["num_kv_heads"] * cfg["head_dim"] * 4
     kv_bytes = kv * model.runtime.max_context
-    ids = model.encode_prompt(PROMPT)
+    # a base model without a chat template reads the request as plain text
+    prompt = PROMPT if model.tokenizer.chat_template else PROMPT[0]["content"]
+    ids = model.encode_prompt(prompt)
     long = (ids * 40)[:PREFILL]
     short = (ids * 4)[:TTFT_TOKENS]
     params = SamplingParams()
     with open("/proc/self/clear_refs", "w") as f:  # reset the peak: measure generation alone
         f.write("5")
-    model.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])  # warm-up
+    model.generate(prompt, max_new_tokens=8, stop_token_ids=[])  # warm-up
     ttft = []
     for _ in range(3):
         first = next(
@@ -152,8 +154,9 @@ def run_child(
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+LLAMA_CPP = "llama.cpp Q4_1"
 PEER_SCRIPTS = {  # peer -> (its bench script, its model under the peers dir or None)
-    "llama.cpp Q4_1": ("llamacpp_bench.py", None),
+    LLAMA_CPP: ("llamacpp_bench.py", None),
     "ONNX Runtime GenAI int4": ("ortgenai_bench.py", "ortgenai-int4"),
     "OpenVINO GenAI int4": ("ovgenai_bench.py", "ov-int4"),
     "transformers fp32": ("hf_bench.py", None),
@@ -170,9 +173,13 @@ FELL_BACK: set[str] = set()
 FALLBACK_ENV = {"llama.cpp Q4_1": {"LLAMA_NO_EXTRA_BUFTS": "1"}}
 
 
-def run_peer(name: str, peers: Path, threads: int) -> dict[str, Any] | None:
+def run_peer(
+    name: str, peers: Path, threads: int, model: str | None = None
+) -> dict[str, Any] | None:
+    """One round of the peer `name`; with `model` (another GGUF file than the default model's),
+    llama.cpp on that file, the row named for it."""
     script, arg = PEER_SCRIPTS[name]
-    args = [str(peers / arg)] if arg else []
+    args = [model] if model else [str(peers / arg)] if arg else []
     fallback = FALLBACK_ENV.get(name)
     env = fallback if name in FELL_BACK else None
     out = peer_process(script, args, peers, threads, env)
@@ -182,6 +189,8 @@ def run_peer(name: str, peers: Path, threads: int) -> dict[str, Any] | None:
     result = peer_figures(out)
     if result is None:
         return None
+    if model:
+        name = f"llama.cpp {Path(model).name}"
     if result.pop("extra_bufts_off", False):
         name = f"{name} (repacking off)"
     return {"runtime": name, **result}
@@ -232,6 +241,7 @@ def systems(
     runtime: str | None,
     compare: bool,
     numerics: Sequence[str] = ("fast",),
+    peer_model: str | None = None,
 ) -> list[tuple[str, str | None, str | None, str]]:
     """(label, bundle or None for a peer, runtime or peer name, numerics) of everything to
     measure: every artifact of a bundle that can run here, or only its fixed-window (mobile)
@@ -262,7 +272,9 @@ def systems(
                     continue
                 shown = "" if list(numerics) == ["fast"] else f" ({mode})"
                 out.append((f"infopt {rt} {label}{shown}", bundle, rt, mode))
-    if compare:
+    if compare and peer_model:  # the other peers run their own copies of the default model
+        out.append((f"llama.cpp {Path(peer_model).name}", None, LLAMA_CPP, "fast"))
+    elif compare:
         out += [(name, None, name, "fast") for name in PEER_SCRIPTS]
     return out
 
@@ -277,11 +289,13 @@ def bench(
     peers: str | Path = DEFAULT_PEERS,
     log: Callable[[str], object] | None = None,
     numerics: Sequence[str] = ("fast",),
+    peer_model: str | None = None,
 ) -> list[dict[str, Any]]:
     """Median figures per system (see the module's doc) over `repeat` alternating rounds, for
     bundle paths (labelled by their names) or (label, path) pairs; `compare` adds the peers
-    prepared in `peers`; `log` gets each measurement as it comes; `numerics`: the modes each
-    artifact is measured in (`infopt.load`'s)."""
+    prepared in `peers` (with `peer_model`, a GGUF file other than the default model: llama.cpp
+    on that file, the one peer that reads it as it is); `log` gets each measurement as it
+    comes; `numerics`: the modes each artifact is measured in (`infopt.load`'s)."""
     for name, value in (("repeat", repeat), ("threads", threads)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InvalidArgumentError(f"{name}={value!r}: must be a whole number, at least 1")
@@ -289,7 +303,7 @@ def bench(
         (str(b[0]), str(b[1])) if isinstance(b, tuple) else (Path(b).name, str(b)) for b in bundles
     ]
     peers = Path(peers)
-    todo = systems(pairs, runtime, compare, numerics)
+    todo = systems(pairs, runtime, compare, numerics, peer_model)
     if compare and not all(
         p.exists() for p in (peers / "venv" / "bin" / "python", peers / "bench")
     ):
@@ -301,7 +315,7 @@ def bench(
     for _ in range(repeat):
         for label, bundle, rt, mode in todo:
             r = (
-                run_peer(str(rt), peers, threads)
+                run_peer(str(rt), peers, threads, peer_model)
                 if bundle is None
                 else run_child(bundle, rt, threads, mode)
             )

@@ -230,6 +230,8 @@ def test_a_plan_with_low_rank_and_int4_builds(tiny_gguf: Path, tmp_path: Path) -
     build(tiny_gguf, out, plan_file=tmp_path / "plan.json", runtime="onnxruntime")
     manifest = verify_bundle(out)
     assert manifest["plan"]["low_rank_ratio"] == 0.5
+    # each factor counted as a matrix in its scheme (no float matrix left)
+    assert set(manifest["compression"]["matrices"]) == {"int8", "int4-g32"}
     r = infopt.load(out).generate("hello", max_new_tokens=8, stop_token_ids=[])
     assert len(r.token_ids) == 8
 

@@ -1,7 +1,8 @@
-"""Every tensor type gguf-py can dequantize loads to gguf-py's own values: a tiny model whose
-block matrices are stored in each type (quantized by gguf-py where it can, random blocks where
-it cannot: the k- and i-quants) is read back through infopt's importer and compared with
-`gguf.quants.dequantize` of the bytes written; `inspect` names the file's types."""
+"""Every tensor type gguf-py can dequantize loads to gguf-py's own values, and the types infopt
+keeps at their precision are stored with them: a tiny model whose block matrices are stored in
+each type (quantized by gguf-py where it can, random blocks where it cannot: the k- and
+i-quants) is read back through infopt's importer and compared with `gguf.quants.dequantize` of
+the bytes written; `inspect` names the file's types."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from infopt.core.quant import QuantizedWeight
 from infopt.importers import open_model, tensor_types
+from infopt.importers.gguf_file import BLOCK_SCHEMES
 
 gguf = pytest.importorskip("gguf")
 
@@ -60,11 +63,17 @@ def test_each_tensor_type_loads_to_gguf_py_s_values(
         model, tiny_tokenizer, tmp_path / f"{kind}.gguf", blocks=kind, written=written
     )
     weights = dict(open_model(path).iter_weights())
+    # the types infopt keeps at their precision: its codes and scales in their scheme
+    stored = dict(open_model(path).iter_stored()) if kind in BLOCK_SCHEMES else {}
     qtype = gguf.GGMLQuantizationType[kind]
     for gname, hf_name in CHECKED.items():
         expected = gguf.quants.dequantize(written[gname], qtype).astype(np.float32)
         got = weights[hf_name].numpy()
         assert got.shape == expected.shape and np.array_equal(got, expected), (kind, gname)
+        if stored:
+            qw = stored[hf_name]
+            assert isinstance(qw, QuantizedWeight) and qw.scheme.name == BLOCK_SCHEMES[kind]
+            assert np.array_equal(qw.dequantize().numpy(), expected), (kind, gname)
     # 7 block matrices (and the embedding and output tables, which are Q8_0); norms in F32
     ours = [g for g in written if kind == "Q8_0" or g.startswith("blk.")]
     types = tensor_types(path)

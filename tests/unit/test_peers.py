@@ -84,3 +84,10 @@ def test_a_crash_either_way_or_no_figures_gives_no_row(tmp_path: Path) -> None:
     speed.FELL_BACK.clear()
     quiet = peers_with(tmp_path / "quiet", "print('no figures')\n")
     assert run_peer("llama.cpp Q4_1", quiet, 2) is None
+
+
+def test_another_model_file_is_given_to_llama_cpp_and_names_its_row(tmp_path: Path) -> None:
+    peers = peers_with(tmp_path, "(here / 'args').write_text(' '.join(sys.argv[1:]))\n" + FIGURES)
+    row = run_peer("llama.cpp Q4_1", peers, 2, "/models/gemma-3-270m-q4_k_m.gguf")
+    assert row == {"runtime": "llama.cpp gemma-3-270m-q4_k_m.gguf", "pp512": 300.5, "tg128": 86.0}
+    assert (peers / "bench" / "args").read_text() == "/models/gemma-3-270m-q4_k_m.gguf"
