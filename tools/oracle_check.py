@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import infopt
-from infopt.tools.runtime_check import PROMPTS
+from infopt.tools.runtime_check import prompts_for as runtime_prompts
 
 
 def oracle(path: Path, threads: int) -> Any:
@@ -35,11 +35,10 @@ def oracle(path: Path, threads: int) -> Any:
 
 
 def prompts_for(source: Any) -> list[Any]:
-    """`PROMPTS` as this model can take them, plus a prompt past its sliding window if any."""
+    """runtime_check's prompts as this model can take them, plus a prompt past its sliding window
+    if any."""
     tok, spec = source.tokenizer, source.spec
-    out: list[Any] = [
-        p if isinstance(p, str) or tok.chat_template else p[-1]["content"] for p in PROMPTS
-    ]
+    out: list[Any] = runtime_prompts(tok)
     if spec.sliding_window and "sliding" in spec.layer_kinds:
         from importlib.resources import files
 

@@ -60,6 +60,14 @@ class Reference:
         return self.ids, self.expected, self.greedy, self.new_tokens
 
 
+def prompts_for(tokenizer: Any) -> list[str | list[dict[str, Any]]]:
+    """PROMPTS as a model can take them: a base model without a chat template gets the chats'
+    last message as plain text."""
+    return [
+        p if isinstance(p, str) or tokenizer.chat_template else p[-1]["content"] for p in PROMPTS
+    ]
+
+
 def reference(bundle: str, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> Reference:
     """`bundle`'s PyTorch artifact as the reference: its logits on `tokens` tokens of held-out
     text, and `new_tokens` greedy tokens of each of PROMPTS."""
@@ -79,7 +87,10 @@ def reference(bundle: str, tokens: int = 512, new_tokens: int = NEW_TOKENS) -> R
     )
     ids = eval_ids(model.tokenizer, tokens)
     expected = model.runtime.forward(ids)
-    greedy = [model.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
+    greedy = [
+        model.generate(p, max_new_tokens=new_tokens, stop_token_ids=[])
+        for p in prompts_for(model.tokenizer)
+    ]
     return Reference(model, served, ids, expected, greedy, new_tokens, sha)
 
 
@@ -150,7 +161,10 @@ def compare_default(
     reference = infopt.load(path, runtime="pytorch", threads=2, max_context=1024)
     ids = eval_ids(reference.tokenizer, tokens)
     expected = reference.runtime.forward(ids)
-    greedy = [reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
+    greedy = [
+        reference.generate(p, max_new_tokens=new_tokens, stop_token_ids=[])
+        for p in prompts_for(reference.tokenizer)
+    ]
     fast = infopt.load(path, threads=2, max_context=1024)
     exact = infopt.load(path, threads=2, max_context=1024, numerics="exact")
     rows = [
@@ -173,7 +187,10 @@ def agreement(
     continuations of PROMPTS."""
     got = model.runtime.forward(ids)
     diff = np.abs(got - expected)
-    outputs = [model.generate(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in PROMPTS]
+    outputs = [
+        model.generate(p, max_new_tokens=new_tokens, stop_token_ids=[])
+        for p in prompts_for(model.tokenizer)
+    ]
     same = [a.token_ids == b.token_ids for a, b in zip(outputs, greedy, strict=True)]
     prefix = [
         next(

@@ -155,3 +155,13 @@ def test_a_build_for_the_host_keeps_each_matrix_as_the_file_stores_it(
             PROMPT, max_new_tokens=8, stop_token_ids=[]
         )
         assert got.token_ids == want, runtime
+
+
+def test_the_agreement_check_runs_a_base_model(written: dict[str, Any], empty_cache: Path) -> None:
+    """`runtime_check --model FILE` on a file without a chat template (the chats' text becomes
+    plain prompts): the exact row is the float reference's, token for token."""
+    from infopt.tools.runtime_check import compare_default
+
+    fast, exact = compare_default(str(written["path"]), tokens=64, new_tokens=6)
+    assert exact["numerics"] == "exact" and exact["top1"] == 1.0
+    assert exact["greedy_identical"] == exact["prompts"] == fast["prompts"]
