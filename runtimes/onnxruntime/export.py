@@ -6,8 +6,9 @@ as stored, never re-quantized.
 
 - linears: `nn.Linear` -> MatMul (fp32); `QuantLinear` -> `MatMulNBits` (4-bit groups as stored;
   INT8 per-channel as 8-bit blocks sharing the row's scale, which is exact; INT8 groups as
-  8-bit blocks); a float offset per group (`int4m`, a GGUF's Q4_1) is `MatMulNBits` with zero
-  zero-points plus the input's per-block sums times the offsets, x·W = Σ_b d_b (x_b·q_b) +
+  8-bit blocks); a float offset per group (`int4m`, `int8m`: a GGUF's Q4_1 / Q4_K, Q5_1 / Q5_K)
+  is `MatMulNBits` with the codes centred on a zero point plus the input's per-block sums times
+  the offsets, x·W = Σ_b d_b (x_b·q_b) +
   Σ_b m_b Σ x_b, exact in fp32; `LowRankLinear` -> two MatMuls. q/k/v are fused into one
   projection when they are stored alike.
 - attention: `GroupQueryAttention` with rotary embedding, causal and sliding-window masks, and
@@ -129,6 +130,10 @@ def _nbits_weights(
         return b, scales, zeros, block
     if qw.scheme.group_size:  # INT8 groups: one block each, its own scale
         block = qw.scheme.group_size
+        if qw.scheme.offset:  # unsigned codes, zero points 0: the offsets come as a term
+            codes = qw.qweight.cpu().numpy().astype(np.uint8)
+            zeros8 = np.zeros((out, inp // block), np.uint8)
+            return codes.reshape(out, inp // block, block), _f32(qw.scales), zeros8, block
         codes = (qw.qweight.cpu().numpy().astype(np.int16) + 128).astype(np.uint8)
         return codes.reshape(out, inp // block, block), _f32(qw.scales), None, block
     block = next((s for s in int8_blocks if inp % s == 0), 0)
@@ -155,6 +160,11 @@ def _matmul_nbits(
         # whose mean is far from zero, and that error no longer drowns a greedy choice.
         zeros = None
         offsets = _f32(qw.offsets) + 8.0 * scales
+    elif qw.offsets is not None:  # int8m: the same, centred on the middle of the codes used
+        # (16 for a GGUF's 5-bit Q5_1 / Q5_K codes, 128 for a full byte)
+        centre = 1 << max(int(b.max()).bit_length() - 1, 0)
+        zeros = np.full_like(zeros, centre)
+        offsets = _f32(qw.offsets) + centre * scales
     inputs = [x, g.const(f"{name}.qweight", b), g.const(f"{name}.scales", scales)]
     inputs.append(g.const(f"{name}.zeros", zeros) if zeros is not None else "")
     if bias is not None:
@@ -304,10 +314,11 @@ def _embedding(g: _Graph, model: Decoder) -> tuple[str, Any]:
         scale = g.const("embed_tokens.scales", scales)
         inputs = [data, "input_ids", g.const("embed_tokens.row_scales", scales[..., None])]
         zp = ""
-        if zeros is not None:
+        if zeros is not None:  # 4-bit zero points two a byte, 8-bit ones a byte each
             zp = g.const("embed_tokens.zeros", zeros)
-            codes = unpack_int4(torch.from_numpy(zeros)).numpy()[:, :blocks]
-            inputs.append(g.const("embed_tokens.row_zeros", codes.astype(np.uint8)[..., None]))
+            codes = unpack_int4(torch.from_numpy(zeros)).numpy() if qw.scheme.bits == 4 else zeros
+            row_zeros = codes[:, :blocks].astype(np.uint8)[..., None]
+            inputs.append(g.const("embed_tokens.row_zeros", row_zeros))
         x = g.one(
             "GatherBlockQuantized",
             inputs,

@@ -6,7 +6,8 @@ from infopt.runtimes.registry import Target
 
 TARGET = Target(
     kv_dtype="weights",  # the cache buffers take the model's float dtype
-    float_schemes=("int8-g",),  # group-wise INT8 (a GGUF's Q8_0): kernels.DequantizedLinear
+    # group-wise INT8 (a GGUF's Q8_0, Q5_0, Q5_1, Q5_K, Q6_K): kernels.DequantizedLinear
+    float_schemes=("int8-g", "int8m-g"),
     title="PyTorch",
     extra="torch",
     requirement="torch>=2.4",

@@ -342,7 +342,7 @@ def convert(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """A bundle of `source` for `runtime` at the file's own precision, nothing compressed: a GGUF's
-    Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q2_K–Q4_K / Q6_K blocks as they are (see `load_core(stored=True)`),
+    Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K–Q6_K blocks as they are (see `load_core(stored=True)`),
     every other weight as float32; its graph exported for `max_context` positions. What
     `infopt.load` of a model file caches for a runtime that runs an exported artifact."""
     step = progress or silent

@@ -127,7 +127,7 @@ def _plan_row(plan: dict[str, Any], compression: dict[str, Any]) -> str:
 
 
 def _matrices(counts: dict[str, int] | None) -> str:
-    """ "int8-g32 ×97, int4m-g32 ×27, int8-g16 ×9": how the bundle stores its matrices (a
+    """ "int8-g32 ×91, int4m-g32 ×27, int8-g16 ×9": how the bundle stores its matrices (a
     model file's mix of block types, kept as they are, differs within a group)."""
     if not counts:
         return "not recorded (an older bundle)"

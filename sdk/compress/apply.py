@@ -184,12 +184,12 @@ def _cast_float_groups(core: Decoder, weights: dict[str, str]) -> None:
 def symmetric(weights: dict[str, str]) -> dict[str, str]:
     """The forms targets whose INT4 weights carry no zero points take: INT4 groups with zero
     points or offsets made symmetric ones of the same group size (int4-g32, int4m-g32 ->
-    int4s-g32), INT8 groups per channel (int8-g32 -> int8)."""
+    int4s-g32), INT8 groups per channel (int8-g32, int8m-g32 -> int8)."""
 
     def plain(s: str) -> str:
         if s.startswith(("int4-", "int4m-")):
             return "int4s-" + s.split("-", 1)[1]
-        return "int8" if s.startswith("int8-") else s
+        return "int8" if s.startswith(("int8-", "int8m-")) else s
 
     return {g: plain(s) for g, s in weights.items()}
 

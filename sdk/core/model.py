@@ -548,7 +548,7 @@ def load_core(
 ) -> Decoder:
     """The model core of an imported model, its weights read one tensor at a time, with a KV
     cache of `max_context` positions. With `stored`, matrices a file keeps in a block format
-    infopt stores too (a GGUF's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q2_K–Q4_K / Q6_K) stay so, as quantized
+    infopt stores too (a GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K–Q6_K) stay so, as quantized
     modules holding the file's codes and scales; the other weights come as `dtype`."""
     from infopt.core.quant import QuantEmbedding, QuantizedWeight, QuantLinear
 

@@ -6,9 +6,10 @@ A `QuantizedWeight` holds integer codes plus fp16 scales (and zero-points or off
 `dequantize` gives the float matrix back. `QuantLinear` runs it in torch, dequantizing on the
 fly. The group-wise INT8 and the offset INT4 forms are a GGUF file's own Q8_0 and Q4_1 blocks
 (w = d·q and w = d·q + m per 32 weights; Q4_0 is symmetric INT4), so such a file keeps its
-precision, bit for bit; Q5_0's codes fit group-wise INT8 too, and the k-quants Q4_K and Q6_K
-are the offset INT4 and group-wise INT8 forms with float32 scales and offsets (products of a
-super-block scale and a 6- or 8-bit sub-block one, which fp16 would round).
+precision, bit for bit; Q5_0's codes fit group-wise INT8 too, Q5_1's the offset INT8 form
+(`int8m`, unsigned codes), and the k-quants are the offset INT4 (Q2_K, Q4_K), offset INT8 (Q5_K)
+and group-wise INT8 (Q3_K, Q6_K) forms with float32 scales and offsets (products of a
+super-block scale and a 4- to 8-bit sub-block one, which fp16 would round).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from infopt.errors import InvalidArgumentError, ModelFormatError
 if TYPE_CHECKING:
     from infopt.core.model import Decoder
 
-SCHEME = re.compile(r"int8(?:-g(\d+))?|int4([sm]?)-g(\d+)")
+SCHEME = re.compile(r"int8(?:(m?)-g(\d+))?|int4([sm]?)-g(\d+)")
 
 
 @dataclass(frozen=True)
@@ -35,38 +36,43 @@ class QuantScheme:
     bits: int  # 8 or 4
     group_size: int | None  # None: one scale per output row (int8)
     symmetric: bool
-    offset: bool = False  # a float offset per group, w = scale * q + offset (int4m)
+    offset: bool = False  # a float offset per group, w = scale * q + offset (int4m, int8m)
 
     @classmethod
     def parse(cls, name: str) -> QuantScheme:
         """`int8` (per-channel, symmetric), `int8-g32` (per group of 32, symmetric: GGUF Q8_0),
+        `int8m-g32` (unsigned codes and a float offset per group: GGUF Q5_1 and Q5_K),
         `int4-g32` (asymmetric), `int4s-g64` (symmetric: GGUF Q4_0 at g32), `int4m-g32` (a float
         offset per group: GGUF Q4_1)."""
         m = SCHEME.fullmatch(name)
         if not m:
             raise InvalidArgumentError(
-                f"quantization scheme {name!r}: expected int8, int8-g<group>, int4-g<group>, "
-                "int4s-g<group> or int4m-g<group>"
+                f"quantization scheme {name!r}: expected int8, int8-g<group>, int8m-g<group>, "
+                "int4-g<group>, int4s-g<group> or int4m-g<group>"
             )
         if name == "int8":
             return cls(8, None, True)
-        group = int(m.group(1) or m.group(3))
+        group = int(m.group(2) or m.group(4))
         if group < 2 or group & (group - 1):
             raise InvalidArgumentError(f"{name}: group size {group} must be a power of two >= 2")
         if name.startswith("int8"):
-            return cls(8, group, True)
-        return cls(4, group, m.group(2) == "s", m.group(2) == "m")
+            offset = m.group(1) == "m"
+            return cls(8, group, not offset, offset)
+        return cls(4, group, m.group(3) == "s", m.group(3) == "m")
 
     @property
     def name(self) -> str:
         if self.bits == 8:
-            return f"int8-g{self.group_size}" if self.group_size else "int8"
+            kind = "m" if self.offset else ""
+            return f"int8{kind}-g{self.group_size}" if self.group_size else "int8"
         kind = "s" if self.symmetric else "m" if self.offset else ""
         return f"int4{kind}-g{self.group_size}"
 
     @property
     def qmax(self) -> int:
-        return 127 if self.bits == 8 else 15
+        if self.bits == 8:
+            return 255 if self.offset else 127  # int8m's codes are unsigned bytes
+        return 15
 
     def check_shape(self, out_features: int, in_features: int) -> None:
         if self.group_size and in_features % self.group_size:
@@ -126,11 +132,11 @@ class QuantizedWeight:
     """Integer codes + per-group scales (+ zero-points) for one [out, in] matrix."""
 
     scheme: QuantScheme
-    qweight: torch.Tensor  # int8 [out, in], or uint8 [out, in/2] (two int4 per byte)
+    qweight: torch.Tensor  # int8 [out, in] (uint8: int8m), or uint8 [out, in/2] (two int4 a byte)
     scales: torch.Tensor  # fp16 [out, groups] (fp32: a GGUF k-quant's, see the module note)
     zeros: torch.Tensor | None  # uint8 [out, groups/2] packed 4-bit (asymmetric int4 only)
     shape: tuple[int, int]
-    offsets: torch.Tensor | None = None  # as scales, added after scaling (int4m only)
+    offsets: torch.Tensor | None = None  # as scales, added after scaling (int4m, int8m)
 
     @property
     def nbytes(self) -> int:
@@ -144,7 +150,7 @@ class QuantizedWeight:
         return QuantizedWeight(self.scheme, qweight, scales, moved[0], self.shape, moved[1])
 
     def codes(self) -> torch.Tensor:
-        """Integer codes [out, in] as float (int8: -127..127, int4: 0..15)."""
+        """Integer codes [out, in] as float (int8: -127..127, int8m: 0..255, int4: 0..15)."""
         if self.scheme.bits == 8:
             return self.qweight.float()
         return unpack_int4(self.qweight).float()
@@ -192,14 +198,19 @@ def quantize_rtn(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     scheme.check_shape(out, inp)
     group = scheme.group_size or inp
     grouped = w.float().reshape(out, inp // group, group)
-    if scheme.offset:  # the min-max grid of GGUF's Q4_1: w ~ scale * q + min
+    if scheme.offset:  # the min-max grid of GGUF's Q4_1 / Q5_1: w ~ scale * q + min
         lo, hi = grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True)
         lo16 = lo.to(torch.float16).float()
         scale = ((hi - lo16) / scheme.qmax).clamp(min=1e-8).to(torch.float16).float()
         codes = torch.clamp(torch.round((grouped - lo16) / scale), 0, scheme.qmax)
-        packed = pack_int4(codes.reshape(out, inp).to(torch.uint8))
+        codes = codes.reshape(out, inp).to(torch.uint8)
         return QuantizedWeight(
-            scheme, packed, scale[..., 0].half(), None, (out, inp), lo16[..., 0].half()
+            scheme,
+            codes if scheme.bits == 8 else pack_int4(codes),
+            scale[..., 0].half(),
+            None,
+            (out, inp),
+            lo16[..., 0].half(),
         )
     scale, zero = group_params(grouped, scheme)  # [out, groups, 1]
     codes = quantize_codes(grouped, scale, zero, scheme).reshape(out, inp)

@@ -41,9 +41,9 @@ class ModelSource:
         return self._iter_weights(False)
 
     def iter_stored(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
-        """(HF name, weight) pairs at the file's own precision: a GGUF's Q4_0 / Q4_1 / Q8_0 /
-        Q5_0 / Q2_K–Q4_K / Q6_K matrices as `QuantizedWeight`s of the same values, every other
-        tensor as `iter_weights` gives it."""
+        """(HF name, weight) pairs at the file's own precision: a GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 /
+        Q8_0 / Q2_K–Q6_K matrices as `QuantizedWeight`s of the same values, every other tensor as
+        `iter_weights` gives it."""
         return self._iter_weights(True)
 
     def read_weights(self) -> dict[str, torch.Tensor]:
@@ -79,7 +79,7 @@ class ModelSource:
 
     def stored_weights(self) -> dict[str, str] | None:
         """Tensor group -> the scheme the file keeps it in where infopt can keep it so too (a
-        GGUF's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q2_K–Q4_K / Q6_K matrices; "fp32" for the others; a group
+        GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K–Q6_K matrices; "fp32" for the others; a group
         of several, the scheme of most of its weights); None when nothing in the file is stored
         that way."""
         return stored_weights(self.path)

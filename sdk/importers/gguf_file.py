@@ -3,12 +3,13 @@
 Weights come dequantized to float32, or, asked to keep the file's precision, the matrices of the
 block types below as infopt's own storage of the same codes and scales: the values are the
 file's, bit for bit. Q4_0, Q4_1 and Q8_0 are such storage already (`int4s-g32`, `int4m-g32`,
-`int8-g32`); Q5_0's 5-bit codes fit `int8-g32`; Q4_K's sub-blocks of 32 are Q4_1's form with a
-scale d·sc and an offset -dmin·m each (`int4m-g32`), Q2_K's sub-blocks of 16 the same with 2-bit
-codes (`int4m-g16`), Q6_K's and Q3_K's sub-blocks of 16 symmetric codes with a scale d·sc
+`int8-g32`); Q5_0's 5-bit codes fit `int8-g32`, Q5_1's (with a float offset per block)
+`int8m-g32`; Q4_K's sub-blocks of 32 are Q4_1's form with a scale d·sc and an offset -dmin·m
+each (`int4m-g32`), Q5_K's the same with 5-bit codes (`int8m-g32`), Q2_K's sub-blocks of 16 with
+2-bit codes (`int4m-g16`), Q6_K's and Q3_K's sub-blocks of 16 symmetric codes with a scale d·sc
 (`int8-g16`). Those k-quant products take float32 (fp16 cannot hold them), so their scales are
-kept in float32. Other block types (Q5_1, Q5_K, the i-quants, ...) come as float32, their exact
-values, larger.
+kept in float32. Other block types (the i-quants, ...) come as float32, their exact values,
+larger.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ BLOCK_SCHEMES = {
     "Q6_K": "int8-g16",
     "Q3_K": "int8-g16",
     "Q2_K": "int4m-g16",
+    "Q5_1": "int8m-g32",
+    "Q5_K": "int8m-g32",
 }
 # general.architecture -> our family (llama.cpp writes Mistral v0.1 as llama)
 SUPPORTED = {a: a for a in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")}
@@ -430,7 +433,7 @@ def iter_weights(
 ) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
     """Tensors one at a time, under HF names, q/k rows un-permuted for llama (one at a time, so
     a caller converting them keeps one float32 copy alive at most): dequantized to float32, or
-    with `keep_blocks` the Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q2_K–Q4_K / Q6_K matrices as
+    with `keep_blocks` the Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K–Q6_K matrices as
     `QuantizedWeight`s of the same values (`stored_blocks`)."""
     import torch
     from gguf.quants import dequantize
@@ -554,28 +557,30 @@ def _half(blocks: np.ndarray, start: int) -> np.ndarray:
 
 _ONE = np.array([1], np.float16).view(np.uint8)
 # byte ranges of each block that `_k_codes` sets so gguf-py's dequantizer returns bare codes:
-# Q5_0's d = 1; Q4_K's d = 1, dmin = 0 and every 6-bit sub-block scale 1 and min 0 (its packed
-# layout: bytes 0-3 and 8-11 carry the scales' low bits, 4-7 the mins'); Q6_K's 16 int8 scales
-# 1 and its d = 1; Q2_K's 16 (scale, min) nibble pairs (1, 0), d = 1, dmin = 0; Q3_K's 6-bit
-# scales, stored plus 32, 33 (low nibbles 1 in bytes 96-103, high bit pairs 2 in 104-107), d = 1
+# Q5_0's d = 1; Q5_1's d = 1 and m = 0; Q4_K's and Q5_K's d = 1, dmin = 0 and every 6-bit
+# sub-block scale 1 and min 0 (packed: bytes 0-3 hold scales 0-3, 4-7 mins 0-3, 8-11 the low
+# nibbles of scales 4-7 and mins 4-7, the high bits of 4-7 in the top bits of bytes 0-7); Q6_K's
+# 16 int8 scales 1 and its d = 1; Q2_K's 16 (scale, min) nibble pairs (1, 0), d = 1, dmin = 0;
+# Q3_K's 6-bit scales, stored plus 32, 33 (low nibbles 1 in bytes 96-103, high bit pairs 2 in
+# 104-107), d = 1
 _UNIT_SCALES: dict[str, list[tuple[slice, Any]]] = {
     "Q5_0": [(slice(0, 2), _ONE)],
+    "Q5_1": [(slice(0, 2), _ONE), (slice(2, 4), 0)],
+    "Q5_K": [(slice(0, 2), _ONE), (slice(2, 4), 0), (slice(4, 16), [1] * 4 + [0] * 4 + [1] * 4)],
     "Q4_K": [(slice(0, 2), _ONE), (slice(2, 4), 0), (slice(4, 16), [1] * 4 + [0] * 4 + [1] * 4)],
     "Q6_K": [(slice(192, 208), 1), (slice(208, 210), _ONE)],
     "Q2_K": [(slice(0, 16), 1), (slice(80, 82), _ONE), (slice(82, 84), 0)],
     "Q3_K": [(slice(96, 104), 0x11), (slice(104, 108), 0xAA), (slice(108, 110), _ONE)],
 }
-# and the bytes that make every Q3_K code 1 (2-bit parts 1, high-bit mask set: no -4), so that
-# its scales come out of the same dequantizer
-_UNIT_CODES_Q3_K = [(slice(0, 32), 0xFF), (slice(32, 96), 0x55)]
 
 
 def _k_codes(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(codes [rows, k], scales [rows, groups], offsets or None) of Q5_0 / Q2_K / Q3_K / Q4_K /
-    Q6_K blocks [rows, blocks, bytes]. The codes are what gguf-py's own dequantizer reads from
+    """(codes [rows, k], scales [rows, groups], offsets or None) of the `_UNIT_SCALES` types'
+    blocks [rows, blocks, bytes]. The codes are what gguf-py's own dequantizer reads from
     the blocks with their scales set to one (`_UNIT_SCALES`), so its bit layouts are not
     written twice; the scales (and the offsets, minus the mins) are the float32 products it
-    multiplies the codes by, exact in float32 (Q5_0's is the block's own fp16 d)."""
+    multiplies the codes by, exact in float32 (Q5_0's and Q5_1's are the block's own fp16 d
+    and m)."""
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import Q4_K, dequantize
 
@@ -587,7 +592,9 @@ def _k_codes(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     offsets = None
     if kind == "Q5_0":
         scales = _half(blocks, 0)
-    elif kind == "Q4_K":
+    elif kind == "Q5_1":
+        scales, offsets = _half(blocks, 0), _half(blocks, 2)
+    elif kind in ("Q4_K", "Q5_K"):
         sc, mins = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
         d = _half(blocks, 0).astype(np.float32).reshape(-1, 1)
         dmin = _half(blocks, 2).astype(np.float32).reshape(-1, 1)
@@ -598,16 +605,17 @@ def _k_codes(kind: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
         d = _half(blocks, 80).astype(np.float32)[..., None]
         scales = (d * (sc & 0x0F).astype(np.float32)).reshape(rows, -1)
         offsets = -(_half(blocks, 82).astype(np.float32)[..., None] * (sc >> 4)).reshape(rows, -1)
-    elif kind == "Q3_K":  # its scales are d (set to one) times the codes set to one
-        ones = blocks.copy()
-        for where, value in [*_UNIT_CODES_Q3_K, (slice(108, 110), _ONE)]:
-            ones[..., where] = value
-        sc = dequantize(ones.reshape(rows, -1), qtype)[:, ::16].reshape(*blocks.shape[:2], 16)
-        scales = (_half(blocks, 108).astype(np.float32)[..., None] * sc).reshape(rows, -1)
+    elif kind == "Q3_K":  # 16 6-bit scales stored plus 32: low nibbles, then 2-bit high parts
+        packed = blocks[..., 96:108].reshape(-1, 12)
+        low = (packed[:, None, :8] >> np.array([0, 4], np.uint8)[None, :, None]).reshape(-1, 16)
+        high = packed[:, None, 8:] >> np.array([0, 2, 4, 6], np.uint8)[None, :, None]
+        sc = (low & 0x0F) | ((high.reshape(-1, 16) & 0x03) << 4)
+        sc32 = (sc.astype(np.int8) - np.int8(32)).astype(np.float32).reshape(*blocks.shape[:2], 16)
+        scales = (_half(blocks, 108).astype(np.float32)[..., None] * sc32).reshape(rows, -1)
     else:  # Q6_K
         sc = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
         scales = (_half(blocks, 208).astype(np.float32)[..., None] * sc).reshape(rows, -1)
-    as_int = np.uint8 if kind in ("Q4_K", "Q2_K") else np.int8
+    as_int = np.int8 if kind in ("Q5_0", "Q6_K", "Q3_K") else np.uint8  # signed codes
     return codes.astype(as_int), scales, offsets
 
 
@@ -627,7 +635,7 @@ def stored_weights(path: Path) -> dict[str, str] | None:
         tables = [group] if group else []
         if t.name == "token_embd.weight" and "output.weight" not in types:
             tables.append("lm_head")  # tied: the head is the embedding table
-        for g in tables:
+        for g in tables if len(t.shape) == 2 else ():  # matrices only, as `group_schemes` counts
             scheme = BLOCK_SCHEMES.get(t.tensor_type.name, "fp32")
             elements[g][scheme] = elements[g].get(scheme, 0) + int(t.n_elements)
     weights = {g: group_scheme(counts) for g, counts in elements.items()}

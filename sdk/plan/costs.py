@@ -18,8 +18,9 @@ from infopt.errors import InvalidArgumentError
 
 GROUPS = ("embeddings", "lm_head", "attention", "mlp")
 FLOAT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
-# int4s: symmetric, no zero-points; int4m: a float offset per group (GGUF Q4_1); int8-gG: GGUF Q8_0
-SCHEME = re.compile(r"(fp32|fp16|bf16|int8(?:-g(\d+))?|int4([sm]?)-g(\d+))")
+# int4s: symmetric, no zero-points; int4m: a float offset per group (GGUF Q4_1); int8-gG: GGUF
+# Q8_0; int8m-gG: unsigned codes and a float offset per group (GGUF Q5_1)
+SCHEME = re.compile(r"(fp32|fp16|bf16|int8(?:(m?)-g(\d+))?|int4([sm]?)-g(\d+))")
 # Resident memory of a runtime with no model (interpreter, libraries, tokenizer, loader
 # residue) where its target's record gives none for the device's kind.
 DEFAULT_OVERHEAD = 300e6
@@ -57,33 +58,35 @@ def pruned_width(width: int, keep: float) -> int:
 
 def scheme_bytes(scheme: str, rows: int, cols: int) -> float:
     """Stored bytes of one [rows, cols] matrix: int8 = per-row fp16 scale, int8-gG = a fp16 scale
-    per group of G; int4-gG = two values per byte plus per group of G along the input dim a fp16
-    scale and a 4-bit zero-point (int4s: none; int4m: a fp16 offset)."""
+    per group of G (int8m: and a fp16 offset); int4-gG = two values per byte plus per group of G
+    along the input dim a fp16 scale and a 4-bit zero-point (int4s: none; int4m: a fp16
+    offset). A GGUF k-quant kept as it is holds its scales (and offsets) in float32 instead:
+    two bytes more each, which a plan naming the scheme does not see."""
     m = SCHEME.fullmatch(scheme)
     if not m:
         raise InvalidArgumentError(
             f"weight scheme {scheme!r} is not one of fp32, fp16, bf16, int8, int8-g<group>, "
-            "int4-g<group>, int4s-g<group>, int4m-g<group>"
+            "int8m-g<group>, int4-g<group>, int4s-g<group>, int4m-g<group>"
         )
     if scheme in FLOAT_BYTES:
         return rows * cols * FLOAT_BYTES[scheme]
     if scheme == "int8":
         return rows * cols + rows * 2.0
-    group = int(m.group(2) or m.group(4))
+    group = int(m.group(3) or m.group(5))
     if cols % group:
         raise InvalidArgumentError(
             f"{scheme}: group {group} does not divide the input size "
             f"{cols}; use a group size that does (e.g. 32 or 64)"
         )
     if scheme.startswith("int8"):
-        return rows * cols + rows * (cols // group) * 2.0
-    per_group = {"s": 2.0, "m": 4.0, "": 2.5}[m.group(3)]
+        return rows * cols + rows * (cols // group) * (4.0 if m.group(2) else 2.0)
+    per_group = {"s": 2.0, "m": 4.0, "": 2.5}[m.group(4)]
     return rows * cols / 2 + rows * (cols // group) * per_group
 
 
 def group_fits(scheme: str, shapes: list[tuple[int, int]]) -> bool:
     m = SCHEME.fullmatch(scheme)
-    group = m and (m.group(2) or m.group(4))
+    group = m and (m.group(3) or m.group(5))
     return not group or all(c % int(group) == 0 for _, c in shapes)
 
 

@@ -122,7 +122,7 @@ def requested(
     `int8` (every group INT8 per channel); `int4` and `int4-gptq` (the blocks INT4 in the finest
     group that divides them, 32 where it can, the embeddings and LM head INT8; by GPTQ for the
     latter), or the file's own blocks where it stores INT4 already (`file_weights`, a GGUF's Q4_0 /
-    Q4_1 / Q8_0 / Q5_0 / Q2_K–Q4_K / Q6_K: kept as they are, not rounded twice); a float (`fp16`,
+    Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K–Q6_K: kept as they are, not rounded twice); a float (`fp16`,
     ...: everything that); or a scheme name (`int4s-g64`, `int8-g32`, ...: the blocks in it, the
     embeddings and LM head INT8, or that scheme when it is an INT8 one)."""
     check_quantize(quantize)
@@ -170,18 +170,18 @@ def check_quantize(quantize: str) -> None:
         return
     raise InvalidArgumentError(
         f"--quantize {quantize!r}: expected {', '.join(QUANTIZE)}, a float "
-        f"({', '.join(FLOATS)}) or a scheme (int8-g<group>, int4-g<group>, int4s-g<group>, "
-        "int4m-g<group>, the group a power of two)"
+        f"({', '.join(FLOATS)}) or a scheme (int8-g<group>, int8m-g<group>, int4-g<group>, "
+        "int4s-g<group>, int4m-g<group>, the group a power of two)"
     )
 
 
 def as_stored(
     profile: DeviceProfile, runtimes: Sequence[str], file_weights: dict[str, str] | None
 ) -> Compression | None:
-    """The model file's own quantized blocks kept as they are (a GGUF's Q4_0 / Q4_1 / Q8_0 /
-    Q5_0 / Q2_K–Q4_K / Q6_K), where the file stores some and every one of `runtimes` on `profile`
-    keeps them: the CPU runtimes (mobile ones round INT4 to symmetric, and on accelerators
-    16-bit floats are the fast path); else None."""
+    """The model file's own quantized blocks kept as they are (a GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 /
+    Q8_0 / Q2_K–Q6_K), where the file stores some and every one of `runtimes` on `profile` keeps
+    them: the CPU runtimes (mobile ones round INT4 to symmetric, and on accelerators 16-bit floats
+    are the fast path); else None."""
     from infopt.runtimes.registry import names, target
 
     if not file_weights or all(s in FLOATS for s in file_weights.values()):

@@ -80,7 +80,7 @@ def candidates(
     GPTQ), and the coarsest INT4 with 25 % of the MLP channels pruned or low-rank factors
     keeping 80 % of the parameters (by RTN: GPTQ on factors is not built); `wide` adds INT4
     tables, symmetric INT4, harder pruning, lower ranks and pruning with GPTQ; a model file
-    that stores its blocks quantized (a GGUF's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q2_K–Q4_K / Q6_K) adds
+    that stores its blocks quantized (a GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K–Q6_K) adds
     them as they are."""
     every = ("embeddings", "lm_head", "attention", "mlp")
     kv = quantized_kv(profile)
@@ -90,7 +90,7 @@ def candidates(
         out.append(Candidate(Compression(floats[0], dict.fromkeys(every, floats[0]), floats[0])))
     if "int8" in profile.weight_precisions:
         out.append(Candidate(Compression("int8", dict.fromkeys(every, "int8"), kv)))
-    # a GGUF's Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q2_K–Q4_K / Q6_K as they are, wherever the device stores
+    # a GGUF's Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q8_0 / Q2_K–Q6_K as they are, wherever the device stores
     # INT4: measured on every device (the planner's `as_stored` offers them first only where
     # they are also fast)
     if file_weights and "int4" in profile.weight_precisions:

@@ -1,10 +1,10 @@
 """A GGUF mixing block types as a Q4_K_M file does (Q5_0 matrices, Q4_K and Q6_K where
-llama.cpp spends more bits, Q8_0 tables; a Q3_K and a Q2_K one too): each matrix kept in the
-infopt scheme that holds it exactly (Q5_0 -> int8-g32, Q4_K -> int4m-g32, Q6_K and Q3_K ->
-int8-g16, Q2_K -> int4m-g16, float32 scales for the k-quants), bit for bit against gguf-py's
-own dequantizer; the groups named by the scheme of
-most of their weights; the default runtimes on those matrices give the float reference's
-tokens with exact numerics; a build for the host keeps them and says so."""
+llama.cpp spends more bits, Q8_0 tables; Q3_K, Q2_K, Q5_K and Q5_1 ones too): each matrix kept
+in the infopt scheme that holds it exactly (Q5_0 -> int8-g32, Q4_K -> int4m-g32, Q6_K and Q3_K
+-> int8-g16, Q2_K -> int4m-g16, Q5_1 and Q5_K -> int8m-g32, float32 scales for the k-quants),
+bit for bit against gguf-py's own dequantizer; the groups named by the scheme of most of their
+weights; the default runtimes on those matrices give the float reference's tokens with exact
+numerics; a build for the host keeps them and says so. And `int8m` asked for by name."""
 
 from __future__ import annotations
 
@@ -41,6 +41,9 @@ MIX = {
     "blk.1.attn_v.weight": "Q8_0",
     "blk.1.attn_k.weight": "Q3_K",  # rows permuted by llama.cpp: scales of 16 undone with them
     "blk.0.ffn_up.weight": "Q2_K",
+    "blk.0.ffn_gate.weight": "Q5_K",
+    "blk.1.attn_q.weight": "Q5_1",
+    "token_embd.weight": "Q5_1",  # an unsigned 8-bit table with offsets, gathered
 }
 SCHEMES = {
     "Q5_0": "int8-g32",
@@ -49,8 +52,10 @@ SCHEMES = {
     "Q8_0": "int8-g32",
     "Q3_K": "int8-g16",
     "Q2_K": "int4m-g16",
+    "Q5_1": "int8m-g32",
+    "Q5_K": "int8m-g32",
 }
-MATRICES = {"int8-g32": 10, "int4m-g32": 3, "int8-g16": 2, "int4m-g16": 1}
+MATRICES = {"int8-g32": 7, "int4m-g32": 3, "int8m-g32": 3, "int8-g16": 2, "int4m-g16": 1}
 PROMPT = "hello world"
 
 
@@ -89,19 +94,19 @@ def test_each_matrix_is_kept_bit_for_bit_in_its_scheme(written: dict[str, Any]) 
             expected = unpermute_qk(expected, heads)
         qw = stored[name]
         assert isinstance(qw, QuantizedWeight) and qw.scheme.name == SCHEMES[kind], gname
-        k_quant = kind.endswith("_K")
+        k_quant = kind.endswith("_K")  # Q5_0's and Q5_1's scales are the file's fp16 ones
         assert qw.scales.dtype == (torch.float32 if k_quant else torch.float16), gname
-        assert (qw.offsets is not None) == (kind in ("Q4_K", "Q2_K")), gname
+        assert (qw.offsets is not None) == (kind in ("Q4_K", "Q2_K", "Q5_1", "Q5_K")), gname
         assert np.array_equal(qw.dequantize().numpy(), expected), gname
 
 
 def test_groups_are_named_by_the_scheme_of_most_of_their_weights(
     written: dict[str, Any],
 ) -> None:
-    # attention: 5 matrices in int8-g32 against one int8-g16 and two int4m-g32; mlp: 3 in
-    # int8-g32 against one each of int4m-g16, int8-g16 and int4m-g32
+    # attention: 4 matrices in int8-g32 against one int8m-g32, one int8-g16 and two int4m-g32;
+    # mlp: 2 in int8-g32 against one each of int8m-g32, int4m-g16, int8-g16 and int4m-g32
     assert stored_weights(written["path"]) == {
-        "embeddings": "int8-g32",
+        "embeddings": "int8m-g32",
         "lm_head": "int8-g32",
         "attention": "int8-g32",
         "mlp": "int8-g32",
@@ -124,11 +129,10 @@ def test_the_default_runtimes_run_the_kept_matrices_as_the_float_reference(
     assert len(quick.generate(PROMPT, max_new_tokens=12, stop_token_ids=[]).token_ids) == 12
     (entry,) = [e for e in entries() if e["runtime"] == runtime]
     manifest = open_bundle(entry["path"]).manifest
-    # 7 matrices a layer and the two tables: Q5_0 and Q8_0 in int8-g32, Q4_K, Q6_K and Q3_K,
-    # Q2_K
+    # 7 matrices a layer and the two tables, each in the scheme of its block type
     assert manifest["compression"]["matrices"] == MATRICES
     out = CliRunner().invoke(main, ["inspect", entry["path"]]).output
-    assert "int8-g32 ×10, int4m-g32 ×3, int8-g16 ×2, int4m-g16 ×1" in out
+    assert "int8-g32 ×7, int4m-g32 ×3, int8m-g32 ×3, int8-g16 ×2, int4m-g16 ×1" in out
     if runtime == "onnxruntime":  # the bench measures a model without a chat template too
         from infopt.measure.speed import measure
 
@@ -165,3 +169,28 @@ def test_the_agreement_check_runs_a_base_model(written: dict[str, Any], empty_ca
     fast, exact = compare_default(str(written["path"]), tokens=64, new_tokens=6)
     assert exact["numerics"] == "exact" and exact["top1"] == 1.0
     assert exact["greedy_identical"] == exact["prompts"] == fast["prompts"]
+
+
+def test_int8m_asked_for_builds_and_runs_alike_everywhere(tiny_gguf: Path, tmp_path: Path) -> None:
+    """`--quantize int8m-g32` (round-to-nearest on a min-max grid of 256 steps, a float offset
+    per group): each runtime's exact numerics give the bundle's own PyTorch tokens."""
+    from infopt.core.quant import QuantScheme, quantize_rtn
+
+    w = torch.randn(16, 64)
+    qw = quantize_rtn(w, QuantScheme.parse("int8m-g32"))
+    assert qw.qweight.dtype == torch.uint8 and int(qw.qweight.max()) == 255
+    step = qw.scales.float().repeat_interleave(32, dim=1)
+    assert ((qw.dequantize() - w).abs() <= step * 0.51).all()
+    out = tmp_path / "b"
+    runtimes = "onnxruntime,openvino,pytorch"
+    args = ["build", str(tiny_gguf), "--quantize", "int8m-g32", "--runtime", runtimes]
+    result = CliRunner().invoke(main, [*args, "-d", "host", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert set(open_bundle(out).manifest["compression"]["matrices"]) == {"int8m-g32"}
+    tokens = {
+        rt: infopt.load(out, runtime=rt, numerics="exact")
+        .generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
+        .token_ids
+        for rt in runtimes.split(",")
+    }
+    assert tokens["onnxruntime"] == tokens["openvino"] == tokens["pytorch"]
