@@ -507,8 +507,8 @@ def _split_rows(
 
 def stored_blocks(t: Any, name: str, spec: ModelSpec, path: Path) -> QuantizedWeight:
     """A matrix of one of the `BLOCK_SCHEMES` types as infopt's storage of the same codes and
-    scales (and offsets, from Q4_1's mins or Q4_K's): `dequantize()` gives the file's values
-    exactly."""
+    scales (and offsets: the mins of Q4_1, Q5_1, Q2_K, Q4_K and Q5_K): `dequantize()` gives the
+    file's values exactly."""
     import torch
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
