@@ -194,3 +194,25 @@ def test_int8m_asked_for_builds_and_runs_alike_everywhere(tiny_gguf: Path, tmp_p
         for rt in runtimes.split(",")
     }
     assert tokens["onnxruntime"] == tokens["openvino"] == tokens["pytorch"]
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_tied_int8m_table_is_gathered_and_read_by_the_head(
+    tiny_tokenizer: Any, tmp_path: Path, empty_cache: Path, runtime: str
+) -> None:
+    """A tied model (Gemma 3) whose one table is Q5_1: the runtimes gather rows of the unsigned
+    codes plus their offsets, and the head reads the same bytes, as the float reference does."""
+    from tests.conftest import ARCH_CONFIGS, hf_model, write_gguf
+
+    arch, config = ARCH_CONFIGS["gemma3"]
+    hf = hf_model(arch, **{**config, "query_pre_attn_scalar": config["head_dim"]})
+    path = write_gguf(
+        hf, tiny_tokenizer, tmp_path / "g.gguf", arch=arch, mix={"token_embd.weight": "Q5_1"}
+    )
+    weights = stored_weights(path)
+    assert weights is not None and weights["embeddings"] == weights["lm_head"] == "int8m-g32"
+    fast = infopt.load(path, runtime=runtime, max_context=64, numerics="exact")
+    reference = infopt.load(path, runtime="pytorch", max_context=64)
+    for prompt in (PROMPT, "The quick brown fox jumps over"):
+        a = fast.generate(prompt, max_new_tokens=10, stop_token_ids=[]).token_ids
+        assert a == reference.generate(prompt, max_new_tokens=10, stop_token_ids=[]).token_ids
