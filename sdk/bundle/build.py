@@ -184,7 +184,7 @@ def build(
             "; the runtimes' fast INT4/INT8 kernels round activations (numerics='exact' "
             "computes in float32)"
         )
-    elif (again := rounded_again(source.spec, file_weights, p, quantize, built)) is not None:
+    elif again := rounded_again(source.spec, file_weights, p, quantize, built, kept_types(source)):
         done["quality"]["note"] = again
     timings = {"compress_s": round(time.perf_counter() - started, 1)}
     max_context = min(p.context, core.spec.max_position_embeddings)
@@ -231,11 +231,13 @@ def rounded_again(
     p: Plan,
     quantize: str | None = None,
     runtimes: Sequence[str] = (),
+    blocks: Sequence[str] = (),
 ) -> str | None:
     """What a build should say when it rounds a file that stores quantized blocks to another
     scheme: the file's values are the ceiling, so the new rounding can only lose, and its
     blocks may well be larger than the file's; with `quantize` given where leaving it out
-    would keep the file's blocks (for `runtimes` on the plan's device), it says so. None when
+    would keep the file's blocks (for `runtimes` on the plan's device), it says so; `blocks`:
+    the file's own block types to name (else the schemes its groups are named by). None when
     there is nothing to say."""
     from infopt.device_profiles import load_profile
     from infopt.errors import ProfileError
@@ -254,16 +256,26 @@ def rounded_again(
         if built > stored
         else ""
     )
-    blocks = ", ".join(sorted(set(file_weights.values()) - set(FLOATS)))
+    named = ", ".join(blocks or sorted(set(file_weights.values()) - set(FLOATS)))
     try:
         kept = as_stored(load_profile(p.device), runtimes or [p.runtime], file_weights)
     except ProfileError:  # a plan file's device that is not a profile here
         kept = None
     advice = " (leave out --quantize to keep them)" if quantize and kept is not None else ""
     return (
-        f"the file stores {blocks} blocks already: this plan rounds their values a second "
+        f"the file stores {named} blocks already: this plan rounds their values a second "
         f"time{size}{advice}"
     )
+
+
+def kept_types(source: ModelSource) -> list[str]:
+    """The block types of `source` that infopt keeps as they are (a GGUF's Q5_0, Q4_K, ...), most
+    weights first: what a note on rounding them again names (a group's scheme tells only the
+    type of most of its weights)."""
+    from infopt.importers import tensor_types
+    from infopt.importers.gguf_file import BLOCK_SCHEMES
+
+    return [t for t in tensor_types(source.path) if t in BLOCK_SCHEMES]
 
 
 def _as_built(p: Plan, source: ModelSource, runtime: str, extra_reason: str | None) -> Plan:

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from infopt.cli.output import emit_json, friendly_errors, json_option, quality_text, rows
+from infopt.core.defaults import DEFAULT_MAX_CONTEXT
 
 
 @click.command()
@@ -103,7 +104,7 @@ def _inspect_bundle(path: str, as_json: bool) -> None:
         ("matrices", _matrices(m.get("compression", {}).get("matrices"))),
         ("runtime", f"{bundle.default_runtime} (needs {_requirement(m['runtime'])})"),
         ("artifacts", ", ".join(bundle.runtimes)),
-        ("KV cache", f"{kv['max_context']} tokens x batch {kv['batch']}, {kv['dtype']}"),
+        ("KV cache", _kv_row(kv, plan)),
         ("chat template", "yes" if m["tokenizer"].get("chat_template") else "no"),
         ("draft", draft.get("source") or draft.get("kind") or "none"),
     ]
@@ -124,6 +125,15 @@ def _plan_row(plan: dict[str, Any], compression: dict[str, Any]) -> str:
         return f"{plan['compression']['name']} for {plan['device']}"
     weights = ", ".join(f"{g} {s}" for g, s in compression.get("weights", {}).items())
     return f"none: the model file's own precision ({weights})" if weights else "none"
+
+
+def _kv_row(kv: dict[str, Any], plan: dict[str, Any]) -> str:
+    """The KV cache a bundle is built for; a model file's cached conversion (no plan) holds its
+    whole trained context, of which a load takes what `infopt.load` gives the file."""
+    row = f"{kv['max_context']} tokens x batch {kv['batch']}, {kv['dtype']}"
+    if plan or kv["max_context"] <= DEFAULT_MAX_CONTEXT:
+        return row
+    return f"{row} at most (a load takes {DEFAULT_MAX_CONTEXT} unless max_context asks more)"
 
 
 def _matrices(counts: dict[str, int] | None) -> str:

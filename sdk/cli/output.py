@@ -118,7 +118,8 @@ def quantize_option(fn: F) -> F:
         metavar="int8|int4|int4-gptq|SCHEME",
         help="Store the weights so instead of the planner's choice: int8 (per channel), int4 "
         "(the blocks in the finest of groups 32/64/128 that divides them, embeddings and LM "
-        "head int8; a GGUF stored in INT4 keeps its own blocks), int4-gptq (the same by GPTQ, "
+        "head int8; a GGUF whose attention matrices are INT4 already, as Q4_0 / Q4_1 / Q4_K "
+        "files' are, keeps its own blocks), int4-gptq (the same by GPTQ, "
         "on build's --calibration text or the one shipped with infopt, never the file's "
         "blocks), fp32/fp16/bf16, or a scheme (int4s-g64, int8-g32, ...).",
     )(fn)

@@ -226,6 +226,8 @@ def run(
             raise click.BadParameter(str(e), param_hint=flags[0]) from e
 
     tools, choice = _tools(tools_file, tool_choice, flags, raw)
+    if system is not None and raw:
+        raise click.UsageError("--system needs the chat template: drop --raw")
 
     bars = Bars(quiet=as_json)  # a model file's first conversion for its runtime
     try:
@@ -245,6 +247,11 @@ def run(
     finally:
         bars.close()
     messages: Any = prompt
+    if system is not None and not m.tokenizer.chat_template:  # it would be dropped unsaid
+        raise click.UsageError(
+            f"{m.source} has no chat template, so --system has nowhere to go: put the "
+            "instruction in --prompt (sent as plain text)"
+        )
     if not raw and m.tokenizer.chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}

@@ -14,6 +14,7 @@ larger.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,9 +82,21 @@ _FACTOR_TENSORS = (*_ROPE_FACTORS, _ROPE_FREQS)
 
 
 def open_reader(path: Path) -> GGUFReader:
-    """A GGUFReader, after checking the magic; malformed files become ModelFormatError."""
+    """A GGUFReader, after checking the magic; malformed files become ModelFormatError. The
+    same file (path, size, modification time and inode unchanged) is read once per process:
+    gguf-py parses a large vocabulary element by element, seconds each time, and one command
+    (`inspect`, `plan`, `build`) asks for the file's metadata, types and weights in turn."""
+    st = Path(path).stat()
+    return _open_reader(str(path), str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=2)
+def _open_reader(named: str, *_file: object) -> GGUFReader:
+    """`open_reader` of the file a user named `named`, once per (resolved path, size,
+    modification time, inode)."""
     from gguf import GGUFReader
 
+    path = Path(named)
     with path.open("rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:

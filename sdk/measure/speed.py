@@ -72,6 +72,7 @@ def measure(
 
     import infopt
     from infopt.bundle import open_bundle
+    from infopt.core.defaults import DEFAULT_MAX_CONTEXT
     from infopt.decode.generate import stream_generate
     from infopt.decode.sampling import SamplingParams
     from infopt.runtimes.registry import target
@@ -82,7 +83,12 @@ def measure(
     tokenizer = tokenizer_rss(bundle)
     target(name).module("runtime")  # its package imported: what a process needs before a model
     baseline = _status_kb("VmRSS") * 1024
-    model = infopt.load(bundle, runtime=runtime, threads=threads, numerics=numerics)
+    # a model file's cached conversion holds its whole trained context; measure it with the
+    # context `infopt.load` of the file gives it
+    context = None if manifest.get("plan") else min(opened.max_context, DEFAULT_MAX_CONTEXT)
+    model = infopt.load(
+        bundle, runtime=runtime, threads=threads, numerics=numerics, max_context=context
+    )
     load_peak = _status_kb("VmHWM") * 1024
     files = set(manifest["artifacts"][name]["files"])
     weights = sum(f["size"] for f in manifest["files"] if f["path"] in files)

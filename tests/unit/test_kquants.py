@@ -31,7 +31,8 @@ SHAPE = dict(
     intermediate_size=512,
     num_hidden_layers=2,
     num_attention_heads=4,
-    max_position_embeddings=1024,  # the bench prefills 512 tokens
+    # the bench prefills 512 tokens; more than infopt.load's default context of 4096
+    max_position_embeddings=8192,
 )
 MIX = {
     "blk.0.attn_output.weight": "Q4_K",
@@ -138,6 +139,9 @@ def test_the_default_runtimes_run_the_kept_matrices_as_the_float_reference(
 
         figures = measure(entry["path"], runtime, threads=1)
         assert figures["tg128"] > 0 and figures["pp512"] > 0
+        # measured with the context infopt.load gives the file, not the entry's whole 8192
+        assert figures["max_context"] == 4096
+        assert "8192 tokens x batch 1, fp32 at most (a load takes 4096" in out
 
 
 def test_a_build_for_the_host_keeps_each_matrix_as_the_file_stores_it(
@@ -216,3 +220,14 @@ def test_a_tied_int8m_table_is_gathered_and_read_by_the_head(
     for prompt in (PROMPT, "The quick brown fox jumps over"):
         a = fast.generate(prompt, max_new_tokens=10, stop_token_ids=[]).token_ids
         assert a == reference.generate(prompt, max_new_tokens=10, stop_token_ids=[]).token_ids
+
+
+def test_run_refuses_a_system_message_it_would_drop(written: dict[str, Any]) -> None:
+    """A base model has no chat template: `run --system` used to drop the message unsaid."""
+    path = str(written["path"])
+    base = ["run", path, "--runtime", "pytorch", "--prompt", "hi", "-n", "2"]
+    result = CliRunner().invoke(main, [*base, "--system", "Be brief."])
+    assert result.exit_code == 2 and "no chat template, so --system" in result.output
+    result = CliRunner().invoke(main, [*base, "--raw", "--system", "Be brief."])
+    assert result.exit_code == 2 and "--system needs the chat template" in result.output
+    assert CliRunner().invoke(main, base).exit_code == 0
