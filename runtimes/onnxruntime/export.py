@@ -311,11 +311,13 @@ def _embedding(g: _Graph, model: Decoder) -> tuple[str, Any]:
         b, scales, zeros, block = _nbits_weights(qw, INT8_HEAD_BLOCKS)
         blocks = b.shape[1]
         data = g.const("embed_tokens.qweight", b)
-        scale = g.const("embed_tokens.scales", scales)
+        # the tied head's MatMulNBits reads the scales [V, blocks] (and zero points) as such;
+        # an untied table's gather alone needs none of them in that shape
+        scale = g.const("embed_tokens.scales", scales) if tied else ""
         inputs = [data, "input_ids", g.const("embed_tokens.row_scales", scales[..., None])]
         zp = ""
         if zeros is not None:  # 4-bit zero points two a byte, 8-bit ones a byte each
-            zp = g.const("embed_tokens.zeros", zeros)
+            zp = g.const("embed_tokens.zeros", zeros) if tied else ""
             codes = unpack_int4(torch.from_numpy(zeros)).numpy() if qw.scheme.bits == 4 else zeros
             row_zeros = codes[:, :blocks].astype(np.uint8)[..., None]
             inputs.append(g.const("embed_tokens.row_zeros", row_zeros))
