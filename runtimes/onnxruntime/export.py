@@ -153,18 +153,8 @@ def _matmul_nbits(
         qw, INT8_HEAD_BLOCKS if name == "lm_head" else INT8_BLOCKS
     )
     offsets = None
-    if qw.offsets is not None and qw.scheme.bits == 4:
-        # d*q + m = d*(q - 8) + (m + 8d): codes centred on MatMulNBits' default zero point 8,
-        # the rest in the offsets. Exact either way in float32; with int8 activations (fast
-        # numerics) the activations' rounding error is multiplied by q - 8 instead of by q,
-        # whose mean is far from zero, and that error no longer drowns a greedy choice.
-        zeros = None
-        offsets = _f32(qw.offsets) + 8.0 * scales
-    elif qw.offsets is not None:  # int8m: the same, centred on the middle of the codes used
-        # (16 for a GGUF's 5-bit Q5_1 / Q5_K codes, 128 for a full byte)
-        centre = 1 << max(int(b.max()).bit_length() - 1, 0)
-        zeros = np.full_like(zeros, centre)
-        offsets = _f32(qw.offsets) + centre * scales
+    if qw.offsets is not None:
+        zeros, offsets = _centred(qw, b, scales)
     inputs = [x, g.const(f"{name}.qweight", b), g.const(f"{name}.scales", scales)]
     inputs.append(g.const(f"{name}.zeros", zeros) if zeros is not None else "")
     if bias is not None:
@@ -181,6 +171,22 @@ def _matmul_nbits(
         accuracy_level=ACCURACY_LEVEL,
     )
     return _plus_offsets(g, x, y, qw, name, block, offsets)
+
+
+def _centred(
+    qw: QuantizedWeight, codes: np.ndarray, scales: np.ndarray
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """(zero points, offsets) that give a weight with float offsets to MatMulNBits on centred
+    codes: d*q + m = d*(q - c) + (m + c*d), c = 8 for 4-bit codes (the kernel's default zero
+    point: None), else the middle of the codes used (16 for a GGUF's 5-bit Q5_1 / Q5_K ones, 128
+    for a full byte). Exact up to one float32 rounding per group; with int8 activations (fast
+    numerics) the activations' rounding error is multiplied by q - c instead of by q, whose
+    mean is far from zero, and that error no longer drowns a greedy choice."""
+    assert qw.offsets is not None
+    if qw.scheme.bits == 4:
+        return None, _f32(qw.offsets) + 8.0 * scales
+    centre = 1 << max(int(codes.max()).bit_length() - 1, 0)
+    return np.full(scales.shape, centre, np.uint8), _f32(qw.offsets) + centre * scales
 
 
 def _plus_offsets(
@@ -317,7 +323,8 @@ def _embedding(g: _Graph, model: Decoder) -> tuple[str, Any]:
         inputs = [data, "input_ids", g.const("embed_tokens.row_scales", scales[..., None])]
         zp = ""
         if zeros is not None:  # 4-bit zero points two a byte, 8-bit ones a byte each
-            zp = g.const("embed_tokens.zeros", zeros) if tied else ""
+            # (a table with offsets gives the head centred zero points of its own)
+            zp = g.const("embed_tokens.zeros", zeros) if tied and qw.offsets is None else ""
             codes = unpack_int4(torch.from_numpy(zeros)).numpy() if qw.scheme.bits == 4 else zeros
             row_zeros = codes[:, :blocks].astype(np.uint8)[..., None]
             inputs.append(g.const("embed_tokens.row_zeros", row_zeros))
@@ -362,6 +369,10 @@ def _lm_head(g: _Graph, h: str, model: Decoder, shared: Any) -> str:
         )
         return g.one("Reshape", [logits, unflat])
     _, data, scale, zp, qw, block = shared
+    offsets = None
+    if qw.offsets is not None:  # centred as every other layer is (`_centred`)
+        zeros, offsets = _centred(qw, qw.qweight.cpu().numpy(), _f32(qw.scales))
+        zp = g.const("lm_head.zeros", zeros) if zeros is not None else ""
     out, inp = qw.shape
     logits = g.one(
         "MatMulNBits",
@@ -373,7 +384,7 @@ def _lm_head(g: _Graph, h: str, model: Decoder, shared: Any) -> str:
         block_size=block,
         accuracy_level=ACCURACY_LEVEL,
     )
-    return _plus_offsets(g, h, logits, qw, "lm_head", block)
+    return _plus_offsets(g, h, logits, qw, "lm_head", block, offsets)
 
 
 def _norm(g: _Graph, x: str, weight: torch.Tensor, name: str, eps: float) -> str:

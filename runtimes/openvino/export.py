@@ -68,7 +68,8 @@ def _decompressed(qw: QuantizedWeight) -> Any:
     groups = inp // group
     shape = (out, groups, group)
     if qw.scheme.bits == 8:
-        codes = ops.constant(np.ascontiguousarray(qw.qweight.cpu().numpy()).reshape(shape))  # i8
+        # i8 codes, or u8 ones (int8m)
+        codes = ops.constant(np.ascontiguousarray(qw.qweight.cpu().numpy()).reshape(shape))
         scale = ops.constant(np.ascontiguousarray(qw.scales.cpu().numpy()).reshape(out, groups, 1))
         w = ops.multiply(ops.convert(codes, f16), scale)
         w = ops.reshape(w, ops.constant(np.array([out, inp], np.int64)), False)

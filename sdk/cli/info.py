@@ -133,7 +133,7 @@ def _kv_row(kv: dict[str, Any], plan: dict[str, Any]) -> str:
     row = f"{kv['max_context']} tokens x batch {kv['batch']}, {kv['dtype']}"
     if plan or kv["max_context"] <= DEFAULT_MAX_CONTEXT:
         return row
-    return f"{row} at most (a load takes {DEFAULT_MAX_CONTEXT} unless max_context asks more)"
+    return f"{row} at most (a load of the model file takes {DEFAULT_MAX_CONTEXT} unless asked)"
 
 
 def _matrices(counts: dict[str, int] | None) -> str:

@@ -249,8 +249,8 @@ def run(
     messages: Any = prompt
     if system is not None and not m.tokenizer.chat_template:  # it would be dropped unsaid
         raise click.UsageError(
-            f"{m.source} has no chat template, so --system has nowhere to go: put the "
-            "instruction in --prompt (sent as plain text)"
+            f"{m.source or 'the default model'} has no chat template, so --system has nowhere "
+            "to go: put the instruction in --prompt (sent as plain text)"
         )
     if not raw and m.tokenizer.chat_template:
         messages = ([{"role": "system", "content": system}] if system else []) + [

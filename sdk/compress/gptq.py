@@ -53,8 +53,9 @@ def gptq_quantize(
     scheme.check_shape(out, inp)
     if scheme.offset:
         raise InvalidArgumentError(
-            f"{scheme.name}: GPTQ quantizes to integer grids (int8, int4, int4s); offset INT4 "
-            "(a GGUF's Q4_1 blocks) is kept as the file has it, or made by RTN"
+            f"{scheme.name}: GPTQ quantizes to integer grids (int8, int4, int4s); the offset "
+            "forms (int4m, int8m: a GGUF's Q4_1, Q4_K, Q5_1, Q5_K blocks) are kept as the file "
+            "has them, or made by RTN"
         )
     if not 0 < damp < 1:
         raise InvalidArgumentError(f"damp={damp}: must be in (0, 1)")

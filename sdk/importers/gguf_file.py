@@ -15,7 +15,9 @@ larger.
 from __future__ import annotations
 
 import functools
+import threading
 import warnings
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -82,19 +84,30 @@ _FACTOR_TENSORS = (*_ROPE_FACTORS, _ROPE_FREQS)
 
 
 def open_reader(path: Path) -> GGUFReader:
-    """A GGUFReader, after checking the magic; malformed files become ModelFormatError. The
-    same file (path, size, modification time and inode unchanged) is read once per process:
-    gguf-py parses a large vocabulary element by element, seconds each time, and one command
-    (`inspect`, `plan`, `build`) asks for the file's metadata, types and weights in turn."""
+    """A GGUFReader, after checking the magic; malformed files become ModelFormatError. While a
+    reader of the same file (path, size, modification time and inode unchanged) is still held
+    (by a `ModelSource`, say), it is handed out again rather than parsed anew: gguf-py parses a
+    large vocabulary element by element, seconds each time, and one command (`inspect`, `plan`,
+    `build`) asks for the file's metadata, types and weights in turn. Nothing is kept once the
+    callers let go (a parsed vocabulary is hundreds of MB)."""
     st = Path(path).stat()
-    return _open_reader(str(path), str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    key = (str(path), str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    with _READERS_LOCK:
+        reader = _READERS.get(key)
+    if reader is None:
+        reader = _read(Path(path))
+        with _READERS_LOCK:
+            _READERS[key] = reader
+    return reader
 
 
-@functools.lru_cache(maxsize=2)
-def _open_reader(named: str, *_file: object) -> GGUFReader:
-    """`open_reader` of the file a user named `named`, once per (resolved path, size,
-    modification time, inode)."""
-    path = Path(named)
+_READERS: weakref.WeakValueDictionary[tuple[object, ...], GGUFReader] = (
+    weakref.WeakValueDictionary()
+)
+_READERS_LOCK = threading.Lock()
+
+
+def _read(path: Path) -> GGUFReader:
     with path.open("rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:

@@ -104,3 +104,26 @@ def test_inspect_names_the_types_and_bits_per_weight(
     out = CliRunner().invoke(main, ["inspect", str(path)]).output
     line = next(line for line in out.splitlines() if line.startswith("tensor types"))
     assert "Q4_K ×7" in line and "Q8_0 ×" in line and "bits per weight" in line
+
+
+def test_a_reader_is_shared_while_held_and_let_go_after(tiny_gguf: Path, tmp_path: Path) -> None:
+    """One parse per file while a reader of it is alive (a command asks for the metadata, the
+    types and the weights in turn); nothing kept once it is dropped; a rewritten file is read
+    anew."""
+    import gc
+    import shutil
+    import weakref
+
+    from infopt.importers.gguf_file import open_reader
+
+    path = tmp_path / "m.gguf"
+    shutil.copyfile(tiny_gguf, path)
+    first = open_reader(path)
+    assert open_reader(path) is first and type(first.data) is np.ndarray  # a plain view
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
+    held = open_reader(path)
+    path.write_bytes(tiny_gguf.read_bytes() + b"\0" * 64)  # another size: another file
+    assert open_reader(path) is not held

@@ -141,7 +141,7 @@ def test_the_default_runtimes_run_the_kept_matrices_as_the_float_reference(
         assert figures["tg128"] > 0 and figures["pp512"] > 0
         # measured with the context infopt.load gives the file, not the entry's whole 8192
         assert figures["max_context"] == 4096
-        assert "8192 tokens x batch 1, fp32 at most (a load takes 4096" in out
+        assert "8192 tokens x batch 1, fp32 at most (a load of the model file takes 4096" in out
 
 
 def test_a_build_for_the_host_keeps_each_matrix_as_the_file_stores_it(
