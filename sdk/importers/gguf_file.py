@@ -670,15 +670,16 @@ def stored_weights(path: Path) -> dict[str, str] | None:
     group whose matrices differ (a Q4_K_M file's Q5_0, Q4_K and Q6_K) is named by the scheme
     holding most of its weights (`group_scheme`); each matrix keeps its own."""
     from infopt.core.quant import group_scheme
+    from infopt.plan.costs import GROUPS
 
     reader = open_reader(path)
-    types = {t.name: t for t in reader.tensors}
+    names = {t.name for t in reader.tensors}
     elements: dict[str, dict[str, int]] = {g: {} for g in GROUPS}
     for t in reader.tensors:
         parts = t.name.split(".")
         group = _GROUP_OF.get(parts[2] if parts[0] == "blk" and len(parts) == 4 else parts[0])
         tables = [group] if group else []
-        if t.name == "token_embd.weight" and "output.weight" not in types:
+        if t.name == "token_embd.weight" and "output.weight" not in names:
             tables.append("lm_head")  # tied: the head is the embedding table
         for g in tables if len(t.shape) == 2 else ():  # matrices only, as `group_schemes` counts
             scheme = BLOCK_SCHEMES.get(t.tensor_type.name, "fp32")
@@ -687,7 +688,6 @@ def stored_weights(path: Path) -> dict[str, str] | None:
     return weights if set(weights.values()) != {"fp32"} else None
 
 
-GROUPS = ("embeddings", "lm_head", "attention", "mlp")
 _GROUP_OF = {
     "token_embd": "embeddings",
     "output": "lm_head",
